@@ -1,0 +1,106 @@
+"""The fused logit lens: final norm + unembedding + top-k/ranks/masses, never [N x V].
+
+Pure computation: tensors in, tensors out. Imports neither Ray nor the store.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .chunked import chunked_lens
+from .contract import (
+    SPEECH,
+    TEXT,
+    LensError,
+    LensInputs,
+    LensKError,
+    LensResult,
+    LensShapeError,
+    NonFiniteHiddenError,
+    Norm,
+    VocabSegments,
+    validate,
+)
+from .reference import reference_lens, reference_logits
+
+Backend = Literal["auto", "torch", "triton", "reference"]
+
+__all__ = [
+    "SPEECH",
+    "TEXT",
+    "Backend",
+    "LensError",
+    "LensInputs",
+    "LensKError",
+    "LensResult",
+    "LensShapeError",
+    "NonFiniteHiddenError",
+    "VocabSegments",
+    "fused_logit_lens",
+    "reference_lens",
+    "reference_logits",
+    "validate",
+]
+
+
+def fused_logit_lens(
+    hidden: torch.Tensor,
+    final_norm: Norm | None,
+    unembed: torch.Tensor,
+    k: int,
+    *,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    segments: VocabSegments | None = None,
+    targets: torch.Tensor | None = None,
+    pool_groups: torch.Tensor | None = None,
+    pool_targets: torch.Tensor | None = None,
+    backend: Backend = "auto",
+    row_chunk: int = 512,
+    vocab_chunk: int = 8192,
+) -> LensResult:
+    """Decode residual-stream rows with the model's own head, without [N x V] logits.
+
+    ``hidden`` [N, d] rows (any layers/positions), ``final_norm`` the model's final
+    norm (applied exactly once, here), ``unembed`` [V, d] in the compute dtype,
+    ``targets`` [N, T] ids to rank (-1 pads), ``pool_groups`` [N] group of each row
+    (-1: none) whose element-wise max logits are ranked against ``pool_targets``
+    [G, Tp]. See :class:`LensResult` for what comes back.
+
+    ``backend``: ``"torch"`` (chunked, any device), ``"triton"`` (CUDA, or the
+    Triton interpreter when ``TRITON_INTERPRET=1``), ``"reference"`` (float64,
+    materialises everything: tests only) or ``"auto"`` (Triton on CUDA, else torch).
+    """
+    inputs = LensInputs(
+        hidden=hidden,
+        unembed=unembed,
+        k=k,
+        final_norm=final_norm,
+        bias=bias,
+        softcap=softcap,
+        segments=segments,
+        targets=targets,
+        pool_groups=pool_groups,
+        pool_targets=pool_targets,
+    )
+    if backend == "auto":
+        backend = "triton" if unembed.is_cuda and _triton_available() else "torch"
+    if backend == "torch":
+        return chunked_lens(inputs, row_chunk=row_chunk, vocab_chunk=vocab_chunk)
+    if backend == "reference":
+        return reference_lens(inputs)
+    if backend == "triton":
+        from .triton_lens import triton_lens
+
+        return triton_lens(inputs, row_chunk=row_chunk, vocab_chunk=vocab_chunk)
+    raise LensError(f"unknown lens backend {backend!r}: use auto, torch, triton or reference")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,31 @@
+"""Shared fixtures: the real SmolLM2-135M and tiny random models of each architecture."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real SmolLM2-135M-Instruct, converted to safetensors once per machine."""
+    from extractor.models.smollm2 import ensure_smollm2
+
+    return ensure_smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32(smollm2_path):
+    import torch
+    from transformers import AutoTokenizer
+
+    from extractor.models import load_causal_lm
+
+    model = load_causal_lm(smollm2_path, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(smollm2_path)
