@@ -1,0 +1,345 @@
+"""The fused lens as a Triton kernel: tiled GEMM, online log-sum-exp, ranks, top-k.
+
+One program owns a block of rows and a contiguous share ("split") of the
+vocabulary tiles. Tiles never straddle a segment boundary (the host builds a
+tile table from the segment runs), so each tile updates one segment's state:
+
+* online max / sum-exp per segment, in fp32 registers [rows, segments];
+* exact rank counts: entries of the fp32 logit tile strictly above each
+  target's logit, the target's own column excluded;
+* a per-segment candidate buffer of the best ``KP`` logits, filled by
+  repeatedly taking the tile's row maxima only while some row still has a
+  value above its buffer's minimum (after the first tiles this is 0-2 passes).
+
+The host merges the splits (log-sum-exp of maxima/sums, top-k of candidate
+buffers, sums of counts). Logits are accumulated in fp32 from the compute-dtype
+GEMM, so no refinement pass is needed. Max-pooled word statistics run through
+the chunked torch engine on the pooled rows only.
+
+Under ``TRITON_INTERPRET=1`` the same kernel runs on CPU tensors (fp32/fp16;
+the interpreter mishandles bf16), which is how CI checks its logic.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .chunked import chunked_lens, exact_logits
+from .contract import LensInputs, LensResult, check_width, validate
+
+NEG_INF = float("-inf")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (max(1, n) - 1).bit_length())
+
+
+@triton.jit
+def _lens_tiles_kernel(
+    H,  # [N, D] normed hidden, compute dtype
+    W,  # [V, D] unembedding
+    BIAS,  # [V] fp32 (or dummy)
+    TGT_IDS,  # [N, T] int64 (-1 pads)
+    TGT_VALS,  # [N, T] fp32 exact target logits
+    TILE_START,  # [n_tiles] int32
+    TILE_STOP,  # [n_tiles] int32
+    TILE_SEG,  # [n_tiles] int32
+    OUT_MAX,  # [splits, N, SP] fp32
+    OUT_SUM,  # [splits, N, SP] fp32
+    OUT_CV,  # [splits, N, SP * KP] fp32
+    OUT_CI,  # [splits, N, SP * KP] int64
+    OUT_CNT,  # [splits, N, SP * TP] int64
+    N,
+    D,
+    n_tiles,
+    tiles_per_split,
+    softcap,
+    T: tl.constexpr,
+    TP: tl.constexpr,
+    SP: tl.constexpr,
+    KP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_ok = rows < N
+    seg_cols = tl.arange(0, SP)
+    cand_cols = tl.arange(0, SP * KP)
+    cnt_cols = tl.arange(0, SP * TP)
+    offs_n = tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+
+    m_state = tl.full((BM, SP), NEG_INF, tl.float32)
+    l_state = tl.zeros((BM, SP), tl.float32)
+    cand_v = tl.full((BM, SP * KP), NEG_INF, tl.float32)
+    cand_i = tl.full((BM, SP * KP), -1, tl.int64)
+    counts = tl.zeros((BM, SP * TP), tl.int64)
+
+    first = pid_s * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, n_tiles)
+    for t in range(first, last):
+        start = tl.load(TILE_START + t)
+        stop = tl.load(TILE_STOP + t)
+        seg = tl.load(TILE_SEG + t)
+        cols = start + offs_n
+        col_ok = cols < stop
+
+        acc = tl.zeros((BM, BN), tl.float32)
+        for k0 in range(0, D, BK):
+            ks = k0 + offs_k
+            h = tl.load(
+                H + rows[:, None] * D + ks[None, :],
+                mask=row_ok[:, None] & (ks[None, :] < D),
+                other=0.0,
+            )
+            w = tl.load(
+                W + cols[:, None] * D + ks[None, :],
+                mask=col_ok[:, None] & (ks[None, :] < D),
+                other=0.0,
+            )
+            acc = tl.dot(h, tl.trans(w), acc)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + cols, mask=col_ok, other=0.0)[None, :]
+        if HAS_SOFTCAP:
+            acc = softcap * (2.0 * tl.sigmoid(2.0 * acc / softcap) - 1.0)
+        acc = tl.where(col_ok[None, :], acc, NEG_INF)
+
+        # Online log-sum-exp of this tile's segment.
+        in_seg = seg_cols[None, :] == seg
+        m_old = tl.max(tl.where(in_seg, m_state, NEG_INF), axis=1)
+        l_old = tl.sum(tl.where(in_seg, l_state, 0.0), axis=1)
+        m_new = tl.maximum(m_old, tl.max(acc, axis=1))
+        m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+        l_new = l_old * tl.exp(m_old - m_safe) + tl.sum(tl.exp(acc - m_safe[:, None]), axis=1)
+        m_state = tl.where(in_seg, m_new[:, None], m_state)
+        l_state = tl.where(in_seg, l_new[:, None], l_state)
+
+        # Exact ranks: entries strictly above each target, own column excluded.
+        for j in tl.static_range(T):
+            tid = tl.load(TGT_IDS + rows * T + j, mask=row_ok, other=-1)
+            tval = tl.load(TGT_VALS + rows * T + j, mask=row_ok, other=0.0)
+            above = (acc > tval[:, None]) & (cols[None, :] != tid[:, None]) & col_ok[None, :]
+            c = tl.sum(above.to(tl.int64), axis=1)
+            counts += tl.where(cnt_cols[None, :] == seg * TP + j, c[:, None], 0)
+
+        # Candidates: insert the tile's best entries while they beat the buffer.
+        in_buf = (cand_cols[None, :] // KP) == seg
+        alive = col_ok[None, :] & row_ok[:, None]
+        buf_min = tl.min(tl.where(in_buf, cand_v, float("inf")), axis=1)
+        buf_pos = tl.argmin(tl.where(in_buf, cand_v, float("inf")), axis=1)
+        free_slot = tl.max(tl.where(in_buf & (cand_i < 0), 1, 0), axis=1) > 0
+        work = tl.where(alive, acc, NEG_INF)
+        best = tl.max(work, axis=1)
+        has_alive = tl.max(alive.to(tl.int32), axis=1) > 0
+        want = has_alive & ((best > buf_min) | free_slot)
+        go = tl.max(want.to(tl.int32), axis=0)
+        while go > 0:
+            arg = tl.argmax(tl.where(alive, work, NEG_INF), axis=1)
+            # With every live value at -inf argmax may land on a dead column: pick the
+            # first live one instead, so -inf logits still fill a small segment's slots.
+            first_alive = tl.argmax(alive.to(tl.int32), axis=1)
+            arg = tl.where(best == NEG_INF, first_alive, arg)
+            free_pos = tl.argmax(tl.where(in_buf & (cand_i < 0), 1, 0), axis=1)
+            pos = tl.where(free_slot, free_pos, buf_pos)
+            hit = (cand_cols[None, :] == pos[:, None]) & want[:, None]
+            cand_v = tl.where(hit, best[:, None], cand_v)
+            cand_i = tl.where(hit, (start + arg).to(tl.int64)[:, None], cand_i)
+            taken = (offs_n[None, :] == arg[:, None]) & want[:, None]
+            alive = alive & ~taken
+            work = tl.where(alive, work, NEG_INF)
+            buf_min = tl.min(tl.where(in_buf, cand_v, float("inf")), axis=1)
+            buf_pos = tl.argmin(tl.where(in_buf, cand_v, float("inf")), axis=1)
+            free_slot = tl.max(tl.where(in_buf & (cand_i < 0), 1, 0), axis=1) > 0
+            best = tl.max(work, axis=1)
+            has_alive = tl.max(alive.to(tl.int32), axis=1) > 0
+            want = has_alive & ((best > buf_min) | free_slot)
+            go = tl.max(want.to(tl.int32), axis=0)
+
+    base = pid_s * N + rows
+    tl.store(OUT_MAX + base[:, None] * SP + seg_cols[None, :], m_state, mask=row_ok[:, None])
+    tl.store(OUT_SUM + base[:, None] * SP + seg_cols[None, :], l_state, mask=row_ok[:, None])
+    tl.store(OUT_CV + base[:, None] * (SP * KP) + cand_cols[None, :], cand_v, mask=row_ok[:, None])
+    tl.store(OUT_CI + base[:, None] * (SP * KP) + cand_cols[None, :], cand_i, mask=row_ok[:, None])
+    tl.store(OUT_CNT + base[:, None] * (SP * TP) + cnt_cols[None, :], counts, mask=row_ok[:, None])
+
+
+def _tile_table(inputs: LensInputs, tile: int, device) -> tuple[torch.Tensor, ...]:
+    starts, stops, segs = [], [], []
+    for a, b, s in inputs.resolved_segments().runs():
+        for c in range(a, b, tile):
+            starts.append(c)
+            stops.append(min(b, c + tile))
+            segs.append(s)
+    as_t = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    return as_t(starts), as_t(stops), as_t(segs)
+
+
+@torch.no_grad()
+def triton_lens(
+    inputs: LensInputs,
+    *,
+    row_chunk: int = 512,
+    vocab_chunk: int = 8192,
+    block_m: int = 64,
+    block_n: int = 128,
+    block_k: int = 64,
+    splits: int | None = None,
+) -> LensResult:
+    """The fused lens through the Triton kernel (CUDA, or the interpreter on CPU)."""
+    validate(inputs)
+    device = inputs.unembed.device
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpret:
+        raise RuntimeError("the Triton lens needs CUDA tensors (or TRITON_INTERPRET=1)")
+    if interpret:
+        block_m, block_n, block_k = 16, 32, 16
+    dtype = inputs.unembed.dtype
+    n, d, k = inputs.n_rows, inputs.unembed.shape[1], inputs.k
+    segments = inputs.resolved_segments()
+    names = segments.names
+    n_seg = len(names)
+    sp = _next_pow2(n_seg)
+    kp = _next_pow2(k)
+    targets = inputs.resolved_targets().to(device).long().contiguous()
+    t = targets.shape[1]
+    tp = _next_pow2(max(t, 1))
+
+    h = inputs.hidden.to(device)
+    if inputs.final_norm is not None:
+        h = inputs.final_norm(h)
+        check_width(h, inputs.unembed)
+    h = h.to(dtype).contiguous()
+    w = inputs.unembed.contiguous()
+    t_vals = exact_logits(h.float(), targets, inputs).contiguous()
+    starts, stops, segs = _tile_table(inputs, block_n, device)
+    n_tiles = len(starts)
+    row_blocks = triton.cdiv(max(n, 1), block_m)
+    if splits is None:
+        # Enough programs to fill the GPU, each still walking many tiles.
+        splits = max(1, min(n_tiles, 4 * 132 // row_blocks)) if device.type == "cuda" else 2
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, tiles_per_split)
+
+    f32 = dict(dtype=torch.float32, device=device)
+    out_max = torch.full((splits, n, sp), NEG_INF, **f32)
+    out_sum = torch.zeros((splits, n, sp), **f32)
+    out_cv = torch.full((splits, n, sp * kp), NEG_INF, **f32)
+    out_ci = torch.full((splits, n, sp * kp), -1, dtype=torch.long, device=device)
+    out_cnt = torch.zeros((splits, n, sp * tp), dtype=torch.long, device=device)
+    bias = inputs.bias.float().contiguous() if inputs.bias is not None else out_sum
+    if n and n_tiles:
+        _lens_tiles_kernel[(row_blocks, splits)](
+            h,
+            w,
+            bias,
+            targets.clamp(min=-1),
+            t_vals,
+            starts,
+            stops,
+            segs,
+            out_max,
+            out_sum,
+            out_cv,
+            out_ci,
+            out_cnt,
+            n,
+            d,
+            n_tiles,
+            tiles_per_split,
+            float(inputs.softcap or 1.0),
+            T=t,
+            TP=tp,
+            SP=sp,
+            KP=kp,
+            HAS_BIAS=inputs.bias is not None,
+            HAS_SOFTCAP=inputs.softcap is not None,
+            BM=block_m,
+            BN=block_n,
+            BK=block_k,
+        )
+
+    # Merge the splits.
+    seg_max = out_max.amax(0)  # [N, SP]
+    safe = torch.where(torch.isfinite(seg_max), seg_max, 0)
+    seg_sum = (out_sum * torch.exp(out_max - safe)).nan_to_num(0.0).sum(0)
+    seg_lse = torch.where(torch.isfinite(seg_max), safe + torch.log(seg_sum), NEG_INF)[:, :n_seg]
+    lse = torch.logsumexp(seg_lse, dim=1)
+    cv = out_cv.permute(1, 0, 2).reshape(n, splits, sp, kp).permute(0, 2, 1, 3).reshape(n, sp, -1)
+    ci = out_ci.permute(1, 0, 2).reshape(n, splits, sp, kp).permute(0, 2, 1, 3).reshape(n, sp, -1)
+    cv = torch.where(ci >= 0, cv, torch.full_like(cv, NEG_INF))
+    counts = out_cnt.sum(0).reshape(n, sp, tp)[:, :n_seg, :t]  # [N, S, T]
+
+    result_seg_ids, result_seg_lp, seg_mass, seg_ranks = {}, {}, {}, {}
+    pad = targets < 0
+    for s, name in enumerate(names):
+        vals = cv[:, s]
+        ids = ci[:, s]
+        # Real candidates first (a -inf logit still beats an empty slot), then by value.
+        rank_key = torch.where(ids >= 0, vals.double().nan_to_num(neginf=-1e29), -1e30)
+        top = rank_key.topk(k, dim=1).indices
+        seg_ids = torch.where(ids.gather(1, top) >= 0, ids.gather(1, top), -1)
+        seg_vals = torch.where(seg_ids >= 0, vals.gather(1, top), NEG_INF)
+        result_seg_ids[name] = seg_ids
+        result_seg_lp[name] = seg_vals - lse[:, None]
+        seg_mass[name] = seg_lse[:, s] - lse
+        seg_ranks[name] = torch.where(pad, -1, counts[:, s])
+    all_ids = torch.cat([result_seg_ids[name] for name in names], 1)
+    all_lp = torch.cat([result_seg_lp[name] for name in names], 1)
+    key = torch.where(all_ids >= 0, all_lp.double().nan_to_num(neginf=-1e29), -1e30)
+    top = key.topk(k, dim=1).indices
+    target_lp = torch.where(pad, float("nan"), t_vals - lse[:, None])
+    ranks = torch.where(pad, -1, counts.sum(1)) if t else targets.clone()
+
+    pooled = _pooled(inputs, row_chunk, vocab_chunk)
+    return LensResult(
+        topk_ids=all_ids.gather(1, top),
+        topk_logprobs=all_lp.gather(1, top),
+        segment_topk_ids=result_seg_ids,
+        segment_topk_logprobs=result_seg_lp,
+        logsumexp=lse,
+        segment_logmass=seg_mass,
+        target_logprobs=target_lp,
+        target_ranks=ranks,
+        target_segment_ranks=seg_ranks,
+        **pooled,
+    )
+
+
+def _pooled(inputs: LensInputs, row_chunk: int, vocab_chunk: int) -> dict:
+    """Max-pooled statistics, from the chunked engine on the pooled rows only."""
+    fields = (
+        "pooled_topk_ids",
+        "pooled_topk_logits",
+        "pooled_segment_topk_ids",
+        "pooled_segment_topk_logits",
+        "pooled_target_ranks",
+        "pooled_target_segment_ranks",
+    )
+    groups = inputs.pool_groups
+    keep = (
+        torch.nonzero(groups >= 0).flatten()
+        if groups is not None
+        else torch.empty(0, dtype=torch.long)
+    )
+    sub = LensInputs(
+        hidden=inputs.hidden[keep],
+        unembed=inputs.unembed,
+        k=inputs.k,
+        final_norm=inputs.final_norm,
+        bias=inputs.bias,
+        softcap=inputs.softcap,
+        segments=inputs.segments,
+        pool_groups=groups[keep] if groups is not None else None,
+        pool_targets=inputs.resolved_pool_targets(),
+    )
+    res = chunked_lens(sub, row_chunk=row_chunk, vocab_chunk=vocab_chunk)
+    return {name: getattr(res, name) for name in fields}
