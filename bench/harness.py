@@ -1,0 +1,61 @@
+"""Timing and peak-memory helpers shared by the benchmarks.
+
+Ratios, not absolute times, are what the benchmarks report: each compares
+methods in the same process run, on the same (noisy) machine. Peak memory is
+measured in a fresh subprocess per method, as the growth of the resident set
+over what the inputs already took.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+
+def best_of(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
+    """Fastest wall time of ``repeats`` calls after ``warmup`` untimed ones (seconds)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_worker(script: str, *args: str) -> dict:
+    """Run ``script --worker args...`` in a fresh interpreter and parse its JSON line."""
+    out = subprocess.run(
+        [sys.executable, script, "--worker", *args], check=True, capture_output=True, text=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    for r in rows:
+        lines.append(
+            "  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths, strict=True))
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return "" if value is None else str(value)
