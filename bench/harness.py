@@ -12,6 +12,7 @@ import json
 import resource
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -33,8 +34,34 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+class PeakRss:
+    """Highest resident set seen while the block runs, sampled every ~0.5 ms.
+
+    ``ru_maxrss`` is a high-water mark since process start, so input creation
+    or compilation would mask the method's own peak; sampling does not.
+    """
+
+    def __enter__(self) -> PeakRss:
+        self.base = rss_bytes()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.0005)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
 
 
 def run_worker(script: str, *args: str) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import best_of, peak_rss_bytes, rss_bytes, run_worker, table
+from bench.harness import PeakRss, best_of, run_worker, table
 
 SHAPES = {"smollm2": (576, 49_152), "qwen2.5": (896, 152_167)}
 N_SPEECH = 502  # a SIMS-like speech segment at the end of the vocabulary
@@ -74,9 +74,10 @@ def kernel_worker(method: str, shape: str, rows: int) -> dict:
     else:
         raise SystemExit(f"unknown method {method}")
     fn()  # warm-up (and torch.compile) before the memory baseline
-    base = rss_bytes()
+    with PeakRss() as mem:
+        fn()
     seconds = best_of(fn, repeats=3, warmup=0)
-    return {"seconds": seconds, "peak_mb": (peak_rss_bytes() - base) / 2**20}
+    return {"seconds": seconds, "peak_mb": mem.growth_mb}
 
 
 PARAGRAPH = (
@@ -138,13 +139,10 @@ def e2e_worker(method: str, tokens: int) -> dict:
     else:
         raise SystemExit(f"unknown method {method}")
     fn()
-    base = rss_bytes()
+    with PeakRss() as mem:
+        fn()
     seconds = best_of(fn, repeats=2, warmup=0)
-    return {
-        "seconds": seconds,
-        "tokens_per_s": tokens / seconds,
-        "peak_mb": (peak_rss_bytes() - base) / 2**20,
-    }
+    return {"seconds": seconds, "tokens_per_s": tokens / seconds, "peak_mb": mem.growth_mb}
 
 
 def main() -> None:

@@ -1,0 +1,283 @@
+"""The paper's statistics (REFERENCE §2) as SQL over the store's views.
+
+Each metric has a ``*_sql`` function that returns the query (so it can be
+printed, audited and pasted into any DuckDB shell over the store) and a
+function that runs it and returns a tidy pandas table. Ranks were computed
+exactly at extraction time, so any k is a parameter, not a re-extraction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+AGGREGATIONS = ("any", "last", "pooled")
+TARGETS = ("cur", "next")
+RANKS = ("text", "full")
+
+
+class MetricError(ValueError):
+    """A metric asked for with parameters it does not have."""
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which runs and positions a metric reads.
+
+    ``runs``/``models``/``revisions`` select runs (a revision is a checkpoint's
+    content fingerprint); ``modality`` selects the positions a word is read at
+    (``speech``: the word's unit tokens, the paper's setting).
+    """
+
+    runs: Sequence[str] | None = None
+    models: Sequence[str] | None = None
+    revisions: Sequence[str] | None = None
+    modality: str = "speech"
+
+
+def _literal_list(values: Sequence[str]) -> str:
+    return ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
+
+
+def _runs_cte(filters: Filters) -> str:
+    where = ["TRUE"]
+    if filters.runs is not None:
+        where.append(f"run_id IN ({_literal_list(filters.runs) or 'NULL'})")
+    if filters.models is not None:
+        where.append(f"model IN ({_literal_list(filters.models) or 'NULL'})")
+    if filters.revisions is not None:
+        where.append(f"revision IN ({_literal_list(filters.revisions) or 'NULL'})")
+    return (
+        "sel_runs AS (SELECT run_id, model, revision, n_layers FROM runs "
+        f"WHERE {' AND '.join(where)})"
+    )
+
+
+def _check(k: int, agg: str, target: str, rank: str) -> None:
+    if not isinstance(k, int) or k < 1:
+        raise MetricError(f"k must be a positive integer, got {k!r}")
+    if agg not in AGGREGATIONS:
+        raise MetricError(f"aggregation {agg!r} unknown: use one of {AGGREGATIONS}")
+    if target not in TARGETS:
+        raise MetricError(f"target {target!r} unknown: use one of {TARGETS}")
+    if rank not in RANKS:
+        raise MetricError(f"rank {rank!r} unknown: use one of {RANKS}")
+
+
+def _rank_col(word: str, rank: str) -> str:
+    return f"{word}_word_text_rank" if rank == "text" else f"{word}_word_rank"
+
+
+def recall_sql(
+    k: int = 10,
+    agg: str = "any",
+    target: str = "cur",
+    rank: str = "text",
+    filters: Filters = Filters(),
+) -> str:
+    """Recall@k per run and layer of the current (or next) word, with its chance control.
+
+    ``any``: some position of the word ranks a variant < k; ``last``: the word's
+    last position does; ``pooled``: the element-wise max of the word's logits
+    does (the ``word_lens`` table). ``rank``: ``text`` counts only text tokens
+    above the variant, ``full`` the whole vocabulary.
+    """
+    _check(k, agg, target, rank)
+    col, ctrl = _rank_col(target, rank), _rank_col("ctrl", rank)
+    mod = filters.modality.replace("'", "''")
+    has_next = f"AND {_rank_col('next', rank)} IS NOT NULL" if target == "next" else ""
+    if agg == "pooled":
+        per_word = f"""
+  SELECT wl.run_id, wl.utterance_id, wl.word_index, wl.layer,
+         wl.{col} AS r, wl.{ctrl} AS c
+  FROM word_lens wl
+  JOIN words w USING (run_id, utterance_id, word_index)
+  WHERE wl.run_id IN (SELECT run_id FROM sel_runs) AND w.modality = '{mod}'
+    AND wl.{col} IS NOT NULL {has_next.replace("AND ", "AND wl.")}"""
+    else:
+        pick = "min({x})" if agg == "any" else "arg_max({x}, position)"
+        per_word = f"""
+  SELECT run_id, utterance_id, word_index, layer,
+         {pick.format(x=col)} AS r, {pick.format(x=ctrl)} AS c
+  FROM lens
+  WHERE run_id IN (SELECT run_id FROM sel_runs) AND modality = '{mod}'
+    AND word_index IS NOT NULL AND {col} IS NOT NULL {has_next}
+  GROUP BY run_id, utterance_id, word_index, layer"""
+    return f"""WITH {_runs_cte(filters)},
+per_word AS ({per_word}
+)
+SELECT p.run_id, s.model, s.revision, p.layer,
+       p.layer / s.n_layers AS rel_depth,
+       count(*) AS n_words,
+       avg((p.r < {k})::DOUBLE) AS recall,
+       avg((p.c < {k})::DOUBLE) AS control_recall
+FROM per_word p JOIN sel_runs s USING (run_id)
+GROUP BY p.run_id, s.model, s.revision, p.layer, s.n_layers
+ORDER BY p.run_id, p.layer"""
+
+
+def recall_by_layer(
+    con: duckdb.DuckDBPyConnection,
+    k: int = 10,
+    agg: str = "any",
+    target: str = "cur",
+    rank: str = "text",
+    filters: Filters = Filters(),
+) -> pd.DataFrame:
+    """Tidy table: run_id, model, revision, layer, rel_depth, n_words, recall, control_recall."""
+    return con.sql(recall_sql(k, agg, target, rank, filters)).df()
+
+
+def recall_table(
+    con: duckdb.DuckDBPyConnection,
+    k: int = 10,
+    aggs: Sequence[str] = AGGREGATIONS,
+    targets: Sequence[str] = TARGETS,
+    ranks: Sequence[str] = RANKS,
+    filters: Filters = Filters(),
+) -> pd.DataFrame:
+    """Every recall curve asked for, stacked with ``agg``, ``target`` and ``rank`` columns."""
+    parts = []
+    for rank in ranks:
+        for target in targets:
+            for agg in aggs:
+                df = recall_by_layer(con, k, agg, target, rank, filters)
+                parts.append(df.assign(agg=agg, target=target, rank=rank, k=k))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def peak_layers(recall: pd.DataFrame) -> pd.DataFrame:
+    """Per run (and agg/target/rank if present): the layer of maximum recall, and its depth."""
+    keys = [c for c in ("run_id", "model", "revision", "agg", "target", "rank", "k") if c in recall]
+    if recall.empty:
+        return pd.DataFrame(columns=[*keys, "peak_layer", "peak_rel_depth", "peak_recall"])
+    idx = recall.groupby(keys, dropna=False)["recall"].idxmax()
+    peak = recall.loc[idx, [*keys, "layer", "rel_depth", "recall", "control_recall"]]
+    return peak.rename(
+        columns={
+            "layer": "peak_layer",
+            "rel_depth": "peak_rel_depth",
+            "recall": "peak_recall",
+            "control_recall": "control_at_peak",
+        }
+    ).reset_index(drop=True)
+
+
+def modality_mass_sql(filters: Filters = Filters()) -> str:
+    """Per run and layer: mean lens probability mass on speech and text tokens, top-1 modality."""
+    mod = filters.modality.replace("'", "''")
+    return f"""WITH {_runs_cte(filters)}
+SELECT l.run_id, l.layer, l.layer / s.n_layers AS rel_depth,
+       count(*) AS n_positions,
+       avg(exp(l.speech_logmass)) AS speech_mass,
+       avg(exp(l.text_logmass)) AS text_mass,
+       avg((v.modality = 'speech')::DOUBLE) AS top1_speech_frac,
+       avg((v.modality = 'text')::DOUBLE) AS top1_text_frac
+FROM lens l
+JOIN sel_runs s USING (run_id)
+LEFT JOIN vocab v ON v.run_id = l.run_id AND v.token_id = l.topk_ids[1]
+WHERE l.modality = '{mod}'
+GROUP BY l.run_id, l.layer, s.n_layers
+ORDER BY l.run_id, l.layer"""
+
+
+def modality_mass(con: duckdb.DuckDBPyConnection, filters: Filters = Filters()) -> pd.DataFrame:
+    return con.sql(modality_mass_sql(filters)).df()
+
+
+def prediction_depth_sql(filters: Filters = Filters()) -> str:
+    """Per run: mean/median first layer from which the top-1 stays equal to the final top-1."""
+    mod = filters.modality.replace("'", "''")
+    return f"""WITH {_runs_cte(filters)},
+final AS (
+  SELECT l.run_id, l.utterance_id, l.position, l.topk_ids[1] AS final_top1
+  FROM lens l JOIN sel_runs s USING (run_id)
+  WHERE l.layer = s.n_layers AND l.modality = '{mod}'
+),
+depth AS (
+  SELECT l.run_id, l.utterance_id, l.position,
+         coalesce(max(l.layer) FILTER (WHERE l.topk_ids[1] <> f.final_top1) + 1, 0) AS depth
+  FROM lens l JOIN final f USING (run_id, utterance_id, position)
+  GROUP BY l.run_id, l.utterance_id, l.position
+)
+SELECT d.run_id, count(*) AS n_positions, avg(d.depth) AS mean_depth,
+       median(d.depth) AS median_depth, avg(d.depth / s.n_layers) AS mean_rel_depth
+FROM depth d JOIN sel_runs s USING (run_id)
+GROUP BY d.run_id ORDER BY d.run_id"""
+
+
+def prediction_depth(con: duckdb.DuckDBPyConnection, filters: Filters = Filters()) -> pd.DataFrame:
+    return con.sql(prediction_depth_sql(filters)).df()
+
+
+def knowledge_accuracy_sql(filters: Filters = Filters()) -> str:
+    """Spoken-knowledge accuracy: share of fact pairs whose correct continuation is likelier.
+
+    A continuation's log-likelihood is the sum of the final layer's log-prob of
+    each actual next token over it: positions continuation_start - 1 to n_tokens - 2.
+    """
+    return f"""WITH {_runs_cte(filters)},
+cont AS (
+  SELECT u.run_id, u.pair_id, u.pair_role, sum(l.next_token_logprob) AS loglik,
+         count(l.next_token_logprob) AS n_scored,
+         max(u.n_tokens - u.continuation_start) AS n_expected
+  FROM utterances u
+  JOIN sel_runs s USING (run_id)
+  JOIN lens l ON l.run_id = u.run_id AND l.utterance_id = u.utterance_id
+             AND l.layer = s.n_layers
+  WHERE u.pair_id IS NOT NULL
+    AND l.position >= u.continuation_start - 1 AND l.position < u.n_tokens - 1
+  GROUP BY u.run_id, u.pair_id, u.pair_role
+)
+SELECT c.run_id, count(*) AS n_pairs,
+       avg((c.loglik > x.loglik)::DOUBLE) AS accuracy
+FROM cont c JOIN cont x USING (run_id, pair_id)
+WHERE c.pair_role = 'correct' AND x.pair_role = 'counterfactual'
+  AND c.n_scored = c.n_expected AND x.n_scored = x.n_expected
+GROUP BY c.run_id ORDER BY c.run_id"""
+
+
+def knowledge_accuracy(
+    con: duckdb.DuckDBPyConnection, filters: Filters = Filters()
+) -> pd.DataFrame:
+    return con.sql(knowledge_accuracy_sql(filters)).df()
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=float)
+    for value in np.unique(x):  # ties share their mean rank
+        tied = x == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def knowledge_correlation(
+    con: duckdb.DuckDBPyConnection,
+    k: int = 10,
+    agg: str = "any",
+    rank: str = "text",
+    filters: Filters = Filters(),
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Per run accuracy beside peak current-word recall, and their Pearson/Spearman r."""
+    peaks = peak_layers(recall_by_layer(con, k, agg, "cur", rank, filters))
+    acc = knowledge_accuracy(con, filters)
+    table = peaks.merge(acc, on="run_id", how="inner")
+    x, y = table["accuracy"].to_numpy(float), table["peak_recall"].to_numpy(float)
+    stats = {
+        "n_runs": len(table),
+        "pearson": _pearson(x, y),
+        "spearman": _pearson(_average_ranks(x), _average_ranks(y)) if len(x) else float("nan"),
+    }
+    return table, stats

@@ -1,0 +1,154 @@
+"""The store contract (REFERENCE §4): table schemas, paths and versions.
+
+Shared by the writer (extractor side) and the readers (analysis side); pure
+pyarrow, no torch. A store is a root folder or ``s3://bucket/prefix`` holding:
+
+    _slm_lens_store.json                          {"schema_version": N}
+    <table>/run_id=<id>/shard-<NNNNN>-<attempt>-<seq>.parquet
+    runs/run_id=<id>/<utc-stamp>-<status>.parquet  (one file per status change)
+    _commits/run_id=<id>/shard-<NNNNN>.json        (a shard's commit marker)
+
+A shard's data files are listed in its commit marker, which is written last;
+readers read only files named by markers, so nothing half-written is ever seen,
+on object stores without atomic renames as well as on local disk.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+STORE_MARKER = "_slm_lens_store.json"
+COMMITS_DIR = "_commits"
+RUNS_TABLE = "runs"
+
+#: Shard number of a run's one-off tables (vocab), committed like any shard.
+SETUP_SHARD = 0
+
+_rank = pa.int32()
+_ids = pa.list_(pa.int32())
+_lps = pa.list_(pa.float32())
+
+TABLES: dict[str, pa.Schema] = {
+    "runs": pa.schema(
+        [
+            ("model", pa.string()),
+            ("revision", pa.string()),
+            ("dataset", pa.string()),
+            ("n_layers", pa.int32()),
+            ("vocab_size", pa.int32()),
+            ("k", pa.int32()),
+            ("config", pa.string()),
+            ("status", pa.string()),
+            ("started_at", pa.timestamp("us", tz="UTC")),
+            ("finished_at", pa.timestamp("us", tz="UTC")),
+            ("updated_at", pa.timestamp("us", tz="UTC")),
+            ("message", pa.string()),
+        ]
+    ),
+    "vocab": pa.schema(
+        [("token_id", pa.int32()), ("token", pa.string()), ("modality", pa.string())]
+    ),
+    "utterances": pa.schema(
+        [
+            ("shard", pa.int32()),
+            ("utterance_id", pa.string()),
+            ("n_tokens", pa.int32()),
+            ("duration_s", pa.float64()),
+            ("text", pa.string()),
+            ("pair_id", pa.string()),
+            ("pair_role", pa.string()),
+            ("continuation_start", pa.int32()),
+        ]
+    ),
+    "words": pa.schema(
+        [
+            ("utterance_id", pa.string()),
+            ("word_index", pa.int32()),
+            ("word", pa.string()),
+            ("modality", pa.string()),
+            ("start_s", pa.float64()),
+            ("end_s", pa.float64()),
+            ("first_position", pa.int32()),
+            ("last_position", pa.int32()),
+            ("variant_ids", _ids),
+            ("next_variant_ids", _ids),
+            ("ctrl_word", pa.string()),
+            ("ctrl_variant_ids", _ids),
+        ]
+    ),
+    "tokens": pa.schema(
+        [
+            ("utterance_id", pa.string()),
+            ("position", pa.int32()),
+            ("token_id", pa.int32()),
+            ("modality", pa.string()),
+            ("word_index", pa.int32()),
+        ]
+    ),
+    "lens": pa.schema(
+        [
+            ("utterance_id", pa.string()),
+            ("position", pa.int32()),
+            ("layer", pa.int16()),
+            ("word_index", pa.int32()),
+            ("modality", pa.string()),
+            ("topk_ids", _ids),
+            ("topk_logprobs", _lps),
+            ("text_topk_ids", _ids),
+            ("text_topk_logprobs", _lps),
+            ("logsumexp", pa.float32()),
+            ("speech_logmass", pa.float32()),
+            ("text_logmass", pa.float32()),
+            ("cur_word_rank", _rank),
+            ("cur_word_text_rank", _rank),
+            ("next_word_rank", _rank),
+            ("next_word_text_rank", _rank),
+            ("ctrl_word_rank", _rank),
+            ("ctrl_word_text_rank", _rank),
+            ("next_token_logprob", pa.float32()),
+        ]
+    ),
+    "word_lens": pa.schema(
+        [
+            ("utterance_id", pa.string()),
+            ("word_index", pa.int32()),
+            ("layer", pa.int16()),
+            ("pooled_topk_ids", _ids),
+            ("pooled_text_topk_ids", _ids),
+            ("cur_word_rank", _rank),
+            ("cur_word_text_rank", _rank),
+            ("next_word_rank", _rank),
+            ("next_word_text_rank", _rank),
+            ("ctrl_word_rank", _rank),
+            ("ctrl_word_text_rank", _rank),
+        ]
+    ),
+    "failures": pa.schema(
+        [
+            ("shard", pa.int32()),
+            ("utterance_id", pa.string()),
+            ("stage", pa.string()),
+            ("error", pa.string()),
+            ("message", pa.string()),
+        ]
+    ),
+}
+
+#: Tables written shard by shard, behind commit markers.
+SHARD_TABLES = tuple(t for t in TABLES if t != RUNS_TABLE)
+
+MODALITIES = ("text", "speech", "marker", "special")
+
+
+def partition_dir(table: str, run_id: str) -> str:
+    return f"{table}/run_id={run_id}"
+
+
+def commit_path(run_id: str, shard: int) -> str:
+    return f"{COMMITS_DIR}/run_id={run_id}/shard-{shard:05d}.json"
+
+
+def valid_run_id(run_id: str) -> bool:
+    """Run ids become path segments: keep them to a safe alphabet."""
+    return bool(run_id) and all(c.isalnum() or c in "-_." for c in run_id) and run_id[0] != "."

@@ -1,0 +1,99 @@
+"""One path abstraction for local folders and object stores (pyarrow.fs).
+
+S3 settings come from the environment only: the standard AWS variables for
+credentials and region, and ``AWS_ENDPOINT_URL`` (or ``SLM_LENS_S3_ENDPOINT``)
+for a non-AWS endpoint such as MinIO or a loopback test server.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+T = TypeVar("T")
+
+
+class StorageError(OSError):
+    """An object-store operation kept failing; names what and where."""
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, root path inside it) for a local path, ``file://`` or ``s3://`` URI."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        path = os.path.abspath(parsed.path if parsed.scheme else uri)
+        return pafs.LocalFileSystem(), path
+    if parsed.scheme == "s3":
+        return s3_filesystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    raise ValueError(f"unsupported store URI {uri!r}: use a local path or s3://bucket/prefix")
+
+
+def s3_filesystem(allow_bucket_creation: bool = False) -> pafs.S3FileSystem:
+    endpoint = os.environ.get("SLM_LENS_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict = {
+        "region": os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or "us-east-1",
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5),
+        "connect_timeout": 5,
+        "request_timeout": 30,
+        "allow_bucket_creation": allow_bucket_creation,
+    }
+    if endpoint:
+        url = urlparse(endpoint)
+        kwargs["endpoint_override"] = url.netloc or url.path
+        kwargs["scheme"] = url.scheme or "https"
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        kwargs["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    return pafs.S3FileSystem(**kwargs)
+
+
+def with_retries(
+    fn: Callable[[], T], what: str, *, attempts: int = 8, first_delay: float = 0.25
+) -> T:
+    """Run ``fn``, retrying I/O errors with jittered exponential backoff (~30 s in all).
+
+    Rides out a store that is briefly unreachable; a store that stays down ends
+    in a :class:`StorageError` saying what failed and why.
+    """
+    delay = first_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except (OSError, ConnectionError) as exc:
+            if attempt == attempts:
+                raise StorageError(f"{what}: failed {attempts} times, last error: {exc}") from exc
+            time.sleep(delay * (1 + random.random() / 2))
+            delay = min(delay * 2, 8.0)
+    raise AssertionError("unreachable")
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_text(fs: pafs.FileSystem, path: str) -> str:
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write a small object in one request (one PUT on S3: atomic for readers)."""
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def list_files(fs: pafs.FileSystem, path: str, recursive: bool = True) -> list[pafs.FileInfo]:
+    if not exists(fs, path):
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+    return [i for i in infos if i.type == pafs.FileType.File]

@@ -1,0 +1,226 @@
+"""Open a store as a read-only DuckDB connection with the contract's views.
+
+Files are found through commit markers (never by globbing), so readers see
+only complete shards. Tables are scanned as Arrow datasets over ``pyarrow.fs``,
+one code path for local folders and S3 with projection and filter pushdown;
+DuckDB itself is then denied file access, so no SQL sent through the
+connection can write anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from . import schema
+from .storage import list_files, read_text, resolve, with_retries
+
+
+class StoreError(Exception):
+    """The store cannot be read as asked."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """No slm-lens store at the URI."""
+
+
+class StoreVersionError(StoreError):
+    """The store was written by a newer slm-lens."""
+
+
+class UnknownRunError(StoreError, KeyError):
+    """A requested run id is not in the store."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Commit:
+    run_id: str
+    shard: int
+    files: dict[str, list[str]]
+    rows: dict[str, int]
+    bytes: int
+    seconds: float
+    committed_at: str
+    stats: dict
+
+
+def read_commits(fs: pafs.FileSystem, root: str, runs: Iterable[str] | None = None) -> list[Commit]:
+    """Every commit marker of the store (optionally of some runs only)."""
+    wanted = set(runs) if runs is not None else None
+    commits = []
+    folder = f"{root}/{schema.COMMITS_DIR}"
+    for info in with_retries(lambda: list_files(fs, folder), f"listing commits in {root}"):
+        if not info.base_name.endswith(".json"):
+            continue
+        run_dir = info.path.rsplit("/", 2)[-2]
+        run_id = run_dir.removeprefix("run_id=")
+        if wanted is not None and run_id not in wanted:
+            continue
+        data = json.loads(
+            with_retries(lambda p=info.path: read_text(fs, p), f"reading {info.path}")
+        )
+        commits.append(
+            Commit(
+                run_id=data["run_id"],
+                shard=int(data["shard"]),
+                files=data.get("files", {}),
+                rows=data.get("rows", {}),
+                bytes=int(data.get("bytes", 0)),
+                seconds=float(data.get("seconds", 0.0)),
+                committed_at=data.get("committed_at", ""),
+                stats=data.get("stats", {}),
+            )
+        )
+    return sorted(commits, key=lambda c: (c.run_id, c.shard))
+
+
+def _check_store(fs: pafs.FileSystem, root: str, uri: str) -> None:
+    marker = f"{root}/{schema.STORE_MARKER}"
+    info = with_retries(lambda: fs.get_file_info(marker), f"opening store {uri}")
+    if info.type != pafs.FileType.File:
+        raise StoreNotFoundError(f"no slm-lens store at {uri} (missing {schema.STORE_MARKER})")
+    version = json.loads(read_text(fs, marker)).get("schema_version")
+    if not isinstance(version, int) or version > schema.SCHEMA_VERSION:
+        raise StoreVersionError(
+            f"{uri} was written with store schema version {version}; this slm-lens reads up to "
+            f"version {schema.SCHEMA_VERSION}: upgrade slm-lens to read it"
+        )
+
+
+def _with_run_id(table: str) -> pa.Schema:
+    return schema.TABLES[table].append(pa.field("run_id", pa.string()))
+
+
+def _dataset(fs, root: str, table: str, files: list[str]) -> pads.Dataset | pa.Table:
+    full = _with_run_id(table)
+    if not files:
+        return full.empty_table()
+    return pads.dataset(
+        [f"{root}/{f}" for f in files],
+        schema=full,
+        filesystem=fs,
+        format="parquet",
+        partitioning=pads.partitioning(pa.schema([("run_id", pa.string())]), flavor="hive"),
+        partition_base_dir=root,
+    )
+
+
+def open_store(uri: str, runs: Iterable[str] | None = None) -> duckdb.DuckDBPyConnection:
+    """A read-only DuckDB connection over the store at ``uri`` with the contract's views.
+
+    ``runs`` restricts every view to those run ids (the other runs' files are
+    never opened); an id not in the store raises :class:`UnknownRunError`.
+    Views: runs, vocab, utterances, words, tokens, lens, word_lens, failures,
+    plus ``shards`` (one row per committed shard, with its telemetry).
+    """
+    fs, root = resolve(uri)
+    _check_store(fs, root, uri)
+    run_filter = list(runs) if runs is not None else None
+    commits = read_commits(fs, root, run_filter)
+
+    run_files = [
+        i.path.removeprefix(root + "/")
+        for i in with_retries(lambda: list_files(fs, f"{root}/{schema.RUNS_TABLE}"), "listing runs")
+        if i.base_name.endswith(".parquet") and not i.base_name.startswith(("_", "."))
+    ]
+    if run_filter is not None:
+        known = {f.split("/")[1].removeprefix("run_id=") for f in run_files}
+        known |= {c.run_id for c in commits}
+        missing = [r for r in run_filter if r not in known]
+        if missing:
+            raise UnknownRunError(f"run(s) {missing} not in store {uri}")
+        run_files = [f for f in run_files if f.split("/")[1].removeprefix("run_id=") in run_filter]
+
+    con = duckdb.connect(":memory:")
+    sources: dict[str, object] = {}
+    for table in schema.SHARD_TABLES:
+        files = [f for c in commits for f in c.files.get(table, [])]
+        sources[table] = _dataset(fs, root, table, files)
+    sources["runs_history"] = _dataset(fs, root, "runs", run_files)
+    sources["shards"] = pa.Table.from_pylist(
+        [
+            {
+                "run_id": c.run_id,
+                "shard": c.shard,
+                "rows": json.dumps(c.rows),
+                "lens_rows": c.rows.get("lens", 0),
+                "bytes": c.bytes,
+                "seconds": c.seconds,
+                "committed_at": c.committed_at,
+                "stats": json.dumps(c.stats),
+            }
+            for c in commits
+        ],
+        schema=pa.schema(
+            [
+                ("run_id", pa.string()),
+                ("shard", pa.int32()),
+                ("rows", pa.string()),
+                ("lens_rows", pa.int64()),
+                ("bytes", pa.int64()),
+                ("seconds", pa.float64()),
+                ("committed_at", pa.string()),
+                ("stats", pa.string()),
+            ]
+        ),
+    )
+    for name, source in sources.items():
+        con.register(f"_src_{name}", source)
+        if name != "runs_history":
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM _src_{name}")
+    con.execute("CREATE VIEW runs_history AS SELECT * FROM _src_runs_history")
+    con.execute(
+        """
+        CREATE VIEW runs AS
+        SELECT run_id, model, revision, dataset, n_layers, vocab_size, k, config, status,
+               started_at, finished_at, updated_at, message
+        FROM (
+            SELECT *,
+                   row_number() OVER (PARTITION BY run_id ORDER BY updated_at DESC) AS _latest
+            FROM _src_runs_history
+        ) WHERE _latest = 1
+        """
+    )
+    # From here on the connection cannot reach any file or URL: read-only by construction.
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
+
+
+class ReadOnlyQueryError(StoreError):
+    """A statement that would write, attach or change settings."""
+
+
+def check_read_only(sql: str) -> None:
+    """Refuse anything but queries, before it reaches DuckDB."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise StoreError(f"cannot parse SQL: {exc}") from exc
+    if not statements:
+        raise StoreError("no SQL statement given")
+    for st in statements:
+        kind = st.type.name if hasattr(st.type, "name") else str(st.type)
+        if kind not in READ_ONLY_STATEMENTS:
+            raise ReadOnlyQueryError(
+                f"the store is read-only: {kind} statements are not allowed "
+                f"(only SELECT/WITH/EXPLAIN queries)"
+            )
+
+
+def query(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation:
+    """Run a read-only query (refusing writes with :class:`ReadOnlyQueryError`)."""
+    check_read_only(sql)
+    return con.sql(sql)

@@ -1,0 +1,243 @@
+"""Write the activation store: shards of Parquet, each made visible by one commit marker.
+
+A :class:`ShardWriter` buffers rows per table, writes files of about
+``target_file_bytes`` under temporary ``_tmp-`` names (so nothing in the
+dataset folders looks final), and on :meth:`ShardWriter.commit` moves them to
+their final names and writes the shard's commit marker, last. Readers only read
+files that a marker lists, so a crash at any point leaves nothing half-visible,
+and a re-run skips shards whose marker exists: no row is ever written twice.
+Every object-store call is retried with backoff, so a store that blinks for a
+few seconds costs time, not data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from analysis import schema
+from analysis.storage import list_files, read_text, resolve, with_retries, write_bytes
+
+
+class StoreContractError(ValueError):
+    """Rows that do not fit the store contract."""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class StoreWriter:
+    """Entry point of the writing side of a store at ``uri`` (local folder or s3://)."""
+
+    def __init__(self, uri: str, *, target_file_bytes: int = 64 << 20) -> None:
+        self.uri = uri
+        self.fs, self.root = resolve(uri)
+        self.target_file_bytes = target_file_bytes
+        self._ensure_store()
+
+    def _path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def _ensure_store(self) -> None:
+        marker = self._path(schema.STORE_MARKER)
+
+        def check_or_create() -> None:
+            info = self.fs.get_file_info(marker)
+            if info.type == pafs.FileType.NotFound:
+                self.fs.create_dir(self.root, recursive=True)
+                payload = json.dumps(
+                    {"schema_version": schema.SCHEMA_VERSION, "created_at": str(_now())}
+                )
+                write_bytes(self.fs, marker, payload.encode())
+                return
+            version = json.loads(read_text(self.fs, marker)).get("schema_version")
+            if version != schema.SCHEMA_VERSION:
+                raise StoreContractError(
+                    f"{self.uri} holds store schema version {version}; this slm-lens writes "
+                    f"version {schema.SCHEMA_VERSION}: use a new store or a matching slm-lens"
+                )
+
+        with_retries(check_or_create, f"opening store {self.uri}")
+
+    # Runs -------------------------------------------------------------------------------
+    def write_run(self, run_id: str, **fields: Any) -> None:
+        """Record a status change of a run (one small file; the latest one wins)."""
+        _check_run_id(run_id)
+        row = {name: fields.get(name) for name in schema.TABLES["runs"].names}
+        row["updated_at"] = row.get("updated_at") or _now()
+        if isinstance(row.get("config"), Mapping):
+            row["config"] = json.dumps(row["config"], sort_keys=True)
+        table = pa.Table.from_pylist([row], schema=schema.TABLES["runs"])
+        stamp = row["updated_at"].strftime("%Y%m%dT%H%M%S%f")
+        name = f"{schema.partition_dir('runs', run_id)}/{stamp}-{uuid.uuid4().hex[:6]}.parquet"
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        data = sink.getvalue().to_pybytes()
+        with_retries(lambda: self._put(name, data), f"writing run record of {run_id}")
+
+    def _put(self, rel: str, data: bytes) -> None:
+        path = self._path(rel)
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        write_bytes(self.fs, path, data)
+
+    # Shards -----------------------------------------------------------------------------
+    def committed_shards(self, run_id: str) -> set[int]:
+        folder = self._path(f"{schema.COMMITS_DIR}/run_id={run_id}")
+        infos = with_retries(lambda: list_files(self.fs, folder), f"listing commits of {run_id}")
+        return {
+            int(i.base_name[len("shard-") : -len(".json")])
+            for i in infos
+            if i.base_name.endswith(".json")
+        }
+
+    def is_committed(self, run_id: str, shard: int) -> bool:
+        path = self._path(schema.commit_path(run_id, shard))
+        return with_retries(
+            lambda: self.fs.get_file_info(path).type == pafs.FileType.File,
+            f"checking commit of {run_id} shard {shard}",
+        )
+
+    def shard(self, run_id: str, shard: int) -> ShardWriter:
+        _check_run_id(run_id)
+        return ShardWriter(self, run_id, shard)
+
+
+class ShardWriter:
+    """Rows of one shard of one run; invisible until :meth:`commit`.
+
+    Use as a context manager: leaving the block with an exception removes the
+    shard's temporary files; leaving it normally does *not* commit (commit is an
+    explicit decision of the caller).
+    """
+
+    def __init__(self, store: StoreWriter, run_id: str, shard: int) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.shard = shard
+        self.attempt = uuid.uuid4().hex[:8]
+        self._buffers: dict[str, list[pa.RecordBatch]] = {t: [] for t in schema.SHARD_TABLES}
+        self._buffered_bytes: dict[str, int] = dict.fromkeys(schema.SHARD_TABLES, 0)
+        self._files: dict[str, list[tuple[str, str]]] = {t: [] for t in schema.SHARD_TABLES}
+        self.rows: dict[str, int] = dict.fromkeys(schema.SHARD_TABLES, 0)
+        self.bytes_written = 0
+        self.started = time.perf_counter()
+        self.committed = False
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and not self.committed:
+            self.abort()
+
+    def write(self, table: str, rows: pa.Table | pa.RecordBatch | Iterable[Mapping]) -> None:
+        """Buffer rows of ``table`` (Arrow data or dicts); files roll over by size."""
+        if table not in self._buffers:
+            raise StoreContractError(f"unknown store table {table!r}")
+        if self.committed:
+            raise StoreContractError(f"shard {self.shard} of {self.run_id} is already committed")
+        want = schema.TABLES[table]
+        if isinstance(rows, pa.Table | pa.RecordBatch):
+            data = pa.table(rows) if isinstance(rows, pa.RecordBatch) else rows
+            try:
+                data = data.select(want.names).cast(want)
+            except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                raise StoreContractError(f"{table} rows do not fit the contract: {exc}") from exc
+        else:
+            try:
+                data = pa.Table.from_pylist(list(rows), schema=want)
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                raise StoreContractError(f"{table} rows do not fit the contract: {exc}") from exc
+        if data.num_rows == 0:
+            return
+        self._buffers[table].extend(data.to_batches())
+        self._buffered_bytes[table] += data.nbytes
+        self.rows[table] += data.num_rows
+        if self._buffered_bytes[table] >= self.store.target_file_bytes:
+            self._flush(table)
+
+    def _flush(self, table: str) -> None:
+        batches = self._buffers[table]
+        if not batches:
+            return
+        data = pa.Table.from_batches(batches, schema=schema.TABLES[table])
+        seq = len(self._files[table])
+        folder = schema.partition_dir(table, self.run_id)
+        base = f"shard-{self.shard:05d}-{self.attempt}-{seq:04d}.parquet"
+        tmp, final = f"{folder}/_tmp-{base}", f"{folder}/{base}"
+        sink = pa.BufferOutputStream()
+        pq.write_table(data, sink, compression="zstd", row_group_size=256 * 1024)
+        payload = sink.getvalue().to_pybytes()
+        with_retries(
+            lambda: self.store._put(tmp, payload),
+            f"writing {table} file of {self.run_id} shard {self.shard}",
+        )
+        self.bytes_written += len(payload)
+        self._files[table].append((tmp, final))
+        self._buffers[table] = []
+        self._buffered_bytes[table] = 0
+
+    def commit(self, stats: Mapping[str, Any] | None = None) -> dict:
+        """Flush, move files to their final names, then write the marker (last)."""
+        for table in self._buffers:
+            self._flush(table)
+        fs = self.store.fs
+        for table, files in self._files.items():
+            for tmp, final in files:
+                src, dst = self.store._path(tmp), self.store._path(final)
+                with_retries(
+                    lambda s=src, d=dst: _move(fs, s, d),
+                    f"publishing {table} file of {self.run_id} shard {self.shard}",
+                )
+        marker = {
+            "run_id": self.run_id,
+            "shard": self.shard,
+            "attempt": self.attempt,
+            "files": {t: [final for _, final in f] for t, f in self._files.items() if f},
+            "rows": {t: n for t, n in self.rows.items() if n},
+            "bytes": self.bytes_written,
+            "seconds": time.perf_counter() - self.started,
+            "committed_at": str(_now()),
+            "stats": dict(stats or {}),
+        }
+        payload = json.dumps(marker, sort_keys=True).encode()
+        rel = schema.commit_path(self.run_id, self.shard)
+        with_retries(
+            lambda: self.store._put(rel, payload),
+            f"committing {self.run_id} shard {self.shard}",
+        )
+        self.committed = True
+        return marker
+
+    def abort(self) -> None:
+        """Best-effort removal of this attempt's temporary files."""
+        for files in self._files.values():
+            for tmp, _ in files:
+                with contextlib.suppress(OSError):
+                    self.store.fs.delete_file(self.store._path(tmp))
+        self._files = {t: [] for t in schema.SHARD_TABLES}
+
+
+def _move(fs, src: str, dst: str) -> None:
+    # A retried move may find the source already gone and the target in place.
+    gone = fs.get_file_info(src).type == pafs.FileType.NotFound
+    if gone and fs.get_file_info(dst).type == pafs.FileType.File:
+        return
+    fs.move(src, dst)
+
+
+def _check_run_id(run_id: str) -> None:
+    if not schema.valid_run_id(run_id):
+        raise StoreContractError(
+            f"run id {run_id!r} must be letters, digits, '-', '_' or '.' (it becomes a path)"
+        )

@@ -1,0 +1,250 @@
+"""The analysis layer over a store whose contents the test knows row by row."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
+import pytest
+
+from analysis import metrics
+from analysis.metrics import Filters, MetricError
+from analysis.store import (
+    ReadOnlyQueryError,
+    StoreNotFoundError,
+    StoreVersionError,
+    UnknownRunError,
+    open_store,
+    query,
+)
+
+from .store_factory import build_store
+
+K = 3
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return build_store(str(tmp_path_factory.mktemp("store")))
+
+
+@pytest.fixture(scope="module")
+def con(store):
+    return open_store(store.uri)
+
+
+# Independent pandas computations of REFERENCE §2 ---------------------------------------
+def pandas_recall(store, k, agg, target, rank):
+    suffix = "_text_rank" if rank == "text" else "_rank"
+    col, ctrl = f"{target}_word{suffix}", f"ctrl_word{suffix}"
+    keys = ["run_id", "utterance_id", "word_index", "layer"]
+    if agg == "pooled":
+        wl = store.tables["word_lens"].merge(
+            store.tables["words"][["run_id", "utterance_id", "word_index", "modality"]]
+        )
+        per_word = wl[(wl.modality == "speech") & wl[col].notna()].rename(
+            columns={col: "r", ctrl: "c"}
+        )
+    else:
+        lens = store.tables["lens"]
+        lens = lens[(lens.modality == "speech") & lens.word_index.notna() & lens[col].notna()]
+        if agg == "any":
+            per_word = lens.groupby(keys).agg(r=(col, "min"), c=(ctrl, "min")).reset_index()
+        else:
+            last = lens.sort_values("position").groupby(keys).tail(1)
+            per_word = last.rename(columns={col: "r", ctrl: "c"})
+    per_word = per_word.assign(hit=per_word.r < k, ctrl_hit=per_word.c < k)
+    out = per_word.groupby(["run_id", "layer"]).agg(
+        n_words=("hit", "size"), recall=("hit", "mean"), control_recall=("ctrl_hit", "mean")
+    )
+    return out.reset_index()
+
+
+@pytest.mark.parametrize("agg", metrics.AGGREGATIONS)
+@pytest.mark.parametrize("target", metrics.TARGETS)
+@pytest.mark.parametrize("rank", metrics.RANKS)
+def test_recall_matches_pandas(store, con, agg, target, rank):
+    got = metrics.recall_by_layer(con, K, agg, target, rank)
+    want = pandas_recall(store, K, agg, target, rank)
+    merged = got.merge(want, on=["run_id", "layer"], suffixes=("", "_pd"), validate="1:1")
+    assert len(merged) == len(want) == len(got) > 0
+    assert (merged.n_words == merged.n_words_pd).all()
+    np.testing.assert_allclose(merged.recall, merged.recall_pd)
+    np.testing.assert_allclose(merged.control_recall, merged.control_recall_pd)
+    np.testing.assert_allclose(got.rel_depth, got.layer / 4)
+
+
+def test_peak_layer_and_relative_depth(con):
+    recall = metrics.recall_by_layer(con, K)
+    peaks = metrics.peak_layers(recall)
+    for _, row in peaks.iterrows():
+        curve = recall[recall.run_id == row.run_id]
+        assert row.peak_recall == curve.recall.max()
+        assert row.peak_layer == curve.loc[curve.recall.idxmax(), "layer"]
+        assert row.peak_rel_depth == row.peak_layer / 4
+
+
+def test_modality_mass_matches_pandas(store, con):
+    got = metrics.modality_mass(con)
+    lens = store.tables["lens"]
+    lens = lens[lens.modality == "speech"].copy()
+    vocab = store.tables["vocab"].set_index(["run_id", "token_id"]).modality
+    lens["top1_mod"] = [
+        vocab[(r, ids[0])] for r, ids in zip(lens.run_id, lens.topk_ids, strict=True)
+    ]
+    want = (
+        lens.assign(
+            speech=np.exp(lens.speech_logmass),
+            text=np.exp(lens.text_logmass),
+            top1_speech=lens.top1_mod == "speech",
+        )
+        .groupby(["run_id", "layer"])
+        .agg(speech=("speech", "mean"), text=("text", "mean"), top1=("top1_speech", "mean"))
+        .reset_index()
+    )
+    merged = got.merge(want, on=["run_id", "layer"], validate="1:1")
+    np.testing.assert_allclose(merged.speech_mass, merged.speech, rtol=1e-6)
+    np.testing.assert_allclose(merged.text_mass, merged.text, rtol=1e-6)
+    np.testing.assert_allclose(merged.top1_speech_frac, merged.top1)
+    np.testing.assert_allclose(merged.speech_mass + merged.text_mass, 1, rtol=1e-5)
+
+
+def test_prediction_depth_matches_pandas(store, con):
+    got = metrics.prediction_depth(con).set_index("run_id")
+    lens = store.tables["lens"]
+    lens = lens[lens.modality == "speech"].assign(top1=lambda d: d.topk_ids.str[0])
+    depths = {}
+    for (run, _utt, _pos), grp in lens.groupby(["run_id", "utterance_id", "position"]):
+        grp = grp.sort_values("layer")
+        final = grp.top1.iloc[-1]
+        differ = grp.layer[grp.top1 != final]
+        depths.setdefault(run, []).append(int(differ.max()) + 1 if len(differ) else 0)
+    for run, values in depths.items():
+        assert got.loc[run, "mean_depth"] == pytest.approx(np.mean(values))
+        assert got.loc[run, "median_depth"] == pytest.approx(np.median(values))
+
+
+def test_knowledge_accuracy_and_correlation_match_numpy(store, con):
+    utts = store.tables["utterances"]
+    lens = store.tables["lens"]
+    final = lens[lens.layer == 4]
+    scores = {}
+    for _, u in utts[utts.pair_id.notna()].iterrows():
+        rows = final[
+            (final.run_id == u.run_id)
+            & (final.utterance_id == u.utterance_id)
+            & (final.position >= u.continuation_start - 1)
+            & (final.position < u.n_tokens - 1)
+        ]
+        scores[(u.run_id, u.pair_id, u.pair_role)] = rows.next_token_logprob.sum()
+    acc = {}
+    for (run, pair, role), value in scores.items():
+        if role == "correct":
+            acc.setdefault(run, []).append(value > scores[(run, pair, "counterfactual")])
+    got = metrics.knowledge_accuracy(con).set_index("run_id")
+    for run, hits in acc.items():
+        assert got.loc[run, "accuracy"] == pytest.approx(np.mean(hits))
+        assert got.loc[run, "n_pairs"] == len(hits)
+
+    table, stats = metrics.knowledge_correlation(con, K)
+    x, y = table.accuracy.to_numpy(), table.peak_recall.to_numpy()
+    assert stats["pearson"] == pytest.approx(pd.Series(x).corr(pd.Series(y)))
+    # Spearman's rho is Pearson's r of the (tie-averaged) ranks.
+    assert stats["spearman"] == pytest.approx(pd.Series(x).rank().corr(pd.Series(y).rank()))
+
+
+def test_filters_select_runs_models_and_checkpoints(con):
+    one = metrics.recall_by_layer(con, K, filters=Filters(revisions=["ckpt01"]))
+    assert set(one.run_id) == {"run-1"}
+    assert metrics.recall_by_layer(con, K, filters=Filters(models=["other"])).empty
+    two = metrics.recall_by_layer(con, K, filters=Filters(runs=["run-0", "run-2"]))
+    assert set(two.run_id) == {"run-0", "run-2"}
+
+
+def test_sql_is_printable_and_runs_as_is(con):
+    sql = metrics.recall_sql(K, "last", "next", "full")
+    assert sql.lstrip().startswith("WITH") and "next_word_rank" in sql
+    assert len(query(con, sql).df()) > 0
+
+
+def test_bad_metric_parameters(con):
+    with pytest.raises(MetricError, match="aggregation"):
+        metrics.recall_by_layer(con, K, agg="mean")
+    with pytest.raises(MetricError, match="k must"):
+        metrics.recall_by_layer(con, 0)
+
+
+def test_runs_view_shows_the_latest_status(con):
+    runs = con.sql("SELECT run_id, status, revision FROM runs ORDER BY run_id").df()
+    assert list(runs.status) == ["finished"] * 3
+    history = con.sql("SELECT count(*) FROM runs_history").fetchone()[0]
+    assert history == 6
+
+
+def test_store_partition_pruning_by_run(store):
+    con = open_store(store.uri, runs=["run-2"])
+    assert con.sql("SELECT DISTINCT run_id FROM lens").fetchall() == [("run-2",)]
+    with pytest.raises(UnknownRunError, match="run-9"):
+        open_store(store.uri, runs=["run-9"])
+
+
+def test_writes_are_refused_and_nothing_changes(store, con, tmp_path):
+    before = sorted(p.name for p in (tmp_path.parent).iterdir())
+    for sql in (
+        f"COPY (SELECT 1) TO '{tmp_path}/x.csv'",
+        "CREATE TABLE t AS SELECT 1",
+        "INSERT INTO lens SELECT * FROM lens",
+        f"ATTACH '{tmp_path}/x.db'",
+        "SET enable_external_access = true",
+    ):
+        with pytest.raises(ReadOnlyQueryError):
+            query(con, sql)
+    # Even bypassing the check, the connection itself cannot touch files.
+    with pytest.raises(duckdb.Error):
+        con.execute(f"COPY (SELECT 1) TO '{tmp_path}/y.csv'")
+    with pytest.raises(duckdb.Error):
+        con.execute("SET enable_external_access = true")
+    assert not list(tmp_path.iterdir())
+    assert sorted(p.name for p in (tmp_path.parent).iterdir()) == before
+
+
+def test_missing_store_and_newer_schema(tmp_path, store):
+    with pytest.raises(StoreNotFoundError, match="no slm-lens store"):
+        open_store(str(tmp_path / "nowhere"))
+    newer = tmp_path / "newer"
+    build_store(str(newer), n_runs=1, n_utts=2)
+    (newer / "_slm_lens_store.json").write_text(json.dumps({"schema_version": 99}))
+    with pytest.raises(StoreVersionError, match="version 99"):
+        open_store(str(newer))
+
+
+def test_files_read_back_identically_with_pyarrow_duckdb_and_fastparquet(store, con):
+    import fastparquet
+
+    from analysis.storage import resolve
+    from analysis.store import read_commits
+
+    fs, root = resolve(store.uri)
+    files = [f"{root}/{f}" for c in read_commits(fs, root) for f in c.files.get("lens", [])]
+    cols = ["utterance_id", "position", "layer", "cur_word_text_rank", "speech_logmass"]
+    by_arrow = pads.dataset(files, format="parquet").to_table(columns=cols).to_pandas()
+    by_duck = duckdb.sql(f"SELECT {', '.join(cols)} FROM read_parquet({files!r})").df()
+    by_fp = fastparquet.ParquetFile(files).to_pandas(columns=cols)
+    key = ["utterance_id", "position", "layer"]
+    frames = [f.sort_values(key).reset_index(drop=True) for f in (by_arrow, by_duck, by_fp)]
+    for frame in frames[1:]:
+        pd.testing.assert_frame_equal(frames[0], frame, check_dtype=False)
+    assert len(frames[0]) == con.sql("SELECT count(*) FROM lens").fetchone()[0]
+
+
+@pytest.mark.slow
+def test_same_answers_from_s3(store, s3_env, tmp_path):
+    s3_store = build_store(f"s3://{s3_env}/stores/a")
+    local = metrics.recall_table(open_store(store.uri), K)
+    remote = metrics.recall_table(open_store(s3_store.uri), K)
+    pd.testing.assert_frame_equal(local, remote)
+    s3 = open_store(s3_store.uri)
+    assert metrics.knowledge_accuracy(s3).equals(metrics.knowledge_accuracy(open_store(store.uri)))
