@@ -39,6 +39,10 @@ class Filters:
     modality: str = "speech"
 
 
+#: The default: every run, words read at their speech positions.
+ALL_RUNS = Filters()
+
+
 def _literal_list(values: Sequence[str]) -> str:
     return ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
 
@@ -77,7 +81,7 @@ def recall_sql(
     agg: str = "any",
     target: str = "cur",
     rank: str = "text",
-    filters: Filters = Filters(),
+    filters: Filters = ALL_RUNS,
 ) -> str:
     """Recall@k per run and layer of the current (or next) word, with its chance control.
 
@@ -126,7 +130,7 @@ def recall_by_layer(
     agg: str = "any",
     target: str = "cur",
     rank: str = "text",
-    filters: Filters = Filters(),
+    filters: Filters = ALL_RUNS,
 ) -> pd.DataFrame:
     """Tidy table: run_id, model, revision, layer, rel_depth, n_words, recall, control_recall."""
     return con.sql(recall_sql(k, agg, target, rank, filters)).df()
@@ -138,7 +142,7 @@ def recall_table(
     aggs: Sequence[str] = AGGREGATIONS,
     targets: Sequence[str] = TARGETS,
     ranks: Sequence[str] = RANKS,
-    filters: Filters = Filters(),
+    filters: Filters = ALL_RUNS,
 ) -> pd.DataFrame:
     """Every recall curve asked for, stacked with ``agg``, ``target`` and ``rank`` columns."""
     parts = []
@@ -167,7 +171,7 @@ def peak_layers(recall: pd.DataFrame) -> pd.DataFrame:
     ).reset_index(drop=True)
 
 
-def modality_mass_sql(filters: Filters = Filters()) -> str:
+def modality_mass_sql(filters: Filters = ALL_RUNS) -> str:
     """Per run and layer: mean lens probability mass on speech and text tokens, top-1 modality."""
     mod = filters.modality.replace("'", "''")
     return f"""WITH {_runs_cte(filters)}
@@ -185,11 +189,11 @@ GROUP BY l.run_id, l.layer, s.n_layers
 ORDER BY l.run_id, l.layer"""
 
 
-def modality_mass(con: duckdb.DuckDBPyConnection, filters: Filters = Filters()) -> pd.DataFrame:
+def modality_mass(con: duckdb.DuckDBPyConnection, filters: Filters = ALL_RUNS) -> pd.DataFrame:
     return con.sql(modality_mass_sql(filters)).df()
 
 
-def prediction_depth_sql(filters: Filters = Filters()) -> str:
+def prediction_depth_sql(filters: Filters = ALL_RUNS) -> str:
     """Per run: mean/median first layer from which the top-1 stays equal to the final top-1."""
     mod = filters.modality.replace("'", "''")
     return f"""WITH {_runs_cte(filters)},
@@ -210,11 +214,11 @@ FROM depth d JOIN sel_runs s USING (run_id)
 GROUP BY d.run_id ORDER BY d.run_id"""
 
 
-def prediction_depth(con: duckdb.DuckDBPyConnection, filters: Filters = Filters()) -> pd.DataFrame:
+def prediction_depth(con: duckdb.DuckDBPyConnection, filters: Filters = ALL_RUNS) -> pd.DataFrame:
     return con.sql(prediction_depth_sql(filters)).df()
 
 
-def knowledge_accuracy_sql(filters: Filters = Filters()) -> str:
+def knowledge_accuracy_sql(filters: Filters = ALL_RUNS) -> str:
     """Spoken-knowledge accuracy: share of fact pairs whose correct continuation is likelier.
 
     A continuation's log-likelihood is the sum of the final layer's log-prob of
@@ -241,9 +245,7 @@ WHERE c.pair_role = 'correct' AND x.pair_role = 'counterfactual'
 GROUP BY c.run_id ORDER BY c.run_id"""
 
 
-def knowledge_accuracy(
-    con: duckdb.DuckDBPyConnection, filters: Filters = Filters()
-) -> pd.DataFrame:
+def knowledge_accuracy(con: duckdb.DuckDBPyConnection, filters: Filters = ALL_RUNS) -> pd.DataFrame:
     return con.sql(knowledge_accuracy_sql(filters)).df()
 
 
@@ -268,7 +270,7 @@ def knowledge_correlation(
     k: int = 10,
     agg: str = "any",
     rank: str = "text",
-    filters: Filters = Filters(),
+    filters: Filters = ALL_RUNS,
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Per run accuracy beside peak current-word recall, and their Pearson/Spearman r."""
     peaks = peak_layers(recall_by_layer(con, k, agg, "cur", rank, filters))

@@ -57,6 +57,101 @@ def _cmd_lens(args: argparse.Namespace) -> int:
     return 0
 
 
+def _filters(args: argparse.Namespace):
+    from analysis.metrics import Filters
+
+    return Filters(
+        runs=args.run or None,
+        models=args.model_name or None,
+        revisions=args.revision or None,
+        modality=args.modality,
+    )
+
+
+def _emit(df, fmt: str, out: str | None) -> None:
+    """Write a table as text/CSV/JSON to stdout or a file, or as Parquet to a file."""
+    if fmt == "parquet":
+        if not out:
+            raise SystemExit("--format parquet needs --out FILE")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), out)
+        return
+    if fmt == "csv":
+        text = df.to_csv(index=False)
+    elif fmt == "json":
+        text = df.to_json(orient="records", lines=True, date_format="iso")
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.max_rows", 500, "display.width", 200):
+            text = df.to_string(index=False) + "\n"
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from analysis.store import open_store, query
+
+    con = open_store(args.store, runs=args.run or None)
+    _emit(query(con, args.sql).df(), args.format, args.out)
+    return 0
+
+
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    from analysis import metrics
+    from analysis.store import open_store
+
+    filters = _filters(args)
+    if args.show_sql:
+        print(metrics.recall_sql(args.k, args.agg, args.target, args.rank, filters))
+        return 0
+    con = open_store(args.store, runs=args.run or None)
+    recall = metrics.recall_by_layer(con, args.k, args.agg, args.target, args.rank, filters)
+    _emit(recall, args.format, args.out)
+    if args.format == "table" and not args.out:
+        print(f"\npeak {args.target}-word recall@{args.k} ({args.agg}, {args.rank} rank):")
+        _emit(metrics.peak_layers(recall), "table", None)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from analysis.report import build_report
+    from analysis.store import open_store
+
+    con = open_store(args.store, runs=args.run or None)
+    index = build_report(con, args.out, k=args.k, filters=_filters(args), utterance=args.utterance)
+    print(f"report written to {index}")
+    return 0
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from analysis.store import open_store
+
+    con = open_store(args.store)
+    df = con.sql(
+        """SELECT r.model, r.revision, r.run_id, r.status, r.started_at, r.finished_at,
+                  count(s.shard) AS shards, sum(s.lens_rows) AS lens_rows, r.message
+           FROM runs r LEFT JOIN shards s USING (run_id)
+           GROUP BY ALL ORDER BY r.model, r.started_at"""
+    ).df()
+    _emit(df, args.format, None)
+    return 0
+
+
+def _add_store_args(parser: argparse.ArgumentParser, filters: bool = True) -> None:
+    parser.add_argument("--store", required=True, help="store URI: a folder or s3://bucket/prefix")
+    if filters:
+        parser.add_argument("--run", action="append", help="only this run id (repeatable)")
+        parser.add_argument("--model-name", action="append", help="only runs of this model")
+        parser.add_argument("--revision", action="append", help="only this checkpoint revision")
+        parser.add_argument("--modality", default="speech", help="positions read (default speech)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slm-lens",
@@ -69,13 +164,54 @@ def build_parser() -> argparse.ArgumentParser:
     lens.add_argument("--k", type=int, default=5, help="candidates per layer (default 5)")
     _add_model_args(lens)
     lens.set_defaults(func=_cmd_lens)
+
+    formats = ("table", "csv", "json", "parquet")
+    q = sub.add_parser("query", help="run read-only SQL over a store's views")
+    q.add_argument("sql")
+    _add_store_args(q)
+    q.add_argument("--format", choices=formats, default="table")
+    q.add_argument("--out", help="write to this file instead of stdout")
+    q.set_defaults(func=_cmd_query)
+
+    m = sub.add_parser("metrics", help="recall@k per layer with its chance control")
+    _add_store_args(m)
+    m.add_argument("--k", type=int, default=10)
+    m.add_argument("--agg", choices=("any", "last", "pooled"), default="any")
+    m.add_argument("--target", choices=("cur", "next"), default="cur")
+    m.add_argument("--rank", choices=("text", "full"), default="text")
+    m.add_argument("--format", choices=formats, default="table")
+    m.add_argument("--out")
+    m.add_argument("--show-sql", action="store_true", help="print the SQL and exit")
+    m.set_defaults(func=_cmd_metrics)
+
+    r = sub.add_parser("report", help="PNG plots and an HTML report of a store")
+    _add_store_args(r)
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--k", type=int, default=10)
+    r.add_argument("--utterance", help="utterance for the word x layer heat map")
+    r.set_defaults(func=_cmd_report)
+
+    runs = sub.add_parser("runs", help="list runs by model and checkpoint, with status")
+    _add_store_args(runs, filters=False)
+    runs.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    runs.set_defaults(func=_cmd_runs)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as exc:
+        # Named errors of the package carry what and where; show them without a traceback.
+        from analysis.metrics import MetricError
+        from analysis.store import StoreError
+
+        if isinstance(exc, StoreError | MetricError):
+            print(f"slm-lens {args.command}: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":
