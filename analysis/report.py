@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics
-from .metrics import Filters
+from .metrics import ALL_RUNS, Filters
 
 TARGET_STYLE = {"cur": ("current word", "-"), "next": ("next word", "--")}
 
