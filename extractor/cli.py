@@ -143,6 +143,18 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert_kmeans(args: argparse.Namespace) -> int:
+    from .speech.units import convert_kmeans
+
+    try:
+        centers = convert_kmeans(args.src, args.dst, allow_pickle=args.allow_pickle)
+    except PermissionError as exc:
+        print(f"slm-lens convert-kmeans: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {centers.shape[0]} centroids of width {centers.shape[1]} to {args.dst}")
+    return 0
+
+
 def _add_store_args(parser: argparse.ArgumentParser, filters: bool = True) -> None:
     parser.add_argument("--store", required=True, help="store URI: a folder or s3://bucket/prefix")
     if filters:
@@ -195,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_args(runs, filters=False)
     runs.add_argument("--format", choices=("table", "csv", "json"), default="table")
     runs.set_defaults(func=_cmd_runs)
+
+    km = sub.add_parser(
+        "convert-kmeans", help="turn a released joblib/sklearn k-means pickle into a .npy file"
+    )
+    km.add_argument("src", help="the k-means pickle (e.g. km.bin)")
+    km.add_argument("dst", help="output .npy centroid file (loads without pickle)")
+    km.add_argument(
+        "--allow-pickle", action="store_true", help="required: loading the pickle runs its code"
+    )
+    km.set_defaults(func=_cmd_convert_kmeans)
     return parser
 
 

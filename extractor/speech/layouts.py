@@ -1,0 +1,181 @@
+"""Vocabulary layouts: where speech units and modality markers live in a model's vocabulary.
+
+A layout is checked against the real tokenizer before any id is trusted: every
+unit token must exist with its expected id and every marker must exist; the
+first mismatch is named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from extractor.lens import VocabSegments
+
+
+class LayoutError(ValueError):
+    """The tokenizer does not have the layout's tokens where the layout says."""
+
+
+@dataclass(frozen=True)
+class VocabLayout:
+    """How unit ``i`` and the modality markers are spelled and numbered.
+
+    ``unit_offset``: the id of unit 0, or None for "wherever the tokenizer put
+    it" (then units must still be contiguous). ``extra_speech``: further
+    speech-side token families (Spirit LM's pitch/style), name -> (format, count,
+    offset).
+    """
+
+    name: str
+    unit_format: str
+    n_units: int
+    speech_marker: str | None
+    text_marker: str | None
+    unit_offset: int | None = None
+    replaces_text: bool = False
+    extra_speech: Mapping[str, tuple[str, int, int]] = field(default_factory=dict)
+
+    def unit_token(self, unit: int) -> str:
+        return self.unit_format.format(unit)
+
+    def check(self, tokenizer) -> ResolvedLayout:
+        """Resolve ids against ``tokenizer``; raise :class:`LayoutError` on the first mismatch."""
+        vocab = tokenizer.get_vocab()
+        first = self.unit_token(0)
+        if first not in vocab:
+            raise LayoutError(
+                f"layout {self.name}: unit token {first!r} is not in the tokenizer's vocabulary"
+            )
+        offset = vocab[first] if self.unit_offset is None else self.unit_offset
+        for i in range(self.n_units):
+            tok = self.unit_token(i)
+            got = vocab.get(tok)
+            if got != offset + i:
+                raise LayoutError(
+                    f"layout {self.name}: unit {i} {tok!r} has id {got}, expected {offset + i}"
+                )
+        markers = {}
+        for role, tok in (("speech", self.speech_marker), ("text", self.text_marker)):
+            if tok is None:
+                continue
+            if tok not in vocab:
+                raise LayoutError(f"layout {self.name}: marker {tok!r} is not in the tokenizer")
+            markers[role] = vocab[tok]
+        extra = []
+        for family, (fmt, count, extra_offset) in self.extra_speech.items():
+            for i in range(count):
+                tok = fmt.format(i)
+                if vocab.get(tok) != extra_offset + i:
+                    raise LayoutError(
+                        f"layout {self.name}: {family} token {tok!r} has id {vocab.get(tok)}, "
+                        f"expected {extra_offset + i}"
+                    )
+            extra.append((extra_offset, extra_offset + count))
+        size = max(len(vocab), max(vocab.values()) + 1)
+        return ResolvedLayout(
+            layout=self,
+            vocab_size=size,
+            unit_offset=offset,
+            speech_marker_id=markers.get("speech"),
+            text_marker_id=markers.get("text"),
+            extra_speech_ranges=tuple(extra),
+            special_ids=tuple(sorted(set(getattr(tokenizer, "all_special_ids", []) or []))),
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedLayout:
+    """A layout checked against a tokenizer: concrete ids."""
+
+    layout: VocabLayout
+    vocab_size: int
+    unit_offset: int
+    speech_marker_id: int | None
+    text_marker_id: int | None
+    extra_speech_ranges: tuple[tuple[int, int], ...] = ()
+    special_ids: tuple[int, ...] = ()
+
+    def unit_id(self, unit: int) -> int:
+        if not 0 <= unit < self.layout.n_units:
+            raise LayoutError(
+                f"unit {unit} outside [0, {self.layout.n_units}) of {self.layout.name}"
+            )
+        return self.unit_offset + unit
+
+    def modality_of(self) -> list[str]:
+        """Per token id: text / speech / marker / special."""
+        mod = ["special" if self.layout.replaces_text else "text"] * self.vocab_size
+        for i in self.special_ids:
+            if i < self.vocab_size:
+                mod[i] = "special"
+        for i in range(self.unit_offset, self.unit_offset + self.layout.n_units):
+            mod[i] = "speech"
+        for a, b in self.extra_speech_ranges:
+            for i in range(a, b):
+                mod[i] = "speech"
+        for i in (self.speech_marker_id, self.text_marker_id):
+            if i is not None:
+                mod[i] = "marker"
+        return mod
+
+    def segments(self, vocab_size: int | None = None) -> VocabSegments:
+        """Lens segments (text, speech, marker, special) for a head of ``vocab_size`` rows."""
+        mod = self.modality_of()
+        size = vocab_size or len(mod)
+        # A model head may be padded past the tokenizer: padding rows count as special.
+        mod = (mod + ["special"] * size)[:size]
+        names = ("text", "speech", "marker", "special")
+        index = torch.tensor([names.index(m) for m in mod], dtype=torch.long)
+        return VocabSegments(names, index)
+
+
+SIMS = VocabLayout("sims", "<Un{}>", 500, "<speech>", "<text>")
+SLAM = VocabLayout("slam", "<Un{}>", 500, None, None, unit_offset=2, replaces_text=True)
+SPIRIT_LM = VocabLayout("spirit-lm", "[Hu{}]", 501, "[Speech]", "[Text]", unit_offset=32002)
+SPIRIT_LM_EXPRESSIVE = VocabLayout(
+    "spirit-lm-expressive",
+    "[Hu{}]",
+    501,
+    "[Speech]",
+    "[Text]",
+    unit_offset=32002,
+    extra_speech={"pitch": ("[Pi{}]", 64, 32503), "style": ("[St{}]", 100, 32567)},
+)
+LAYOUTS = {lay.name: lay for lay in (SIMS, SLAM, SPIRIT_LM, SPIRIT_LM_EXPRESSIVE)}
+
+
+def layout_from_config(spec: str | Mapping) -> VocabLayout:
+    """A named layout (``sims``, ``slam``, ``spirit-lm``...) or a custom one from a mapping."""
+    if isinstance(spec, str):
+        if spec not in LAYOUTS:
+            raise LayoutError(f"unknown layout {spec!r}: use one of {sorted(LAYOUTS)} or a mapping")
+        return LAYOUTS[spec]
+    known = {
+        "name",
+        "unit_format",
+        "n_units",
+        "speech_marker",
+        "text_marker",
+        "unit_offset",
+        "replaces_text",
+        "extra_speech",
+    }
+    unknown = set(spec) - known
+    if unknown:
+        raise LayoutError(f"custom layout has unknown fields {sorted(unknown)}")
+    missing = {"unit_format", "n_units"} - set(spec)
+    if missing:
+        raise LayoutError(f"custom layout misses {sorted(missing)}")
+    return VocabLayout(
+        name=spec.get("name", "custom"),
+        unit_format=spec["unit_format"],
+        n_units=int(spec["n_units"]),
+        speech_marker=spec.get("speech_marker"),
+        text_marker=spec.get("text_marker"),
+        unit_offset=spec.get("unit_offset"),
+        replaces_text=bool(spec.get("replaces_text", False)),
+        extra_speech={k: tuple(v) for k, v in (spec.get("extra_speech") or {}).items()},
+    )

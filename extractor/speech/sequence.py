@@ -1,0 +1,289 @@
+"""Build model-ready sequences (speech, text, interleaved) with per-position bookkeeping.
+
+Interleaved strings follow slamkit: a marker before the first word and at
+each modality change; text words carry their leading space, units none:
+``<text> The cat<speech><Un12><Un7>...<text> on the mat``. Every position
+records its modality and word, every word its positions and the variant ids of
+itself, the next word and a frequency-matched control word (REFERENCE §2).
+"""
+
+from __future__ import annotations
+
+import string
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .layouts import LayoutError, ResolvedLayout
+from .records import AlignedWord, SequenceTooLongError, Utterance, WordTimingError
+from .units import FRAME_S, unit_spans
+
+MODES = ("speech", "text", "interleaved")
+_PUNCT = string.punctuation + "“”‘’«»—–…"
+
+
+def clean_word(word: str) -> str:
+    return word.strip().strip(_PUNCT)
+
+
+def word_variants(tokenizer, word: str) -> list[int]:
+    """First token ids of " w", "w" and their first-letter case flips, deduplicated."""
+    w = clean_word(word)
+    if not w:
+        return []
+    forms = [w, w[0].upper() + w[1:], w[0].lower() + w[1:]]
+    ids: list[int] = []
+    for form in forms:
+        for text in (" " + form, form):
+            encoded = tokenizer.encode(text, add_special_tokens=False)
+            if encoded and encoded[0] not in ids:
+                ids.append(encoded[0])
+    return ids
+
+
+@dataclass(frozen=True)
+class ModalityRule:
+    """Which words are spoken: ``alternate`` every n words, seeded ``poisson`` spans, ``flags``."""
+
+    kind: str = "alternate"
+    n: int = 3
+    mean_span: float = 3.0
+    seed: int = 0
+    start: str = "text"
+    flags: tuple[bool, ...] | None = None  # True = speech, per word
+
+    def assign(self, utterance_id: str, n_words: int) -> list[str]:
+        if self.kind == "flags":
+            if self.flags is None or len(self.flags) != n_words:
+                raise WordTimingError(
+                    utterance_id,
+                    f"explicit modality flags cover {len(self.flags or ())} words, "
+                    f"the utterance has {n_words}",
+                )
+            return ["speech" if f else "text" for f in self.flags]
+        other = {"text": "speech", "speech": "text"}
+        current = self.start
+        out: list[str] = []
+        if self.kind == "alternate":
+            for i in range(n_words):
+                if i and i % self.n == 0:
+                    current = other[current]
+                out.append(current)
+            return out
+        if self.kind == "poisson":
+            rng = np.random.default_rng([self.seed, zlib.crc32(utterance_id.encode())])
+            while len(out) < n_words:
+                span = 1 + int(rng.poisson(max(self.mean_span - 1, 0)))
+                out.extend([current] * span)
+                current = other[current]
+            return out[:n_words]
+        raise ValueError(f"unknown modality rule {self.kind!r}: alternate, poisson or flags")
+
+
+class ControlSampler:
+    """Frequency-matched chance words: a word occurrence drawn from *another* utterance.
+
+    Deterministic in (seed, utterance id, word index), so every worker draws the
+    same control for the same word without coordination.
+    """
+
+    def __init__(self, corpus: Sequence[tuple[str, Sequence[str]]], seed: int = 0) -> None:
+        self.seed = seed
+        self.pool_utt: list[str] = []
+        self.pool_word: list[str] = []
+        for utt_id, words in corpus:
+            for w in words:
+                if clean_word(w):
+                    self.pool_utt.append(utt_id)
+                    self.pool_word.append(w)
+        self.n_utterances = len({u for u, _ in corpus})
+
+    def draw(self, utterance_id: str, word_index: int) -> str | None:
+        if self.n_utterances < 2 or not self.pool_word:
+            return None
+        rng = np.random.default_rng([self.seed, zlib.crc32(utterance_id.encode()), word_index])
+        for _ in range(64):
+            j = int(rng.integers(len(self.pool_word)))
+            if self.pool_utt[j] != utterance_id:
+                return self.pool_word[j]
+        return None
+
+
+@dataclass
+class WordRow:
+    word_index: int
+    word: str
+    modality: str
+    start_s: float | None
+    end_s: float | None
+    first_position: int | None
+    last_position: int | None
+    variant_ids: list[int]
+    next_variant_ids: list[int] | None
+    ctrl_word: str | None
+    ctrl_variant_ids: list[int] | None
+    n_units: int = 0
+
+
+@dataclass
+class BuiltSequence:
+    """One utterance rendered for the model, with everything the lens and the store need."""
+
+    utterance_id: str
+    token_ids: list[int]
+    modality: list[str]
+    word_index: list[int | None]
+    words: list[WordRow]
+    duration_s: float | None = None
+    continuation_start: int | None = None
+    unspanned_words: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+def _bos(tokenizer) -> list[int]:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    probe = tokenizer("a").input_ids
+    return [bos] if probe and probe[0] == bos else []
+
+
+def build_sequence(
+    utt: Utterance,
+    tokenizer,
+    layout: ResolvedLayout,
+    mode: str = "speech",
+    rule: ModalityRule | None = None,
+    control: ControlSampler | None = None,
+    max_positions: int | None = None,
+    frame_s: float = FRAME_S,
+) -> BuiltSequence:
+    """Render ``utt`` (with units if any word is spoken) as token ids plus bookkeeping."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: use one of {MODES}")
+    words = (
+        list(utt.words)
+        if utt.words is not None
+        else [AlignedWord(w, float("nan"), float("nan")) for w in utt.text_words()]
+    )
+    n = len(words)
+    if mode == "speech":
+        modalities = ["speech"] * n
+    elif mode == "text":
+        modalities = ["text"] * n
+    else:
+        modalities = (rule or ModalityRule()).assign(utt.id, n)
+    needs_units = "speech" in modalities
+    if needs_units and (utt.units is None or utt.durations is None or utt.words is None):
+        raise WordTimingError(utt.id, "spoken words need units, durations and word timings")
+    if layout.layout.replaces_text and "text" in modalities:
+        raise LayoutError(f"layout {layout.layout.name} has no text vocabulary: use mode=speech")
+    spans = unit_spans(words, utt.durations, frame_s) if needs_units else [None] * n
+
+    ids = _bos(tokenizer)
+    mods: list[str] = ["special"] * len(ids)
+    widx: list[int | None] = [None] * len(ids)
+    first_pos: list[int | None] = [None] * n
+    last_pos: list[int | None] = [None] * n
+    current: str | None = None
+    units = list(utt.units or ())
+
+    def put(token: int, modality: str, word: int | None) -> None:
+        ids.append(token)
+        mods.append(modality)
+        widx.append(word)
+
+    def marker(modality: str) -> None:
+        token = layout.speech_marker_id if modality == "speech" else layout.text_marker_id
+        if token is not None:
+            put(token, "marker", None)
+
+    if mode == "speech":
+        # The whole utterance as units, silences included; words own their spans.
+        marker("speech")
+        owner = [None] * len(units)
+        for i, span in enumerate(spans):
+            if span:
+                for k in range(*span):
+                    owner[k] = i
+        for k, unit in enumerate(units):
+            word = owner[k]
+            if word is not None:
+                first_pos[word] = len(ids) if first_pos[word] is None else first_pos[word]
+                last_pos[word] = len(ids)
+            put(layout.unit_id(unit), "speech", word)
+    else:
+        i = 0
+        while i < n:
+            modality = modalities[i]
+            if modality != current:
+                marker(modality)
+                current = modality
+            if modality == "text":
+                start = len(ids)
+                for token in tokenizer.encode(" " + words[i].word, add_special_tokens=False):
+                    put(token, "text", i)
+                first_pos[i], last_pos[i] = (
+                    (start, len(ids) - 1) if len(ids) > start else (None, None)
+                )
+                i += 1
+                continue
+            # A run of spoken words: their units, and the silences between them.
+            j = i
+            while j < n and modalities[j] == "speech":
+                j += 1
+            owned = [(w, spans[w]) for w in range(i, j) if spans[w]]
+            if owned:
+                lo, hi = owned[0][1][0], owned[-1][1][1]
+                owner = {k: w for w, s in owned for k in range(*s)}
+                for k in range(lo, hi):
+                    word = owner.get(k)
+                    if word is not None:
+                        first_pos[word] = len(ids) if first_pos[word] is None else first_pos[word]
+                        last_pos[word] = len(ids)
+                    put(layout.unit_id(units[k]), "speech", word)
+            i = j
+
+    if max_positions is not None and len(ids) > max_positions:
+        raise SequenceTooLongError(
+            utt.id, f"sequence of {len(ids)} tokens exceeds the model's context ({max_positions})"
+        )
+    variants = [word_variants(tokenizer, w.word) for w in words]
+    rows = []
+    for i, w in enumerate(words):
+        ctrl = control.draw(utt.id, i) if control is not None else None
+        rows.append(
+            WordRow(
+                word_index=i,
+                word=w.word,
+                modality=modalities[i],
+                start_s=None if np.isnan(w.start_s) else float(w.start_s),
+                end_s=None if np.isnan(w.end_s) else float(w.end_s),
+                first_position=first_pos[i],
+                last_position=last_pos[i],
+                variant_ids=variants[i],
+                next_variant_ids=variants[i + 1] if i + 1 < n else None,
+                ctrl_word=ctrl,
+                ctrl_variant_ids=word_variants(tokenizer, ctrl) if ctrl else None,
+                n_units=(spans[i][1] - spans[i][0]) if spans[i] else 0,
+            )
+        )
+    continuation_start = None
+    if utt.continuation:
+        k = len(utt.continuation.split())
+        starts = [first_pos[i] for i in range(max(0, n - k), n) if first_pos[i] is not None]
+        continuation_start = starts[0] if starts else None
+    return BuiltSequence(
+        utterance_id=utt.id,
+        token_ids=ids,
+        modality=mods,
+        word_index=widx,
+        words=rows,
+        duration_s=utt.duration_s,
+        continuation_start=continuation_start,
+        unspanned_words=[i for i in range(n) if modalities[i] == "speech" and spans[i] is None],
+    )

@@ -1,0 +1,220 @@
+"""Speech units: HuBERT + k-means (SIMS/Slam), Spirit LM's linear quantizer, dedup, spans.
+
+Word spans follow slamkit's rule: with ``end_time[k] = cumsum(durations)[k] *
+frame_s`` for deduplicated unit k, a word [start, end] owns the units with
+``bisect_left(end_time, start) <= k < bisect_right(end_time, end)``.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .records import AlignedWord
+
+FRAME_S = 0.04  # 25 Hz units: 640-sample hop at 16 kHz
+PAD_SAMPLES = 40  # zero padding on each side, as the released tokenizer does
+
+
+def dedup(frames: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Remove consecutive repeats; return (units, run lengths in frames)."""
+    units: list[int] = []
+    durations: list[int] = []
+    for f in frames:
+        f = int(f)
+        if units and units[-1] == f:
+            durations[-1] += 1
+        else:
+            units.append(f)
+            durations.append(1)
+    return units, durations
+
+
+def unit_spans(
+    words: Sequence[AlignedWord], durations: Sequence[int], frame_s: float = FRAME_S
+) -> list[tuple[int, int] | None]:
+    """Half-open unit index span [first, stop) of each word, or None when it owns no unit."""
+    end_time = list(np.cumsum(np.asarray(durations, dtype=np.int64)) * frame_s)
+    spans: list[tuple[int, int] | None] = []
+    for w in words:
+        first = bisect.bisect_left(end_time, w.start_s)
+        stop = bisect.bisect_right(end_time, w.end_s)
+        spans.append((first, stop) if stop > first else None)
+    return spans
+
+
+def load_centroids(path: str | Path) -> np.ndarray:
+    """A [n_units, dim] float32 centroid array saved by ``slm-lens convert-kmeans`` (.npy)."""
+    arr = np.load(path, allow_pickle=False)
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: centroids must be 2-D [n_units, dim], got {arr.shape}")
+    return arr.astype(np.float32)
+
+
+def convert_kmeans(src: str | Path, dst: str | Path, *, allow_pickle: bool = False) -> np.ndarray:
+    """Turn a released joblib/sklearn k-means pickle into a plain .npy centroid file.
+
+    Loading the pickle executes code from it, so it happens only with
+    ``allow_pickle=True`` (``--allow-pickle``); the output loads without pickle.
+    """
+    if not allow_pickle:
+        raise PermissionError(
+            f"{src} is a pickle: loading it runs code from the file. Pass allow_pickle=True "
+            "(--allow-pickle) if you trust it; the converted .npy is safe to share"
+        )
+    import joblib  # optional extra: scikit-learn/joblib
+
+    model = joblib.load(src)
+    centers = np.asarray(getattr(model, "cluster_centers_", model), dtype=np.float32)
+    if centers.ndim != 2:
+        raise ValueError(f"{src}: expected k-means centroids [n, dim], got shape {centers.shape}")
+    np.save(dst, centers, allow_pickle=False)
+    return centers
+
+
+def hubert_frames(model, n_samples: int) -> int:
+    """Frames HuBERT's convolutional front end makes from ``n_samples`` (+ the padding)."""
+    import torch
+
+    length = torch.tensor([n_samples + 2 * PAD_SAMPLES])
+    return int(model._get_feat_extract_output_lengths(length)[0])
+
+
+@dataclass
+class UnitSequence:
+    """Deduplicated units of one utterance and their frame counts."""
+
+    units: list[int]
+    durations: list[int]
+    n_frames: int
+
+
+class HubertKMeansTokenizer:
+    """HuBERT features at a configurable layer + nearest k-means centroid, batched.
+
+    ``model`` is a transformers ``HubertModel``; input is zero-padded by
+    :data:`PAD_SAMPLES` on both sides; features are ``hidden_states[layer]``.
+    Batches pad to the longest utterance and pass an attention mask where the
+    model's feature extractor uses layer norm; each utterance keeps exactly the
+    frames of its own length.
+    """
+
+    def __init__(self, model, centroids: np.ndarray, layer: int = 11, device: str = "cpu") -> None:
+        import torch
+
+        self.model = model.to(device).eval()
+        self.layer = layer
+        self.device = device
+        self.centroids = torch.as_tensor(centroids, dtype=torch.float32, device=device)
+        self.centroid_sq = (self.centroids**2).sum(1)
+        if self.centroids.shape[1] != model.config.hidden_size:
+            raise ValueError(
+                f"centroid width {self.centroids.shape[1]} does not match HuBERT hidden size "
+                f"{model.config.hidden_size}"
+            )
+        if layer > model.config.num_hidden_layers:
+            raise ValueError(f"layer {layer} > HuBERT's {model.config.num_hidden_layers} layers")
+
+    @property
+    def hop(self) -> int:
+        return int(np.prod(self.model.config.conv_stride))
+
+    def n_frames(self, n_samples: int) -> int:
+        return hubert_frames(self.model, n_samples)
+
+    def __call__(self, batch: Sequence[np.ndarray]) -> list[UnitSequence]:
+        import torch
+
+        if not batch:
+            return []
+        lengths = [len(a) + 2 * PAD_SAMPLES for a in batch]
+        width = max(lengths)
+        x = torch.zeros(len(batch), width)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, audio in enumerate(batch):
+            x[i, PAD_SAMPLES : PAD_SAMPLES + len(audio)] = torch.from_numpy(audio)
+            mask[i, : lengths[i]] = 1
+        use_mask = getattr(self.model.config, "feat_extract_norm", "group") == "layer"
+        with torch.no_grad():
+            out = self.model(
+                x.to(self.device),
+                attention_mask=mask.to(self.device) if use_mask else None,
+                output_hidden_states=True,
+            )
+        feats = out.hidden_states[self.layer].float()  # [B, T, D]
+        # Nearest centroid by L2: argmin ||f||^2 - 2 f.c + ||c||^2 (||f||^2 is constant).
+        scores = feats @ self.centroids.T * -2 + self.centroid_sq
+        frames = scores.argmin(-1).cpu()
+        result = []
+        for i, n in enumerate(lengths):
+            valid = self.n_frames(n - 2 * PAD_SAMPLES)
+            units, durations = dedup(frames[i, :valid].tolist())
+            result.append(UnitSequence(units, durations, valid))
+        return result
+
+
+class LinearQuantizerTokenizer:
+    """Spirit LM's unit extractor: HuBERT features through a linear/MLP head, argmax.
+
+    The quantizer is a plain dict of tensors (``layers.N.weight``/``layers.N.bias``,
+    ReLU between layers; or a single ``weight``/``bias``), loaded with
+    ``torch.load(weights_only=True)``: no code from the file runs.
+    """
+
+    def __init__(self, model, quantizer: dict, layer: int = 11, device: str = "cpu") -> None:
+        import torch
+
+        self.model = model.to(device).eval()
+        self.layer = layer
+        self.device = device
+        if "weight" in quantizer:
+            quantizer = {
+                "layers.0.weight": quantizer["weight"],
+                "layers.0.bias": quantizer.get("bias"),
+            }
+        n = len({k.split(".")[1] for k in quantizer if k.startswith("layers.")})
+        self.layers = []
+        for i in range(n):
+            w = torch.as_tensor(quantizer[f"layers.{i}.weight"], dtype=torch.float32).to(device)
+            b = quantizer.get(f"layers.{i}.bias")
+            b = torch.as_tensor(b, dtype=torch.float32).to(device) if b is not None else None
+            self.layers.append((w, b))
+        if not self.layers:
+            raise ValueError("quantizer dict holds no layers (expected layers.N.weight)")
+
+    @classmethod
+    def from_file(cls, model, path: str | Path, **kwargs) -> LinearQuantizerTokenizer:
+        import torch
+
+        return cls(model, torch.load(path, map_location="cpu", weights_only=True), **kwargs)
+
+    def n_frames(self, n_samples: int) -> int:
+        return hubert_frames(self.model, n_samples)
+
+    def __call__(self, batch: Sequence[np.ndarray]) -> list[UnitSequence]:
+        import torch
+
+        if not batch:
+            return []
+        lengths = [len(a) + 2 * PAD_SAMPLES for a in batch]
+        x = torch.zeros(len(batch), max(lengths))
+        for i, audio in enumerate(batch):
+            x[i, PAD_SAMPLES : PAD_SAMPLES + len(audio)] = torch.from_numpy(audio)
+        with torch.no_grad():
+            h = self.model(x.to(self.device), output_hidden_states=True).hidden_states[self.layer]
+            h = h.float()
+            for j, (w, b) in enumerate(self.layers):
+                h = h @ w.T + (b if b is not None else 0)
+                if j < len(self.layers) - 1:
+                    h = torch.relu(h)
+        frames = h.argmax(-1).cpu()
+        out = []
+        for i, n in enumerate(lengths):
+            valid = self.n_frames(n - 2 * PAD_SAMPLES)
+            units, durations = dedup(frames[i, :valid].tolist())
+            out.append(UnitSequence(units, durations, valid))
+        return out
