@@ -1,9 +1,11 @@
 """Open a store as a read-only DuckDB connection with the contract's views.
 
 Files are found through commit markers (never by globbing), so readers see
-only complete shards. Tables are scanned as Arrow datasets over ``pyarrow.fs``,
-one code path for local folders and S3 with projection and filter pushdown;
-DuckDB itself is then denied file access, so no SQL sent through the
+only complete shards. Local stores are scanned by DuckDB's own Parquet reader
+over exactly those files (about twice as fast as going through Arrow); object
+stores as Arrow datasets over ``pyarrow.fs`` (no DuckDB extension needed), with
+projection and filter pushdown. Either way DuckDB is then denied all file
+access except reading the committed files, so no SQL sent through the
 connection can write anywhere.
 """
 
@@ -141,11 +143,22 @@ def open_store(uri: str, runs: Iterable[str] | None = None) -> duckdb.DuckDBPyCo
         run_files = [f for f in run_files if f.split("/")[1].removeprefix("run_id=") in run_filter]
 
     con = duckdb.connect(":memory:")
+    local = isinstance(fs, pafs.LocalFileSystem)
     sources: dict[str, object] = {}
-    for table in schema.SHARD_TABLES:
-        files = [f for c in commits for f in c.files.get(table, [])]
-        sources[table] = _dataset(fs, root, table, files)
-    sources["runs_history"] = _dataset(fs, root, "runs", run_files)
+    readable: list[str] = []
+    table_files = {t: [f for c in commits for f in c.files.get(t, [])] for t in schema.SHARD_TABLES}
+    table_files["runs_history"] = run_files
+    for table, files in table_files.items():
+        if local and files:
+            paths = [f"{root}/{f}" for f in files]
+            readable += paths
+            con.execute(
+                f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_sql_list(paths)}, "
+                "hive_partitioning = true, hive_types = {'run_id': 'VARCHAR'})"
+            )
+        else:
+            contract = "runs" if table == "runs_history" else table
+            sources[table] = _dataset(fs, root, contract, files)
     sources["shards"] = pa.Table.from_pylist(
         [
             {
@@ -175,9 +188,7 @@ def open_store(uri: str, runs: Iterable[str] | None = None) -> duckdb.DuckDBPyCo
     )
     for name, source in sources.items():
         con.register(f"_src_{name}", source)
-        if name != "runs_history":
-            con.execute(f"CREATE VIEW {name} AS SELECT * FROM _src_{name}")
-    con.execute("CREATE VIEW runs_history AS SELECT * FROM _src_runs_history")
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM _src_{name}")
     con.execute(
         """
         CREATE VIEW runs AS
@@ -186,14 +197,21 @@ def open_store(uri: str, runs: Iterable[str] | None = None) -> duckdb.DuckDBPyCo
         FROM (
             SELECT *,
                    row_number() OVER (PARTITION BY run_id ORDER BY updated_at DESC) AS _latest
-            FROM _src_runs_history
+            FROM runs_history
         ) WHERE _latest = 1
         """
     )
-    # From here on the connection cannot reach any file or URL: read-only by construction.
+    # From here on the connection can read the committed files and nothing else, and
+    # write nowhere (DuckDB refuses even an overwrite of an allowed file).
+    if readable:
+        con.execute(f"SET allowed_paths = {_sql_list(readable)}")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
+
+
+def _sql_list(values: list[str]) -> str:
+    return "[" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + "]"
 
 
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
