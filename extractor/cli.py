@@ -155,6 +155,56 @@ def _cmd_convert_kmeans(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_extract(args: argparse.Namespace) -> int:
+    import logging
+
+    from .config import ConfigError, load_config
+    from .service.driver import run_extraction
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        cfg = load_config(args.config).with_store(args.store)
+    except ConfigError as exc:
+        print(f"slm-lens extract: {exc}", file=sys.stderr)
+        return 2
+    summary = run_extraction(
+        cfg, address=args.address, in_process=args.in_process, progress=not args.no_progress
+    )
+    print(summary.describe())
+    return 0 if summary.ok else 1
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    from analysis import metrics
+    from analysis.store import open_store
+
+    from .config import parse_config
+    from .demo import UNTRAINED_NOTE, demo_config
+    from .service.driver import run_extraction
+
+    logging.basicConfig(level=logging.WARNING)
+    store = str(Path(args.store).resolve())
+    print(UNTRAINED_NOTE, flush=True)
+    raw = demo_config(store, Path(store).parent / "demo-data", tiny=args.tiny)
+    cfg = parse_config(raw)
+    summary = run_extraction(cfg, in_process=args.in_process)
+    print(summary.describe())
+    con = open_store(store, runs=[summary.run_id])
+    recall = metrics.recall_by_layer(con, k=10).drop(columns=["model", "revision"])
+    mass = metrics.modality_mass(con)[["layer", "speech_mass", "top1_speech_frac"]]
+    table = recall.merge(mass, on="layer", how="left")
+    print(f"\nstore: {store}")
+    print("per-layer summary (DuckDB): current-word recall@10 (text rank) at speech positions,")
+    print("its frequency-matched chance control, and the lens mass on speech tokens")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"\n{UNTRAINED_NOTE}")
+    print(f"next: slm-lens report --store {store} --out {Path(store).parent / 'report'}")
+    return 0 if summary.ok else 1
+
+
 def _add_store_args(parser: argparse.ArgumentParser, filters: bool = True) -> None:
     parser.add_argument("--store", required=True, help="store URI: a folder or s3://bucket/prefix")
     if filters:
@@ -217,6 +267,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle", action="store_true", help="required: loading the pickle runs its code"
     )
     km.set_defaults(func=_cmd_convert_kmeans)
+
+    ex = sub.add_parser("extract", help="run a lens extraction (the ray job submit entrypoint)")
+    ex.add_argument("config", help="run config YAML")
+    ex.add_argument("--store", help="store URI (overrides the config's)")
+    ex.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    ex.add_argument("--in-process", action="store_true", help="no Ray: one worker in this process")
+    ex.add_argument("--no-progress", action="store_true")
+    ex.set_defaults(func=_cmd_extract)
+
+    demo = sub.add_parser("demo", help="the whole pipeline on this machine, end to end")
+    demo.add_argument("--store", default="stores/demo", help="local store folder")
+    demo.add_argument("--tiny", action="store_true", help="a tiny random LM (plumbing only)")
+    demo.add_argument("--in-process", action="store_true", help="skip Ray")
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 

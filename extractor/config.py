@@ -1,0 +1,239 @@
+"""Run configuration: YAML in, a validated, immutable RunConfig out.
+
+Errors name the field (``lens.k: must be a positive integer, got 0``) so a
+typo in a cluster job fails before any GPU is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+POSITIONS = ("all", "spoken_words", "word_final")
+MODES = ("speech", "text", "interleaved")
+DTYPES = ("bfloat16", "float16", "float32")
+SPEECH_KINDS = ("hubert-kmeans", "spirit-linear", "none")
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot run; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str
+    dtype: str = "bfloat16"
+    layout: Any = "sims"
+    tokenizer: str | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class SpeechSection:
+    kind: str = "none"
+    model: str | None = None
+    centroids: str | None = None
+    quantizer: str | None = None
+    layer: int = 11
+
+
+@dataclass(frozen=True)
+class DatasetSection:
+    manifest: str
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class PromptSection:
+    mode: str = "speech"
+    rule: dict = field(default_factory=lambda: {"kind": "alternate", "n": 3})
+    control_seed: int = 0
+
+
+@dataclass(frozen=True)
+class LensSection:
+    positions: str = "spoken_words"
+    k: int = 10
+
+
+@dataclass(frozen=True)
+class WorkersSection:
+    count: int = 1
+    gpus: float = 0.0
+    cpus: float = 0.5
+    max_retries: int = 3
+    in_flight_per_worker: int = 2
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelSection
+    dataset: DatasetSection
+    store: str | None = None
+    speech: SpeechSection = field(default_factory=SpeechSection)
+    prompt: PromptSection = field(default_factory=PromptSection)
+    lens: LensSection = field(default_factory=LensSection)
+    workers: WorkersSection = field(default_factory=WorkersSection)
+    shard_size: int = 32
+    batch_tokens: int = 4096
+    target_file_mb: int = 64
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_store(self, store: str | None) -> RunConfig:
+        from dataclasses import replace
+
+        return replace(self, store=store or self.store)
+
+    def content_hash(self) -> str:
+        """Hash of everything that changes the results (not the store or worker counts)."""
+        d = self.to_dict()
+        for volatile in ("store", "workers", "target_file_mb"):
+            d.pop(volatile, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+_SECTIONS = {
+    "model": ModelSection,
+    "speech": SpeechSection,
+    "dataset": DatasetSection,
+    "prompt": PromptSection,
+    "lens": LensSection,
+    "workers": WorkersSection,
+}
+
+
+def _build(section: str, cls, raw: Any):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{section}: must be a mapping, got {type(raw).__name__}")
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"{section}.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})"
+        )
+    try:
+        return cls(**raw)
+    except TypeError as exc:
+        raise ConfigError(f"{section}: {exc}") from exc
+
+
+def _expect(cond: bool, where: str, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"{where}: {why}")
+
+
+def parse_config(raw: dict, base_dir: str | Path | None = None) -> RunConfig:
+    """Validate a config mapping; relative local paths resolve against ``base_dir``."""
+    if not isinstance(raw, dict):
+        raise ConfigError("config: must be a mapping at the top level")
+    top_known = set(RunConfig.__dataclass_fields__)
+    unknown = sorted(set(raw) - top_known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown field (known: {', '.join(sorted(top_known))})")
+    for required in ("model", "dataset"):
+        _expect(required in raw, required, "is required")
+    sections = {
+        name: _build(name, cls, raw[name]) for name, cls in _SECTIONS.items() if name in raw
+    }
+    scalars = {
+        k: raw[k] for k in ("store", "shard_size", "batch_tokens", "target_file_mb") if k in raw
+    }
+    cfg = RunConfig(**sections, **scalars)
+
+    def resolve(path: str | None) -> str | None:
+        if path is None or "://" in path or base_dir is None or Path(path).is_absolute():
+            return path
+        return str((Path(base_dir) / path).resolve())
+
+    from dataclasses import replace
+
+    cfg = replace(
+        cfg,
+        model=replace(
+            cfg.model, path=resolve(cfg.model.path), tokenizer=resolve(cfg.model.tokenizer)
+        ),
+        dataset=replace(cfg.dataset, manifest=resolve(cfg.dataset.manifest)),
+        speech=replace(
+            cfg.speech,
+            model=resolve(cfg.speech.model),
+            centroids=resolve(cfg.speech.centroids),
+            quantizer=resolve(cfg.speech.quantizer),
+        ),
+        store=resolve(cfg.store) if cfg.store and "://" not in cfg.store else cfg.store,
+    )
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: RunConfig) -> None:
+    _expect(isinstance(cfg.model.path, str) and cfg.model.path, "model.path", "is required")
+    _expect(cfg.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
+    _expect(
+        isinstance(cfg.dataset.manifest, str) and cfg.dataset.manifest,
+        "dataset.manifest",
+        "is required",
+    )
+    _expect(cfg.speech.kind in SPEECH_KINDS, "speech.kind", f"must be one of {SPEECH_KINDS}")
+    if cfg.speech.kind == "hubert-kmeans":
+        _expect(bool(cfg.speech.model), "speech.model", "is required for hubert-kmeans")
+        _expect(bool(cfg.speech.centroids), "speech.centroids", "is required for hubert-kmeans")
+    if cfg.speech.kind == "spirit-linear":
+        _expect(bool(cfg.speech.model), "speech.model", "is required for spirit-linear")
+        _expect(bool(cfg.speech.quantizer), "speech.quantizer", "is required for spirit-linear")
+    _expect(
+        isinstance(cfg.speech.layer, int) and cfg.speech.layer >= 0,
+        "speech.layer",
+        "must be a non-negative integer",
+    )
+    _expect(cfg.prompt.mode in MODES, "prompt.mode", f"must be one of {MODES}")
+    _expect(isinstance(cfg.prompt.rule, dict), "prompt.rule", "must be a mapping")
+    _expect(
+        cfg.prompt.rule.get("kind", "alternate") in ("alternate", "poisson", "flags"),
+        "prompt.rule.kind",
+        "must be alternate, poisson or flags",
+    )
+    _expect(cfg.lens.positions in POSITIONS, "lens.positions", f"must be one of {POSITIONS}")
+    _expect(
+        isinstance(cfg.lens.k, int) and cfg.lens.k >= 1,
+        "lens.k",
+        f"must be a positive integer, got {cfg.lens.k!r}",
+    )
+    _expect(
+        isinstance(cfg.shard_size, int) and cfg.shard_size >= 1,
+        "shard_size",
+        "must be a positive integer",
+    )
+    _expect(
+        isinstance(cfg.batch_tokens, int) and cfg.batch_tokens >= 16,
+        "batch_tokens",
+        "must be an integer >= 16",
+    )
+    _expect(
+        isinstance(cfg.workers.count, int) and cfg.workers.count >= 1,
+        "workers.count",
+        "must be a positive integer",
+    )
+    _expect(
+        cfg.workers.gpus >= 0 and cfg.workers.cpus > 0, "workers", "gpus must be >= 0 and cpus > 0"
+    )
+    _expect(cfg.workers.max_retries >= 0, "workers.max_retries", "must be >= 0")
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    return parse_config(raw or {}, base_dir=path.parent)

@@ -1,0 +1,183 @@
+"""The embedded default: a demo model, speech tokenizer and dataset made on this machine.
+
+* Model: the real SmolLM2-135M with the SIMS vocabulary layout (``<Un0>``..``<Un499>``,
+  ``<speech>``, ``<text>``) added. Its unit embeddings are *untrained* (initialised
+  at the mean text embedding plus noise): the text side is a real LM, the speech side
+  is not, until a trained demo model exists.
+* Speech tokenizer: a small random HuBERT with the real 25 Hz geometry and random
+  centroids (deterministic seeds): real front-end mechanics, meaningless units.
+* Data: espeak-ng sentences with exact word timings, and the LibriVox utterances
+  of Debian's pocketsphinx-testdata (aligned on the fly with pocketsphinx).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .models.smollm2 import cache_dir, ensure_smollm2
+
+N_UNITS = 500
+LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
+SENTENCES = [
+    "the cat sat on the mat",
+    "a small dog ran to the red house",
+    "she gave the old man a cup of tea",
+    "paris is the capital of france",
+    "the sun rises in the east every morning",
+    "we walked along the river after dinner",
+]
+UNTRAINED_NOTE = (
+    "NOTE: the demo model is the real SmolLM2-135M with SIMS speech-unit tokens added, "
+    "but its speech-unit embeddings are UNTRAINED and its speech tokenizer is a random "
+    "HuBERT: expect no implicit transcription from it. The pipeline, store and analysis "
+    "are real; point slm-lens at a trained speech LM (SIMS, Spirit LM) for real findings."
+)
+
+
+def build_demo_model(root: Path | None = None, *, tiny: bool = False) -> Path:
+    """A SIMS-layout model folder (safetensors + tokenizer), built once and cached.
+
+    ``tiny=True`` swaps SmolLM2's weights for a 2-layer random Llama over the same
+    tokenizer: for fast tests of the plumbing.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from .models import load_causal_lm
+
+    root = root or cache_dir() / "models"
+    folder = root / ("demo-sims-tiny" if tiny else "demo-sims-smollm2")
+    if (folder / "model.safetensors").is_file():
+        return folder
+    base = ensure_smollm2()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens([f"<Un{i}>" for i in range(N_UNITS)] + ["<speech>", "<text>"])
+    torch.manual_seed(0)
+    if tiny:
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=2048,
+                tie_word_embeddings=True,
+            )
+        )
+    else:
+        model = load_causal_lm(base, dtype=torch.float32)
+        old = model.get_input_embeddings().weight.shape[0]
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            emb = model.get_input_embeddings().weight
+            mean, std = emb[:old].mean(0), emb[:old].std(0)
+            emb[old:] = mean + 0.5 * std * torch.randn(len(tokenizer) - old, emb.shape[1])
+    model = model.to(torch.bfloat16)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return folder
+
+
+def build_demo_speech_tokenizer(root: Path | None = None) -> tuple[Path, Path]:
+    """(HuBERT folder, centroids .npy): small, random, 25 Hz geometry, deterministic."""
+    import torch
+    from transformers import HubertConfig, HubertModel
+
+    root = root or cache_dir() / "models"
+    folder = root / "demo-hubert-25hz"
+    centroids = folder / "centroids.npy"
+    if centroids.is_file():
+        return folder, centroids
+    torch.manual_seed(0)
+    config = HubertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        conv_dim=(32,) * 8,
+        conv_stride=(5, 2, 2, 2, 2, 2, 2, 2),
+        conv_kernel=(10, 3, 3, 3, 3, 2, 2, 2),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+    )
+    HubertModel(config).save_pretrained(folder)
+    np.save(centroids, np.random.default_rng(0).normal(size=(N_UNITS, 64)).astype(np.float32))
+    return folder, centroids
+
+
+def build_demo_dataset(
+    folder: Path, *, sentences: list[str] | None = None, librivox: bool = True
+) -> Path:
+    """Audio files and a JSONL manifest: espeak-ng sentences (+ LibriVox utterances)."""
+    import soundfile as sf
+
+    from .speech.synth import Voice, synthesize
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    voices = [Voice("en-us", 160, 45), Voice("en-gb", 175, 60)]
+    for i, sentence in enumerate(sentences or SENTENCES):
+        audio, timings = synthesize(sentence.split(), voices[i % len(voices)])
+        name = f"espeak-{i:02d}.wav"
+        sf.write(folder / name, audio, 16000)
+        rows.append(
+            {
+                "id": f"espeak-{i:02d}",
+                "audio": name,
+                "text": sentence,
+                "words": [[w.word, round(w.start_s, 5), round(w.end_s, 5)] for w in timings],
+            }
+        )
+    if librivox and (LIBRIVOX / "transcription").is_file():
+        for line in (LIBRIVOX / "transcription").read_text().splitlines():
+            text, _, name = line.rpartition("(")
+            name = name.strip(" )")
+            text = text.replace("<s>", "").replace("</s>", "").strip()
+            rows.append({"id": name, "audio": str(LIBRIVOX / f"{name}.wav"), "text": text})
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+def demo_config(
+    store: str,
+    data_dir: Path,
+    *,
+    tiny: bool = False,
+    librivox: bool = True,
+    sentences: list[str] | None = None,
+    workers: int = 1,
+) -> dict:
+    """The demo run's config mapping (what ``slm-lens demo`` runs)."""
+    model = build_demo_model(tiny=tiny)
+    hubert, centroids = build_demo_speech_tokenizer()
+    manifest = build_demo_dataset(data_dir, sentences=sentences, librivox=librivox)
+    return {
+        "model": {
+            "path": str(model),
+            "dtype": "bfloat16",
+            "layout": "sims",
+            "name": "demo-sims-tiny" if tiny else "demo-sims-smollm2",
+        },
+        "speech": {
+            "kind": "hubert-kmeans",
+            "model": str(hubert),
+            "centroids": str(centroids),
+            "layer": 2,
+        },
+        "dataset": {"manifest": str(manifest), "name": "demo"},
+        "prompt": {"mode": "interleaved", "rule": {"kind": "alternate", "n": 2, "start": "speech"}},
+        "lens": {"positions": "spoken_words", "k": 10},
+        "store": store,
+        "shard_size": 4,
+        "batch_tokens": 2048,
+        "workers": {"count": workers, "gpus": 0, "cpus": 0.5},
+    }

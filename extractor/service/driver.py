@@ -1,0 +1,332 @@
+"""The extraction driver: plan shards, run them on Ray actors (or in process), record the run.
+
+Orchestration only. Resume and idempotency come from the store: committed
+shards are skipped, a shard's rows appear only when its marker is written, and
+a retried shard writes under a fresh attempt id, so nothing is ever duplicated.
+Infrastructure failures (a dead actor, a lost node) are retried within a
+budget; application errors fail the shard fast and are reported.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+from tqdm import tqdm
+
+from extractor.config import RunConfig
+from extractor.store import StoreWriter
+
+from .plan import SETUP_SHARD, Plan, make_plan
+from .worker import CRASH_ENV, ShardProcessor, ShardStats
+
+log = logging.getLogger("slm_lens.extract")
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    store: str
+    shards_total: int
+    shards_skipped: int
+    shards_done: int
+    shards_failed: list[int] = field(default_factory=list)
+    failures: int = 0
+    tokens: int = 0
+    lens_rows: int = 0
+    seconds: float = 0.0
+    retries: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.shards_failed and self.failures == 0
+
+    def describe(self) -> str:
+        lines = [
+            f"run {self.run_id} -> {self.store}",
+            f"  shards: {self.shards_done} done, {self.shards_skipped} already committed, "
+            f"{len(self.shards_failed)} failed of {self.shards_total}",
+            f"  tokens: {self.tokens:,}  lens rows: {self.lens_rows:,}  "
+            f"time: {self.seconds:.1f} s  retries: {self.retries}",
+            f"  failed items: {self.failures}",
+        ]
+        if self.shards_failed:
+            lines.append(f"  failed shards: {self.shards_failed}")
+        return "\n".join(lines)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _model_shape(cfg: RunConfig) -> tuple[int, int]:
+    """(n_layers, vocab_size) from the config alone, without loading weights."""
+    from transformers import AutoConfig
+
+    from extractor.models.loading import is_unit_lm
+
+    from .resources import materialize
+
+    folder = materialize(cfg.model.path)
+    with open(os.path.join(folder, "config.json")) as f:
+        raw = json.load(f)
+    if is_unit_lm(raw):
+        base = raw.get("base_config", {})
+        return int(base.get("num_hidden_layers")), int(raw["vocab_size"])
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
+    return int(config.num_hidden_layers), int(config.vocab_size)
+
+
+def _write_setup_shard(cfg: RunConfig, plan: Plan, store: StoreWriter) -> None:
+    """Vocabulary (with each token's modality) and manifest-level failures, as shard 0."""
+    from transformers import AutoTokenizer
+
+    from extractor.speech.layouts import layout_from_config
+
+    from .resources import materialize
+
+    folder = materialize(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
+    layout = layout_from_config(cfg.model.layout).check(tokenizer)
+    modality = layout.modality_of()
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    with store.shard(plan.run_id, SETUP_SHARD) as writer:
+        writer.write(
+            "vocab",
+            [
+                {"token_id": i, "token": by_id.get(i, ""), "modality": m}
+                for i, m in enumerate(modality)
+            ],
+        )
+        writer.write(
+            "failures",
+            [
+                {
+                    "shard": SETUP_SHARD,
+                    "utterance_id": u,
+                    "stage": "manifest",
+                    "error": e,
+                    "message": m,
+                }
+                for u, e, m in plan.manifest_errors
+            ],
+        )
+        writer.commit({"setup": True})
+
+
+def run_extraction(
+    cfg: RunConfig,
+    *,
+    address: str | None = None,
+    in_process: bool = False,
+    progress: bool = True,
+) -> RunSummary:
+    """Extract ``cfg``'s run into ``cfg.store``; returns what happened (never half-commits)."""
+    if not cfg.store:
+        raise ValueError("no store given: set store: in the config or pass --store")
+    started = time.perf_counter()
+    plan = make_plan(cfg)
+    store = StoreWriter(cfg.store, target_file_bytes=cfg.target_file_mb << 20)
+    n_layers, vocab_size = _model_shape(cfg)
+    run_fields = dict(
+        model=cfg.model.name or cfg.model.path,
+        revision=plan.revision,
+        dataset=plan.dataset,
+        n_layers=n_layers,
+        vocab_size=vocab_size,
+        k=cfg.lens.k,
+        config=cfg.to_dict(),
+    )
+    started_at = _now()
+    store.write_run(plan.run_id, **run_fields, status="running", started_at=started_at)
+    done = store.committed_shards(plan.run_id)
+    if SETUP_SHARD not in done:
+        _write_setup_shard(cfg, plan, store)
+    todo = {s: ids for s, ids in plan.shards.items() if s not in done}
+    summary = RunSummary(
+        run_id=plan.run_id,
+        store=cfg.store,
+        shards_total=len(plan.shards),
+        shards_skipped=len(plan.shards) - len(todo),
+        shards_done=0,
+    )
+    log.info(
+        "run %s: %d shards to do, %d already committed",
+        plan.run_id,
+        len(todo),
+        summary.shards_skipped,
+    )
+    bar = tqdm(total=len(todo), desc=f"extract {plan.run_id}", unit="shard", disable=not progress)
+
+    def on_done(stats: ShardStats) -> None:
+        summary.shards_done += 1
+        summary.tokens += stats.tokens
+        summary.lens_rows += stats.lens_rows
+        bar.update(1)
+        bar.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}")
+        log.info(
+            "shard %d: %d tokens, %d lens rows, %.0f tokens/s, %d bytes",
+            stats.shard,
+            stats.tokens,
+            stats.lens_rows,
+            stats.tokens_per_s,
+            stats.bytes,
+        )
+
+    try:
+        if in_process:
+            processor = ShardProcessor(cfg, plan.run_id)
+            for shard, ids in sorted(todo.items()):
+                on_done(processor.process(shard, ids))
+        elif todo:
+            _run_on_ray(cfg, plan.run_id, todo, address, on_done, summary)
+    finally:
+        bar.close()
+    summary.failures = _count_failures(cfg.store, plan.run_id)
+    summary.seconds = time.perf_counter() - started
+    status = "finished" if summary.ok else "failed"
+    store.write_run(
+        plan.run_id,
+        **run_fields,
+        status=status,
+        started_at=started_at,
+        finished_at=_now(),
+        message=json.dumps(asdict(summary), default=str),
+    )
+    return summary
+
+
+def _count_failures(store_uri: str, run_id: str) -> int:
+    from analysis.store import open_store
+
+    con = open_store(store_uri, runs=[run_id])
+    return int(con.sql("SELECT count(*) FROM failures").fetchone()[0])
+
+
+# Ray -------------------------------------------------------------------------------------
+class LensActor:
+    """A Ray actor around :class:`ShardProcessor`: the model loads once per actor."""
+
+    def __init__(self, cfg: RunConfig, run_id: str) -> None:
+        self.processor = ShardProcessor(cfg, run_id)
+
+    def process(self, shard: int, utterance_ids: list[str]) -> ShardStats:
+        return self.processor.process(shard, utterance_ids)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join a cluster (``address``, ``RAY_ADDRESS``) or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=num_cpus or max(2, os.cpu_count() or 2),
+            include_dashboard=False,
+            log_to_driver=True,
+        )
+
+
+def _infrastructure_errors() -> tuple[type[BaseException], ...]:
+    from ray import exceptions as rx
+
+    names = (
+        "RayActorError",
+        "ActorDiedError",
+        "ActorUnavailableError",
+        "NodeDiedError",
+        "ObjectLostError",
+        "OwnerDiedError",
+        "WorkerCrashedError",
+        "LocalRayletDiedError",
+    )
+    return tuple(getattr(rx, n) for n in names if hasattr(rx, n))
+
+
+def _run_on_ray(cfg, run_id, todo, address, on_done, summary: RunSummary) -> None:
+    import ray
+
+    ensure_ray(address)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        in (
+            CRASH_ENV,
+            "AWS_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_REGION",
+            "SLM_LENS_S3_ENDPOINT",
+            "SLM_LENS_CACHE",
+            "SLM_LENS_COMPILE",
+            "HF_HUB_OFFLINE",
+        )
+    }
+    actor_cls = ray.remote(LensActor).options(
+        num_cpus=cfg.workers.cpus,
+        num_gpus=cfg.workers.gpus,
+        max_restarts=-1,
+        max_task_retries=0,
+        runtime_env={"env_vars": env} if env else None,
+    )
+    actors = [actor_cls.remote(cfg, run_id) for _ in range(cfg.workers.count)]
+    capacity = cfg.workers.in_flight_per_worker
+    queue = deque(sorted(todo))
+    attempts = dict.fromkeys(todo, 0)
+    load = dict.fromkeys(range(len(actors)), 0)
+    in_flight: dict = {}
+    infra = _infrastructure_errors()
+    try:
+        while queue or in_flight:
+            # Backpressure: at most `capacity` shards per actor are ever outstanding.
+            while queue:
+                idle = [a for a, n in load.items() if n < capacity]
+                if not idle:
+                    break
+                a = min(idle, key=lambda i: load[i])
+                shard = queue.popleft()
+                ref = actors[a].process.remote(shard, todo[shard])
+                in_flight[ref] = (shard, a)
+                load[a] += 1
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=5.0)
+            for ref in ready:
+                shard, a = in_flight.pop(ref)
+                load[a] -= 1
+                try:
+                    on_done(ray.get(ref))
+                except infra as exc:
+                    attempts[shard] += 1
+                    summary.retries += 1
+                    if attempts[shard] > cfg.workers.max_retries:
+                        log.error(
+                            "shard %d: giving up after %d attempts: %s", shard, attempts[shard], exc
+                        )
+                        summary.shards_failed.append(shard)
+                    else:
+                        log.warning(
+                            "shard %d: worker lost (%s); retrying (%d/%d)",
+                            shard,
+                            type(exc).__name__,
+                            attempts[shard],
+                            cfg.workers.max_retries,
+                        )
+                        queue.append(shard)
+                except ray.exceptions.RayTaskError as exc:
+                    log.error("shard %d failed: %s", shard, exc)
+                    summary.shards_failed.append(shard)
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)

@@ -1,0 +1,52 @@
+"""Run ids and shard plans: deterministic, so the same inputs always mean the same work."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from analysis.storage import read_text, resolve
+from extractor.config import RunConfig
+from extractor.models.fingerprint import fingerprint_checkpoint
+from extractor.speech.manifest import read_manifest
+
+#: Shard 0 holds the run's one-off rows (vocabulary, manifest-level failures).
+SETUP_SHARD = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    run_id: str
+    revision: str
+    dataset: str
+    shards: dict[int, list[str]]  # shard number -> utterance ids
+    manifest_errors: list[tuple[str, str, str]]  # (utterance id, error, message)
+
+
+def dataset_hash(manifest_uri: str) -> str:
+    fs, path = resolve(manifest_uri)
+    with fs.open_input_stream(path) as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:40] or "model"
+
+
+def make_plan(cfg: RunConfig) -> Plan:
+    """Fingerprint the model and dataset, derive the run id, cut the dataset into shards."""
+    revision = fingerprint_checkpoint(cfg.model.path)
+    data = dataset_hash(cfg.dataset.manifest)
+    name = cfg.model.name or cfg.model.path.rstrip("/").rsplit("/", 1)[-1]
+    digest = hashlib.sha256(f"{data}:{cfg.content_hash()}".encode()).hexdigest()[:10]
+    run_id = f"{_slug(name)}-{revision[:8]}-{digest}"
+    manifest = read_manifest(cfg.dataset.manifest)
+    ids = [u.id for u in manifest.utterances]
+    size = cfg.shard_size
+    shards = {1 + i // size: ids[i : i + size] for i in range(0, len(ids), size)}
+    errors = [(e.utterance_id, type(e).__name__, str(e)) for e in manifest.errors]
+    return Plan(run_id, revision, cfg.dataset.name or cfg.dataset.manifest, shards, errors)
+
+
+__all__ = ["SETUP_SHARD", "Plan", "dataset_hash", "make_plan", "read_text"]

@@ -1,0 +1,435 @@
+"""One worker's job: turn a shard of utterances into committed store rows.
+
+Knows models, the speech front end, the lens and the store writer, but not Ray:
+the Ray actor (:mod:`.actors`) and the in-process loop both call
+:meth:`ShardProcessor.process`, so the two paths cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from extractor.config import RunConfig
+from extractor.lens import fused_logit_lens
+from extractor.models import capture_layers, load_causal_lm, model_parts
+from extractor.speech.frontend import SpeechFrontEnd
+from extractor.speech.layouts import LayoutError, layout_from_config
+from extractor.speech.manifest import read_manifest
+from extractor.speech.records import SpeechInputError, Utterance
+from extractor.speech.sequence import BuiltSequence, ControlSampler, ModalityRule, build_sequence
+from extractor.store import StoreWriter
+
+from .resources import build_speech_tokenizer, materialize
+
+#: Test-only fault injection: ``SHARD:FLAGFILE`` makes the worker process exit in
+#: the middle of that shard (after writing some of its files) the first time only.
+CRASH_ENV = "SLM_LENS_TEST_CRASH"
+
+
+@dataclass
+class ShardStats:
+    shard: int
+    utterances: int
+    failures: int
+    tokens: int
+    lens_rows: int
+    seconds: float
+    bytes: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def _maybe_crash(shard: int) -> None:
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    target, flag = spec.split(":", 1)
+    if int(target) == shard and not os.path.exists(flag):
+        with open(flag, "w") as f:
+            f.write(str(os.getpid()))
+        os._exit(17)
+
+
+class ShardProcessor:
+    """Loads the model, tokenizers and manifest once; processes shards on demand."""
+
+    def __init__(self, config: RunConfig, run_id: str, device: str | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        self.cfg = config
+        self.run_id = run_id
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() and config.workers.gpus > 0 else "cpu"
+        self.device = device
+        model_dir = materialize(config.model.path)
+        self.model = load_causal_lm(
+            model_dir,
+            dtype=getattr(torch, config.model.dtype),
+            device=device,
+            allow_pickle=config.model.allow_pickle,
+            trust_remote_code=config.model.trust_remote_code,
+        )
+        self.parts = model_parts(self.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            materialize(config.model.tokenizer) if config.model.tokenizer else model_dir,
+            trust_remote_code=config.model.trust_remote_code,
+        )
+        self.layout = layout_from_config(config.model.layout).check(self.tokenizer)
+        self.segments = self.layout.segments(self.parts.vocab_size)
+        self.text_segment_size = int((self.segments.index == 0).sum())
+        self.frontend = SpeechFrontEnd(build_speech_tokenizer(config.speech, device))
+        manifest = read_manifest(config.dataset.manifest)
+        self.utterances = {u.id: u for u in manifest.utterances}
+        self.control = ControlSampler(
+            [
+                (u.id, [w.word for w in u.words] if u.words else u.text_words())
+                for u in manifest.utterances
+            ],
+            seed=config.prompt.control_seed,
+        )
+        rule = dict(config.prompt.rule)
+        if "flags" in rule and rule["flags"] is not None:
+            rule["flags"] = tuple(rule["flags"])
+        self.rule = ModalityRule(**rule)
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.store = StoreWriter(config.store, target_file_bytes=config.target_file_mb << 20)
+
+    # ----------------------------------------------------------------------------------
+    def process(self, shard: int, utterance_ids: list[str]) -> ShardStats:
+        """Run the lens over the shard's utterances and commit its rows (idempotent)."""
+        started = time.perf_counter()
+        if self.store.is_committed(self.run_id, shard):
+            return ShardStats(shard, 0, 0, 0, 0, 0.0, 0)
+        failures: list[dict] = []
+        seqs: list[tuple[Utterance, BuiltSequence]] = []
+        with self.store.shard(self.run_id, shard) as writer:
+            missing = [u for u in utterance_ids if u not in self.utterances]
+            for utt_id in missing:
+                failures.append(
+                    _failure(
+                        shard,
+                        utt_id,
+                        "plan",
+                        "UnknownUtterance",
+                        "utterance id not in the manifest",
+                    )
+                )
+            items = self.frontend.prepare(
+                [self.utterances[u] for u in utterance_ids if u in self.utterances]
+            )
+            for item in items:
+                if isinstance(item, SpeechInputError):
+                    failures.append(
+                        _failure(
+                            shard, item.utterance_id, item.stage, type(item).__name__, str(item)
+                        )
+                    )
+                    continue
+                try:
+                    seq = build_sequence(
+                        item,
+                        self.tokenizer,
+                        self.layout,
+                        self.cfg.prompt.mode,
+                        self.rule,
+                        self.control,
+                        self.max_positions,
+                    )
+                except (SpeechInputError, LayoutError) as exc:
+                    failures.append(
+                        _failure(
+                            shard,
+                            item.id,
+                            getattr(exc, "stage", "sequence"),
+                            type(exc).__name__,
+                            str(exc),
+                        )
+                    )
+                    continue
+                seqs.append((item, seq))
+            writer.write("utterances", [_utterance_row(shard, u, s) for u, s in seqs])
+            writer.write("words", [_word_row(s, w) for _, s in seqs for w in s.words])
+            writer.write("tokens", _token_table(seqs))
+            tokens = 0
+            lens_rows = 0
+            for batch in self._batches(seqs):
+                _maybe_crash(shard)
+                lens, word_lens = self._lens_batch(batch)
+                writer.write("lens", lens)
+                writer.write("word_lens", word_lens)
+                tokens += sum(len(s) for _, s in batch)
+                lens_rows += lens.num_rows
+            writer.write("failures", failures)
+            seconds = time.perf_counter() - started
+            stats = ShardStats(shard, len(seqs), len(failures), tokens, lens_rows, seconds, 0)
+            marker = writer.commit(
+                {
+                    "tokens": tokens,
+                    "lens_rows": lens_rows,
+                    "seconds": seconds,
+                    "tokens_per_s": stats.tokens_per_s,
+                    "utterances": len(seqs),
+                    "failures": len(failures),
+                    "device": self.device,
+                }
+            )
+            stats.bytes = marker["bytes"]
+        return stats
+
+    # ----------------------------------------------------------------------------------
+    def _batches(self, seqs):
+        """Length-sorted batches whose padded size stays under the token budget."""
+        order = sorted(seqs, key=lambda item: len(item[1]))
+        batch: list = []
+        for item in order:
+            width = max([len(item[1])] + [len(s) for _, s in batch])
+            if batch and width * (len(batch) + 1) > self.cfg.batch_tokens:
+                yield batch
+                batch = []
+            batch.append(item)
+        if batch:
+            yield batch
+
+    def _selected(self, seq: BuiltSequence) -> list[int]:
+        n = len(seq)
+        mode = self.cfg.lens.positions
+        if mode == "all":
+            chosen = set(range(n))
+        elif mode == "word_final":
+            chosen = {w.last_position for w in seq.words if w.last_position is not None}
+        else:
+            chosen = {p for p, w in enumerate(seq.word_index) if w is not None}
+        if seq.continuation_start is not None:
+            # Spoken-knowledge pairs: score every continuation token at the last layer.
+            chosen |= set(range(max(0, seq.continuation_start - 1), n - 1))
+        return sorted(chosen)
+
+    def _lens_batch(self, batch) -> tuple[pa.Table, pa.Table]:
+        b_count = len(batch)
+        width = max(len(s) for _, s in batch)
+        ids = torch.full((b_count, width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((b_count, width), dtype=torch.long)
+        select = torch.zeros((b_count, width), dtype=torch.bool)
+        for b, (_, seq) in enumerate(batch):
+            ids[b, : len(seq)] = torch.tensor(seq.token_ids)
+            attn[b, : len(seq)] = 1
+            select[b, self._selected(seq)] = True
+        sel_b, sel_p = torch.nonzero(select, as_tuple=True)
+        n_sel = len(sel_b)
+        if n_sel == 0:
+            return _empty("lens"), _empty("word_lens")
+        hidden = capture_layers(self.parts, ids, select, attn)  # [L1, S, d]
+        n_layers = hidden.shape[0]
+
+        v_max = max(
+            [1]
+            + [len(w.variant_ids) for _, s in batch for w in s.words]
+            + [len(w.ctrl_variant_ids or ()) for _, s in batch for w in s.words]
+        )
+        t_width = 3 * v_max + 1
+        tg = np.full((n_sel, t_width), -1, dtype=np.int64)
+        word_of = np.full(n_sel, -1, dtype=np.int64)
+        groups: dict[tuple[int, int], int] = {}
+        group_targets: list[np.ndarray] = []
+        for s in range(n_sel):
+            b, p = int(sel_b[s]), int(sel_p[s])
+            seq = batch[b][1]
+            if p + 1 < len(seq):
+                tg[s, 3 * v_max] = seq.token_ids[p + 1]
+            w = seq.word_index[p]
+            if w is None:
+                continue
+            row = seq.words[w]
+            for slot, variants in enumerate(
+                (row.variant_ids, row.next_variant_ids, row.ctrl_variant_ids)
+            ):
+                if variants:
+                    tg[s, slot * v_max : slot * v_max + len(variants)] = variants
+            if row.modality == "speech" and seq.modality[p] == "speech":
+                key = (b, w)
+                if key not in groups:
+                    groups[key] = len(groups)
+                    group_targets.append(tg[s, : 3 * v_max].copy())
+                word_of[s] = groups[key]
+        n_groups = len(groups)
+        targets = torch.from_numpy(np.tile(tg, (n_layers, 1)))
+        layer_idx = np.repeat(np.arange(n_layers), n_sel)
+        pool_groups = np.where(
+            np.tile(word_of, n_layers) >= 0, layer_idx * n_groups + np.tile(word_of, n_layers), -1
+        )
+        pool_targets = (
+            np.tile(np.stack(group_targets), (n_layers, 1))
+            if n_groups
+            else np.zeros((0, 3 * v_max), dtype=np.int64)
+        )
+        res = fused_logit_lens(
+            hidden.reshape(-1, hidden.shape[-1]),
+            self.parts.final_norm,
+            self.parts.unembed,
+            self.cfg.lens.k,
+            bias=self.parts.bias,
+            softcap=self.parts.softcap,
+            segments=self.segments,
+            targets=targets.to(self.device),
+            pool_groups=torch.from_numpy(pool_groups).to(self.device),
+            pool_targets=torch.from_numpy(pool_targets).to(self.device),
+        ).to("cpu")
+
+        has_text = self.text_segment_size > 0
+        ranks = res.target_ranks.numpy()
+        text_ranks = res.target_segment_ranks["text"].numpy()
+        cols = {}
+        for slot, name in enumerate(("cur", "next", "ctrl")):
+            span = slice(slot * v_max, (slot + 1) * v_max)
+            cols[f"{name}_word_rank"] = _min_rank(ranks[:, span])
+            cols[f"{name}_word_text_rank"] = (
+                _min_rank(text_ranks[:, span])
+                if has_text
+                else _min_rank(np.full_like(ranks[:, span], -1))
+            )
+        next_lp = res.target_logprobs[:, 3 * v_max].numpy()
+        utt_ids = [batch[int(b)][1].utterance_id for b in sel_b]
+        word_idx = [batch[int(b)][1].word_index[int(p)] for b, p in zip(sel_b, sel_p, strict=True)]
+        pos_mod = [batch[int(b)][1].modality[int(p)] for b, p in zip(sel_b, sel_p, strict=True)]
+        k = self.cfg.lens.k
+        lens = pa.table(
+            {
+                "utterance_id": pa.array(utt_ids * n_layers, pa.string()),
+                "position": pa.array(np.tile(sel_p.numpy(), n_layers).astype(np.int32)),
+                "layer": pa.array(layer_idx.astype(np.int16)),
+                "word_index": pa.array(word_idx * n_layers, pa.int32()),
+                "modality": pa.array(pos_mod * n_layers, pa.string()),
+                "topk_ids": _lists(res.topk_ids.numpy(), k, np.int32),
+                "topk_logprobs": _lists(res.topk_logprobs.numpy(), k, np.float32),
+                "text_topk_ids": _lists(res.segment_topk_ids["text"].numpy(), k, np.int32),
+                "text_topk_logprobs": _lists(
+                    res.segment_topk_logprobs["text"].numpy(), k, np.float32
+                ),
+                "logsumexp": pa.array(res.logsumexp.numpy().astype(np.float32)),
+                "speech_logmass": pa.array(
+                    res.segment_logmass["speech"].numpy().astype(np.float32)
+                ),
+                "text_logmass": pa.array(res.segment_logmass["text"].numpy().astype(np.float32)),
+                **cols,
+                "next_token_logprob": pa.array(next_lp.astype(np.float32), mask=np.isnan(next_lp)),
+            }
+        )
+
+        if n_groups:
+            inverse = {g: key for key, g in groups.items()}
+            g_layer = np.repeat(np.arange(n_layers), n_groups)
+            g_keys = [inverse[g] for g in range(n_groups)] * n_layers
+            pranks = res.pooled_target_ranks.numpy()
+            ptext = res.pooled_target_segment_ranks["text"].numpy()
+            pcols = {}
+            for slot, name in enumerate(("cur", "next", "ctrl")):
+                span = slice(slot * v_max, (slot + 1) * v_max)
+                pcols[f"{name}_word_rank"] = _min_rank(pranks[:, span])
+                pcols[f"{name}_word_text_rank"] = (
+                    _min_rank(ptext[:, span])
+                    if has_text
+                    else _min_rank(np.full_like(pranks[:, span], -1))
+                )
+            word_lens = pa.table(
+                {
+                    "utterance_id": pa.array([batch[b][1].utterance_id for b, _ in g_keys]),
+                    "word_index": pa.array([w for _, w in g_keys], pa.int32()),
+                    "layer": pa.array(g_layer.astype(np.int16)),
+                    "pooled_topk_ids": _lists(res.pooled_topk_ids.numpy(), k, np.int32),
+                    "pooled_text_topk_ids": _lists(
+                        res.pooled_segment_topk_ids["text"].numpy(), k, np.int32
+                    ),
+                    **pcols,
+                }
+            )
+        else:
+            word_lens = _empty("word_lens")
+        return lens, word_lens
+
+
+def _min_rank(ranks: np.ndarray) -> pa.Array:
+    """Best rank over a word's variants (-1 pads ignored); null when it has none."""
+    masked = np.where(ranks >= 0, ranks, np.iinfo(np.int64).max)
+    best = masked.min(axis=1) if ranks.shape[1] else np.full(len(ranks), np.iinfo(np.int64).max)
+    missing = best == np.iinfo(np.int64).max
+    return pa.array(np.where(missing, 0, best).astype(np.int32), mask=missing)
+
+
+def _lists(values: np.ndarray, k: int, dtype) -> pa.Array:
+    offsets = np.arange(0, len(values) * k + 1, k, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1).astype(dtype)))
+
+
+def _empty(table: str) -> pa.Table:
+    from analysis.schema import TABLES
+
+    return TABLES[table].empty_table()
+
+
+def _failure(shard: int, utt_id: str, stage: str, error: str, message: str) -> dict:
+    return {
+        "shard": shard,
+        "utterance_id": utt_id,
+        "stage": stage,
+        "error": error,
+        "message": message,
+    }
+
+
+def _utterance_row(shard: int, utt: Utterance, seq: BuiltSequence) -> dict:
+    return {
+        "shard": shard,
+        "utterance_id": utt.id,
+        "n_tokens": len(seq),
+        "duration_s": utt.duration_s,
+        "text": utt.text,
+        "pair_id": utt.pair_id,
+        "pair_role": utt.pair_role,
+        "continuation_start": seq.continuation_start,
+    }
+
+
+def _word_row(seq: BuiltSequence, w) -> dict:
+    return {
+        "utterance_id": seq.utterance_id,
+        "word_index": w.word_index,
+        "word": w.word,
+        "modality": w.modality,
+        "start_s": w.start_s,
+        "end_s": w.end_s,
+        "first_position": w.first_position,
+        "last_position": w.last_position,
+        "variant_ids": w.variant_ids,
+        "next_variant_ids": w.next_variant_ids,
+        "ctrl_word": w.ctrl_word,
+        "ctrl_variant_ids": w.ctrl_variant_ids,
+    }
+
+
+def _token_table(seqs) -> pa.Table:
+    utt, pos, tok, mod, widx = [], [], [], [], []
+    for _, s in seqs:
+        n = len(s)
+        utt += [s.utterance_id] * n
+        pos += list(range(n))
+        tok += s.token_ids
+        mod += s.modality
+        widx += s.word_index
+    return pa.table(
+        {
+            "utterance_id": pa.array(utt, pa.string()),
+            "position": pa.array(pos, pa.int32()),
+            "token_id": pa.array(tok, pa.int32()),
+            "modality": pa.array(mod, pa.string()),
+            "word_index": pa.array(widx, pa.int32()),
+        }
+    )
