@@ -1,0 +1,297 @@
+"""The extraction service end to end, on real local Ray clusters and a loopback S3."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from analysis.storage import resolve
+from analysis.store import open_store, read_commits
+from extractor.config import parse_config
+from extractor.service.driver import run_extraction
+from extractor.service.worker import CRASH_ENV
+
+from .service_helpers import FlakyProxy, assert_same_store, small_config, snapshot
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("service-data")
+
+
+@pytest.fixture(scope="module")
+def clean(data_dir, tmp_path_factory):
+    """The reference: the run in process, no faults."""
+    store = str(tmp_path_factory.mktemp("clean") / "store")
+    cfg = parse_config(small_config(store, data_dir))
+    summary = run_extraction(cfg, in_process=True, progress=False)
+    assert summary.ok and summary.shards_done == 5
+    return summary.run_id, snapshot(store, summary.run_id), cfg
+
+
+@pytest.fixture
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _wait_for_commits(uri: str, n: int, timeout: float = 120) -> None:
+    fs, root = resolve(uri)
+    deadline = time.time() + timeout
+    while len(read_commits(fs, root)) < n:
+        if time.time() > deadline:
+            raise TimeoutError(f"fewer than {n} commits after {timeout} s")
+        time.sleep(0.2)
+
+
+def test_ray_run_equals_in_process_and_reruns_are_idempotent(clean, data_dir, tmp_path, local_ray):
+    run_id, reference, _ = clean
+    store = str(tmp_path / "store")
+    cfg = parse_config(small_config(store, data_dir, workers={"count": 2}))
+    summary = run_extraction(cfg, progress=False)
+    assert summary.run_id == run_id  # same inputs, same run id, whatever the store
+    assert summary.ok and summary.shards_done == 5
+    assert_same_store(snapshot(store, run_id), reference)
+    again = run_extraction(cfg, progress=False)
+    assert again.shards_done == 0 and again.shards_skipped == 5
+    assert_same_store(snapshot(store, run_id), reference)
+    con = open_store(store)
+    assert con.sql("SELECT status FROM runs").fetchall() == [("finished",)]
+    stats = con.sql("SELECT count(*), sum(lens_rows) FROM shards WHERE shard > 0").fetchone()
+    assert stats == (5, len(reference["lens"]))
+
+
+def test_actor_killed_mid_shard_is_retried(clean, data_dir, tmp_path, local_ray, monkeypatch):
+    run_id, reference, _ = clean
+    flag = tmp_path / "crashed"
+    monkeypatch.setenv(CRASH_ENV, f"3:{flag}")
+    store = str(tmp_path / "store")
+    summary = run_extraction(parse_config(small_config(store, data_dir)), progress=False)
+    assert flag.exists(), "the worker really died mid-shard"
+    assert summary.ok and summary.retries >= 1
+    assert_same_store(snapshot(store, run_id), reference)
+
+
+def test_multi_node_with_a_node_removed_mid_run(clean, data_dir, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    run_id, reference, _ = clean
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    ray.init(address=cluster.address)
+    try:
+        store = str(tmp_path / "store")
+        cfg = parse_config(small_config(store, data_dir, workers={"count": 2, "cpus": 0.5}))
+        result = {}
+        thread = threading.Thread(
+            target=lambda: result.update(summary=run_extraction(cfg, progress=False))
+        )
+        thread.start()
+        _wait_for_commits(store, 2)  # setup shard + one data shard
+        cluster.remove_node(nodes[0])
+        cluster.add_node(num_cpus=1)
+        thread.join(timeout=300)
+        assert not thread.is_alive()
+        assert result["summary"].ok
+        assert_same_store(snapshot(store, run_id), reference)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_driver_killed_and_resubmitted(clean, data_dir, tmp_path):
+    run_id, reference, _ = clean
+    store = str(tmp_path / "store")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(small_config(store, data_dir)))
+    cmd = [
+        sys.executable,
+        "-m",
+        "extractor.cli",
+        "extract",
+        str(config),
+        "--in-process",
+        "--no-progress",
+    ]
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_commits(store, 3)
+    driver.kill()
+    driver.wait()
+    done = len(read_commits(*resolve(store)))
+    assert done < 6, "the driver was killed before finishing"
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert_same_store(snapshot(store, run_id), reference)
+
+
+def test_same_rows_on_s3_through_an_outage(clean, data_dir, moto_endpoint, s3_env, monkeypatch):
+    run_id, reference, _ = clean
+    proxy = FlakyProxy(int(moto_endpoint.rsplit(":", 1)[1]))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    store = f"s3://{s3_env}/stores/run"
+    cfg = parse_config(small_config(store, data_dir))
+    result = {}
+    thread = threading.Thread(
+        target=lambda: result.update(summary=run_extraction(cfg, in_process=True, progress=False))
+    )
+    thread.start()
+    _wait_for_commits(store, 2)
+    proxy.outage()
+    time.sleep(4)
+    proxy.restore()
+    thread.join(timeout=300)
+    assert result["summary"].ok
+    assert_same_store(snapshot(store, run_id), reference)
+
+
+def test_concurrent_reader_never_sees_a_half_written_shard(data_dir, tmp_path):
+    store = str(tmp_path / "store")
+    cfg = parse_config(small_config(store, data_dir))
+    thread = threading.Thread(target=lambda: run_extraction(cfg, in_process=True, progress=False))
+    thread.start()
+    checks = 0
+    while thread.is_alive() or checks == 0:
+        fs, root = resolve(store)
+        if not read_commits(fs, root):
+            time.sleep(0.05)
+            continue
+        con = open_store(store)
+        lens_rows = con.sql("SELECT count(*) FROM lens").fetchone()[0]
+        promised = con.sql("SELECT coalesce(sum(lens_rows), 0) FROM shards").fetchone()[0]
+        utts = {r[0] for r in con.sql("SELECT utterance_id FROM utterances").fetchall()}
+        lens_utts = {r[0] for r in con.sql("SELECT DISTINCT utterance_id FROM lens").fetchall()}
+        # What a reader sees is exactly the committed shards, each one whole.
+        assert lens_rows == promised
+        assert lens_utts <= utts
+        checks += 1
+    thread.join()
+    assert checks >= 1
+
+
+def test_bad_items_land_in_failures_and_the_rest_completes(data_dir, tmp_path):
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    (bad_dir / "corrupt.wav").write_bytes(b"RIFF....not audio")
+    sf.write(bad_dir / "short.wav", np.zeros(8000, np.float32), 16000)
+    rows = [json.loads(line) for line in (data_dir / "manifest.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["audio"] = str(data_dir / row["audio"])
+    rows += [
+        {
+            "id": "corrupt",
+            "audio": str(bad_dir / "corrupt.wav"),
+            "text": "a",
+            "words": [["a", 0, 0.1]],
+        },
+        {
+            "id": "late-word",
+            "audio": str(bad_dir / "short.wav"),
+            "text": "a",
+            "words": [["a", 0.2, 2.5]],
+        },
+        {
+            "id": "too-long",
+            "text": "long",
+            "words": [["long", 0.0, 100.0]],
+            "units": [i % 500 for i in range(2500)],
+            "durations": [1] * 2500,
+        },
+    ]
+    manifest = bad_dir / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken json\n")
+    store = str(tmp_path / "store")
+    raw = small_config(store, data_dir, dataset={"manifest": str(manifest), "name": "bad"})
+    raw["prompt"] = {"mode": "speech"}
+    summary = run_extraction(parse_config(raw), in_process=True, progress=False)
+    assert not summary.ok and summary.failures == 4
+    con = open_store(store)
+    failures = dict(con.sql("SELECT utterance_id, error FROM failures").fetchall())
+    assert failures == {
+        "corrupt": "AudioReadError",
+        "late-word": "WordTimingError",
+        "too-long": "SequenceTooLongError",
+        "line9": "SpeechInputError",
+    }
+    done = {r[0] for r in con.sql("SELECT DISTINCT utterance_id FROM lens").fetchall()}
+    assert len(done) == 5
+    assert con.sql("SELECT status FROM runs").fetchone()[0] == "failed"
+
+
+def test_ray_job_submit(clean, data_dir, tmp_path):
+    run_id, reference, _ = clean
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port = _free_port()
+    dash = _free_port()
+    start = subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert start.returncode == 0, start.stderr
+    try:
+        store = str(tmp_path / "store")
+        config = tmp_path / "run.yaml"
+        config.write_text(yaml.safe_dump(small_config(store, data_dir)))
+        submit = subprocess.run(
+            [
+                ray_bin,
+                "job",
+                "submit",
+                "--address",
+                f"http://127.0.0.1:{dash}",
+                "--",
+                sys.executable,
+                "-m",
+                "extractor.cli",
+                "extract",
+                str(config),
+                "--no-progress",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "succeeded" in submit.stdout.lower()
+        assert_same_store(snapshot(store, run_id), reference)
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
