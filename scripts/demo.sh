@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The main job on the embedded default. Until the extraction service lands this
-# is the logit-lens explorer over the real SmolLM2-135M model.
+# The main job on the embedded default: local Ray, a local store, DuckDB.
+# Builds a demo dataset (espeak-ng + LibriVox), a SIMS-layout model from the real
+# SmolLM2-135M, extracts every layer's lens into stores/demo and prints a summary.
+# Any other slm-lens command works too: ./scripts/demo.sh lens "The capital of France is"
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/env.sh"
 cd "$ROOT"
 if [[ $# -eq 0 ]]; then
-    set -- lens "The capital of France is" "The cat sat on the"
+    set -- demo --store stores/demo
 fi
 exec slm-lens "$@"

@@ -9,6 +9,21 @@ PYTHON="${PYTHON:-python3}"
 STAMP="$VENV/.slm-lens-stamp"
 WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/env.sh" | sha256sum | cut -d' ' -f1)"
 
+# System packages: espeak-ng (synthetic speech with exact timings) and Debian's
+# pocketsphinx-testdata (LibriVox utterances), used by the demo and the tests.
+missing=()
+command -v espeak-ng >/dev/null || missing+=(espeak-ng)
+command -v sox >/dev/null || missing+=(sox)
+[[ -d /usr/share/pocketsphinx/test/data/librivox ]] || missing+=(pocketsphinx-testdata)
+if (( ${#missing[@]} )); then
+    echo "[slm-lens] installing system packages: ${missing[*]}" >&2
+    SUDO=""
+    [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+    $SUDO apt-get install -y -q "${missing[@]}" >/dev/null \
+        || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q "${missing[@]}" >/dev/null; } \
+        || { echo "[slm-lens] could not install ${missing[*]} (apt-get)" >&2; exit 1; }
+fi
+
 if [[ ! -x "$VENV/bin/python" ]]; then
     echo "[slm-lens] creating virtual environment in $VENV" >&2
     "$PYTHON" -m venv "$VENV"
