@@ -158,12 +158,12 @@ def _cmd_convert_kmeans(args: argparse.Namespace) -> int:
 def _cmd_extract(args: argparse.Namespace) -> int:
     import logging
 
-    from .config import ConfigError, load_config
+    from .config import ConfigError, load_config, with_model
     from .service.driver import run_extraction
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        cfg = load_config(args.config).with_store(args.store)
+        cfg = with_model(load_config(args.config), args.model).with_store(args.store)
     except ConfigError as exc:
         print(f"slm-lens extract: {exc}", file=sys.stderr)
         return 2
@@ -203,6 +203,56 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"\n{UNTRAINED_NOTE}")
     print(f"next: slm-lens report --store {store} --out {Path(store).parent / 'report'}")
     return 0 if summary.ok else 1
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    from .config import ConfigError, load_config
+    from .watch import Watcher, parse_interval
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        cfg = load_config(args.config).with_store(args.store)
+    except ConfigError as exc:
+        print(f"slm-lens watch: {exc}", file=sys.stderr)
+        return 2
+    if not cfg.store:
+        print("slm-lens watch: no store (set store: in the config or --store)", file=sys.stderr)
+        return 2
+    passthrough = (
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_REGION",
+        "AWS_SESSION_TOKEN",
+        "SLM_LENS_S3_ENDPOINT",
+        "SLM_LENS_CACHE",
+        "HF_HUB_OFFLINE",
+    )
+    watcher = Watcher(
+        args.source,
+        args.config,
+        cfg,
+        args.address,
+        max_retries=args.max_retries,
+        settle_s=args.settle,
+        env_vars={k: os.environ[k] for k in passthrough if k in os.environ},
+        python=args.python,
+    )
+    if args.every:
+        watcher.loop(parse_interval(args.every))
+        return 0
+    report = watcher.once()
+    print(
+        f"submitted: {len(report.submitted)}  already known: {len(report.already_known)}  "
+        f"incomplete: {len(report.skipped_incomplete)}  failed jobs: {len(report.failed_jobs)}  "
+        f"retried: {len(report.retried)}"
+    )
+    for run_id in report.submitted:
+        print(f"  submitted {run_id}")
+    return 0
 
 
 def _add_store_args(parser: argparse.ArgumentParser, filters: bool = True) -> None:
@@ -271,10 +321,29 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("extract", help="run a lens extraction (the ray job submit entrypoint)")
     ex.add_argument("config", help="run config YAML")
     ex.add_argument("--store", help="store URI (overrides the config's)")
+    ex.add_argument("--model", help="checkpoint folder or URI (overrides model.path)")
     ex.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     ex.add_argument("--in-process", action="store_true", help="no Ray: one worker in this process")
     ex.add_argument("--no-progress", action="store_true")
     ex.set_defaults(func=_cmd_extract)
+
+    w = sub.add_parser("watch", help="submit one Ray job per new, complete checkpoint")
+    w.add_argument("source", help="folder or s3:// prefix holding checkpoint folders")
+    w.add_argument("--config", required=True, help="run config YAML (path or URI)")
+    w.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://head:8265")
+    w.add_argument("--store", help="store URI (overrides the config's)")
+    mode = w.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true", help="one pass, then exit (the default)")
+    mode.add_argument("--every", help="poll interval, e.g. 10m")
+    w.add_argument("--max-retries", type=int, default=1, help="resubmissions of a failed job")
+    w.add_argument(
+        "--settle",
+        type=float,
+        default=2.0,
+        help="seconds a non-safetensors weight file must keep its size",
+    )
+    w.add_argument("--python", help="run jobs as PYTHON -m extractor.cli instead of slm-lens")
+    w.set_defaults(func=_cmd_watch)
 
     demo = sub.add_parser("demo", help="the whole pipeline on this machine, end to end")
     demo.add_argument("--store", default="stores/demo", help="local store folder")

@@ -229,11 +229,28 @@ def _validate(cfg: RunConfig) -> None:
 
 
 def load_config(path: str | Path) -> RunConfig:
-    path = Path(path)
+    """Read and validate a YAML config from a local path or an object-store URI."""
+    text_path = str(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file {path} does not exist") from exc
+        if "://" in text_path:
+            from analysis.storage import read_text, resolve
+
+            fs, inner = resolve(text_path)
+            text, base = read_text(fs, inner), None
+        else:
+            text, base = Path(text_path).read_text(), Path(text_path).parent
+        raw = yaml.safe_load(text)
+    except (FileNotFoundError, OSError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    return parse_config(raw or {}, base_dir=path.parent)
+    return parse_config(raw or {}, base_dir=base)
+
+
+def with_model(cfg: RunConfig, model_path: str | None) -> RunConfig:
+    """The same run on another checkpoint (the watcher's per-checkpoint jobs)."""
+    from dataclasses import replace
+
+    if not model_path:
+        return cfg
+    return replace(cfg, model=replace(cfg.model, path=model_path))

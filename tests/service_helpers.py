@@ -66,7 +66,14 @@ def snapshot(uri: str, run_id: str) -> dict[str, pd.DataFrame]:
     return out
 
 
+def _is_float_lists(column: pd.Series) -> bool:
+    first = next((v for v in column if isinstance(v, tuple) and v), None)
+    return first is not None and isinstance(first[0], float | np.floating)
+
+
 def assert_same_store(a: dict[str, pd.DataFrame], b: dict[str, pd.DataFrame]) -> None:
+    """Equal row for row: keys, ids and ranks exactly; floats to 1e-4 (thread counts
+    differ between a Ray actor and this process, and so does GEMM summation order)."""
     for table in KEYS:
         left, right = a[table], b[table]
         assert len(left) == len(right), (table, len(left), len(right))
@@ -75,13 +82,7 @@ def assert_same_store(a: dict[str, pd.DataFrame], b: dict[str, pd.DataFrame]) ->
                 np.testing.assert_allclose(
                     left[col], right[col], rtol=1e-4, atol=1e-4, err_msg=f"{table}.{col}"
                 )
-            elif (
-                left[col].dtype == object
-                and len(left)
-                and isinstance(left[col].iloc[0], tuple)
-                and left[col].iloc[0]
-                and isinstance(left[col].iloc[0][0], float)
-            ):
+            elif left[col].dtype == object and _is_float_lists(left[col]):
                 np.testing.assert_allclose(
                     np.array(left[col].tolist(), dtype=float),
                     np.array(right[col].tolist(), dtype=float),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from extractor.config import parse_config
 from extractor.service.driver import run_extraction
 from extractor.service.worker import CRASH_ENV
 
+from .ray_helpers import ray_env, ray_head
 from .service_helpers import FlakyProxy, assert_same_store, small_config, snapshot
 
 pytestmark = pytest.mark.slow
@@ -236,39 +236,17 @@ def test_bad_items_land_in_failures_and_the_rest_completes(data_dir, tmp_path):
 
 def test_ray_job_submit(clean, data_dir, tmp_path):
     run_id, reference, _ = clean
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    port = _free_port()
-    dash = _free_port()
-    start = subprocess.run(
-        [
-            ray_bin,
-            "start",
-            "--head",
-            f"--port={port}",
-            "--num-cpus=2",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert start.returncode == 0, start.stderr
-    try:
+    with ray_head() as url:
         store = str(tmp_path / "store")
         config = tmp_path / "run.yaml"
         config.write_text(yaml.safe_dump(small_config(store, data_dir)))
         submit = subprocess.run(
             [
-                ray_bin,
+                str(Path(sys.executable).parent / "ray"),
                 "job",
                 "submit",
                 "--address",
-                f"http://127.0.0.1:{dash}",
+                url,
                 "--",
                 sys.executable,
                 "-m",
@@ -277,7 +255,7 @@ def test_ray_job_submit(clean, data_dir, tmp_path):
                 str(config),
                 "--no-progress",
             ],
-            env=env,
+            env=ray_env(),
             capture_output=True,
             text=True,
             timeout=400,
@@ -285,13 +263,3 @@ def test_ray_job_submit(clean, data_dir, tmp_path):
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout.lower()
         assert_same_store(snapshot(store, run_id), reference)
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

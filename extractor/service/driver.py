@@ -233,6 +233,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(
+            address="local",  # a fresh local instance, even if `ray start` runs here
             num_cpus=num_cpus or max(2, os.cpu_count() or 2),
             include_dashboard=False,
             log_to_driver=True,

@@ -1,0 +1,292 @@
+"""Watch a folder of checkpoints and submit one Ray job per new, complete checkpoint.
+
+Idempotent by construction: a checkpoint's run id comes from its content
+fingerprint, the config and the dataset, and its Ray submission id from the run
+id, so a duplicate trigger, a second watcher or a re-run after a crash finds the
+job already there and submits nothing. What was submitted, and each job's
+outcome, is recorded in the store's ``runs``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import struct
+import time
+from dataclasses import dataclass, replace
+
+import pyarrow.fs as pafs
+
+from analysis.storage import list_files, read_text, resolve, with_retries
+
+from .config import RunConfig
+from .models.fingerprint import checkpoint_files
+
+log = logging.getLogger("slm_lens.watch")
+
+TERMINAL_BAD = ("FAILED", "STOPPED")
+ACTIVE = ("PENDING", "RUNNING")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    uri: str
+    name: str
+
+
+@dataclass
+class WatchReport:
+    submitted: list[str]
+    skipped_incomplete: list[str]
+    already_known: list[str]
+    failed_jobs: list[str]
+    retried: list[str]
+
+
+def _join(root_uri: str, name: str) -> str:
+    return root_uri.rstrip("/") + "/" + name
+
+
+def list_checkpoints(source: str) -> list[Checkpoint]:
+    """Sub-folders of ``source`` that hold a config.json (a local path or s3:// prefix)."""
+    fs, root = resolve(source)
+    infos = with_retries(
+        lambda: fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True)),
+        f"listing {source}",
+    )
+    out = []
+    for info in sorted(infos, key=lambda i: i.base_name):
+        if info.type != pafs.FileType.Directory:
+            continue
+        if fs.get_file_info(f"{info.path}/config.json").type == pafs.FileType.File:
+            out.append(Checkpoint(_join(source, info.base_name), info.base_name))
+    return out
+
+
+def _safetensors_complete(fs: pafs.FileSystem, path: str, size: int) -> bool:
+    """A safetensors file is complete when its size equals header + the data it declares."""
+    if size < 8:
+        return False
+    with fs.open_input_file(path) as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8 or header_len > 100 << 20:
+            return False
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return size == 8 + header_len + max(ends, default=0)
+
+
+def checkpoint_complete(uri: str, settle_s: float = 2.0) -> tuple[bool, str]:
+    """(complete?, why not). All indexed weight files present and at their final sizes.
+
+    Safetensors files are checked against their own headers; other files must
+    keep the same size over ``settle_s`` seconds.
+    """
+    fs, root = resolve(uri)
+    files = {i.base_name: i for i in checkpoint_files(uri)}
+    index_name = next((n for n in files if n.endswith(".index.json")), None)
+    if index_name:
+        index = json.loads(read_text(fs, f"{root}/{index_name}"))
+        wanted = sorted(set(index.get("weight_map", {}).values()))
+    else:
+        wanted = [n for n in files if n.endswith((".safetensors", ".bin"))]
+    if not wanted:
+        return False, "no weight files yet"
+    missing = [n for n in wanted if n not in files]
+    if missing:
+        return False, f"weight files not there yet: {missing[:3]}"
+    unverified = []
+    for name in wanted:
+        info = files[name]
+        if name.endswith(".safetensors"):
+            if not _safetensors_complete(fs, info.path, info.size):
+                return False, f"{name} is still being written"
+        else:
+            unverified.append(info)
+    if unverified:
+        time.sleep(settle_s)
+        for info in unverified:
+            if fs.get_file_info(info.path).size != info.size:
+                return False, f"{info.base_name} is still growing"
+    return True, ""
+
+
+def submission_id(run_id: str, attempt: int = 0) -> str:
+    return f"slm-lens-{run_id}" + (f"-retry{attempt}" if attempt else "")
+
+
+class Watcher:
+    """One pass (``once``) or a loop over a checkpoint source."""
+
+    def __init__(
+        self,
+        source: str,
+        config_path: str,
+        cfg: RunConfig,
+        address: str,
+        *,
+        max_retries: int = 1,
+        settle_s: float = 2.0,
+        env_vars: dict[str, str] | None = None,
+        python: str | None = None,
+    ) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        self.source = source
+        self.config_path = config_path
+        self.cfg = cfg
+        self.address = address
+        self.max_retries = max_retries
+        self.settle_s = settle_s
+        self.env_vars = env_vars or {}
+        self.python = python
+        self.client = with_retries(
+            lambda: JobSubmissionClient(address), f"connecting to Ray at {address}", attempts=5
+        )
+        from extractor.store import StoreWriter
+
+        self.store = StoreWriter(cfg.store)
+
+    def _entrypoint(self, ckpt: Checkpoint) -> str:
+        exe = f"{shlex.quote(self.python)} -m extractor.cli" if self.python else "slm-lens"
+        return (
+            f"{exe} extract {shlex.quote(self.config_path)} --model {shlex.quote(ckpt.uri)} "
+            f"--store {shlex.quote(self.cfg.store)} --no-progress"
+        )
+
+    def _known_runs(self) -> dict[str, dict]:
+        from analysis.store import StoreNotFoundError, open_store
+
+        try:
+            con = open_store(self.cfg.store)
+        except StoreNotFoundError:
+            return {}
+        rows = con.sql("SELECT run_id, status, message FROM runs").fetchall()
+        return {r: {"status": s, "message": m} for r, s, m in rows}
+
+    def _record(self, run_id: str, ckpt: Checkpoint, revision: str, status: str, info: dict):
+        self.store.write_run(
+            run_id,
+            model=self.cfg.model.name or ckpt.name,
+            revision=revision,
+            dataset=self.cfg.dataset.name or self.cfg.dataset.manifest,
+            k=self.cfg.lens.k,
+            config=replace(self.cfg, model=replace(self.cfg.model, path=ckpt.uri)).to_dict(),
+            status=status,
+            message=json.dumps({"checkpoint": ckpt.uri, **info}),
+        )
+
+    def _submit(self, sid: str, ckpt: Checkpoint) -> bool:
+        """Submit once; False when the submission id already exists (someone did it)."""
+
+        def go() -> bool:
+            try:
+                self.client.submit_job(
+                    entrypoint=self._entrypoint(ckpt),
+                    submission_id=sid,
+                    runtime_env={"env_vars": self.env_vars} if self.env_vars else None,
+                )
+                return True
+            except RuntimeError as exc:
+                if "already exists" in str(exc):
+                    return False
+                raise OSError(str(exc)) from exc  # transient: retried with backoff
+
+        return with_retries(go, f"submitting job {sid}", attempts=5)
+
+    def _job_status(self, sid: str) -> str | None:
+        try:
+            return str(self.client.get_job_status(sid)).rsplit(".", 1)[-1]
+        except Exception:
+            return None
+
+    def once(self) -> WatchReport:
+        from .service.plan import make_plan
+
+        report = WatchReport([], [], [], [], [])
+        known = self._known_runs()
+        for ckpt in list_checkpoints(self.source):
+            complete, why = checkpoint_complete(ckpt.uri, self.settle_s)
+            if not complete:
+                log.info("skip %s: %s", ckpt.uri, why)
+                report.skipped_incomplete.append(ckpt.uri)
+                continue
+            cfg = replace(self.cfg, model=replace(self.cfg.model, path=ckpt.uri))
+            plan = make_plan(cfg)
+            run_id = plan.run_id
+            state = known.get(run_id)
+            info = json.loads(state["message"]) if state and state.get("message") else {}
+            attempt = int(info.get("attempt", 0)) if isinstance(info, dict) else 0
+            if state and state["status"] in ("finished", "running"):
+                report.already_known.append(run_id)
+                continue
+            if state and state["status"] in ("submitted", "failed", "job_failed"):
+                sid = info.get("submission_id", submission_id(run_id, attempt))
+                status = self._job_status(sid)
+                if status in ACTIVE or status == "SUCCEEDED":
+                    report.already_known.append(run_id)
+                    continue
+                if status in TERMINAL_BAD or state["status"] == "failed":
+                    report.failed_jobs.append(run_id)
+                    if attempt >= self.max_retries:
+                        if state["status"] != "job_failed":
+                            self._record(
+                                run_id,
+                                ckpt,
+                                plan.revision,
+                                "job_failed",
+                                {
+                                    "submission_id": sid,
+                                    "job_status": status,
+                                    "attempt": attempt,
+                                    "gave_up": True,
+                                },
+                            )
+                        continue
+                    attempt += 1
+                    report.retried.append(run_id)
+            sid = submission_id(run_id, attempt)
+            if self._submit(sid, ckpt):
+                self._record(
+                    run_id,
+                    ckpt,
+                    plan.revision,
+                    "submitted",
+                    {"submission_id": sid, "attempt": attempt},
+                )
+                report.submitted.append(run_id)
+                log.info("submitted %s for %s", sid, ckpt.uri)
+            else:
+                report.already_known.append(run_id)
+        return report
+
+    def loop(self, every_s: float) -> None:
+        while True:
+            report = self.once()
+            log.info("watch pass: %s", report)
+            time.sleep(every_s)
+
+
+def parse_interval(text: str) -> float:
+    """``90``, ``90s``, ``10m``, ``2h`` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    text = text.strip().lower()
+    if text[-1:] in units:
+        return float(text[:-1]) * units[text[-1]]
+    return float(text)
+
+
+__all__ = [
+    "Checkpoint",
+    "WatchReport",
+    "Watcher",
+    "checkpoint_complete",
+    "list_checkpoints",
+    "list_files",
+    "parse_interval",
+    "submission_id",
+]
