@@ -1,0 +1,93 @@
+"""The deploy files parse, and what they run exists in the package."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from extractor.cli import build_parser
+from extractor.config import parse_config
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+IMAGE = "ghcr.io/slm-lens/slm-lens:0.1.0"
+
+
+def _subcommands() -> set[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return set(sub.choices)
+
+
+def _check_command(argv: list[str]) -> None:
+    assert argv[0] == "slm-lens", argv
+    assert argv[1] in _subcommands(), f"{argv[1]} is not an slm-lens command"
+    # The arguments must parse as the real CLI would parse them.
+    build_parser().parse_args(argv[1:])
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+@pytest.mark.parametrize("path", sorted(DEPLOY.rglob("*.yaml")), ids=lambda p: p.name)
+def test_yaml_parses(path):
+    assert _docs(path)
+
+
+def test_images_are_the_one_the_dockerfile_builds():
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert f"-t {IMAGE}" in dockerfile
+    base = re.search(r"^FROM (\S+)", dockerfile, re.M).group(1)
+    assert "cuda" in base and base.startswith("pytorch/pytorch:")
+    assert "slm-lens --help" in dockerfile
+    found = set()
+    for path in DEPLOY.rglob("*.yaml"):
+        found |= set(re.findall(r"image: (\S+)", path.read_text()))
+    assert found == {IMAGE}
+
+
+def test_rayjob_entrypoint_is_a_real_command():
+    (job,) = _docs(DEPLOY / "kuberay" / "rayjob.yaml")
+    _check_command(shlex.split(job["spec"]["entrypoint"]))
+    assert job["kind"] == "RayJob"
+
+
+def test_cronjob_runs_watch_once():
+    (cron,) = _docs(DEPLOY / "kuberay" / "watcher-cronjob.yaml")
+    container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    _check_command(container["command"])
+    assert container["command"][1] == "watch" and "--once" in container["command"]
+
+
+def test_raycluster_has_gpu_workers_and_a_cpu_head():
+    (cluster,) = _docs(DEPLOY / "kuberay" / "raycluster.yaml")
+    assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    worker = cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_cluster_launcher_config():
+    (launcher,) = _docs(DEPLOY / "cluster.yaml")
+    types = launcher["available_node_types"]
+    assert types["head"]["resources"] == {"CPU": 0}
+    assert types["gpu_worker"]["resources"]["GPU"] == 1
+    assert types["gpu_worker"]["min_workers"] <= types["gpu_worker"]["max_workers"]
+
+
+def test_readme_commands_exist():
+    text = (DEPLOY / "README.md").read_text()
+    commands = re.findall(r"(?:^|-- )(slm-lens [^\n\\]+)", text, re.M)
+    assert len(commands) >= 4
+    for command in commands:
+        argv = shlex.split(command.split("#")[0])
+        assert argv[1] in _subcommands(), command
+
+
+def test_example_run_config_validates():
+    raw = yaml.safe_load((DEPLOY / "run.example.yaml").read_text())
+    cfg = parse_config(raw)
+    assert cfg.workers.gpus == 1 and cfg.store.startswith("s3://")
