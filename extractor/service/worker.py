@@ -285,17 +285,9 @@ class ShardProcessor:
         ).to("cpu")
 
         has_text = self.text_segment_size > 0
-        ranks = res.target_ranks.numpy()
-        text_ranks = res.target_segment_ranks["text"].numpy()
-        cols = {}
-        for slot, name in enumerate(("cur", "next", "ctrl")):
-            span = slice(slot * v_max, (slot + 1) * v_max)
-            cols[f"{name}_word_rank"] = _min_rank(ranks[:, span])
-            cols[f"{name}_word_text_rank"] = (
-                _min_rank(text_ranks[:, span])
-                if has_text
-                else _min_rank(np.full_like(ranks[:, span], -1))
-            )
+        cols = _rank_columns(
+            res.target_ranks.numpy(), res.target_segment_ranks["text"].numpy(), v_max, has_text
+        )
         next_lp = res.target_logprobs[:, 3 * v_max].numpy()
         utt_ids = [batch[int(b)][1].utterance_id for b in sel_b]
         word_idx = [batch[int(b)][1].word_index[int(p)] for b, p in zip(sel_b, sel_p, strict=True)]
@@ -328,17 +320,12 @@ class ShardProcessor:
             inverse = {g: key for key, g in groups.items()}
             g_layer = np.repeat(np.arange(n_layers), n_groups)
             g_keys = [inverse[g] for g in range(n_groups)] * n_layers
-            pranks = res.pooled_target_ranks.numpy()
-            ptext = res.pooled_target_segment_ranks["text"].numpy()
-            pcols = {}
-            for slot, name in enumerate(("cur", "next", "ctrl")):
-                span = slice(slot * v_max, (slot + 1) * v_max)
-                pcols[f"{name}_word_rank"] = _min_rank(pranks[:, span])
-                pcols[f"{name}_word_text_rank"] = (
-                    _min_rank(ptext[:, span])
-                    if has_text
-                    else _min_rank(np.full_like(pranks[:, span], -1))
-                )
+            pcols = _rank_columns(
+                res.pooled_target_ranks.numpy(),
+                res.pooled_target_segment_ranks["text"].numpy(),
+                v_max,
+                has_text,
+            )
             word_lens = pa.table(
                 {
                     "utterance_id": pa.array([batch[b][1].utterance_id for b, _ in g_keys]),
@@ -354,6 +341,22 @@ class ShardProcessor:
         else:
             word_lens = _empty("word_lens")
         return lens, word_lens
+
+
+def _rank_columns(
+    ranks: np.ndarray, text_ranks: np.ndarray, v_max: int, has_text: bool
+) -> dict[str, pa.Array]:
+    """cur/next/ctrl word ranks (whole vocabulary and text) from [rows, 3 * v_max] ranks.
+
+    Without a text segment (a Slam-style vocabulary) text ranks are null, not 0.
+    """
+    cols = {}
+    for slot, name in enumerate(("cur", "next", "ctrl")):
+        span = slice(slot * v_max, (slot + 1) * v_max)
+        cols[f"{name}_word_rank"] = _min_rank(ranks[:, span])
+        text = text_ranks[:, span] if has_text else np.full_like(ranks[:, span], -1)
+        cols[f"{name}_word_text_rank"] = _min_rank(text)
+    return cols
 
 
 def _min_rank(ranks: np.ndarray) -> pa.Array:

@@ -84,6 +84,29 @@ def hubert_frames(model, n_samples: int) -> int:
     return int(model._get_feat_extract_output_lengths(length)[0])
 
 
+def _pad_batch(batch: Sequence[np.ndarray]):
+    """Zero-pad each clip by PAD_SAMPLES on both sides and to the longest: (x, mask, lengths)."""
+    import torch
+
+    lengths = [len(a) + 2 * PAD_SAMPLES for a in batch]
+    x = torch.zeros(len(batch), max(lengths))
+    mask = torch.zeros(len(batch), max(lengths), dtype=torch.long)
+    for i, audio in enumerate(batch):
+        x[i, PAD_SAMPLES : PAD_SAMPLES + len(audio)] = torch.from_numpy(audio)
+        mask[i, : lengths[i]] = 1
+    return x, mask, lengths
+
+
+def _to_sequences(model, frames, lengths: list[int]) -> list[UnitSequence]:
+    """Keep each clip's own frames (padding dropped), then deduplicate."""
+    out = []
+    for i, n in enumerate(lengths):
+        valid = hubert_frames(model, n - 2 * PAD_SAMPLES)
+        units, durations = dedup(frames[i, :valid].tolist())
+        out.append(UnitSequence(units, durations, valid))
+    return out
+
+
 @dataclass
 class UnitSequence:
     """Deduplicated units of one utterance and their frame counts."""
@@ -131,13 +154,7 @@ class HubertKMeansTokenizer:
 
         if not batch:
             return []
-        lengths = [len(a) + 2 * PAD_SAMPLES for a in batch]
-        width = max(lengths)
-        x = torch.zeros(len(batch), width)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for i, audio in enumerate(batch):
-            x[i, PAD_SAMPLES : PAD_SAMPLES + len(audio)] = torch.from_numpy(audio)
-            mask[i, : lengths[i]] = 1
+        x, mask, lengths = _pad_batch(batch)
         use_mask = getattr(self.model.config, "feat_extract_norm", "group") == "layer"
         with torch.no_grad():
             out = self.model(
@@ -148,13 +165,7 @@ class HubertKMeansTokenizer:
         feats = out.hidden_states[self.layer].float()  # [B, T, D]
         # Nearest centroid by L2: argmin ||f||^2 - 2 f.c + ||c||^2 (||f||^2 is constant).
         scores = feats @ self.centroids.T * -2 + self.centroid_sq
-        frames = scores.argmin(-1).cpu()
-        result = []
-        for i, n in enumerate(lengths):
-            valid = self.n_frames(n - 2 * PAD_SAMPLES)
-            units, durations = dedup(frames[i, :valid].tolist())
-            result.append(UnitSequence(units, durations, valid))
-        return result
+        return _to_sequences(self.model, scores.argmin(-1).cpu(), lengths)
 
 
 class LinearQuantizerTokenizer:
@@ -200,10 +211,7 @@ class LinearQuantizerTokenizer:
 
         if not batch:
             return []
-        lengths = [len(a) + 2 * PAD_SAMPLES for a in batch]
-        x = torch.zeros(len(batch), max(lengths))
-        for i, audio in enumerate(batch):
-            x[i, PAD_SAMPLES : PAD_SAMPLES + len(audio)] = torch.from_numpy(audio)
+        x, _, lengths = _pad_batch(batch)
         with torch.no_grad():
             h = self.model(x.to(self.device), output_hidden_states=True).hidden_states[self.layer]
             h = h.float()
@@ -211,10 +219,4 @@ class LinearQuantizerTokenizer:
                 h = h @ w.T + (b if b is not None else 0)
                 if j < len(self.layers) - 1:
                     h = torch.relu(h)
-        frames = h.argmax(-1).cpu()
-        out = []
-        for i, n in enumerate(lengths):
-            valid = self.n_frames(n - 2 * PAD_SAMPLES)
-            units, durations = dedup(frames[i, :valid].tolist())
-            out.append(UnitSequence(units, durations, valid))
-        return out
+        return _to_sequences(self.model, h.argmax(-1).cpu(), lengths)
