@@ -16,6 +16,7 @@ from extractor.lens import (
     NonFiniteHiddenError,
     VocabSegments,
     fused_logit_lens,
+    reference_logits,
 )
 from extractor.lens.chunked import chunked_lens, round_down, row_chunks
 
@@ -97,9 +98,10 @@ def test_bf16_within_rounding(case):
         }
     )
     got = chunked_lens(bf16, row_chunk=row_chunk, vocab_chunk=vocab_chunk)
-    # Logits here reach ~|12|: bf16 rounding of a logit is up to 2**-5; ranks may
-    # differ among entries that close, values are refined in fp32 (2e-2 goal).
-    check_against_reference(bf16, got, tol=2e-2, rank_tol=0.1)
+    # Ranks compare bf16 logits: entries closer than the bf16 rounding of the largest
+    # logit (2**-8 relative, with margin) may honestly swap. Values are refined in fp32.
+    scale = float(reference_logits(bf16).abs().nan_to_num(posinf=0).max())
+    check_against_reference(bf16, got, tol=2e-2, rank_tol=max(0.1, scale * 2**-7))
 
 
 def test_round_down_is_the_same_predicate():

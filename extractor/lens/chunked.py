@@ -101,8 +101,11 @@ def exact_logits(
     if ids.shape[-1] == 0:
         return torch.empty(ids.shape, dtype=torch.float32, device=h32.device)
     safe = ids.clamp(min=0)
-    w = inputs.unembed[safe].float()  # [R, T, d]
-    out = torch.bmm(w, h32.unsqueeze(2)).squeeze(2)
+    out = torch.empty(ids.shape, dtype=torch.float32, device=h32.device)
+    # Gathered rows of W_U are [rows, T, d]: go 128 rows at a time to keep them small.
+    for a in range(0, len(ids), 128):
+        w = inputs.unembed[safe[a : a + 128]].float()
+        out[a : a + 128] = torch.bmm(w, h32[a : a + 128].unsqueeze(2)).squeeze(2)
     if inputs.bias is not None:
         out = out + inputs.bias.float()[safe]
     if inputs.softcap is not None:
