@@ -14,6 +14,9 @@ from typing import Any
 
 import yaml
 
+#: Which positions are lensed: every position; every position of a word (its unit tokens
+#: when spoken, its text tokens when written); or each word's last position. Continuations
+#: of spoken-knowledge pairs are always lensed, so their likelihood can be scored.
 POSITIONS = ("all", "spoken_words", "word_final")
 MODES = ("speech", "text", "interleaved")
 DTYPES = ("bfloat16", "float16", "float32")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import pyarrow.fs as pafs
 
-from analysis.storage import list_files, read_text, resolve, with_retries
+from analysis.storage import read_text, resolve, with_retries
 
 from .config import RunConfig
 from .models.fingerprint import checkpoint_files
@@ -278,15 +278,3 @@ def parse_interval(text: str) -> float:
     if text[-1:] in units:
         return float(text[:-1]) * units[text[-1]]
     return float(text)
-
-
-__all__ = [
-    "Checkpoint",
-    "WatchReport",
-    "Watcher",
-    "checkpoint_complete",
-    "list_checkpoints",
-    "list_files",
-    "parse_interval",
-    "submission_id",
-]

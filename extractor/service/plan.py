@@ -6,7 +6,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from analysis.storage import read_text, resolve
+from analysis.storage import resolve
 from extractor.config import RunConfig
 from extractor.models.fingerprint import fingerprint_checkpoint
 from extractor.speech.manifest import read_manifest
@@ -47,6 +47,3 @@ def make_plan(cfg: RunConfig) -> Plan:
     shards = {1 + i // size: ids[i : i + size] for i in range(0, len(ids), size)}
     errors = [(e.utterance_id, type(e).__name__, str(e)) for e in manifest.errors]
     return Plan(run_id, revision, cfg.dataset.name or cfg.dataset.manifest, shards, errors)
-
-
-__all__ = ["SETUP_SHARD", "Plan", "dataset_hash", "make_plan", "read_text"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
-from pathlib import Path
 
 import pyarrow.fs as pafs
 
@@ -16,29 +14,33 @@ from extractor.models.smollm2 import cache_dir
 
 
 def materialize(uri: str) -> str:
-    """A local folder for ``uri``: itself if local, else a fingerprinted cache copy."""
+    """A local folder for ``uri``: itself if local, else a fingerprinted cache copy.
+
+    The copy is downloaded into a private ``.partial-PID`` folder and renamed into
+    place, so concurrent workers on one node never see (or load) a half-copied model.
+    """
     if "://" not in uri or uri.startswith("file://"):
         return uri.removeprefix("file://")
     target = cache_dir() / "remote" / fingerprint_checkpoint(uri)
-    if (target / ".complete").exists():
+    if target.is_dir():
         return str(target)
     fs, root = resolve(uri)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
-        for info in infos:
-            if info.type == pafs.FileType.File:
-                with_retries(
-                    lambda i=info: pafs.copy_files(
-                        i.path, os.path.join(tmp, i.base_name), source_filesystem=fs
-                    ),
-                    f"downloading {info.path}",
-                )
-        Path(tmp, ".complete").touch()
-        if not (target / ".complete").exists():
-            shutil.rmtree(target, ignore_errors=True)
-            os.rename(tmp, target)
-            os.makedirs(tmp)  # TemporaryDirectory cleans up the (now empty) name
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    for info in infos:
+        if info.type == pafs.FileType.File:
+            with_retries(
+                lambda i=info: pafs.copy_files(
+                    i.path, str(partial / i.base_name), source_filesystem=fs
+                ),
+                f"downloading {info.path}",
+            )
+    try:
+        os.rename(partial, target)
+    except OSError:  # another worker finished first: use its copy
+        shutil.rmtree(partial, ignore_errors=True)
     return str(target)
 
 
