@@ -263,3 +263,27 @@ def test_ray_job_submit(clean, data_dir, tmp_path):
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout.lower()
         assert_same_store(snapshot(store, run_id), reference)
+
+
+def test_extract_command_exit_codes(data_dir, tmp_path, capsys):
+    from extractor.cli import main
+
+    config = tmp_path / "run.yaml"
+    raw = small_config(str(tmp_path / "store"), data_dir)
+    raw["lens"]["k"] = 0
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["extract", str(config), "--in-process", "--no-progress"]) == 2
+    assert "lens.k" in capsys.readouterr().err
+
+    manifest = tmp_path / "m.jsonl"
+    good = (data_dir / "manifest.jsonl").read_text().splitlines()[0]
+    import json
+
+    row = json.loads(good)
+    row["audio"] = str(data_dir / row["audio"])
+    manifest.write_text(json.dumps(row) + "\n" + json.dumps({"id": "x", "text": ""}) + "\n")
+    raw = small_config(str(tmp_path / "store"), data_dir, dataset={"manifest": str(manifest)})
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["extract", str(config), "--in-process", "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "failed items: 1" in out and "2 done" in out
