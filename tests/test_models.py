@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -187,9 +188,13 @@ def test_fingerprint_follows_content(tmp_path):
     (b / "README.md").write_text("notes do not change what the model computes")
     assert fingerprint_checkpoint(str(a)) == fingerprint_checkpoint(str(b))
     weights = b / "model.safetensors"
+    before = fingerprint_checkpoint(str(b))
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1  # same size, one bit flipped
     weights.write_bytes(bytes(data))
-    assert fingerprint_checkpoint(str(a)) != fingerprint_checkpoint(str(b))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1000))
+    after = fingerprint_checkpoint(str(b))
+    assert after != before == fingerprint_checkpoint(str(a))
+    assert after == fingerprint_checkpoint(str(b), use_memo=False)  # the memo is faithful
     with pytest.raises(FileNotFoundError):
         fingerprint_checkpoint(str(tmp_path / "missing"))

@@ -1,8 +1,18 @@
-"""Content fingerprints of checkpoints, so a run id changes whenever any weight does."""
+"""Content fingerprints of checkpoints, so a run id changes whenever any weight does.
+
+Hashing a 15 GB checkpoint on every watcher pass (or reading it from S3 twice) would
+be wasteful, so fingerprints are memoised in a small JSON file under the slm-lens
+cache, keyed by the checkpoint's listing: every file's name, size and modification
+time. Rewriting any file changes its mtime, and so the key.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
 
 import pyarrow.fs as pafs
 
@@ -49,20 +59,61 @@ def checkpoint_files(uri: str) -> list[pafs.FileInfo]:
     )
 
 
-def fingerprint_checkpoint(uri: str) -> str:
+def _memo_path() -> Path:
+    from .smollm2 import cache_dir
+
+    return cache_dir() / "fingerprints.json"
+
+
+def _listing_key(uri: str, files: list[pafs.FileInfo]) -> str:
+    parts = [uri] + [f"{i.base_name}:{i.size}:{i.mtime_ns}" for i in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _memo_get(key: str) -> str | None:
+    try:
+        return json.loads(_memo_path().read_text()).get(key)
+    except (OSError, ValueError):
+        return None
+
+
+def _memo_put(key: str, value: str) -> None:
+    path = _memo_path()
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    memo[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(memo, f)
+    os.replace(tmp, path)  # atomic: concurrent writers lose entries, never the file
+
+
+def fingerprint_checkpoint(uri: str, *, use_memo: bool = True) -> str:
     """sha256 over (name, size, content) of every fingerprinted file, as 16 hex digits.
 
     Hashes full contents: a weight edited in place without a size change still
-    changes the fingerprint.
+    changes the fingerprint. Memoised by listing (see module doc) unless
+    ``use_memo=False``.
     """
     fs, _ = _resolve(uri)
     files = checkpoint_files(uri)
     if not files:
         raise FileNotFoundError(f"{uri}: no checkpoint files to fingerprint")
+    key = _listing_key(uri, files)
+    if use_memo and all(i.mtime_ns is not None for i in files):
+        cached = _memo_get(key)
+        if cached:
+            return cached
     digest = hashlib.sha256()
     for info in files:
         digest.update(f"{info.base_name}\0{info.size}\0".encode())
         with fs.open_input_stream(info.path) as stream:
             while chunk := stream.read(_BLOCK):
                 digest.update(chunk)
-    return digest.hexdigest()[:16]
+    value = digest.hexdigest()[:16]
+    if use_memo and all(i.mtime_ns is not None for i in files):
+        _memo_put(key, value)
+    return value
