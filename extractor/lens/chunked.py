@@ -63,7 +63,13 @@ def row_chunks(groups: torch.Tensor, row_chunk: int) -> tuple[torch.Tensor, list
     Returns the row order and half-open [a, b) spans into it. A group larger than
     ``row_chunk`` becomes one chunk of its own size: pooling needs all its rows.
     """
-    order = torch.argsort(groups, stable=True)
+    # Unpooled rows first, then groups by (size, id): each chunk then holds its pooled
+    # rows as one contiguous suffix, in runs of equal-sized groups that pool as views.
+    if groups.numel() == 0:
+        return torch.empty(0, dtype=torch.long), []
+    sizes = torch.bincount(groups.clamp(min=0), minlength=1)[groups.clamp(min=0)]
+    key = torch.where(groups < 0, -1, sizes * (int(groups.max().clamp(min=0)) + 1) + groups)
+    order = torch.argsort(key, stable=True)
     g = groups[order]
     n = int(g.numel())
     if n == 0:
@@ -208,10 +214,25 @@ def _own_correction(
 
 
 def _segment_max(data: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Max over consecutive row groups of the given lengths: [sum(lengths), C] -> [G, C]."""
+    """Max over consecutive row groups of the given lengths: [sum(lengths), C] -> [G, C].
+
+    Groups come sorted by size (see :func:`row_chunks`), so each run of equal-sized
+    groups reduces as one strided view; ``segment_reduce`` was ~5x slower.
+    """
     if len(lengths) == len(data):
         return data
-    return torch.segment_reduce(data, "max", lengths=lengths, axis=0)
+    sizes = lengths.tolist()
+    out = torch.empty((len(sizes), *data.shape[1:]), dtype=data.dtype, device=data.device)
+    g = row = 0
+    while g < len(sizes):
+        size, run = sizes[g], 1
+        while g + run < len(sizes) and sizes[g + run] == size:
+            run += 1
+        block = data[row : row + run * size]
+        out[g : g + run] = block.view(run, size, *data.shape[1:]).amax(1)
+        g += run
+        row += run * size
+    return out
 
 
 @torch.no_grad()
@@ -281,7 +302,9 @@ def chunked_lens(
         t_q = round_down(t_exact, dtype)
 
         g = groups[rows]
-        pooled_rows = torch.nonzero(g >= 0).flatten()
+        # Pooled rows are a contiguous suffix of the chunk (row_chunks orders them so).
+        first_pooled = r - int((g >= 0).sum())
+        pooled_rows = slice(first_pooled, r)
         g_ids, g_len = torch.unique_consecutive(g[pooled_rows], return_counts=True)
         g_local = torch.repeat_interleave(torch.arange(len(g_ids), device=device), g_len)
         ptg = pool_targets[g_ids]  # [Gc, Tp]
