@@ -83,8 +83,12 @@ def word_layer_grid(
     df = con.execute(sql, [run_id, utterance_id]).df()
     tokens = df.pivot(index="layer", columns="word_index", values="top1_text")
     ranks = df.pivot(index="layer", columns="word_index", values="rank")
-    words = df.drop_duplicates("word_index").set_index("word_index").word
-    tokens.columns = ranks.columns = [f"{i}:{words[i]}" for i in tokens.columns]
+    first = df.drop_duplicates("word_index").set_index("word_index")
+    tag = {"speech": "spoken", "text": "text"}
+    tokens.columns = ranks.columns = [
+        f"{i}:{first.word[i]} ({tag.get(first.word_modality[i], first.word_modality[i])})"
+        for i in tokens.columns
+    ]
     return tokens, ranks
 
 

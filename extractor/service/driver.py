@@ -94,13 +94,14 @@ def _write_setup_shard(cfg: RunConfig, plan: Plan, store: StoreWriter) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
     layout = layout_from_config(cfg.model.layout).check(tokenizer)
     modality = layout.modality_of()
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    # Readable strings (" cat", not the byte-level "Ġcat"), as an analyst wants to see them.
+    text = tokenizer.batch_decode([[i] for i in range(len(modality))])
     with store.shard(plan.run_id, SETUP_SHARD) as writer:
         writer.write(
             "vocab",
             [
-                {"token_id": i, "token": by_id.get(i, ""), "modality": m}
-                for i, m in enumerate(modality)
+                {"token_id": i, "token": t, "modality": m}
+                for i, (t, m) in enumerate(zip(text, modality, strict=True))
             ],
         )
         writer.write(
