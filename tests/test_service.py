@@ -287,3 +287,40 @@ def test_extract_command_exit_codes(data_dir, tmp_path, capsys):
     assert main(["extract", str(config), "--in-process", "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert "failed items: 1" in out and "2 done" in out
+
+
+def test_a_slamkit_unit_lm_checkpoint_runs_end_to_end(data_dir, tmp_path):
+    """SIMS ships as slamkit's UnitLM: nested base_config, 'lm.' weights. It must just work."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from extractor.demo import build_demo_model
+
+    src = build_demo_model(tiny=True)
+    unit_lm = tmp_path / "sims-unitlm"
+    unit_lm.mkdir()
+    base = json.loads((src / "config.json").read_text())
+    vocab_size = base.pop("vocab_size")
+    for key in ("architectures", "dtype", "torch_dtype", "transformers_version"):
+        base.pop(key, None)
+    (unit_lm / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["UnitLM"],
+                "model_type": "speech_language_model",
+                "vocab_size": vocab_size,
+                "base_config": base,
+            }
+        )
+    )
+    weights = {f"lm.{k}": v for k, v in load_file(src / "model.safetensors").items()}
+    save_file(weights, unit_lm / "model.safetensors")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (unit_lm / name).write_bytes((src / name).read_bytes())
+    store = str(tmp_path / "store")
+    raw = small_config(store, data_dir, model={"path": str(unit_lm), "name": "sims-unitlm"})
+    summary = run_extraction(parse_config(raw), in_process=True, progress=False)
+    assert summary.ok and summary.lens_rows > 0
+    con = open_store(store)
+    assert con.sql("SELECT n_layers, vocab_size FROM runs").fetchone() == (2, vocab_size)

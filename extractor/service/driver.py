@@ -261,6 +261,13 @@ def _run_on_ray(cfg, run_id, todo, address, on_done, summary: RunSummary) -> Non
     import ray
 
     ensure_ray(address)
+    if cfg.workers.gpus > 0 and not ray.cluster_resources().get("GPU"):
+        # Not an error: an autoscaling cluster may add GPU nodes once asked.
+        log.warning(
+            "workers.gpus=%s but the Ray cluster has no GPU right now; actors wait until "
+            "GPU nodes join (set workers.gpus: 0 to run on CPUs)",
+            cfg.workers.gpus,
+        )
     env = {
         k: v
         for k, v in os.environ.items()
