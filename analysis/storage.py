@@ -18,6 +18,9 @@ import pyarrow.fs as pafs
 
 T = TypeVar("T")
 
+#: Attempts of every store operation (``SLM_LENS_IO_ATTEMPTS``): ~30 s of backoff at 8.
+IO_ATTEMPTS = int(os.environ.get("SLM_LENS_IO_ATTEMPTS", "8"))
+
 
 class StorageError(OSError):
     """An object-store operation kept failing; names what and where."""
@@ -40,7 +43,9 @@ def s3_filesystem(allow_bucket_creation: bool = False) -> pafs.S3FileSystem:
         "region": os.environ.get("AWS_REGION")
         or os.environ.get("AWS_DEFAULT_REGION")
         or "us-east-1",
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5),
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(
+            max_attempts=int(os.environ.get("SLM_LENS_S3_RETRIES", "3"))
+        ),
         "connect_timeout": 5,
         "request_timeout": 30,
         "allow_bucket_creation": allow_bucket_creation,
@@ -58,13 +63,14 @@ def s3_filesystem(allow_bucket_creation: bool = False) -> pafs.S3FileSystem:
 
 
 def with_retries(
-    fn: Callable[[], T], what: str, *, attempts: int = 8, first_delay: float = 0.25
+    fn: Callable[[], T], what: str, *, attempts: int | None = None, first_delay: float = 0.25
 ) -> T:
     """Run ``fn``, retrying I/O errors with jittered exponential backoff (~30 s in all).
 
     Rides out a store that is briefly unreachable; a store that stays down ends
     in a :class:`StorageError` saying what failed and why.
     """
+    attempts = attempts or IO_ATTEMPTS
     delay = first_delay
     for attempt in range(1, attempts + 1):
         try:
