@@ -107,10 +107,10 @@ def build_demo_speech_tokenizer(root: Path | None = None, n_units: int = 200) ->
     centroids are k-means over its own features of espeak-ng speech, so units vary with
     the sound the way real units do (they carry no trained phonetic meaning)."""
     import torch
-    from transformers import HubertConfig, HubertModel
+    from transformers import HubertModel
 
     from .speech.synth import Voice, synthesize
-    from .speech.units import PAD_SAMPLES
+    from .speech.units import PAD_SAMPLES, small_hubert_config
 
     root = root or cache_dir() / "models"
     folder = root / "demo-hubert-25hz-km"
@@ -118,19 +118,7 @@ def build_demo_speech_tokenizer(root: Path | None = None, n_units: int = 200) ->
     if centroids.is_file():
         return folder, centroids
     torch.manual_seed(0)
-    config = HubertConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        conv_dim=(32,) * 8,
-        conv_stride=(5, 2, 2, 2, 2, 2, 2, 2),
-        conv_kernel=(10, 3, 3, 3, 3, 2, 2, 2),
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=4,
-        feat_extract_norm="layer",
-        do_stable_layer_norm=True,
-    )
+    config = small_hubert_config(hidden=64, layers=2, heads=4, conv=32)
     model = HubertModel(config).eval()
     frames = []
     for i, sentence in enumerate(SENTENCES * 2):

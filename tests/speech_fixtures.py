@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, HubertConfig, HubertModel, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, HubertModel, PreTrainedTokenizerFast
+
+from extractor.speech.units import small_hubert_config
 
 LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
 
@@ -12,19 +14,7 @@ LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
 def tiny_hubert(hidden: int = 32, layers: int = 2, seed: int = 0) -> HubertModel:
     """A random HuBERT with the real 25 Hz geometry: total conv stride 640 samples."""
     torch.manual_seed(seed)
-    config = HubertConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden,
-        conv_dim=(16,) * 8,
-        conv_stride=(5, 2, 2, 2, 2, 2, 2, 2),
-        conv_kernel=(10, 3, 3, 3, 3, 2, 2, 2),
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-        feat_extract_norm="layer",
-        do_stable_layer_norm=True,
-    )
+    config = small_hubert_config(hidden=hidden, layers=layers, heads=2, conv=16)
     return HubertModel(config).eval()
 
 

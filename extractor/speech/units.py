@@ -76,6 +76,29 @@ def convert_kmeans(src: str | Path, dst: str | Path, *, allow_pickle: bool = Fal
     return centers
 
 
+def small_hubert_config(hidden: int = 64, layers: int = 2, heads: int = 4, conv: int = 32):
+    """A small HuBERT config with the real 25 Hz geometry (total conv stride 640 samples).
+
+    For demos and tests: the conv stack of HuBERT base plus one stride-2 layer, as
+    the released 25 Hz tokenizer has, at a fraction of the width.
+    """
+    from transformers import HubertConfig
+
+    return HubertConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        conv_dim=(conv,) * 8,
+        conv_stride=(5, 2, 2, 2, 2, 2, 2, 2),
+        conv_kernel=(10, 3, 3, 3, 3, 2, 2, 2),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=heads,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+    )
+
+
 def hubert_frames(model, n_samples: int) -> int:
     """Frames HuBERT's convolutional front end makes from ``n_samples`` (+ the padding)."""
     import torch
