@@ -255,6 +255,28 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_organism(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.action == "train":
+        from .organism.train import OrganismSpec, train_organism
+
+        spec = OrganismSpec(variant=args.variant, seed=args.seed, minutes=args.minutes)
+        train_organism(Path(args.out or f"organisms/{args.variant}-s{args.seed}"), spec)
+        return 0
+    from .organism.study import study
+
+    summary = study(
+        Path(args.out or "bench/results/organism"),
+        args.variants,
+        args.seeds,
+        args.minutes,
+        n_sentences=args.sentences,
+    )
+    print(summary.to_string(index=False))
+    return 0
+
+
 def _add_store_args(parser: argparse.ArgumentParser, filters: bool = True) -> None:
     parser.add_argument("--store", required=True, help="store URI: a folder or s3://bucket/prefix")
     if filters:
@@ -344,6 +366,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--python", help="run jobs as PYTHON -m extractor.cli instead of slm-lens")
     w.set_defaults(func=_cmd_watch)
+
+    org = sub.add_parser("organism", help="train the small interleaved speech-text LM")
+    org.add_argument("action", choices=("train", "study"))
+    org.add_argument(
+        "--variant", default="interleaved", choices=("interleaved", "random-init", "speech-only")
+    )
+    org.add_argument("--variants", nargs="+", default=["interleaved", "random-init", "speech-only"])
+    org.add_argument("--seed", type=int, default=0)
+    org.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    org.add_argument("--minutes", type=float, default=8.0, help="training budget per model")
+    org.add_argument("--sentences", type=int, default=200, help="held-out sentences (study)")
+    org.add_argument("--out", help="output folder")
+    org.set_defaults(func=_cmd_organism)
 
     demo = sub.add_parser("demo", help="the whole pipeline on this machine, end to end")
     demo.add_argument("--store", default="stores/demo", help="local store folder")

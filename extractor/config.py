@@ -20,7 +20,7 @@ import yaml
 POSITIONS = ("all", "spoken_words", "word_final")
 MODES = ("speech", "text", "interleaved")
 DTYPES = ("bfloat16", "float16", "float32")
-SPEECH_KINDS = ("hubert-kmeans", "spirit-linear", "none")
+SPEECH_KINDS = ("hubert-kmeans", "spirit-linear", "fbank-kmeans", "none")
 
 
 class ConfigError(ValueError):
@@ -189,6 +189,12 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.speech.kind == "hubert-kmeans":
         _expect(bool(cfg.speech.model), "speech.model", "is required for hubert-kmeans")
         _expect(bool(cfg.speech.centroids), "speech.centroids", "is required for hubert-kmeans")
+    if cfg.speech.kind == "fbank-kmeans":
+        _expect(
+            bool(cfg.speech.centroids),
+            "speech.centroids",
+            "is required for fbank-kmeans (the organism's acoustic.npz)",
+        )
     if cfg.speech.kind == "spirit-linear":
         _expect(bool(cfg.speech.model), "speech.model", "is required for spirit-linear")
         _expect(bool(cfg.speech.quantizer), "speech.quantizer", "is required for spirit-linear")

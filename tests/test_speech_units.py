@@ -213,3 +213,9 @@ def test_too_long_sequence_is_refused(sims):
     utt = _utt(CAT, units=list(range(8)), durations=[2] * 8)
     with pytest.raises(SequenceTooLongError, match="context"):
         build_sequence(utt, tok, layout, "speech", max_positions=4)
+
+
+def test_variants_never_include_unk():
+    tok = spirit_tokenizer()  # word-level: "Cat" is not in its vocabulary
+    ids = word_variants(tok, "cat")
+    assert tok.unk_token_id not in ids and ids == [tok.convert_tokens_to_ids("cat")]

@@ -48,6 +48,10 @@ def build_speech_tokenizer(section: SpeechSection, device: str):
     """The configured speech tokenizer, or None for precomputed units / text-only data."""
     if section.kind == "none":
         return None
+    if section.kind == "fbank-kmeans":
+        from extractor.organism.acoustic import FbankKMeansTokenizer
+
+        return FbankKMeansTokenizer.load(materialize(section.centroids))
     from transformers import HubertModel
 
     from extractor.speech.units import (

@@ -34,11 +34,13 @@ def word_variants(tokenizer, word: str) -> list[int]:
     if not w:
         return []
     forms = [w, w[0].upper() + w[1:], w[0].lower() + w[1:]]
+    # A form the vocabulary lacks encodes to <unk>, which is not the word: skip it.
+    unk = getattr(tokenizer, "unk_token_id", None)
     ids: list[int] = []
     for form in forms:
         for text in (" " + form, form):
             encoded = tokenizer.encode(text, add_special_tokens=False)
-            if encoded and encoded[0] not in ids:
+            if encoded and encoded[0] != unk and encoded[0] not in ids:
                 ids.append(encoded[0])
     return ids
 
@@ -161,8 +163,12 @@ def build_sequence(
     control: ControlSampler | None = None,
     max_positions: int | None = None,
     frame_s: float = FRAME_S,
+    variants: bool = True,
 ) -> BuiltSequence:
-    """Render ``utt`` (with units if any word is spoken) as token ids plus bookkeeping."""
+    """Render ``utt`` (with units if any word is spoken) as token ids plus bookkeeping.
+
+    ``variants=False`` skips the variant/control ids (training data needs only ids).
+    """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: use one of {MODES}")
     words = (
@@ -252,7 +258,9 @@ def build_sequence(
         raise SequenceTooLongError(
             utt.id, f"sequence of {len(ids)} tokens exceeds the model's context ({max_positions})"
         )
-    variants = [word_variants(tokenizer, w.word) for w in words]
+    if not variants:
+        return BuiltSequence(utt.id, ids, mods, widx, [], utt.duration_s)
+    variant_ids = [word_variants(tokenizer, w.word) for w in words]
     rows = []
     for i, w in enumerate(words):
         ctrl = control.draw(utt.id, i) if control is not None else None
@@ -265,8 +273,8 @@ def build_sequence(
                 end_s=None if np.isnan(w.end_s) else float(w.end_s),
                 first_position=first_pos[i],
                 last_position=last_pos[i],
-                variant_ids=variants[i],
-                next_variant_ids=variants[i + 1] if i + 1 < n else None,
+                variant_ids=variant_ids[i],
+                next_variant_ids=variant_ids[i + 1] if i + 1 < n else None,
                 ctrl_word=ctrl,
                 ctrl_variant_ids=word_variants(tokenizer, ctrl) if ctrl else None,
                 n_units=(spans[i][1] - spans[i][0]) if spans[i] else 0,

@@ -1,0 +1,90 @@
+"""Run the real pipeline on an organism: held-out spoken sentences -> extraction -> metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .grammar import Grammar
+from .train import VOICES
+
+
+def heldout_manifest(folder: Path, n: int, seed: int = 10_000) -> Path:
+    """Held-out sentences (a grammar seed no organism trains on), spoken by espeak-ng."""
+    import soundfile as sf
+
+    from extractor.speech.synth import synthesize
+
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / "manifest.jsonl"
+    if manifest.is_file():
+        return manifest
+    grammar = Grammar(seed=seed)
+    rows = []
+    for i in range(n):
+        words = grammar.sentence()
+        audio, timings = synthesize(words, VOICES[i % len(VOICES)])
+        name = f"heldout-{i:04d}.wav"
+        sf.write(folder / name, audio, 16000)
+        rows.append(
+            {
+                "id": f"heldout-{i:04d}",
+                "audio": name,
+                "text": " ".join(words),
+                "words": [[w.word, w.start_s, w.end_s] for w in timings],
+            }
+        )
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+def organism_config(model: Path, manifest: Path, store: str, name: str) -> dict:
+    info = json.loads((model / "organism.json").read_text())
+    return {
+        "model": {
+            "path": str(model),
+            "dtype": "float32",
+            "name": name,
+            "layout": {
+                "name": "organism",
+                "unit_format": "<Un{}>",
+                "n_units": info["n_units"],
+                "speech_marker": "<speech>",
+                "text_marker": "<text>",
+            },
+        },
+        "speech": {"kind": "fbank-kmeans", "centroids": str(model / "acoustic.npz")},
+        "dataset": {"manifest": str(manifest), "name": "organism-heldout"},
+        "prompt": {"mode": "speech"},
+        "lens": {"positions": "spoken_words", "k": 10},
+        "store": store,
+        "shard_size": 50,
+        "batch_tokens": 4096,
+        "workers": {"count": 1, "gpus": 0, "cpus": 1},
+    }
+
+
+def evaluate(
+    model: Path,
+    data_dir: Path,
+    store: str,
+    name: str,
+    n_sentences: int = 200,
+    in_process: bool = True,
+) -> pd.DataFrame:
+    """Recall curves (current/next word, text rank, any position) with their controls."""
+    from analysis import metrics
+    from analysis.store import open_store
+    from extractor.config import parse_config
+    from extractor.service.driver import run_extraction
+
+    manifest = heldout_manifest(data_dir, n_sentences)
+    cfg = parse_config(organism_config(model, manifest, store, name))
+    summary = run_extraction(cfg, in_process=in_process, progress=False)
+    con = open_store(store, runs=[summary.run_id])
+    cur = metrics.recall_by_layer(con, 10, "any", "cur", "text").assign(target="cur")
+    nxt = metrics.recall_by_layer(con, 10, "any", "next", "text").assign(target="next")
+    mass = metrics.modality_mass(con)[["run_id", "layer", "speech_mass", "top1_speech_frac"]]
+    return pd.concat([cur, nxt]).merge(mass, on=["run_id", "layer"], how="left")

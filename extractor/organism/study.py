@@ -1,0 +1,109 @@
+"""Train every organism variant over seeds, run the pipeline on each, write the results.
+
+One command (``slm-lens organism study``) so the numbers in bench/README.md can be
+reproduced: recall curves as CSV and PNG under the output folder, and a markdown
+table of the mid-layer effect against its chance control.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from .evaluate import evaluate
+from .train import OrganismSpec, train_organism
+
+
+def study(
+    out: Path,
+    variants: Sequence[str],
+    seeds: Sequence[int],
+    minutes: float,
+    n_sentences: int = 200,
+    log=print,
+) -> pd.DataFrame:
+    out.mkdir(parents=True, exist_ok=True)
+    curves = []
+    for variant in variants:
+        for seed in seeds:
+            name = f"organism-{variant}-s{seed}"
+            model = out / "models" / name
+            if not (model / "organism.json").is_file():
+                train_organism(
+                    model, OrganismSpec(variant=variant, seed=seed, minutes=minutes), log=log
+                )
+            df = evaluate(model, out / "heldout", str(out / "store"), name, n_sentences)
+            curves.append(df.assign(variant=variant, seed=seed))
+            log(f"{name}: evaluated")
+    table = pd.concat(curves, ignore_index=True)
+    table.to_csv(out / "recall.csv", index=False)
+    summary = summarize(table)
+    summary.to_csv(out / "summary.csv", index=False)
+    (out / "summary.md").write_text(
+        summary.to_markdown(index=False, floatfmt=".3f")
+        if hasattr(summary, "to_markdown")
+        else summary.to_string()
+    )
+    plot(table, out / "recall.png")
+    return summary
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    def cell(v) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + " --- |" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def summarize(table: pd.DataFrame) -> pd.DataFrame:
+    """Per variant and seed: peak current-word recall in the middle layers vs control."""
+    rows = []
+    for (variant, seed), df in table.groupby(["variant", "seed"]):
+        cur = df[df.target == "cur"].sort_values("layer")
+        nxt = df[df.target == "next"].sort_values("layer")
+        n_layers = int(cur.layer.max())
+        mid = cur[(cur.layer >= 1) & (cur.layer < n_layers)]
+        best = mid.loc[mid.recall.idxmax()] if len(mid) else cur.iloc[0]
+        nxt_peak = nxt.loc[nxt.recall.idxmax()]
+        rows.append(
+            {
+                "variant": variant,
+                "seed": seed,
+                "peak_layer": int(best.layer),
+                "cur_recall": best.recall,
+                "control": best.control_recall,
+                "ratio": best.recall / best.control_recall if best.control_recall else float("inf"),
+                "next_peak_layer": int(nxt_peak.layer),
+                "next_recall": nxt_peak.recall,
+                "final_speech_mass": float(cur.speech_mass.iloc[-1]),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(table.groupby(["variant", "seed"]))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.4), squeeze=False)
+    for ax, ((variant, seed), df) in zip(axes[0], groups, strict=True):
+        for target, style in (("cur", "-"), ("next", "--")):
+            part = df[df.target == target].sort_values("layer")
+            ax.plot(part.layer, part.recall, style, label=f"{target} word")
+        ctrl = df[df.target == "cur"].sort_values("layer")
+        ax.plot(ctrl.layer, ctrl.control_recall, ":", label="chance control")
+        ax.set_title(f"{variant}, seed {seed}", fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("recall@10 (text rank)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

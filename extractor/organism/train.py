@@ -1,0 +1,239 @@
+"""Train the model organism: a small interleaved speech-text LM in SIMS layout, on the CPU.
+
+Variants (REFERENCE §1's ablations, in miniature):
+* ``interleaved``: text-initialised (a text-only phase first), then trained on a mix of
+  interleaved, text-only and speech-only sequences;
+* ``random-init``: the same mix, from random weights;
+* ``speech-only``: text-initialised, then speech-only sequences (and some text).
+
+Everything is generated here: the corpus (``grammar``), speech for each word from
+espeak-ng in several voices, units from the light acoustic tokenizer (``acoustic``)
+over the joined sentence audio, exactly as the front end computes them at analysis time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from extractor.speech.layouts import SIMS
+from extractor.speech.records import AlignedWord, Utterance
+from extractor.speech.sequence import ModalityRule, build_sequence
+from extractor.speech.synth import Voice, espeak_word
+
+from .acoustic import FbankKMeansTokenizer
+from .grammar import Grammar, vocabulary
+
+VARIANTS = ("interleaved", "random-init", "speech-only")
+VOICES = [
+    Voice("en-us", 150, 40),
+    Voice("en-gb", 170, 60),
+    Voice("en-us", 185, 75),
+    Voice("en-gb", 160, 30),
+]
+GAP_S, LEAD_S = 0.06, 0.1  # the same joins as extractor.speech.synth.synthesize
+
+
+@dataclass
+class OrganismSpec:
+    variant: str = "interleaved"
+    seed: int = 0
+    minutes: float = 8.0
+    n_units: int = 200
+    layers: int = 6
+    hidden: int = 256
+    heads: int = 4
+    context: int = 256
+    batch: int = 16
+    lr: float = 1e-3
+    speech_pool: int = 4000  # sentences rendered to audio/units for training
+    renderings: int = 4
+    text_fraction: float = 0.4  # share of the time budget spent in the text phase
+
+
+def build_tokenizer(words: list[str], n_units: int):
+    """A word-level tokenizer in SIMS layout: words, then <Un0>..<Un{n-1}>, <speech>, <text>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    units = [f"<Un{i}>" for i in range(n_units)]
+    vocab = {t: i for i, t in enumerate(specials + words + units + ["<speech>", "<text>"])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+
+
+class WordBank:
+    """Every vocabulary word rendered by espeak-ng in several voices (16 kHz)."""
+
+    def __init__(self, words: list[str], renderings: int) -> None:
+        self.audio = {w: [espeak_word(w, v) for v in VOICES[:renderings]] for w in words}
+
+    def sentence(self, words: list[str], rng: np.random.Generator):
+        """Joined audio and exact word timings, as ``synthesize`` would make them."""
+        rate = 16000
+        pieces = [np.zeros(int(LEAD_S * rate), np.float32)]
+        cursor, timings = len(pieces[0]), []
+        gap = np.zeros(int(GAP_S * rate), np.float32)
+        for w in words:
+            clip = self.audio[w][rng.integers(len(self.audio[w]))]
+            timings.append(AlignedWord(w, cursor / rate, (cursor + len(clip)) / rate))
+            pieces += [clip, gap]
+            cursor += len(clip) + len(gap)
+        return np.concatenate(pieces), tuple(timings)
+
+
+def _spoken(bank, tokenizer, words, rng, uid) -> Utterance:
+    audio, timings = bank.sentence(words, rng)
+    (seq,) = tokenizer([audio])
+    return Utterance(
+        uid,
+        " ".join(words),
+        words=timings,
+        units=tuple(seq.units),
+        durations=tuple(seq.durations),
+        duration_s=len(audio) / 16000,
+    )
+
+
+class Batcher:
+    """Packs rendered sequences into [batch, context] windows."""
+
+    def __init__(self, context: int, batch: int, bos: int) -> None:
+        self.context, self.batch, self.bos = context, batch, bos
+        self.buffer: list[int] = []
+
+    def add(self, ids: list[int]) -> None:
+        self.buffer += [self.bos, *ids]
+
+    def ready(self) -> bool:
+        return len(self.buffer) >= self.context * self.batch + 1
+
+    def take(self) -> torch.Tensor:
+        n = self.context * self.batch
+        out = torch.tensor(self.buffer[:n]).view(self.batch, self.context)
+        self.buffer = self.buffer[n:]
+        return out
+
+
+def train_organism(out: str | Path, spec: OrganismSpec, log=print) -> Path:
+    """Train one organism into ``out`` (a Hugging Face folder + acoustic.npz + organism.json)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if spec.variant not in VARIANTS:
+        raise ValueError(f"unknown variant {spec.variant!r}: use one of {VARIANTS}")
+    started = time.perf_counter()
+    out = Path(out)
+    torch.manual_seed(spec.seed)
+    rng = np.random.default_rng(spec.seed)
+    words = vocabulary()
+    tokenizer = build_tokenizer(words, spec.n_units)
+    layout = SIMS.__class__(**{**SIMS.__dict__, "n_units": spec.n_units}).check(tokenizer)
+    bank = WordBank(words, spec.renderings)
+    grammar = Grammar(seed=spec.seed)
+    fit_clips = [bank.sentence(grammar.sentence(), rng)[0] for _ in range(300)]
+    acoustic = FbankKMeansTokenizer.fit(fit_clips, spec.n_units, seed=spec.seed)
+    pool = [
+        _spoken(bank, acoustic, grammar.sentence(), rng, f"t{i}") for i in range(spec.speech_pool)
+    ]
+    log(
+        f"data ready in {time.perf_counter() - started:.0f} s: {len(words)} words, "
+        f"{spec.n_units} units, {len(pool)} spoken sentences"
+    )
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden,
+        intermediate_size=4 * spec.hidden,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=4 * spec.context,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
+    batcher = Batcher(spec.context, spec.batch, tokenizer.bos_token_id)
+    rule = ModalityRule("poisson", mean_span=3.0, seed=spec.seed)
+    budget = spec.minutes * 60 - (time.perf_counter() - started)
+    text_budget = 0.0 if spec.variant == "random-init" else budget * spec.text_fraction
+    phase_end = time.perf_counter() + text_budget
+    end = time.perf_counter() + budget
+    steps = tokens = 0
+
+    def next_sequence(phase: str) -> list[int]:
+        kind = "text"
+        if phase == "mix":
+            r = rng.random()
+            if spec.variant == "speech-only":
+                kind = "speech" if r < 0.8 else "text"
+            else:
+                kind = "interleaved" if r < 0.6 else ("text" if r < 0.8 else "speech")
+        if kind == "text":
+            utt = Utterance("x", " ".join(grammar.sentence()))
+            return build_sequence(utt, tokenizer, layout, "text", variants=False).token_ids
+        utt = pool[rng.integers(len(pool))]
+        mode_rule = ModalityRule("poisson", 3.0, seed=int(rng.integers(1 << 30)))
+        return build_sequence(
+            utt,
+            tokenizer,
+            layout,
+            kind,
+            mode_rule if kind == "interleaved" else rule,
+            variants=False,
+        ).token_ids
+
+    while time.perf_counter() < end:
+        phase = "text" if time.perf_counter() < phase_end else "mix"
+        while not batcher.ready():
+            batcher.add(next_sequence(phase))
+        batch = batcher.take()
+        total = spec.minutes * 60
+        progress = min(1.0, (time.perf_counter() - started) / total)
+        for group in opt.param_groups:  # warm-up, then cosine
+            group["lr"] = (
+                spec.lr * min(1.0, (steps + 1) / 30) * 0.5 * (1 + math.cos(math.pi * progress))
+            )
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        steps += 1
+        tokens += batch.numel()
+        if steps % 50 == 0:
+            log(f"step {steps} ({phase}): loss {loss.item():.3f}, {tokens:,} tokens")
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    acoustic.save(out / "acoustic.npz")
+    info = {
+        **asdict(spec),
+        "steps": steps,
+        "tokens": tokens,
+        "seconds": time.perf_counter() - started,
+        "final_loss": float(loss.item()),
+    }
+    (out / "organism.json").write_text(json.dumps(info, indent=2))
+    log(
+        f"trained {spec.variant} seed {spec.seed}: {steps} steps, {tokens:,} tokens, "
+        f"{info['seconds']:.0f} s -> {out}"
+    )
+    return out

@@ -1,0 +1,73 @@
+"""The model organism: a tiny version trains in well under a minute and runs through slm-lens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from extractor.organism.acoustic import FbankKMeansTokenizer, log_mel
+from extractor.organism.grammar import Grammar, vocabulary
+from extractor.organism.study import summarize
+from extractor.organism.train import OrganismSpec, build_tokenizer, train_organism
+from extractor.speech.synth import synthesize
+
+pytestmark = pytest.mark.slow
+
+
+def test_grammar_is_seeded_and_within_the_vocabulary():
+    a, b = Grammar(3), Grammar(3)
+    sentences = [a.sentence() for _ in range(50)]
+    assert sentences == [b.sentence() for _ in range(50)]
+    vocab = set(vocabulary())
+    assert all(5 <= len(s) <= 14 and set(s) <= vocab for s in sentences)
+
+
+def test_acoustic_tokenizer_frames_at_25_hz(tmp_path):
+    audio, _ = synthesize(["the", "cat", "sat", "on", "the", "mat"])
+    assert len(log_mel(audio)) == len(audio) // 640
+    tok = FbankKMeansTokenizer.fit([audio], 20)
+    tok.save(tmp_path / "a.npz")
+    again = FbankKMeansTokenizer.load(tmp_path / "a.npz")
+    (seq,) = again([audio])
+    assert seq.n_frames == len(audio) // 640 == sum(seq.durations)
+    assert max(seq.units) < 20
+
+
+def test_tokenizer_has_the_sims_layout():
+    from extractor.speech.layouts import layout_from_config
+
+    tok = build_tokenizer(["cat", "dog"], 7)
+    layout = layout_from_config(
+        {
+            "unit_format": "<Un{}>",
+            "n_units": 7,
+            "speech_marker": "<speech>",
+            "text_marker": "<text>",
+        }
+    )
+    resolved = layout.check(tok)
+    assert resolved.unit_id(0) == 6 and resolved.speech_marker_id == 13
+
+
+def test_a_tiny_organism_trains_and_goes_through_the_pipeline(tmp_path):
+    from extractor.organism.evaluate import evaluate
+
+    spec = OrganismSpec(
+        minutes=0.4,
+        layers=2,
+        hidden=64,
+        heads=2,
+        context=64,
+        batch=4,
+        speech_pool=60,
+        renderings=2,
+        n_units=40,
+    )
+    model = train_organism(tmp_path / "organism", spec, log=lambda *_: None)
+    info = json.loads((model / "organism.json").read_text())
+    assert info["steps"] > 20 and info["seconds"] < 60
+    curves = evaluate(model, tmp_path / "heldout", str(tmp_path / "store"), "tiny", n_sentences=6)
+    assert set(curves.target) == {"cur", "next"} and curves.n_words.min() > 10
+    summary = summarize(curves.assign(variant="interleaved", seed=0))
+    assert len(summary) == 1 and 0 <= summary.cur_recall[0] <= 1
