@@ -182,25 +182,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from analysis.store import open_store
 
     from .config import parse_config
-    from .demo import UNTRAINED_NOTE, demo_config
+    from .demo import ORGANISM_NOTE, UNTRAINED_NOTE, demo_config, organism_demo_config
     from .service.driver import run_extraction
 
     logging.basicConfig(level=logging.WARNING)
     store = str(Path(args.store).resolve())
-    print(UNTRAINED_NOTE, flush=True)
-    raw = demo_config(store, Path(store).parent / "demo-data", tiny=args.tiny)
-    cfg = parse_config(raw)
-    summary = run_extraction(cfg, in_process=args.in_process)
+    data = Path(store).parent / f"demo-data-{args.model}"
+    if args.model == "organism":
+        note = ORGANISM_NOTE
+        model = Path(args.organism) if args.organism else None
+        raw = organism_demo_config(store, data, model=model)
+    else:
+        note = UNTRAINED_NOTE
+        raw = demo_config(store, data, tiny=args.model == "tiny")
+    print(note, flush=True)
+    summary = run_extraction(parse_config(raw), in_process=args.in_process)
     print(summary.describe())
     con = open_store(store, runs=[summary.run_id])
-    recall = metrics.recall_by_layer(con, k=10).drop(columns=["model", "revision"])
+    cur = metrics.recall_by_layer(con, k=10)[["layer", "n_words", "recall", "control_recall"]]
+    nxt = metrics.recall_by_layer(con, k=10, target="next")[["layer", "recall"]]
     mass = metrics.modality_mass(con)[["layer", "speech_mass", "top1_speech_frac"]]
-    table = recall.merge(mass, on="layer", how="left")
+    table = cur.merge(nxt.rename(columns={"recall": "next_recall"}), on="layer", how="left").merge(
+        mass, on="layer", how="left"
+    )
     print(f"\nstore: {store}")
-    print("per-layer summary (DuckDB): current-word recall@10 (text rank) at speech positions,")
-    print("its frequency-matched chance control, and the lens mass on speech tokens")
+    print("per-layer summary (DuckDB), at the speech positions of each spoken word:")
+    print("current-word recall@10 (text rank), its frequency-matched chance control,")
+    print("next-word recall@10, and the lens probability mass on speech tokens")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"\n{UNTRAINED_NOTE}")
+    print(f"\n{note}")
     print(f"next: slm-lens report --store {store} --out {Path(store).parent / 'report'}")
     return 0 if summary.ok else 1
 
@@ -382,7 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole pipeline on this machine, end to end")
     demo.add_argument("--store", default="stores/demo", help="local store folder")
-    demo.add_argument("--tiny", action="store_true", help="a tiny random LM (plumbing only)")
+    demo.add_argument(
+        "--model",
+        choices=("organism", "smollm2", "tiny"),
+        default="organism",
+        help="organism: the small speech LM trained here (default); smollm2: the real "
+        "SmolLM2-135M with untrained unit embeddings; tiny: a random LM (plumbing only)",
+    )
+    demo.add_argument("--organism", help="use this trained organism folder")
     demo.add_argument("--in-process", action="store_true", help="skip Ray")
     demo.set_defaults(func=_cmd_demo)
     return parser

@@ -29,6 +29,12 @@ SENTENCES = [
     "the sun rises in the east every morning",
     "we walked along the river after dinner",
 ]
+ORGANISM_NOTE = (
+    "The demo model is the slm-lens organism: a 6-layer Llama in SIMS layout trained on this "
+    "machine (first use only, ~8 minutes, then cached) on a generated corpus with espeak-ng "
+    "speech and log-mel k-means units, text first and then interleaved speech-text. Held-out "
+    "spoken sentences go through the real front end, Ray extraction and the DuckDB store."
+)
 UNTRAINED_NOTE = (
     "NOTE: the demo model is the real SmolLM2-135M with SIMS speech-unit tokens added, "
     "but its speech-unit embeddings are UNTRAINED and its speech tokenizer is a random "
@@ -200,3 +206,31 @@ def demo_config(
         "batch_tokens": 2048,
         "workers": {"count": workers, "gpus": 0, "cpus": 0.5},
     }
+
+
+def ensure_organism(minutes: float = 7.0, seed: int = 0, log=print) -> Path:
+    """The text-initialised interleaved organism, trained on first use and cached."""
+    from .organism.train import OrganismSpec, train_organism
+
+    folder = cache_dir() / "models" / f"organism-interleaved-s{seed}"
+    if (folder / "organism.json").is_file():
+        return folder
+    log(f"training the demo organism (first use only, ~{minutes:.0f} minutes) ...")
+    return train_organism(
+        folder, OrganismSpec(variant="interleaved", seed=seed, minutes=minutes), log=log
+    )
+
+
+def organism_demo_config(
+    store: str, data_dir: Path, n_sentences: int = 60, model: Path | None = None
+) -> dict:
+    """Held-out spoken sentences through the organism: the demo's run config."""
+    from .organism.evaluate import heldout_manifest, organism_config
+
+    model = model or ensure_organism()
+    raw = organism_config(
+        model, heldout_manifest(data_dir, n_sentences), store, "organism-interleaved"
+    )
+    raw["shard_size"] = 10
+    raw["workers"] = {"count": 1, "gpus": 0, "cpus": 1}
+    return raw

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: local Ray, a local store, DuckDB.
-# Builds a demo dataset (espeak-ng + LibriVox), a SIMS-layout model from the real
-# SmolLM2-135M, extracts every layer's lens into stores/demo and prints a summary.
+# Trains the organism on first use (~8 minutes, cached), speaks held-out sentences with
+# espeak-ng, extracts every layer's lens into stores/demo and prints a per-layer summary.
 # Any other slm-lens command works too: ./scripts/demo.sh lens "The capital of France is"
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
