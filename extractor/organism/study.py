@@ -60,9 +60,11 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
-    """Per variant and seed: peak current-word recall in the middle layers vs control."""
+    """Per variant, seed, k and aggregation: the middle layer where current-word recall
+    peaks, against its chance control, and where next-word recall peaks."""
     rows = []
-    for (variant, seed), df in table.groupby(["variant", "seed"]):
+    keys = ["variant", "seed", "k", "agg"]
+    for (variant, seed, k, agg), df in table.groupby(keys):
         cur = df[df.target == "cur"].sort_values("layer")
         nxt = df[df.target == "next"].sort_values("layer")
         n_layers = int(cur.layer.max())
@@ -73,6 +75,8 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
             {
                 "variant": variant,
                 "seed": seed,
+                "k": k,
+                "agg": agg,
                 "peak_layer": int(best.layer),
                 "cur_recall": best.recall,
                 "control": best.control_recall,
@@ -91,18 +95,25 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(table.groupby(["variant", "seed"]))
-    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.4), squeeze=False)
-    for ax, ((variant, seed), df) in zip(axes[0], groups, strict=True):
+    agg = table["agg"]  # not table.agg: that is DataFrame.agg
+    table = table[((table.k == 10) & (agg == "any")) | ((table.k == 1) & (agg == "pooled"))]
+    groups = list(table.groupby(["variant", "seed", "k", "agg"]))
+    cols = 4
+    rows_n = (len(groups) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3.2 * rows_n), squeeze=False)
+    axes = [list(axes.flat)]
+    for ax in axes[0][len(groups) :]:
+        ax.axis("off")
+    for ax, ((variant, seed, k, agg), df) in zip(axes[0], groups, strict=False):
         for target, style in (("cur", "-"), ("next", "--")):
             part = df[df.target == target].sort_values("layer")
             ax.plot(part.layer, part.recall, style, label=f"{target} word")
         ctrl = df[df.target == "cur"].sort_values("layer")
         ax.plot(ctrl.layer, ctrl.control_recall, ":", label="chance control")
-        ax.set_title(f"{variant}, seed {seed}", fontsize=9)
+        ax.set_title(f"{variant} s{seed}: recall@{k} ({agg})", fontsize=8)
         ax.set_xlabel("layer")
         ax.set_ylim(0, 1)
-    axes[0][0].set_ylabel("recall@10 (text rank)")
+    axes[0][0].set_ylabel("recall (text rank)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
