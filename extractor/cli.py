@@ -282,6 +282,7 @@ def _cmd_organism(args: argparse.Namespace) -> int:
         args.seeds,
         args.minutes,
         n_sentences=args.sentences,
+        trained_only=args.trained_only,
     )
     print(summary.to_string(index=False))
     return 0
@@ -388,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     org.add_argument("--minutes", type=float, default=8.0, help="training budget per model")
     org.add_argument("--sentences", type=int, default=200, help="held-out sentences (study)")
     org.add_argument("--out", help="output folder")
+    org.add_argument(
+        "--trained-only",
+        action="store_true",
+        help="study: evaluate the models already trained under --out/models",
+    )
     org.set_defaults(func=_cmd_organism)
 
     demo = sub.add_parser("demo", help="the whole pipeline on this machine, end to end")

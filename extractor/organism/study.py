@@ -7,6 +7,7 @@ table of the mid-layer effect against its chance control.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,29 +24,30 @@ def study(
     minutes: float,
     n_sentences: int = 200,
     log=print,
+    trained_only: bool = False,
 ) -> pd.DataFrame:
+    """Train (unless cached) and evaluate every variant x seed; ``trained_only`` instead
+    evaluates whatever models ``out/models`` already holds (to re-summarise a study)."""
     out.mkdir(parents=True, exist_ok=True)
+    pairs = [(v, s) for v in variants for s in seeds]
+    if trained_only:
+        infos = [json.loads(p.read_text()) for p in (out / "models").glob("*/organism.json")]
+        pairs = sorted((i["variant"], i["seed"]) for i in infos)
     curves = []
-    for variant in variants:
-        for seed in seeds:
-            name = f"organism-{variant}-s{seed}"
-            model = out / "models" / name
-            if not (model / "organism.json").is_file():
-                train_organism(
-                    model, OrganismSpec(variant=variant, seed=seed, minutes=minutes), log=log
-                )
-            df = evaluate(model, out / "heldout", str(out / "store"), name, n_sentences)
-            curves.append(df.assign(variant=variant, seed=seed))
-            log(f"{name}: evaluated")
+    for variant, seed in pairs:
+        name = f"organism-{variant}-s{seed}"
+        model = out / "models" / name
+        if not (model / "organism.json").is_file():
+            spec = OrganismSpec(variant=variant, seed=seed, minutes=minutes)
+            train_organism(model, spec, log=log)
+        df = evaluate(model, out / "heldout", str(out / "store"), name, n_sentences)
+        curves.append(df.assign(variant=variant, seed=seed))
+        log(f"{name}: evaluated")
     table = pd.concat(curves, ignore_index=True)
     table.to_csv(out / "recall.csv", index=False)
     summary = summarize(table)
     summary.to_csv(out / "summary.csv", index=False)
-    (out / "summary.md").write_text(
-        summary.to_markdown(index=False, floatfmt=".3f")
-        if hasattr(summary, "to_markdown")
-        else summary.to_string()
-    )
+    (out / "summary.md").write_text(markdown_table(summary))
     plot(table, out / "recall.png")
     return summary
 
