@@ -66,7 +66,7 @@ def test_a_tiny_organism_trains_and_goes_through_the_pipeline(tmp_path):
     )
     model = train_organism(tmp_path / "organism", spec, log=lambda *_: None)
     info = json.loads((model / "organism.json").read_text())
-    assert info["steps"] > 20 and info["seconds"] < 60
+    assert info["steps"] >= 1 and info["tokens"] > 0 and info["seconds"] < 60
     curves = evaluate(model, tmp_path / "heldout", str(tmp_path / "store"), "tiny", n_sentences=6)
     assert set(curves.target) == {"cur", "next"} and curves.n_words.min() > 10
     summary = summarize(curves.assign(variant="interleaved", seed=0))

@@ -199,7 +199,7 @@ def train_organism(out: str | Path, spec: OrganismSpec, log=print) -> Path:
             variants=False,
         ).token_ids
 
-    while time.perf_counter() < end:
+    while steps == 0 or time.perf_counter() < end:  # at least one step, whatever the clock
         phase = "text" if time.perf_counter() < phase_end else "mix"
         while not batcher.ready():
             batcher.add(next_sequence(phase))
