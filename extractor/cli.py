@@ -202,13 +202,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     cur = metrics.recall_by_layer(con, k=10)[["layer", "n_words", "recall", "control_recall"]]
     nxt = metrics.recall_by_layer(con, k=10, target="next")[["layer", "recall"]]
     mass = metrics.modality_mass(con)[["layer", "speech_mass", "top1_speech_frac"]]
-    table = cur.merge(nxt.rename(columns={"recall": "next_recall"}), on="layer", how="left").merge(
-        mass, on="layer", how="left"
+    strict = metrics.recall_by_layer(con, k=1, agg="pooled")
+    strict = strict[["layer", "recall", "control_recall"]].rename(
+        columns={"recall": "top1_pooled", "control_recall": "top1_control"}
+    )
+    table = (
+        cur.merge(nxt.rename(columns={"recall": "next_recall"}), on="layer", how="left")
+        .merge(strict, on="layer", how="left")
+        .merge(mass, on="layer", how="left")
     )
     print(f"\nstore: {store}")
     print("per-layer summary (DuckDB), at the speech positions of each spoken word:")
-    print("current-word recall@10 (text rank), its frequency-matched chance control,")
-    print("next-word recall@10, and the lens probability mass on speech tokens")
+    print("current-word recall@10 (text rank, any position) and its frequency-matched chance")
+    print("control, next-word recall@10, the word's text token ranked first in the max-pooled")
+    print("logits (top1_pooled) beside chance, and the lens probability mass on speech tokens")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"\n{note}")
     print(f"next: slm-lens report --store {store} --out {Path(store).parent / 'report'}")
