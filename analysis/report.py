@@ -23,6 +23,18 @@ from .metrics import ALL_RUNS, Filters
 TARGET_STYLE = {"cur": ("current word", "-"), "next": ("next word", "--")}
 
 
+def _finish_unit_plot(fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> None:
+    """Labels, a [0, 1] y-axis, the legend, and the PNG: what every curve plot ends with."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_recall(recall: pd.DataFrame, path: Path, title: str) -> Path:
     """Recall curves on relative depth: current (solid), next (dashed), control (dotted)."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -35,14 +47,7 @@ def plot_recall(recall: pd.DataFrame, path: Path, title: str) -> Path:
             ax.plot(part.rel_depth, part.recall, style, color=color, label=f"{run}: {label}")
         ctrl = df[df.target == "cur"].sort_values("rel_depth")
         ax.plot(ctrl.rel_depth, ctrl.control_recall, ":", color=color, label=f"{run}: control")
-    ax.set_xlabel("relative depth (layer / n_layers)")
-    ax.set_ylabel("recall")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish_unit_plot(fig, ax, path, title, "relative depth (layer / n_layers)", "recall")
     return path
 
 
@@ -55,14 +60,14 @@ def plot_modality_mass(mass: pd.DataFrame, path: Path) -> Path:
         ax.plot(
             df.rel_depth, df.top1_speech_frac, ":", color=f"C{i % 10}", label=f"{run}: top-1 speech"
         )
-    ax.set_xlabel("relative depth (layer / n_layers)")
-    ax.set_ylabel("mean probability / fraction")
-    ax.set_ylim(0, 1)
-    ax.set_title("Lens probability mass at speech positions")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish_unit_plot(
+        fig,
+        ax,
+        path,
+        "Lens probability mass at speech positions",
+        "relative depth (layer / n_layers)",
+        "mean probability / fraction",
+    )
     return path
 
 
@@ -134,13 +139,7 @@ def plot_checkpoint_series(summary: pd.DataFrame, path: Path) -> Path:
         if df.accuracy.notna().any():
             ax.plot(x, df.accuracy, "s--", color=f"C{i % 10}", label=f"{model}: knowledge acc.")
         ax.set_xticks(x, df.revision.fillna(df.run_id), rotation=30, ha="right", fontsize=7)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("checkpoint (revision)")
-    ax.set_title("Metrics across checkpoints")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish_unit_plot(fig, ax, path, "Metrics across checkpoints", "checkpoint (revision)", "")
     return path
 
 

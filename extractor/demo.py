@@ -90,24 +90,6 @@ def build_demo_model(root: Path | None = None, *, tiny: bool = False) -> Path:
     return folder
 
 
-def _kmeans(x, k: int, iters: int = 25, seed: int = 0):
-    """Plain Lloyd's k-means in torch (k-means++-style seeding): a few hundred frames only."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    centers = x[torch.randint(len(x), (1,), generator=gen)]
-    while len(centers) < k:
-        d2 = torch.cdist(x, centers).min(1).values ** 2
-        centers = torch.cat([centers, x[torch.multinomial(d2 + 1e-12, 1, generator=gen)]])
-    for _ in range(iters):
-        assign = torch.cdist(x, centers).argmin(1)
-        for j in range(k):
-            members = x[assign == j]
-            if len(members):
-                centers[j] = members.mean(0)
-    return centers
-
-
 def build_demo_speech_tokenizer(root: Path | None = None, n_units: int = 200) -> tuple[Path, Path]:
     """(HuBERT folder, centroids .npy): a small random HuBERT (25 Hz geometry) whose
     centroids are k-means over its own features of espeak-ng speech, so units vary with
@@ -116,7 +98,7 @@ def build_demo_speech_tokenizer(root: Path | None = None, n_units: int = 200) ->
     from transformers import HubertModel
 
     from .speech.synth import Voice, synthesize
-    from .speech.units import PAD_SAMPLES, small_hubert_config
+    from .speech.units import PAD_SAMPLES, kmeans, small_hubert_config
 
     root = root or cache_dir() / "models"
     folder = root / "demo-hubert-25hz-km"
@@ -134,7 +116,7 @@ def build_demo_speech_tokenizer(root: Path | None = None, n_units: int = 200) ->
             frames.append(model(x[None], output_hidden_states=True).hidden_states[2][0])
     feats = torch.cat(frames)
     model.save_pretrained(folder)
-    np.save(centroids, _kmeans(feats, min(n_units, len(feats) // 2)).numpy().astype(np.float32))
+    np.save(centroids, kmeans(feats, min(n_units, len(feats) // 2)).numpy().astype(np.float32))
     return folder, centroids
 
 

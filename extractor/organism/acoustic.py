@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extractor.speech.units import UnitSequence, dedup
+from extractor.speech.units import UnitSequence, dedup, kmeans
 
 HOP = 640
 N_FFT = 1024
@@ -61,11 +61,9 @@ class FbankKMeansTokenizer:
     def fit(
         cls, clips: Sequence[np.ndarray], n_units: int, seed: int = 0, iters: int = 30
     ) -> FbankKMeansTokenizer:
-        from extractor.demo import _kmeans
-
         feats = torch.cat([log_mel(c) for c in clips])
         mean, std = feats.mean(0), feats.std(0) + 1e-5
-        centers = _kmeans((feats - mean) / std, min(n_units, len(feats)), iters=iters, seed=seed)
+        centers = kmeans((feats - mean) / std, min(n_units, len(feats)), iters=iters, seed=seed)
         return cls(centers.numpy(), mean.numpy(), std.numpy())
 
     def n_frames(self, n_samples: int) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from .grammar import Grammar
-from .train import VOICES
+from .train import VOICES, layout_spec
 
 
 def heldout_manifest(folder: Path, n: int, seed: int = 10_000) -> Path:
@@ -47,13 +47,7 @@ def organism_config(model: Path, manifest: Path, store: str, name: str) -> dict:
             "path": str(model),
             "dtype": "float32",
             "name": name,
-            "layout": {
-                "name": "organism",
-                "unit_format": "<Un{}>",
-                "n_units": info["n_units"],
-                "speech_marker": "<speech>",
-                "text_marker": "<text>",
-            },
+            "layout": layout_spec(info["n_units"]),
         },
         "speech": {"kind": "fbank-kmeans", "centroids": str(model / "acoustic.npz")},
         "dataset": {"manifest": str(manifest), "name": "organism-heldout"},

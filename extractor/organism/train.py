@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extractor.speech.layouts import SIMS
+from extractor.speech.layouts import layout_from_config
 from extractor.speech.records import AlignedWord, Utterance
 from extractor.speech.sequence import ModalityRule, build_sequence
 from extractor.speech.synth import Voice, espeak_word
@@ -55,6 +55,17 @@ class OrganismSpec:
     speech_pool: int = 4000  # sentences rendered to audio/units for training
     renderings: int = 4
     text_fraction: float = 0.4  # share of the time budget spent in the text phase
+
+
+def layout_spec(n_units: int) -> dict:
+    """The organism's vocabulary layout: SIMS, with its own number of units."""
+    return {
+        "name": "organism",
+        "unit_format": "<Un{}>",
+        "n_units": n_units,
+        "speech_marker": "<speech>",
+        "text_marker": "<text>",
+    }
 
 
 def build_tokenizer(words: list[str], n_units: int):
@@ -141,7 +152,7 @@ def train_organism(out: str | Path, spec: OrganismSpec, log=print) -> Path:
     rng = np.random.default_rng(spec.seed)
     words = vocabulary()
     tokenizer = build_tokenizer(words, spec.n_units)
-    layout = SIMS.__class__(**{**SIMS.__dict__, "n_units": spec.n_units}).check(tokenizer)
+    layout = layout_from_config(layout_spec(spec.n_units)).check(tokenizer)
     bank = WordBank(words, spec.renderings)
     grammar = Grammar(seed=spec.seed)
     fit_clips = [bank.sentence(grammar.sentence(), rng)[0] for _ in range(300)]

@@ -130,6 +130,28 @@ def _to_sequences(model, frames, lengths: list[int]) -> list[UnitSequence]:
     return out
 
 
+def kmeans(x, k: int, iters: int = 25, seed: int = 0):
+    """Lloyd's k-means in torch with k-means++-style seeding: [n, d] -> [k, d] centroids.
+
+    For the small unit inventories slm-lens fits itself (demo and organism tokenizers);
+    released tokenizers bring their centroids (see :func:`convert_kmeans`).
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    centers = x[torch.randint(len(x), (1,), generator=gen)]
+    while len(centers) < k:
+        d2 = torch.cdist(x, centers).min(1).values ** 2
+        centers = torch.cat([centers, x[torch.multinomial(d2 + 1e-12, 1, generator=gen)]])
+    for _ in range(iters):
+        assign = torch.cdist(x, centers).argmin(1)
+        for j in range(k):
+            members = x[assign == j]
+            if len(members):
+                centers[j] = members.mean(0)
+    return centers
+
+
 @dataclass
 class UnitSequence:
     """Deduplicated units of one utterance and their frame counts."""
