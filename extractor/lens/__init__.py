@@ -69,9 +69,11 @@ def fused_logit_lens(
     (-1: none) whose element-wise max logits are ranked against ``pool_targets``
     [G, Tp]. See :class:`LensResult` for what comes back.
 
-    ``backend``: ``"torch"`` (chunked, any device), ``"triton"`` (CUDA, or the
-    Triton interpreter when ``TRITON_INTERPRET=1``), ``"reference"`` (float64,
-    materialises everything: tests only) or ``"auto"`` (Triton on CUDA, else torch).
+    ``backend``: ``"torch"`` (chunked, exact in every dtype, any device),
+    ``"triton"`` (CUDA, or the Triton interpreter when ``TRITON_INTERPRET=1``; fast
+    but without the exact refinement yet: its ranks are only as good as fp32),
+    ``"reference"`` (float64, materialises everything: tests only) or ``"auto"``
+    (the exact torch engine; see docs/lens.md).
     """
     inputs = LensInputs(
         hidden=hidden,
@@ -86,7 +88,7 @@ def fused_logit_lens(
         pool_targets=pool_targets,
     )
     if backend == "auto":
-        backend = "triton" if unembed.is_cuda and _triton_available() else "torch"
+        backend = "torch"
     if backend == "torch":
         return chunked_lens(inputs, row_chunk=row_chunk, vocab_chunk=vocab_chunk)
     if backend == "reference":
@@ -97,10 +99,3 @@ def fused_logit_lens(
         return triton_lens(inputs, row_chunk=row_chunk, vocab_chunk=vocab_chunk)
     raise LensError(f"unknown lens backend {backend!r}: use auto, torch, triton or reference")
 
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -1,51 +1,52 @@
-"""The fused lens in plain torch: chunked over rows and vocabulary.
+"""The fused lens in plain torch, exact in every dtype: chunked over rows and vocabulary.
 
-Why it is fast and exact enough:
+How it stays exact without [N x V] logits (definitions in docs/lens.md):
 
-* The vocabulary is walked in chunks that never straddle a segment boundary,
-  so each [rows x vocab-chunk] logit block updates exactly one segment's
-  running state (online max/sum-exp, top-k candidates, rank counts). The whole
-  vocabulary's numbers are derived from the segments' at the end.
-* The GEMM and the elementwise passes run in the compute dtype (bf16 on a
-  modern CPU or GPU), which is where the time goes. Everything that is
-  *returned* as a value is then refined in fp32: the top candidates' and the
-  targets' logits are recomputed as fp32 dot products, and the log-sum-exp is
-  corrected by swapping the candidates' rounded terms for exact ones. What
-  rounding is left sits in the tail of the distribution.
-* Ranks compare each low-precision logit with the target's exact logit rounded
-  *down* to the compute dtype, which is the same predicate as comparing with
-  the exact value; the target's own entry is never counted.
+* Each [rows x vocab-chunk] block of logits is computed once, with fp32
+  accumulation and fp32 output (inputs in the model's dtype are exact in fp32),
+  and its error against the exact float64 logits is bounded per row by
+  :func:`~.exact.error_band`, a bound proven for any summation order.
+* Ranks: an entry whose fast logit exceeds the target's exact value by more
+  than the band is counted outright; one inside the band is recomputed with
+  :func:`~.exact.entry_logits` (the same float64 arithmetic as the target) and
+  counted only if strictly greater. Ties therefore never push a rank down.
+* Top-k: the best ``k + margin`` fast logits per segment are kept as candidates
+  and recomputed exactly. The list is *certified* when the k-th exact value
+  beats every fast logit left out by more than the band; a row (or pooled
+  group) that is not certified has its segment rescanned for every entry that
+  could still reach the k-th value. Ties are broken by the lower id.
+* Log-sum-exp and segment masses come from the fast logits (online, fp32):
+  their error is at most the band plus the fp32 summation error.
 
-Nothing larger than [rows-chunk x vocab-chunk] logits (plus the [rows-chunk x
-targets x vocab-chunk] comparison mask) ever exists.
+Vocabulary chunks never straddle a segment boundary, so each block updates one
+segment's state. Nothing larger than [row-chunk x vocab-chunk] logits exists.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 from .contract import LensInputs, LensResult, check_width, validate
+from .exact import (
+    bias_abs_max,
+    entry_logits,
+    error_band,
+    exact_order,
+    round_down_f32,
+    target_logits,
+    thresholds,
+    unembed_norm_max,
+)
 
 NEG_INF = float("-inf")
-
-
-@dataclass
-class _SegmentState:
-    """Running state of one vocabulary segment for one row chunk."""
-
-    max: torch.Tensor  # [R] fp32 running max
-    sumexp: torch.Tensor  # [R] fp32, sum of exp(logit - max)
-    cand_vals: torch.Tensor  # [R, <=kk] compute dtype
-    cand_ids: torch.Tensor  # [R, <=kk] int64
-    counts: torch.Tensor  # [R, T] int64, entries strictly above each target
-    pooled_vals: torch.Tensor  # [Gc, <=kk]
-    pooled_ids: torch.Tensor  # [Gc, <=kk]
-    pooled_counts: torch.Tensor  # [Gc, Tp]
-    touched: bool = field(default=False)
+#: Width of the blocks whose maxima pre-select top-k candidates (see :func:`block_topk`).
+TOPK_BLOCK = 64
 
 
 def vocab_chunks(inputs: LensInputs, vocab_chunk: int) -> list[tuple[int, int, int]]:
@@ -62,9 +63,9 @@ def row_chunks(groups: torch.Tensor, row_chunk: int) -> tuple[torch.Tensor, list
 
     Returns the row order and half-open [a, b) spans into it. A group larger than
     ``row_chunk`` becomes one chunk of its own size: pooling needs all its rows.
+    Unpooled rows come first, then groups by (size, id): each chunk holds its pooled
+    rows as one contiguous suffix, in runs of equal-sized groups that pool as views.
     """
-    # Unpooled rows first, then groups by (size, id): each chunk then holds its pooled
-    # rows as one contiguous suffix, in runs of equal-sized groups that pool as views.
     if groups.numel() == 0:
         return torch.empty(0, dtype=torch.long), []
     sizes = torch.bincount(groups.clamp(min=0), minlength=1)[groups.clamp(min=0)]
@@ -72,8 +73,6 @@ def row_chunks(groups: torch.Tensor, row_chunk: int) -> tuple[torch.Tensor, list
     order = torch.argsort(key, stable=True)
     g = groups[order]
     n = int(g.numel())
-    if n == 0:
-        return order, []
     # A cut before row i is allowed when it does not split a group.
     allowed = torch.ones(n, dtype=torch.bool)
     allowed[1:] = (g[1:] != g[:-1]) | (g[1:] < 0)
@@ -88,71 +87,76 @@ def row_chunks(groups: torch.Tensor, row_chunk: int) -> tuple[torch.Tensor, list
     return order, spans
 
 
-def round_down(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Largest ``dtype`` value <= each fp32 value, so ``x > round_down(t)`` iff ``x > t``."""
-    if dtype == torch.float32 or dtype == torch.float64:
-        return values.to(dtype)
-    q = values.to(dtype)
-    too_big = q.float() > values
-    lower = torch.nextafter(q, torch.full_like(q, NEG_INF))
-    return torch.where(too_big, lower, q)
+@contextlib.contextmanager
+def ieee_fp32_matmul() -> Iterator[None]:
+    """fp32 GEMMs in IEEE fp32 (no TF32 on CUDA, no bf16 fpmath in oneDNN): the band needs it."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
-def exact_logits(
-    h32: torch.Tensor,
-    ids: torch.Tensor,
-    inputs: LensInputs,
-) -> torch.Tensor:
-    """fp32 lens logits of ``ids`` [R, T] for rows ``h32`` [R, d] (pads give garbage)."""
-    if ids.shape[-1] == 0:
-        return torch.empty(ids.shape, dtype=torch.float32, device=h32.device)
-    safe = ids.clamp(min=0)
-    out = torch.empty(ids.shape, dtype=torch.float32, device=h32.device)
-    # Gathered rows of W_U are [rows, T, d]: go 128 rows at a time to keep them small.
-    for a in range(0, len(ids), 128):
-        w = inputs.unembed[safe[a : a + 128]].float()
-        out[a : a + 128] = torch.bmm(w, h32[a : a + 128].unsqueeze(2)).squeeze(2)
+def chunk_logits(h32: torch.Tensor, c0: int, c1: int, inputs: LensInputs) -> torch.Tensor:
+    """Fast logits [R, c1 - c0]: fp32 GEMM of exact fp32 copies, then bias and soft-cap in fp32."""
+    logits = h32 @ inputs.unembed[c0:c1].float().T
     if inputs.bias is not None:
-        out = out + inputs.bias.float()[safe]
+        logits = logits + inputs.bias[c0:c1].float()
     if inputs.softcap is not None:
-        out = inputs.softcap * torch.tanh(out / inputs.softcap)
-    return out
-
-
-def _merge_topk(
-    vals: torch.Tensor, ids: torch.Tensor, new_vals: torch.Tensor, new_ids: torch.Tensor, kk: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    vals = torch.cat([vals, new_vals], dim=1)
-    ids = torch.cat([ids, new_ids], dim=1)
-    if vals.shape[1] <= kk:
-        return vals, ids
-    top, where = vals.topk(kk, dim=1)
-    return top, ids.gather(1, where)
-
-
-#: Width of the blocks whose maxima pre-select top-k candidates (see :func:`block_topk`).
-TOPK_BLOCK = 64
+        logits = inputs.softcap * torch.tanh(logits / inputs.softcap)
+    return logits
 
 
 def _chunk_stats_eager(
-    logits: torch.Tensor, thresholds: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row max, sum of exp(logit - max) in fp32, entries above each threshold, block maxima.
-
-    One pass's worth of work per element; compiled, it never materialises the
-    [rows x thresholds x vocab] comparison. Block maxima are of consecutive
-    :data:`TOPK_BLOCK`-wide blocks (the chunk width must be a multiple, else []).
+    logits: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass over a logit block: row max, sum of exp(logit - max), entries certainly
+    above each target (``> hi``), the mask of entries inside any target's band, and the
+    maxima of consecutive :data:`TOPK_BLOCK`-wide blocks (``[]`` if the width is not a
+    multiple). Pure comparisons against precomputed thresholds, so eager and compiled
+    code classify every entry identically.
     """
     row_max = logits.amax(dim=1)
     safe = torch.where(torch.isfinite(row_max), row_max, 0)
-    sumexp = torch.exp((logits - safe[:, None]).float()).sum(dim=1)
-    counts = (logits.unsqueeze(1) > thresholds.unsqueeze(2)).sum(-1, dtype=torch.int32)
+    sumexp = torch.exp(logits - safe[:, None]).sum(dim=1)
+    x = logits.unsqueeze(1)
+    above = (x > hi.unsqueeze(2)).sum(-1, dtype=torch.int32)
+    near = ((x >= lo.unsqueeze(2)) & (x <= hi.unsqueeze(2))).any(1)
     rows, width = logits.shape
     if width % TOPK_BLOCK == 0:
         blocks = logits.view(rows, width // TOPK_BLOCK, TOPK_BLOCK).amax(-1)
     else:
         blocks = logits[:, :0]
-    return row_max, sumexp, counts, blocks
+    return row_max, sumexp, above, near, blocks
+
+
+_compiled_stats = None
+_compile_failed = False
+
+
+def chunk_stats(logits: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, compile: bool = True):
+    """:func:`_chunk_stats_eager`, through ``torch.compile`` when ``compile``.
+
+    Eager, the comparisons materialise [rows x targets x chunk]; compiled they fuse
+    into one vectorised loop. A compiler failure falls back to eager with one
+    warning, never to a wrong answer (the classification is pure comparisons).
+    """
+    global _compiled_stats, _compile_failed
+    if not compile or _compile_failed or not logits.numel() or lo.shape[1] == 0:
+        return _chunk_stats_eager(logits, lo, hi)
+    if _compiled_stats is None:
+        _compiled_stats = torch.compile(_chunk_stats_eager, dynamic=True)
+    try:
+        return _compiled_stats(logits, lo, hi)
+    except Exception as exc:  # compiler missing or broken: stay correct, get slower
+        _compile_failed = True
+        warnings.warn(
+            f"torch.compile of the lens reduction failed ({type(exc).__name__}: {exc}); "
+            "using eager mode",
+            stacklevel=2,
+        )
+        return _chunk_stats_eager(logits, lo, hi)
 
 
 def block_topk(
@@ -160,9 +164,9 @@ def block_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row, searching only the k blocks with the largest maxima.
 
-    Exact up to ties: every one of a row's k best entries sits in a block whose
-    maximum is at least that entry, so the k best blocks by maximum hold them.
-    Turns a top-k over the whole chunk into one over k x TOPK_BLOCK entries.
+    Every entry left out is <= the k-th value returned (each of a row's k best
+    entries sits in a block whose maximum is at least that entry), which is all
+    the certification in :func:`chunked_lens` relies on.
     """
     rows, n_blocks = block_max.shape
     if n_blocks == 0 or k * TOPK_BLOCK >= logits.shape[1]:
@@ -174,43 +178,6 @@ def block_topk(
     values = logits.gather(1, cols)
     top, where = values.topk(k, dim=1)
     return top, cols.gather(1, where)
-
-
-_compiled_stats = None
-
-
-def chunk_stats(logits: torch.Tensor, thresholds: torch.Tensor):
-    """:func:`_chunk_stats_eager`, through ``torch.compile`` unless ``SLM_LENS_COMPILE=0``.
-
-    Eager, the rank comparison alone costs ~30x the GEMM on a CPU; compiled it
-    fuses into one vectorised loop (~1.5x). Any compiler failure falls back to
-    eager with a warning, never to a wrong answer.
-    """
-    global _compiled_stats
-    if os.environ.get("SLM_LENS_COMPILE", "1") == "0" or not logits.numel():
-        return _chunk_stats_eager(logits, thresholds)
-    if _compiled_stats is None:
-        _compiled_stats = torch.compile(_chunk_stats_eager, dynamic=True)
-    try:
-        return _compiled_stats(logits, thresholds)
-    except Exception as exc:  # compiler missing or broken: stay correct, get slower
-        warnings.warn(
-            f"torch.compile of the lens reduction failed ({type(exc).__name__}: {exc}); "
-            "using eager mode",
-            stacklevel=2,
-        )
-        os.environ["SLM_LENS_COMPILE"] = "0"
-        return _chunk_stats_eager(logits, thresholds)
-
-
-def _own_correction(
-    logits: torch.Tensor, thresholds: torch.Tensor, own: torch.Tensor, c0: int
-) -> torch.Tensor:
-    """1 where a target's own entry lies in this chunk and was counted above itself."""
-    width = logits.shape[1]
-    inside = (own >= c0) & (own < c0 + width)
-    own_vals = logits.gather(1, (own - c0).clamp(0, width - 1))
-    return (inside & (own_vals > thresholds)).long()
 
 
 def _segment_max(data: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -235,6 +202,204 @@ def _segment_max(data: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@dataclass
+class _Scope:
+    """What ranks and top-k are taken over: single rows, or max-pooled groups of rows.
+
+    ``starts``/``lens`` [G] locate each group's rows (contiguous) in the row chunk;
+    ``t64`` [G, T] are the exact target values (the max over the group's rows).
+    """
+
+    inputs: LensInputs
+    h64: torch.Tensor  # [R, d] the chunk's normed rows, float64
+    starts: torch.Tensor
+    lens: torch.Tensor
+    t64: torch.Tensor
+    first: int  # first row of the scope in the chunk
+    singletons: bool
+
+    @property
+    def n(self) -> int:
+        return int(self.starts.numel())
+
+    def pool(self, logits: torch.Tensor) -> torch.Tensor:
+        rows = logits[self.first : self.first + int(self.lens.sum())]
+        return rows if self.singletons else _segment_max(rows, self.lens)
+
+    def exact(self, groups: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Exact (pooled) logits of entries ``(groups[e], cols[e])``."""
+        if self.singletons:
+            return entry_logits(self.h64, self.starts[groups], cols, self.inputs)
+        lens = self.lens[groups]
+        offsets = torch.cumsum(lens, 0) - lens
+        within = torch.arange(int(lens.sum()), device=lens.device) - offsets.repeat_interleave(lens)
+        rows = self.starts[groups].repeat_interleave(lens) + within
+        vals = entry_logits(self.h64, rows, cols.repeat_interleave(lens), self.inputs)
+        owner = torch.arange(len(groups), device=lens.device).repeat_interleave(lens)
+        out = torch.full((len(groups),), NEG_INF, dtype=torch.float64, device=vals.device)
+        return out.scatter_reduce(0, owner, vals, "amax")
+
+
+@dataclass
+class _SegmentState:
+    """Running state of one vocabulary segment for one scope of one row chunk."""
+
+    counts: torch.Tensor  # [G, T] entries exactly above each target
+    cand_vals: torch.Tensor  # [G, <=kk] fast logits
+    cand_ids: torch.Tensor  # [G, <=kk]
+    band: torch.Tensor  # [G] float64, the widest band of the segment's chunks
+    seen: int = 0  # vocabulary entries walked
+
+
+def _new_state(scope: _Scope, device) -> _SegmentState:
+    g = scope.n
+    return _SegmentState(
+        counts=torch.zeros(scope.t64.shape, dtype=torch.long, device=device),
+        cand_vals=torch.empty((g, 0), dtype=torch.float32, device=device),
+        cand_ids=torch.empty((g, 0), dtype=torch.long, device=device),
+        band=torch.zeros(g, dtype=torch.float64, device=device),
+    )
+
+
+def _merge_topk(vals, ids, new_vals, new_ids, kk: int):
+    vals = torch.cat([vals, new_vals], dim=1)
+    ids = torch.cat([ids, new_ids], dim=1)
+    if vals.shape[1] <= kk:
+        return vals, ids
+    top, where = vals.topk(kk, dim=1)
+    return top, ids.gather(1, where)
+
+
+def _resolve_band(scope, st, near, values, lo, hi, c0) -> None:
+    """Count, exactly, the in-band entries strictly above each target."""
+    g_e, c_e = near.nonzero(as_tuple=True)
+    if not len(g_e):
+        return
+    fast = values[g_e, c_e].unsqueeze(1)
+    exact = scope.exact(g_e, c_e + c0).unsqueeze(1)
+    inside = (fast >= lo[g_e]) & (fast <= hi[g_e])
+    st.counts.index_add_(0, g_e, (inside & (exact > scope.t64[g_e])).long())
+
+
+def _update(scope, st, values, band, c0, kk, compile) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold one chunk's (pooled) logits into a segment state; returns (max, sumexp)."""
+    lo, hi = thresholds(scope.t64, band)
+    row_max, sumexp, above, near, blocks = chunk_stats(values, lo, hi, compile)
+    st.counts += above
+    _resolve_band(scope, st, near, values, lo, hi, c0)
+    width = values.shape[1]
+    top_v, top_i = block_topk(values, blocks, min(kk, width))
+    st.cand_vals, st.cand_ids = _merge_topk(st.cand_vals, st.cand_ids, top_v, top_i + c0, kk)
+    st.band = torch.maximum(st.band, band)
+    st.seen += width
+    return row_max, sumexp
+
+
+def _segment_topk(scope, st, seg_chunks, h32, k, kk) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k ids and values [G, k] of one segment, certified or rescanned."""
+    g = scope.n
+    device = st.cand_ids.device
+    ids = torch.full((g, k), -1, dtype=torch.long, device=device)
+    vals = torch.full((g, k), NEG_INF, dtype=torch.float64, device=device)
+    if st.seen == 0 or g == 0:
+        return ids, vals
+    width = st.cand_ids.shape[1]
+    groups = torch.arange(g, device=device).repeat_interleave(width)
+    exact = scope.exact(groups, st.cand_ids.reshape(-1)).view(g, width)
+    order = exact_order(exact, st.cand_ids)[:, :k]
+    take = order.shape[1]
+    ids[:, :take] = st.cand_ids.gather(1, order)
+    vals[:, :take] = exact.gather(1, order)
+    if st.seen <= kk:
+        return ids, vals  # every entry of the segment was a candidate
+    # Left-out entries have fast logits <= the lowest candidate's, so exact ones
+    # <= that + band: certified when the k-th exact value is strictly above it.
+    floor = st.cand_vals.min(dim=1).values.double() + st.band
+    kth = vals[:, k - 1]
+    redo = torch.nonzero(~(kth > floor)).flatten()
+    if len(redo):
+        ids[redo], vals[redo] = _rescan_topk(scope, redo, kth[redo], st.band[redo], seg_chunks, h32)
+    return ids, vals
+
+
+def _rescan_topk(scope, groups, kth, band, seg_chunks, h32):
+    """Top-k of uncertified groups: every entry whose fast logit could reach the k-th exact one."""
+    k = scope.inputs.k
+    device = h32.device
+    lo = round_down_f32(torch.where(torch.isfinite(kth), kth - band, kth))[:, None]
+    lens = scope.lens[groups]
+    rows = torch.cat(
+        [
+            torch.arange(int(s), int(s) + int(n))
+            for s, n in zip(scope.starts[groups], lens, strict=True)
+        ]
+    )
+    rows = rows.to(device)
+    local = _Scope(
+        inputs=scope.inputs,
+        h64=scope.h64[rows],
+        starts=torch.cumsum(lens, 0) - lens,
+        lens=lens,
+        t64=scope.t64[groups],
+        first=0,
+        singletons=scope.singletons,
+    )
+    found_g, found_c, found_v = [], [], []
+    for c0, c1, _ in seg_chunks:
+        values = local.pool(chunk_logits(h32[rows], c0, c1, scope.inputs))
+        g_e, c_e = (values >= lo).nonzero(as_tuple=True)
+        found_g.append(g_e)
+        found_c.append(c_e + c0)
+        found_v.append(local.exact(g_e, c_e + c0))
+    g_all, c_all, v_all = torch.cat(found_g), torch.cat(found_c), torch.cat(found_v)
+    n = len(groups)
+    # Pack each group's entries into one row of a [n, width] table.
+    by_group = torch.argsort(g_all, stable=True)
+    g_all, c_all, v_all = g_all[by_group], c_all[by_group], v_all[by_group]
+    counts = torch.bincount(g_all, minlength=n)
+    slot = torch.arange(len(g_all), device=device) - (torch.cumsum(counts, 0) - counts)[g_all]
+    width = max(k, int(counts.max()) if n else 0)
+    ids = torch.full((n, width), -1, dtype=torch.long, device=device)
+    vals = torch.full((n, width), NEG_INF, dtype=torch.float64, device=device)
+    ids[g_all, slot] = c_all
+    vals[g_all, slot] = v_all
+    order = exact_order(vals, ids)[:, :k]
+    return ids.gather(1, order), vals.gather(1, order)
+
+
+def _row_scope(inputs, h64, t64) -> _Scope:
+    r = len(h64)
+    return _Scope(
+        inputs=inputs,
+        h64=h64,
+        starts=torch.arange(r, device=h64.device),
+        lens=torch.ones(r, dtype=torch.long, device=h64.device),
+        t64=t64,
+        first=0,
+        singletons=True,
+    )
+
+
+def _pooled_scope(inputs, h64, groups, pool_targets) -> tuple[_Scope, torch.Tensor]:
+    """The chunk's pooled rows (a contiguous suffix, see :func:`row_chunks`) as a scope."""
+    r = len(h64)
+    first = r - int((groups >= 0).sum())
+    g_ids, g_len = torch.unique_consecutive(groups[first:], return_counts=True)
+    local = torch.repeat_interleave(torch.arange(len(g_ids), device=h64.device), g_len)
+    ptg = pool_targets[g_ids]
+    t_rows = target_logits(h64[first:], ptg[local], inputs)
+    scope = _Scope(
+        inputs=inputs,
+        h64=h64,
+        starts=first + torch.cumsum(g_len, 0) - g_len,
+        lens=g_len,
+        t64=_segment_max(t_rows, g_len) if len(g_ids) else t_rows[:0],
+        first=first,
+        singletons=False,
+    )
+    return scope, g_ids
+
+
 @torch.no_grad()
 def chunked_lens(
     inputs: LensInputs,
@@ -242,23 +407,30 @@ def chunked_lens(
     row_chunk: int = 512,
     vocab_chunk: int = 8192,
     margin: int = 8,
+    compile: bool | None = None,
+    refine: bool = True,
 ) -> LensResult:
-    """Fused final-norm + unembedding + top-k/ranks/masses, chunked (see module doc).
+    """Fused final-norm + unembedding + exact ranks/top-k/masses, chunked (see module doc).
 
-    Runs on whatever device ``inputs.unembed`` lives on, in its dtype.
-    ``margin`` extra candidates per segment absorb reorderings that low-precision
-    logits cause near the k-th place before the fp32 refinement.
+    Runs on whatever device ``inputs.unembed`` lives on. ``margin`` extra candidates
+    per segment make a rescan rare; ``compile`` (default: unless
+    ``SLM_LENS_COMPILE=0``) fuses the per-chunk reduction. ``refine=False`` skips the
+    exact recomputation of in-band entries: ranks are then only as good as fp32
+    (tests use it to show that the refinement is what makes them exact).
     """
     validate(inputs)
+    if compile is None:
+        compile = os.environ.get("SLM_LENS_COMPILE", "1") != "0"
+    with ieee_fp32_matmul():
+        return _run(inputs, row_chunk, vocab_chunk, margin, compile, refine)
+
+
+def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
     device = inputs.unembed.device
     dtype = inputs.unembed.dtype
-    n, k, v = inputs.n_rows, inputs.k, inputs.vocab_size
-    segments = inputs.resolved_segments()
-    names = segments.names
-    n_seg = len(names)
-    seg_sizes = torch.bincount(segments.index, minlength=n_seg).tolist()
+    n, k, v, d = inputs.n_rows, inputs.k, inputs.vocab_size, inputs.unembed.shape[1]
+    names = inputs.resolved_segments().names
     kk = min(k + margin, v)
-
     targets = inputs.resolved_targets().to(device).long()
     pool_targets = inputs.resolved_pool_targets().to(device).long()
     n_groups = pool_targets.shape[0]
@@ -267,173 +439,138 @@ def chunked_lens(
         if inputs.pool_groups is not None
         else torch.full((n,), -1, dtype=torch.long, device=device)
     )
-    hidden = inputs.hidden.to(device)
     chunks = vocab_chunks(inputs, vocab_chunk)
+    by_segment = {s: [c for c in chunks if c[2] == s] for s in range(len(names))}
+    w_max = [unembed_norm_max(inputs.unembed, c0, c1) for c0, c1, _ in chunks]
+    b_max = [bias_abs_max(inputs.bias, c0, c1) for c0, c1, _ in chunks]
     order, spans = row_chunks(groups.cpu(), row_chunk)
     order = order.to(device)
-
-    f32 = dict(dtype=torch.float32, device=device)
-    i64 = dict(dtype=torch.long, device=device)
-    out_seg_ids = {name: torch.full((n, k), -1, **i64) for name in names}
-    out_seg_lp = {name: torch.full((n, k), NEG_INF, **f32) for name in names}
-    out_seg_lse = {name: torch.full((n,), NEG_INF, **f32) for name in names}
-    out_seg_ranks = {name: torch.zeros(targets.shape, **i64) for name in names}
-    out_topk_ids = torch.full((n, k), -1, **i64)
-    out_topk_lp = torch.full((n, k), NEG_INF, **f32)
-    out_lse = torch.full((n,), NEG_INF, **f32)
-    out_target_lp = torch.full(targets.shape, float("nan"), **f32)
-    p_seg_ids = {name: torch.full((n_groups, k), -1, **i64) for name in names}
-    p_seg_vals = {name: torch.full((n_groups, k), NEG_INF, **f32) for name in names}
-    p_seg_ranks = {name: torch.zeros(pool_targets.shape, **i64) for name in names}
-    p_ids = torch.full((n_groups, k), -1, **i64)
-    p_vals = torch.full((n_groups, k), NEG_INF, **f32)
+    out = _Outputs(n, k, targets.shape, n_groups, pool_targets.shape, names, device)
 
     for a, b in spans:
         rows = order[a:b]
-        h = hidden[rows]
+        h = inputs.hidden[rows].to(device)
         if inputs.final_norm is not None:
             h = inputs.final_norm(h)
             check_width(h, inputs.unembed)
         h = h.to(dtype)
-        h32 = h.float()
-        r = len(rows)
-        tg = targets[rows]
-        t_exact = exact_logits(h32, tg, inputs)
-        t_q = round_down(t_exact, dtype)
-
-        g = groups[rows]
-        # Pooled rows are a contiguous suffix of the chunk (row_chunks orders them so).
-        first_pooled = r - int((g >= 0).sum())
-        pooled_rows = slice(first_pooled, r)
-        g_ids, g_len = torch.unique_consecutive(g[pooled_rows], return_counts=True)
-        g_local = torch.repeat_interleave(torch.arange(len(g_ids), device=device), g_len)
-        ptg = pool_targets[g_ids]  # [Gc, Tp]
-        h32_pooled = h32[pooled_rows]
-        pt_exact = _segment_max(exact_logits(h32_pooled, ptg[g_local], inputs), g_len)
-        pt_q = round_down(pt_exact, dtype)
-
-        states = [
-            _SegmentState(
-                max=torch.full((r,), NEG_INF, **f32),
-                sumexp=torch.zeros(r, **f32),
-                cand_vals=torch.empty((r, 0), dtype=dtype, device=device),
-                cand_ids=torch.empty((r, 0), **i64),
-                counts=torch.zeros(tg.shape, **i64),
-                pooled_vals=torch.empty((len(g_ids), 0), dtype=dtype, device=device),
-                pooled_ids=torch.empty((len(g_ids), 0), **i64),
-                pooled_counts=torch.zeros(ptg.shape, **i64),
-            )
-            for _ in names
-        ]
-        for c0, c1, s in chunks:
-            st = states[s]
-            st.touched = True
-            logits = h @ inputs.unembed[c0:c1].T
-            if inputs.bias is not None:
-                logits = logits + inputs.bias[c0:c1]
-            if inputs.softcap is not None:
-                logits = inputs.softcap * torch.tanh(logits / inputs.softcap)
-
-            chunk_max, chunk_sum, above, block_max = chunk_stats(logits, t_q)
-            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, 0)
-            chunk_max32 = chunk_max.float()
-            new_max = torch.maximum(st.max, chunk_max32)
-            safe_new = torch.where(torch.isfinite(new_max), new_max, 0)
-            st.sumexp = st.sumexp * torch.exp(st.max - safe_new) + chunk_sum * torch.exp(
-                safe_max.float() - safe_new
-            )
-            st.max = new_max
-
-            width = min(kk, c1 - c0)
-            top_v, top_i = block_topk(logits, block_max, width)
-            st.cand_vals, st.cand_ids = _merge_topk(
-                st.cand_vals, st.cand_ids, top_v, top_i + c0, kk
-            )
-            st.counts += above - _own_correction(logits, t_q, tg, c0)
-
-            if len(g_ids):
-                pooled = _segment_max(logits[pooled_rows], g_len)
-                _, _, above, block_max = chunk_stats(pooled, pt_q)
-                top_v, top_i = block_topk(pooled, block_max, width)
-                st.pooled_vals, st.pooled_ids = _merge_topk(
-                    st.pooled_vals, st.pooled_ids, top_v, top_i + c0, kk
+        h32, h64 = h.float(), h.double()
+        norms = h64.norm(dim=1)
+        scopes = [_row_scope(inputs, h64, target_logits(h64, targets[rows], inputs))]
+        g_ids = None
+        if bool((groups[rows] >= 0).any()):
+            pooled, g_ids = _pooled_scope(inputs, h64, groups[rows], pool_targets)
+            scopes.append(pooled)
+        states = [[_new_state(sc, device) for _ in names] for sc in scopes]
+        lse_max = torch.full((len(names), len(rows)), NEG_INF, dtype=torch.float32, device=device)
+        lse_sum = torch.zeros((len(names), len(rows)), dtype=torch.float32, device=device)
+        for i, (c0, c1, s) in enumerate(chunks):
+            logits = chunk_logits(h32, c0, c1, inputs)
+            band = error_band(norms, w_max[i], d, b_max[i], inputs.softcap)
+            for scope, st in zip(scopes, states, strict=True):
+                scope_band = (
+                    band
+                    if scope.singletons
+                    else _segment_max(band[scope.first :, None], scope.lens)[:, 0]
                 )
-                st.pooled_counts += above - _own_correction(pooled, pt_q, ptg, c0)
+                if not refine:
+                    scope_band = torch.zeros_like(scope_band)
+                m, se = _update(scope, st[s], scope.pool(logits), scope_band, c0, kk, compile)
+                if scope.singletons:
+                    new = torch.maximum(lse_max[s], m)
+                    safe_new = torch.where(torch.isfinite(new), new, 0)
+                    safe_m = torch.where(torch.isfinite(m), m, 0)
+                    lse_sum[s] = lse_sum[s] * torch.exp(lse_max[s] - safe_new) + se * torch.exp(
+                        safe_m - safe_new
+                    )
+                    lse_max[s] = new
+        seg_lse = torch.where(
+            torch.isfinite(lse_max), lse_max + torch.log(lse_sum), torch.full_like(lse_max, NEG_INF)
+        )
+        out.add_rows(rows, scopes[0], states[0], seg_lse, by_segment, h32, k, kk)
+        if g_ids is not None:
+            out.add_groups(g_ids, scopes[1], states[1], by_segment, h32, k, kk)
+    return out.result(targets, pool_targets)
 
-        # Refine in fp32: exact candidate logits, corrected log-sum-exp per segment.
-        seg_lse = torch.full((n_seg, r), NEG_INF, **f32)
-        all_vals, all_ids, all_pvals, all_pids = [], [], [], []
-        seg_top_vals: dict[str, torch.Tensor] = {}
-        for s, name in enumerate(names):
-            st = states[s]
-            if not st.touched or seg_sizes[s] == 0:
-                continue
-            exact = exact_logits(h32, st.cand_ids, inputs)
-            safe = torch.where(torch.isfinite(st.max), st.max, 0)[:, None]
-            approx_terms = torch.exp(st.cand_vals.float() - safe).sum(1)
-            exact_terms = torch.exp(exact - safe).sum(1)
-            rest = (st.sumexp - approx_terms).clamp(min=0)
-            lse_s = safe.squeeze(1) + torch.log(rest + exact_terms)
-            seg_lse[s] = torch.where(torch.isfinite(st.max), lse_s, NEG_INF)
-            vals, where = exact.sort(dim=1, descending=True)
-            ids = st.cand_ids.gather(1, where)
-            take = min(k, vals.shape[1])
-            out_seg_ids[name][rows, :take] = ids[:, :take]
-            seg_top_vals[name] = vals[:, :take]
-            all_vals.append(vals)
-            all_ids.append(ids)
-            out_seg_ranks[name][rows] = st.counts
-            if len(g_ids):
-                cand = st.pooled_ids[g_local]  # each pooled row scores its group's candidates
-                pexact = _segment_max(exact_logits(h32_pooled, cand, inputs), g_len)
-                pv, pw = pexact.sort(dim=1, descending=True)
-                pid = st.pooled_ids.gather(1, pw)
-                p_seg_ids[name][g_ids, :take] = pid[:, :take]
-                p_seg_vals[name][g_ids, :take] = pv[:, :take]
-                p_seg_ranks[name][g_ids] = st.pooled_counts
-                all_pvals.append(pv)
-                all_pids.append(pid)
 
+class _Outputs:
+    """The result tensors, filled row chunk by row chunk."""
+
+    def __init__(self, n, k, t_shape, n_groups, pt_shape, names, device):
+        f32 = dict(dtype=torch.float32, device=device)
+        i64 = dict(dtype=torch.long, device=device)
+        self.names = names
+        self.seg_ids = {name: torch.full((n, k), -1, **i64) for name in names}
+        self.seg_lp = {name: torch.full((n, k), NEG_INF, **f32) for name in names}
+        self.seg_mass = {name: torch.full((n,), NEG_INF, **f32) for name in names}
+        self.seg_ranks = {name: torch.zeros(t_shape, **i64) for name in names}
+        self.topk_ids = torch.full((n, k), -1, **i64)
+        self.topk_lp = torch.full((n, k), NEG_INF, **f32)
+        self.lse = torch.full((n,), NEG_INF, **f32)
+        self.target_lp = torch.full(t_shape, float("nan"), **f32)
+        self.p_seg_ids = {name: torch.full((n_groups, k), -1, **i64) for name in names}
+        self.p_seg_vals = {name: torch.full((n_groups, k), NEG_INF, **f32) for name in names}
+        self.p_seg_ranks = {name: torch.zeros(pt_shape, **i64) for name in names}
+        self.p_ids = torch.full((n_groups, k), -1, **i64)
+        self.p_vals = torch.full((n_groups, k), NEG_INF, **f32)
+
+    def add_rows(self, rows, scope, states, seg_lse, by_segment, h32, k, kk) -> None:
         lse = torch.logsumexp(seg_lse, dim=0)
-        out_lse[rows] = lse
-        for s, name in enumerate(names):
-            out_seg_lse[name][rows] = seg_lse[s] - lse
-            if name in seg_top_vals:
-                top_vals = seg_top_vals[name]
-                out_seg_lp[name][rows, : top_vals.shape[1]] = top_vals - lse[:, None]
-        vals, ids = torch.cat(all_vals, 1), torch.cat(all_ids, 1)
-        top, where = vals.topk(k, dim=1)
-        out_topk_ids[rows] = ids.gather(1, where)
-        out_topk_lp[rows] = top - lse[:, None]
-        out_target_lp[rows] = t_exact - lse[:, None]
-        if len(g_ids):
-            pvals, pids = torch.cat(all_pvals, 1), torch.cat(all_pids, 1)
-            top, where = pvals.topk(k, dim=1)
-            p_ids[g_ids] = pids.gather(1, where)
-            p_vals[g_ids] = top
+        self.lse[rows] = lse
+        all_ids, all_vals = [], []
+        for s, name in enumerate(self.names):
+            ids, vals = _segment_topk(scope, states[s], by_segment[s], h32, k, kk)
+            self.seg_ids[name][rows] = ids
+            self.seg_lp[name][rows] = (vals - lse[:, None].double()).float()
+            self.seg_mass[name][rows] = seg_lse[s] - lse
+            self.seg_ranks[name][rows] = states[s].counts
+            all_ids.append(ids)
+            all_vals.append(vals)
+        ids, vals = torch.cat(all_ids, 1), torch.cat(all_vals, 1)
+        best = exact_order(vals, ids)[:, :k]
+        self.topk_ids[rows] = ids.gather(1, best)
+        self.topk_lp[rows] = (vals.gather(1, best) - lse[:, None].double()).float()
+        finite = torch.isfinite(scope.t64)
+        self.target_lp[rows] = torch.where(
+            finite, scope.t64 - lse[:, None].double(), scope.t64
+        ).float()
 
-    pad = targets < 0
-    out_target_lp[pad] = float("nan")
-    ranks = sum(out_seg_ranks.values()) if names else torch.zeros(targets.shape, **i64)
-    ranks = torch.where(pad, -1, ranks)
-    out_seg_ranks = {name: torch.where(pad, -1, r) for name, r in out_seg_ranks.items()}
-    ppad = pool_targets < 0
-    p_ranks = torch.where(ppad, -1, sum(p_seg_ranks.values()))
-    p_seg_ranks = {name: torch.where(ppad, -1, r) for name, r in p_seg_ranks.items()}
-    return LensResult(
-        topk_ids=out_topk_ids,
-        topk_logprobs=out_topk_lp,
-        segment_topk_ids=out_seg_ids,
-        segment_topk_logprobs=out_seg_lp,
-        logsumexp=out_lse,
-        segment_logmass=out_seg_lse,
-        target_logprobs=out_target_lp,
-        target_ranks=ranks,
-        target_segment_ranks=out_seg_ranks,
-        pooled_topk_ids=p_ids,
-        pooled_topk_logits=p_vals,
-        pooled_segment_topk_ids=p_seg_ids,
-        pooled_segment_topk_logits=p_seg_vals,
-        pooled_target_ranks=p_ranks,
-        pooled_target_segment_ranks=p_seg_ranks,
-    )
+    def add_groups(self, g_ids, scope, states, by_segment, h32, k, kk) -> None:
+        all_ids, all_vals = [], []
+        for s, name in enumerate(self.names):
+            ids, vals = _segment_topk(scope, states[s], by_segment[s], h32, k, kk)
+            self.p_seg_ids[name][g_ids] = ids
+            self.p_seg_vals[name][g_ids] = vals.float()
+            self.p_seg_ranks[name][g_ids] = states[s].counts
+            all_ids.append(ids)
+            all_vals.append(vals)
+        ids, vals = torch.cat(all_ids, 1), torch.cat(all_vals, 1)
+        best = exact_order(vals, ids)[:, :k]
+        self.p_ids[g_ids] = ids.gather(1, best)
+        self.p_vals[g_ids] = vals.gather(1, best).float()
+
+    def result(self, targets, pool_targets) -> LensResult:
+        pad = targets < 0
+        self.target_lp[pad] = float("nan")
+        ranks = torch.where(pad, -1, sum(self.seg_ranks.values()))
+        seg_ranks = {name: torch.where(pad, -1, r) for name, r in self.seg_ranks.items()}
+        ppad = pool_targets < 0
+        p_ranks = torch.where(ppad, -1, sum(self.p_seg_ranks.values()))
+        p_seg_ranks = {name: torch.where(ppad, -1, r) for name, r in self.p_seg_ranks.items()}
+        return LensResult(
+            topk_ids=self.topk_ids,
+            topk_logprobs=self.topk_lp,
+            segment_topk_ids=self.seg_ids,
+            segment_topk_logprobs=self.seg_lp,
+            logsumexp=self.lse,
+            segment_logmass=self.seg_mass,
+            target_logprobs=self.target_lp,
+            target_ranks=ranks,
+            target_segment_ranks=seg_ranks,
+            pooled_topk_ids=self.p_ids,
+            pooled_topk_logits=self.p_vals,
+            pooled_segment_topk_ids=self.p_seg_ids,
+            pooled_segment_topk_logits=self.p_seg_vals,
+            pooled_target_ranks=p_ranks,
+            pooled_target_segment_ranks=p_seg_ranks,
+        )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .contract import LensInputs, LensResult, check_width, validate
+from .exact import exact_order
 
 
 @torch.no_grad()
@@ -43,10 +44,14 @@ def strict_rank(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | No
 
 
 def _topk(scores: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best entries inside ``mask``: value descending, ties by the lower id."""
     n_in = int(mask.sum())
-    masked = torch.where(mask, scores, torch.full_like(scores, float("-inf")))
     kk = min(k, n_in)
-    vals, ids = masked.topk(kk, dim=1) if kk else (masked[:, :0], masked[:, :0].long())
+    allowed = torch.nonzero(mask).flatten()
+    sub = scores[:, allowed]
+    ids = allowed.expand(len(scores), -1)
+    order = exact_order(sub, ids)[:, :kk]
+    vals, ids = sub.gather(1, order), ids.gather(1, order)
     pad = k - kk
     if pad:
         vals = torch.cat([vals, torch.full((len(vals), pad), float("-inf"), dtype=vals.dtype)], 1)
@@ -56,7 +61,7 @@ def _topk(scores: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tenso
 
 @torch.no_grad()
 def reference_lens(inputs: LensInputs) -> LensResult:
-    """The lens by its definition (REFERENCE §2), in float64 on the CPU."""
+    """The lens by its definition (docs/lens.md), in float64 on the CPU."""
     validate(inputs)
     k = inputs.k
     logits = reference_logits(inputs).cpu()

@@ -28,10 +28,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked import chunked_lens, exact_logits
-from .contract import LensInputs, LensResult, check_width, validate
+from .chunked import chunked_lens
+from .contract import LensError, LensInputs, LensResult, check_width, validate
+from .exact import target_logits
 
+#: A constexpr, not a plain global: compiled kernels may only read constexpr globals
+#: (the interpreter reads any global; only a real compile refuses a plain one).
+KERNEL_NEG_INF = tl.constexpr(float("-inf"))
 NEG_INF = float("-inf")
+
+
+#: Tile sizes the launcher uses on CUDA (the AOT compile test builds exactly these).
+CUDA_BLOCKS = {"BM": 64, "BN": 128, "BK": 64}
+#: Smaller tiles under TRITON_INTERPRET=1, where every program runs in Python.
+INTERPRETER_BLOCKS = {"BM": 16, "BN": 32, "BK": 16}
 
 
 def _next_pow2(n: int) -> int:
@@ -67,6 +77,7 @@ def _lens_tiles_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -78,9 +89,9 @@ def _lens_tiles_kernel(
     offs_n = tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
 
-    m_state = tl.full((BM, SP), NEG_INF, tl.float32)
+    m_state = tl.full((BM, SP), KERNEL_NEG_INF, tl.float32)
     l_state = tl.zeros((BM, SP), tl.float32)
-    cand_v = tl.full((BM, SP * KP), NEG_INF, tl.float32)
+    cand_v = tl.full((BM, SP * KP), KERNEL_NEG_INF, tl.float32)
     cand_i = tl.full((BM, SP * KP), -1, tl.int64)
     counts = tl.zeros((BM, SP * TP), tl.int64)
 
@@ -106,19 +117,20 @@ def _lens_tiles_kernel(
                 mask=col_ok[:, None] & (ks[None, :] < D),
                 other=0.0,
             )
-            acc = tl.dot(h, tl.trans(w), acc)
+            # IEEE fp32 products for fp32 inputs (Triton's default there is TF32).
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(BIAS + cols, mask=col_ok, other=0.0)[None, :]
         if HAS_SOFTCAP:
             acc = softcap * (2.0 * tl.sigmoid(2.0 * acc / softcap) - 1.0)
-        acc = tl.where(col_ok[None, :], acc, NEG_INF)
+        acc = tl.where(col_ok[None, :], acc, KERNEL_NEG_INF)
 
         # Online log-sum-exp of this tile's segment.
         in_seg = seg_cols[None, :] == seg
-        m_old = tl.max(tl.where(in_seg, m_state, NEG_INF), axis=1)
+        m_old = tl.max(tl.where(in_seg, m_state, KERNEL_NEG_INF), axis=1)
         l_old = tl.sum(tl.where(in_seg, l_state, 0.0), axis=1)
         m_new = tl.maximum(m_old, tl.max(acc, axis=1))
-        m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+        m_safe = tl.where(m_new == KERNEL_NEG_INF, 0.0, m_new)
         l_new = l_old * tl.exp(m_old - m_safe) + tl.sum(tl.exp(acc - m_safe[:, None]), axis=1)
         m_state = tl.where(in_seg, m_new[:, None], m_state)
         l_state = tl.where(in_seg, l_new[:, None], l_state)
@@ -137,17 +149,17 @@ def _lens_tiles_kernel(
         buf_min = tl.min(tl.where(in_buf, cand_v, float("inf")), axis=1)
         buf_pos = tl.argmin(tl.where(in_buf, cand_v, float("inf")), axis=1)
         free_slot = tl.max(tl.where(in_buf & (cand_i < 0), 1, 0), axis=1) > 0
-        work = tl.where(alive, acc, NEG_INF)
+        work = tl.where(alive, acc, KERNEL_NEG_INF)
         best = tl.max(work, axis=1)
         has_alive = tl.max(alive.to(tl.int32), axis=1) > 0
         want = has_alive & ((best > buf_min) | free_slot)
         go = tl.max(want.to(tl.int32), axis=0)
         while go > 0:
-            arg = tl.argmax(tl.where(alive, work, NEG_INF), axis=1)
+            arg = tl.argmax(tl.where(alive, work, KERNEL_NEG_INF), axis=1)
             # With every live value at -inf argmax may land on a dead column: pick the
             # first live one instead, so -inf logits still fill a small segment's slots.
             first_alive = tl.argmax(alive.to(tl.int32), axis=1)
-            arg = tl.where(best == NEG_INF, first_alive, arg)
+            arg = tl.where(best == KERNEL_NEG_INF, first_alive, arg)
             free_pos = tl.argmax(tl.where(in_buf & (cand_i < 0), 1, 0), axis=1)
             pos = tl.where(free_slot, free_pos, buf_pos)
             hit = (cand_cols[None, :] == pos[:, None]) & want[:, None]
@@ -155,7 +167,7 @@ def _lens_tiles_kernel(
             cand_i = tl.where(hit, (start + arg).to(tl.int64)[:, None], cand_i)
             taken = (offs_n[None, :] == arg[:, None]) & want[:, None]
             alive = alive & ~taken
-            work = tl.where(alive, work, NEG_INF)
+            work = tl.where(alive, work, KERNEL_NEG_INF)
             buf_min = tl.min(tl.where(in_buf, cand_v, float("inf")), axis=1)
             buf_pos = tl.argmin(tl.where(in_buf, cand_v, float("inf")), axis=1)
             free_slot = tl.max(tl.where(in_buf & (cand_i < 0), 1, 0), axis=1) > 0
@@ -189,9 +201,9 @@ def triton_lens(
     *,
     row_chunk: int = 512,
     vocab_chunk: int = 8192,
-    block_m: int = 64,
-    block_n: int = 128,
-    block_k: int = 64,
+    block_m: int = CUDA_BLOCKS["BM"],
+    block_n: int = CUDA_BLOCKS["BN"],
+    block_k: int = CUDA_BLOCKS["BK"],
     splits: int | None = None,
 ) -> LensResult:
     """The fused lens through the Triton kernel (CUDA, or the interpreter on CPU)."""
@@ -199,9 +211,9 @@ def triton_lens(
     device = inputs.unembed.device
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if device.type != "cuda" and not interpret:
-        raise RuntimeError("the Triton lens needs CUDA tensors (or TRITON_INTERPRET=1)")
+        raise LensError("the Triton lens needs CUDA tensors (or TRITON_INTERPRET=1)")
     if interpret:
-        block_m, block_n, block_k = 16, 32, 16
+        block_m, block_n, block_k = (INTERPRETER_BLOCKS[x] for x in ("BM", "BN", "BK"))
     dtype = inputs.unembed.dtype
     n, d, k = inputs.n_rows, inputs.unembed.shape[1], inputs.k
     segments = inputs.resolved_segments()
@@ -219,7 +231,7 @@ def triton_lens(
         check_width(h, inputs.unembed)
     h = h.to(dtype).contiguous()
     w = inputs.unembed.contiguous()
-    t_vals = exact_logits(h.float(), targets, inputs).contiguous()
+    t_vals = target_logits(h.double(), targets, inputs).float().contiguous()
     starts, stops, segs = _tile_table(inputs, block_n, device)
     n_tiles = len(starts)
     row_blocks = triton.cdiv(max(n, 1), block_m)
@@ -265,6 +277,7 @@ def triton_lens(
             BM=block_m,
             BN=block_n,
             BK=block_k,
+            DOT_PRECISION="ieee",
         )
 
     # Merge the splits.

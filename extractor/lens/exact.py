@@ -1,0 +1,151 @@
+"""Exact lens logits, and the proven error band of the fast fp32-accumulated ones.
+
+The definition (docs/lens.md): a row's exact logits are the float64 product of
+the row *as the model's final norm emits it, in the model's dtype* with the
+unembedding in the model's dtype, plus the bias, through the soft-cap. Every
+engine computes exact values with :func:`entry_logits` only, so a target and a
+competitor with equal exact logits (duplicate unembedding rows) always get
+bit-identical values: ties never push a rank down.
+
+The fast pass computes ``fl32(h @ W^T)`` instead. For any summation order,
+``|fl32(h . w) - h . w| <= gamma_d * sum_i |h_i w_i| <= gamma_d * ||h|| ||w||``
+(Higham, *Accuracy and Stability of Numerical Algorithms*, eq. 3.5; the
+products of bf16/fp16 inputs are even exact in fp32). :func:`error_band` turns
+that into a per-row half-width, adding the rounding of the fp32 bias addition
+and soft-cap, so an entry whose fast logit lies outside ``[t - band, t + band]``
+is certainly above or certainly not above the exact value ``t``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .contract import LensInputs
+
+#: Unit roundoff of fp32, the accumulator of every fast GEMM.
+U32 = 2.0**-24
+#: Entries per batch of exact dot products (bounds the [E, d] float64 temporaries).
+ENTRY_BATCH = 2048
+
+
+def gamma(d: int) -> float:
+    """``gamma_d = d u / (1 - d u)`` for fp32, with a 0.1% margin for the bound's own rounding."""
+    nu = max(d, 1) * U32
+    if nu >= 0.5:
+        raise ValueError(f"hidden width {d} is too large for an fp32 error bound")
+    return nu / (1 - nu) * (1 + 2**-10)
+
+
+def entry_logits(
+    h64: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, inputs: LensInputs
+) -> torch.Tensor:
+    """Exact float64 logits of the entries ``(rows[e], cols[e])``: [E].
+
+    ``h64`` [R, d] holds the normed rows in float64 (exact copies of the model-dtype
+    values). One arithmetic for every exact value in the engine: products are exact
+    in float64 (bf16/fp16/fp32 inputs), and each sum runs in the same order.
+    """
+    out = torch.empty(len(rows), dtype=torch.float64, device=h64.device)
+    for a in range(0, len(rows), ENTRY_BATCH):
+        b = min(a + ENTRY_BATCH, len(rows))
+        w = inputs.unembed[cols[a:b]].double()
+        out[a:b] = (w * h64[rows[a:b]]).sum(-1)
+    return finish(out, cols, inputs)
+
+
+def finish(x64: torch.Tensor, cols: torch.Tensor, inputs: LensInputs) -> torch.Tensor:
+    """Bias and soft-cap in float64, exactly as :func:`reference_logits` applies them."""
+    if inputs.bias is not None:
+        x64 = x64 + inputs.bias.double()[cols]
+    if inputs.softcap is not None:
+        x64 = inputs.softcap * torch.tanh(x64 / inputs.softcap)
+    return x64
+
+
+def target_logits(h64: torch.Tensor, ids: torch.Tensor, inputs: LensInputs) -> torch.Tensor:
+    """Exact logits [R, T] of ``ids`` [R, T]; pads (-1) give +inf (never above anything)."""
+    r, t = ids.shape
+    if ids.numel() == 0:
+        return torch.empty((r, t), dtype=torch.float64, device=h64.device)
+    rows = torch.arange(r, device=ids.device).repeat_interleave(t)
+    flat = ids.reshape(-1)
+    vals = entry_logits(h64, rows, flat.clamp(min=0), inputs).view(r, t)
+    return torch.where(ids >= 0, vals, torch.inf)
+
+
+def error_band(
+    row_norms: torch.Tensor, w_norm_max: float, d: int, bias_max: float, softcap: float | None
+) -> torch.Tensor:
+    """Per-row half-width [R] (float64) of ``|fast - exact|`` for one vocabulary chunk.
+
+    ``row_norms``: float64 L2 norms of the normed rows; ``w_norm_max``: an upper bound
+    of the chunk's unembedding-row norms; ``bias_max``: the chunk's largest finite |bias|.
+    """
+    scale = row_norms * w_norm_max
+    band = gamma(d) * scale
+    if bias_max or softcap is not None:
+        # fl32(x + b) rounds once more, by at most u |x + b| <= u (||h|| ||w|| + |b|).
+        band = band + 2 * U32 * (scale * (1 + gamma(d)) + bias_max)
+    if softcap is not None:
+        # c * tanh(x / c) is 1-Lipschitz in x; its own fp32 division, tanh and product
+        # add a few ulp of max(c, |x / c|) each: 16 ulp of (c + |x|) covers them.
+        band = band + 16 * U32 * (softcap + scale + bias_max)
+    return band
+
+
+def round_up_f32(x64: torch.Tensor) -> torch.Tensor:
+    """Smallest fp32 value >= each float64 value."""
+    q = x64.float()
+    return torch.where(q.double() < x64, torch.nextafter(q, torch.full_like(q, torch.inf)), q)
+
+
+def round_down_f32(x64: torch.Tensor) -> torch.Tensor:
+    """Largest fp32 value <= each float64 value."""
+    q = x64.float()
+    return torch.where(q.double() > x64, torch.nextafter(q, torch.full_like(q, -torch.inf)), q)
+
+
+def thresholds(t64: torch.Tensor, band: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``(lo, hi)`` [R, T] around exact values ``t64`` [R, T] for per-row ``band`` [R].
+
+    A fast logit ``> hi`` is certainly strictly above ``t``; one ``< lo`` certainly is
+    not; only ``lo <= fast <= hi`` needs its exact value. Pads (``+inf``) give
+    ``lo = hi = +inf``: no entry is counted for them.
+    """
+    b = band[:, None]
+    with torch.no_grad():
+        hi = round_up_f32(torch.where(torch.isfinite(t64), t64 + b, t64))
+        lo = round_down_f32(torch.where(torch.isfinite(t64), t64 - b, t64))
+    return lo, hi
+
+
+def unembed_norm_max(unembed: torch.Tensor, start: int, stop: int) -> float:
+    """An upper bound of ``max ||W[j]||`` over ``[start, stop)`` (fp32 norm, inflated)."""
+    if stop <= start:
+        return 0.0
+    norms = unembed[start:stop].float().norm(dim=1)
+    return float(norms.max()) * (1 + 2**-10)
+
+
+def bias_abs_max(bias: torch.Tensor | None, start: int, stop: int) -> float:
+    if bias is None or stop <= start:
+        return 0.0
+    part = bias[start:stop].double().abs()
+    part = part[torch.isfinite(part)]
+    return float(part.max()) if part.numel() else 0.0
+
+
+def exact_order(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Column order of each row by (value descending, id ascending), pads (id < 0) last."""
+    key_ids = torch.where(ids >= 0, ids, torch.iinfo(torch.long).max)
+    by_id = torch.argsort(key_ids, dim=1, stable=True)
+    vals = values.gather(1, by_id)
+    vals = torch.where(ids.gather(1, by_id) >= 0, vals, torch.nan)
+    # NaN (pads) sort after -inf with descending=True? They sort first; push them last.
+    key = torch.where(torch.isnan(vals), -torch.inf, vals)
+    pad = torch.isnan(vals)
+    by_val = torch.argsort(key, dim=1, descending=True, stable=True)
+    # Among equal keys (-inf), real entries come before pads.
+    pad_sorted = pad.gather(1, by_val)
+    fix = torch.argsort(pad_sorted.to(torch.int8), dim=1, stable=True)
+    return by_id.gather(1, by_val.gather(1, fix))

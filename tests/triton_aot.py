@@ -1,0 +1,74 @@
+"""Ahead-of-time compile of the lens kernel for one GPU target (run as a script).
+
+Runs in its own process without TRITON_INTERPRET: the interpreter patches
+Triton's builder globally, and a real compile must not see that.
+Usage: python -m tests.triton_aot  (every target and dtype; one line each)
+"""
+
+from __future__ import annotations
+
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from extractor.lens import triton_lens
+
+POINTER = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+
+
+def compile_lens_kernel(arch: int, dtype: str) -> bytes:
+    kernel = triton_lens._lens_tiles_kernel
+    signature = {
+        "H": POINTER[dtype],
+        "W": POINTER[dtype],
+        "BIAS": "*fp32",
+        "TGT_IDS": "*i64",
+        "TGT_VALS": "*fp32",
+        "TILE_START": "*i32",
+        "TILE_STOP": "*i32",
+        "TILE_SEG": "*i32",
+        "OUT_MAX": "*fp32",
+        "OUT_SUM": "*fp32",
+        "OUT_CV": "*fp32",
+        "OUT_CI": "*i64",
+        "OUT_CNT": "*i64",
+        "N": "i32",
+        "D": "i32",
+        "n_tiles": "i32",
+        "tiles_per_split": "i32",
+        "softcap": "fp32",
+    }
+    constexprs = {
+        "T": 13,
+        "TP": 16,
+        "SP": 4,
+        "KP": 16,
+        "HAS_BIAS": True,
+        "HAS_SOFTCAP": True,
+        "DOT_PRECISION": "ieee",
+        **triton_lens.CUDA_BLOCKS,
+    }
+    # ASTSource binds the signature by position: list it in the kernel's own order.
+    ordered = {name: signature.get(name, "constexpr") for name in kernel.arg_names}
+    if set(ordered) != set(signature) | set(constexprs):
+        raise SystemExit(f"kernel arguments changed: {sorted(ordered)}")
+    src = ASTSource(fn=kernel, signature=ordered, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["cubin"]
+
+
+ARCHS = (80, 90)
+
+
+if __name__ == "__main__":
+    failed = 0
+    for arch in ARCHS:
+        for dtype in POINTER:
+            try:
+                cubin = compile_lens_kernel(arch, dtype)
+                print(f"ok sm_{arch} {dtype}: {len(cubin)} bytes of cubin")
+            except Exception as exc:
+                failed += 1
+                print(f"FAILED sm_{arch} {dtype}: {type(exc).__name__}: {exc}")
+    sys.exit(1 if failed else 0)
