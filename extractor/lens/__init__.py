@@ -98,4 +98,3 @@ def fused_logit_lens(
 
         return triton_lens(inputs, row_chunk=row_chunk, vocab_chunk=vocab_chunk)
     raise LensError(f"unknown lens backend {backend!r}: use auto, torch, triton or reference")
-
