@@ -170,6 +170,8 @@ def open_store(uri: str, runs: Iterable[str] | None = None) -> duckdb.DuckDBPyCo
                 "seconds": c.seconds,
                 "committed_at": c.committed_at,
                 "stats": json.dumps(c.stats),
+                "engine": c.stats.get("engine"),
+                "self_check": c.stats.get("self_check"),
             }
             for c in commits
         ],
@@ -183,6 +185,8 @@ def open_store(uri: str, runs: Iterable[str] | None = None) -> duckdb.DuckDBPyCo
                 ("seconds", pa.float64()),
                 ("committed_at", pa.string()),
                 ("stats", pa.string()),
+                ("engine", pa.string()),
+                ("self_check", pa.string()),
             ]
         ),
     )

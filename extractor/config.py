@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+LENS_ENGINES = ("auto", "torch", "triton")
 #: Which positions are lensed: every position; every position of a word (its unit tokens
 #: when spoken, its text tokens when written); or each word's last position. Continuations
 #: of spoken-knowledge pairs are always lensed, so their likelihood can be scored.
@@ -64,6 +65,9 @@ class PromptSection:
 class LensSection:
     positions: str = "spoken_words"
     k: int = 10
+    #: auto (the exact torch engine), torch, or triton (CUDA); whichever is asked is
+    #: self-checked against float64 on each actor's device before its first shard.
+    engine: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,7 @@ def _validate(cfg: RunConfig) -> None:
         "must be alternate, poisson or flags",
     )
     _expect(cfg.lens.positions in POSITIONS, "lens.positions", f"must be one of {POSITIONS}")
+    _expect(cfg.lens.engine in LENS_ENGINES, "lens.engine", f"must be one of {LENS_ENGINES}")
     _expect(
         isinstance(cfg.lens.k, int) and cfg.lens.k >= 1,
         "lens.k",

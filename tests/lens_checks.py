@@ -11,32 +11,7 @@ from __future__ import annotations
 import torch
 
 from extractor.lens import LensInputs, LensResult, reference_lens, reference_logits
-from extractor.lens.exact import U32, error_band
-
-
-def _norms(inputs: LensInputs) -> torch.Tensor:
-    h = inputs.hidden
-    if inputs.final_norm is not None:
-        with torch.no_grad():
-            h = inputs.final_norm(h.to(inputs.unembed.dtype))
-    return h.to(inputs.unembed.dtype).double().cpu().norm(dim=1)
-
-
-def lse_tolerance(inputs: LensInputs, vocab_chunk: int) -> float:
-    """Largest honest |log-sum-exp error|: the band plus fp32 exp/sum/log rounding."""
-    w = inputs.unembed.float().norm(dim=1).max().item() * (1 + 2**-10)
-    bias = inputs.bias
-    b = float(bias[torch.isfinite(bias)].abs().max()) if bias is not None and bias.numel() else 0.0
-    band = float(
-        error_band(_norms(inputs), w, inputs.unembed.shape[1], b, inputs.softcap).max()
-        if inputs.n_rows
-        else 0.0
-    )
-    n_chunks = inputs.vocab_size // max(1, vocab_chunk) + 4
-    # Sum of at most ``vocab_chunk`` positive terms (each exp within a few ulp), the
-    # online merges of the chunks, and the final log of a value near the max logit.
-    scale = float(_norms(inputs).max()) * w + b + 1 if inputs.n_rows else 1.0
-    return band + 4 * U32 * (min(vocab_chunk, inputs.vocab_size) + 4 * n_chunks) + 4 * U32 * scale
+from extractor.lens.exact import logsumexp_error_bound
 
 
 def _max(values: torch.Tensor) -> float:
@@ -72,7 +47,7 @@ def _same_topk(ids, vals, want_ids, want_vals, what: str, value_tol: float) -> N
 def check_exact(inputs: LensInputs, got: LensResult, vocab_chunk: int = 8192) -> None:
     """Every field of ``got`` against :func:`reference_lens`: equal ranks and ids."""
     ref = reference_lens(inputs)
-    tol = lse_tolerance(inputs, vocab_chunk)
+    tol = logsumexp_error_bound(inputs, vocab_chunk)
     _same_ranks(got.target_ranks, ref.target_ranks, "target_ranks")
     for name in ref.target_segment_ranks:
         _same_ranks(got.target_segment_ranks[name], ref.target_segment_ranks[name], name)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from analysis.storage import resolve
@@ -324,3 +325,36 @@ def test_a_slamkit_unit_lm_checkpoint_runs_end_to_end(data_dir, tmp_path):
     assert summary.ok and summary.lens_rows > 0
     con = open_store(store)
     assert con.sql("SELECT n_layers, vocab_size FROM runs").fetchone() == (2, vocab_size)
+
+
+def test_an_engine_that_disagrees_is_replaced_before_it_stores_a_number(
+    clean, data_dir, tmp_path, monkeypatch
+):
+    """A preferred engine that fails its self-check on this device never writes a row."""
+    from extractor.service import worker
+
+    _, reference, _ = clean
+    honest = worker.LENS_ENGINES["torch"]
+
+    def off_by_one(inputs):
+        res = honest(inputs)
+        res.target_ranks = torch.where(res.target_ranks >= 0, res.target_ranks + 1, -1)
+        return res
+
+    monkeypatch.setitem(worker.LENS_ENGINES, "triton", off_by_one)
+    store = str(tmp_path / "store")
+    cfg = parse_config(small_config(store, data_dir, lens={"engine": "triton"}))
+    with pytest.warns(UserWarning, match="disagrees with the float64 reference"):
+        summary = run_extraction(cfg, in_process=True, progress=False)
+    assert summary.ok
+    got = snapshot(store, summary.run_id)["lens"]
+    assert sorted(got["cur_word_rank"].dropna()) == sorted(
+        reference["lens"]["cur_word_rank"].dropna()
+    )
+    con = open_store(store)
+    rows = con.sql("SELECT DISTINCT engine, self_check FROM shards WHERE shard > 0").fetchall()
+    assert rows == [("torch", "failed")]
+    clean_con = open_store(clean[2].store)
+    assert clean_con.sql(
+        "SELECT DISTINCT engine, self_check FROM shards WHERE shard > 0"
+    ).fetchall() == [("torch", "passed")]

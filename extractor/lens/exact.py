@@ -149,3 +149,27 @@ def exact_order(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     pad_sorted = pad.gather(1, by_val)
     fix = torch.argsort(pad_sorted.to(torch.int8), dim=1, stable=True)
     return by_id.gather(1, by_val.gather(1, fix))
+
+
+def logsumexp_error_bound(inputs: LensInputs, vocab_chunk: int = 8192) -> float:
+    """Largest honest |log-sum-exp error| of the torch engine on ``inputs`` (docs/lens.md).
+
+    The band of the fast logits (a shift of every term by at most the band moves
+    the log-sum-exp by at most the band), plus fp32 rounding: a sum of at most
+    ``vocab_chunk`` positive terms per chunk, the online merges of the chunks, and
+    the final log of a value near the largest logit.
+    """
+    if inputs.n_rows == 0:
+        return 0.0
+    h = inputs.hidden
+    if inputs.final_norm is not None:
+        with torch.no_grad():
+            h = inputs.final_norm(h.to(inputs.unembed.dtype))
+    norms = h.to(inputs.unembed.dtype).double().cpu().norm(dim=1)
+    w = unembed_norm_max(inputs.unembed, 0, inputs.vocab_size)
+    b = bias_abs_max(inputs.bias, 0, inputs.vocab_size)
+    band = float(error_band(norms, w, inputs.unembed.shape[1], b, inputs.softcap).max())
+    n_chunks = inputs.vocab_size // max(1, vocab_chunk) + 4
+    terms = min(vocab_chunk, inputs.vocab_size) + 4 * n_chunks
+    scale = float(norms.max()) * w + b + 1
+    return band + 4 * U32 * terms + 4 * U32 * scale

@@ -1,7 +1,7 @@
 """One worker's job: turn a shard of utterances into committed store rows.
 
 Knows models, the speech front end, the lens and the store writer, but not Ray:
-the Ray actor (:mod:`.actors`) and the in-process loop both call
+the Ray actor (:mod:`.driver`) and the in-process loop both call
 :meth:`ShardProcessor.process`, so the two paths cannot drift apart.
 """
 
@@ -16,7 +16,8 @@ import pyarrow as pa
 import torch
 
 from extractor.config import RunConfig
-from extractor.lens import fused_logit_lens
+from extractor.lens import LensInputs, LensResult, fused_logit_lens
+from extractor.lens.selfcheck import SelfCheck, choose_engine
 from extractor.models import capture_layers, load_causal_lm, model_parts
 from extractor.speech.frontend import SpeechFrontEnd
 from extractor.speech.layouts import LayoutError, layout_from_config
@@ -30,6 +31,17 @@ from .resources import build_speech_tokenizer, materialize
 #: Test-only fault injection: ``SHARD:FLAGFILE`` makes the worker process exit in
 #: the middle of that shard (after writing some of its files) the first time only.
 CRASH_ENV = "SLM_LENS_TEST_CRASH"
+
+
+def _engine(backend: str):
+    def run(inputs: LensInputs) -> LensResult:
+        return fused_logit_lens(**inputs.__dict__, backend=backend)
+
+    return run
+
+
+#: The engines a worker may run, by ``lens.engine`` name (tests swap in broken ones).
+LENS_ENGINES = {"torch": _engine("torch"), "triton": _engine("triton")}
 
 
 @dataclass
@@ -102,6 +114,7 @@ class ShardProcessor:
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.store = StoreWriter(config.store, target_file_bytes=config.target_file_mb << 20)
+        self.engine_check: SelfCheck | None = None
 
     # ----------------------------------------------------------------------------------
     def process(self, shard: int, utterance_ids: list[str]) -> ShardStats:
@@ -180,6 +193,7 @@ class ShardProcessor:
                     "utterances": len(seqs),
                     "failures": len(failures),
                     "device": self.device,
+                    **(self.engine_check.telemetry() if self.engine_check else {}),
                 }
             )
             stats.bytes = marker["bytes"]
@@ -212,6 +226,17 @@ class ShardProcessor:
             # Spoken-knowledge pairs: score every continuation token at the last layer.
             chosen |= set(range(max(0, seq.continuation_start - 1), n - 1))
         return sorted(chosen)
+
+    def _lens(self, inputs: LensInputs) -> LensResult:
+        """The lens through the engine this device has been checked to run exactly.
+
+        The first call runs the configured engine on a sample of these real rows
+        against the float64 reference; a disagreement falls back to the torch engine.
+        """
+        if self.engine_check is None:
+            preferred = "torch" if self.cfg.lens.engine == "auto" else self.cfg.lens.engine
+            self.engine_check = choose_engine(inputs, preferred, LENS_ENGINES)
+        return LENS_ENGINES[self.engine_check.engine](inputs)
 
     def _lens_batch(self, batch) -> tuple[pa.Table, pa.Table]:
         b_count = len(batch)
@@ -271,17 +296,19 @@ class ShardProcessor:
             if n_groups
             else np.zeros((0, 3 * v_max), dtype=np.int64)
         )
-        res = fused_logit_lens(
-            hidden.reshape(-1, hidden.shape[-1]),
-            self.parts.final_norm,
-            self.parts.unembed,
-            self.cfg.lens.k,
-            bias=self.parts.bias,
-            softcap=self.parts.softcap,
-            segments=self.segments,
-            targets=targets.to(self.device),
-            pool_groups=torch.from_numpy(pool_groups).to(self.device),
-            pool_targets=torch.from_numpy(pool_targets).to(self.device),
+        res = self._lens(
+            LensInputs(
+                hidden=hidden.reshape(-1, hidden.shape[-1]),
+                unembed=self.parts.unembed,
+                k=self.cfg.lens.k,
+                final_norm=self.parts.final_norm,
+                bias=self.parts.bias,
+                softcap=self.parts.softcap,
+                segments=self.segments,
+                targets=targets.to(self.device),
+                pool_groups=torch.from_numpy(pool_groups).to(self.device),
+                pool_targets=torch.from_numpy(pool_targets).to(self.device),
+            )
         ).to("cpu")
 
         has_text = self.text_segment_size > 0

@@ -1,0 +1,115 @@
+"""Check a lens engine against the float64 definition on the device that runs it.
+
+An engine is only trusted on a device after it has reproduced the reference on
+real rows there: before its first shard, an actor runs its preferred engine on
+a sample of that shard's rows and compares ranks and top-k ids for equality
+(log-sum-exp within its proven bound). On any mismatch it falls back to the
+exact torch engine and says so in the shard telemetry.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .contract import LensInputs, LensResult
+from .exact import logsumexp_error_bound
+from .reference import reference_lens
+
+#: Rows of the first shard that the self-check runs (the reference materialises [rows x V]).
+SAMPLE_ROWS = 48
+Engine = Callable[[LensInputs], LensResult]
+
+
+@dataclass(frozen=True)
+class SelfCheck:
+    """What the check found: the engine kept, and how its candidate fared."""
+
+    engine: str
+    tried: str
+    passed: bool
+    worst_lse_error: float
+    detail: str
+
+    def telemetry(self) -> dict:
+        return {
+            "engine": self.engine,
+            "self_check": "passed" if self.passed else "failed",
+            "self_check_engine": self.tried,
+            "self_check_worst_lse_error": self.worst_lse_error,
+            "self_check_detail": self.detail,
+        }
+
+
+def sample(inputs: LensInputs, rows: int = SAMPLE_ROWS) -> LensInputs:
+    """The first ``rows`` rows of a lens problem (pool groups cut with them)."""
+    keep = slice(0, min(rows, inputs.n_rows))
+    return LensInputs(
+        hidden=inputs.hidden[keep],
+        unembed=inputs.unembed,
+        k=inputs.k,
+        final_norm=inputs.final_norm,
+        bias=inputs.bias,
+        softcap=inputs.softcap,
+        segments=inputs.segments,
+        targets=None if inputs.targets is None else inputs.targets[keep],
+        pool_groups=None if inputs.pool_groups is None else inputs.pool_groups[keep],
+        pool_targets=inputs.pool_targets,
+    )
+
+
+def compare(inputs: LensInputs, got: LensResult) -> tuple[bool, float, str]:
+    """(agrees, worst log-sum-exp error, first disagreement) against :func:`reference_lens`."""
+    ref = reference_lens(inputs)
+    got = got.to("cpu")
+    exact_fields = [
+        ("target_ranks", got.target_ranks, ref.target_ranks),
+        ("topk_ids", got.topk_ids, ref.topk_ids),
+        *[
+            (f"{name} ranks", got.target_segment_ranks[name], ref.target_segment_ranks[name])
+            for name in ref.target_segment_ranks
+        ],
+        *[
+            (f"{name} topk_ids", got.segment_topk_ids[name], ref.segment_topk_ids[name])
+            for name in ref.segment_topk_ids
+        ],
+    ]
+    if inputs.pool_groups is not None and ref.pooled_topk_ids.shape[0]:
+        groups = inputs.pool_groups.cpu()
+        present = torch.zeros(ref.pooled_topk_ids.shape[0], dtype=torch.bool)
+        present[groups[groups >= 0].unique()] = True
+        exact_fields += [
+            ("pooled ranks", got.pooled_target_ranks[present], ref.pooled_target_ranks[present]),
+            ("pooled topk_ids", got.pooled_topk_ids[present], ref.pooled_topk_ids[present]),
+        ]
+    worst = float((got.logsumexp.double() - ref.logsumexp).abs().max()) if inputs.n_rows else 0.0
+    for name, have, want in exact_fields:
+        bad = have != want
+        if bool(bad.any()):
+            return False, worst, f"{name}: {int(bad.sum())} of {bad.numel()} differ"
+    bound = logsumexp_error_bound(inputs)
+    if not worst <= bound:
+        return False, worst, f"logsumexp off by {worst:.3g} (bound {bound:.3g})"
+    return True, worst, "ranks and top-k ids equal the float64 reference"
+
+
+def choose_engine(
+    inputs: LensInputs, preferred: str, engines: dict[str, Engine], fallback: str = "torch"
+) -> SelfCheck:
+    """Run ``preferred`` on a sample of ``inputs``; keep it if it agrees, else ``fallback``."""
+    probe = sample(inputs)
+    try:
+        ok, worst, detail = compare(probe, engines[preferred](probe))
+    except Exception as exc:  # an engine that cannot even run here is a failed check
+        ok, worst, detail = False, float("nan"), f"{type(exc).__name__}: {exc}"
+    if ok or preferred == fallback:
+        return SelfCheck(preferred, preferred, ok, worst, detail)
+    warnings.warn(
+        f"lens engine {preferred!r} disagrees with the float64 reference on this device "
+        f"({detail}); using the {fallback!r} engine",
+        stacklevel=2,
+    )
+    return SelfCheck(fallback, preferred, False, worst, detail)
