@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -211,7 +211,7 @@ class _Scope:
     """
 
     inputs: LensInputs
-    h64: torch.Tensor  # [R, d] the chunk's normed rows, float64
+    h: torch.Tensor  # [R, d] the chunk's normed rows, in the model's dtype
     starts: torch.Tensor
     lens: torch.Tensor
     t64: torch.Tensor
@@ -226,16 +226,34 @@ class _Scope:
         rows = logits[self.first : self.first + int(self.lens.sum())]
         return rows if self.singletons else _segment_max(rows, self.lens)
 
-    def exact(self, groups: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Exact (pooled) logits of entries ``(groups[e], cols[e])``."""
+    def exact(
+        self,
+        groups: torch.Tensor,
+        cols: torch.Tensor,
+        fast: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        band: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Exact (pooled) logits of entries ``(groups[e], cols[e])``.
+
+        With ``fast(rows, cols)`` (the rows' fast logits) and the groups' ``band``,
+        rows whose fast logit is more than two bands below the group's best cannot
+        hold the exact maximum, and are skipped.
+        """
         if self.singletons:
-            return entry_logits(self.h64, self.starts[groups], cols, self.inputs)
+            return entry_logits(self.h, self.starts[groups], cols, self.inputs)
         lens = self.lens[groups]
         offsets = torch.cumsum(lens, 0) - lens
         within = torch.arange(int(lens.sum()), device=lens.device) - offsets.repeat_interleave(lens)
-        rows = self.starts[groups].repeat_interleave(lens) + within
-        vals = entry_logits(self.h64, rows, cols.repeat_interleave(lens), self.inputs)
         owner = torch.arange(len(groups), device=lens.device).repeat_interleave(lens)
+        rows = self.starts[groups].repeat_interleave(lens) + within
+        entry_cols = cols.repeat_interleave(lens)
+        if fast is not None and band is not None:
+            row_fast = fast(rows, entry_cols).double()
+            best = torch.full((len(groups),), NEG_INF, dtype=torch.float64, device=lens.device)
+            best = best.scatter_reduce(0, owner, row_fast, "amax")
+            keep = row_fast >= best[owner] - 2 * band[groups][owner]
+            rows, entry_cols, owner = rows[keep], entry_cols[keep], owner[keep]
+        vals = entry_logits(self.h, rows, entry_cols, self.inputs)
         out = torch.full((len(groups),), NEG_INF, dtype=torch.float64, device=vals.device)
         return out.scatter_reduce(0, owner, vals, "amax")
 
@@ -270,23 +288,24 @@ def _merge_topk(vals, ids, new_vals, new_ids, kk: int):
     return top, ids.gather(1, where)
 
 
-def _resolve_band(scope, st, near, values, lo, hi, c0) -> None:
+def _resolve_band(scope, st, near, values, logits, band, lo, hi, c0) -> None:
     """Count, exactly, the in-band entries strictly above each target."""
     g_e, c_e = near.nonzero(as_tuple=True)
     if not len(g_e):
         return
     fast = values[g_e, c_e].unsqueeze(1)
-    exact = scope.exact(g_e, c_e + c0).unsqueeze(1)
+    exact = scope.exact(g_e, c_e + c0, lambda r, c: logits[r, c - c0], band).unsqueeze(1)
     inside = (fast >= lo[g_e]) & (fast <= hi[g_e])
     st.counts.index_add_(0, g_e, (inside & (exact > scope.t64[g_e])).long())
 
 
-def _update(scope, st, values, band, c0, kk, compile) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold one chunk's (pooled) logits into a segment state; returns (max, sumexp)."""
+def _update(scope, st, logits, band, c0, kk, compile) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold one chunk's logits into a segment state; returns the scope's (max, sumexp)."""
+    values = scope.pool(logits)
     lo, hi = thresholds(scope.t64, band)
     row_max, sumexp, above, near, blocks = chunk_stats(values, lo, hi, compile)
     st.counts += above
-    _resolve_band(scope, st, near, values, lo, hi, c0)
+    _resolve_band(scope, st, near, values, logits, band, lo, hi, c0)
     width = values.shape[1]
     top_v, top_i = block_topk(values, blocks, min(kk, width))
     st.cand_vals, st.cand_ids = _merge_topk(st.cand_vals, st.cand_ids, top_v, top_i + c0, kk)
@@ -337,7 +356,7 @@ def _rescan_topk(scope, groups, kth, band, seg_chunks, h32):
     rows = rows.to(device)
     local = _Scope(
         inputs=scope.inputs,
-        h64=scope.h64[rows],
+        h=scope.h[rows],
         starts=torch.cumsum(lens, 0) - lens,
         lens=lens,
         t64=scope.t64[groups],
@@ -346,11 +365,11 @@ def _rescan_topk(scope, groups, kth, band, seg_chunks, h32):
     )
     found_g, found_c, found_v = [], [], []
     for c0, c1, _ in seg_chunks:
-        values = local.pool(chunk_logits(h32[rows], c0, c1, scope.inputs))
-        g_e, c_e = (values >= lo).nonzero(as_tuple=True)
+        logits = chunk_logits(h32[rows], c0, c1, scope.inputs)
+        g_e, c_e = (local.pool(logits) >= lo).nonzero(as_tuple=True)
         found_g.append(g_e)
         found_c.append(c_e + c0)
-        found_v.append(local.exact(g_e, c_e + c0))
+        found_v.append(local.exact(g_e, c_e + c0, lambda r, c, x=logits, o=c0: x[r, c - o], band))
     g_all, c_all, v_all = torch.cat(found_g), torch.cat(found_c), torch.cat(found_v)
     n = len(groups)
     # Pack each group's entries into one row of a [n, width] table.
@@ -367,30 +386,30 @@ def _rescan_topk(scope, groups, kth, band, seg_chunks, h32):
     return ids.gather(1, order), vals.gather(1, order)
 
 
-def _row_scope(inputs, h64, t64) -> _Scope:
-    r = len(h64)
+def _row_scope(inputs, h, t64) -> _Scope:
+    r = len(h)
     return _Scope(
         inputs=inputs,
-        h64=h64,
-        starts=torch.arange(r, device=h64.device),
-        lens=torch.ones(r, dtype=torch.long, device=h64.device),
+        h=h,
+        starts=torch.arange(r, device=h.device),
+        lens=torch.ones(r, dtype=torch.long, device=h.device),
         t64=t64,
         first=0,
         singletons=True,
     )
 
 
-def _pooled_scope(inputs, h64, groups, pool_targets) -> tuple[_Scope, torch.Tensor]:
+def _pooled_scope(inputs, h, groups, pool_targets) -> tuple[_Scope, torch.Tensor]:
     """The chunk's pooled rows (a contiguous suffix, see :func:`row_chunks`) as a scope."""
-    r = len(h64)
+    r = len(h)
     first = r - int((groups >= 0).sum())
     g_ids, g_len = torch.unique_consecutive(groups[first:], return_counts=True)
-    local = torch.repeat_interleave(torch.arange(len(g_ids), device=h64.device), g_len)
+    local = torch.repeat_interleave(torch.arange(len(g_ids), device=h.device), g_len)
     ptg = pool_targets[g_ids]
-    t_rows = target_logits(h64[first:], ptg[local], inputs)
+    t_rows = target_logits(h[first:], ptg[local], inputs)
     scope = _Scope(
         inputs=inputs,
-        h64=h64,
+        h=h,
         starts=first + torch.cumsum(g_len, 0) - g_len,
         lens=g_len,
         t64=_segment_max(t_rows, g_len) if len(g_ids) else t_rows[:0],
@@ -454,12 +473,12 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
             h = inputs.final_norm(h)
             check_width(h, inputs.unembed)
         h = h.to(dtype)
-        h32, h64 = h.float(), h.double()
-        norms = h64.norm(dim=1)
-        scopes = [_row_scope(inputs, h64, target_logits(h64, targets[rows], inputs))]
+        h32 = h.float()
+        norms = h.double().norm(dim=1)
+        scopes = [_row_scope(inputs, h, target_logits(h, targets[rows], inputs))]
         g_ids = None
         if bool((groups[rows] >= 0).any()):
-            pooled, g_ids = _pooled_scope(inputs, h64, groups[rows], pool_targets)
+            pooled, g_ids = _pooled_scope(inputs, h, groups[rows], pool_targets)
             scopes.append(pooled)
         states = [[_new_state(sc, device) for _ in names] for sc in scopes]
         lse_max = torch.full((len(names), len(rows)), NEG_INF, dtype=torch.float32, device=device)
@@ -475,7 +494,7 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
                 )
                 if not refine:
                     scope_band = torch.zeros_like(scope_band)
-                m, se = _update(scope, st[s], scope.pool(logits), scope_band, c0, kk, compile)
+                m, se = _update(scope, st[s], logits, scope_band, c0, kk, compile)
                 if scope.singletons:
                     new = torch.maximum(lse_max[s], m)
                     safe_new = torch.where(torch.isfinite(new), new, 0)

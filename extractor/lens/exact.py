@@ -36,21 +36,53 @@ def gamma(d: int) -> float:
     return nu / (1 - nu) * (1 + 2**-10)
 
 
+def _wide(inputs: LensInputs) -> torch.dtype:
+    """Where products are exact: fp32 for bf16/fp16 inputs, float64 for fp32 ones."""
+    return (
+        torch.float32 if inputs.unembed.dtype in (torch.bfloat16, torch.float16) else torch.float64
+    )
+
+
 def entry_logits(
-    h64: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, inputs: LensInputs
+    h_rows: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, inputs: LensInputs
 ) -> torch.Tensor:
     """Exact float64 logits of the entries ``(rows[e], cols[e])``: [E].
 
-    ``h64`` [R, d] holds the normed rows in float64 (exact copies of the model-dtype
-    values). One arithmetic for every exact value in the engine: products are exact
-    in float64 (bf16/fp16/fp32 inputs), and each sum runs in the same order.
+    ``h_rows`` [R, d] holds the normed rows in the model's dtype. One arithmetic for
+    every exact value in the engine: products of bf16/fp16 values are exact in fp32
+    (8 + 8 or 11 + 11 significant bits), fp32 ones in float64 (24 + 24 bits); each
+    sum then runs in float64, in the same order for every entry.
     """
-    out = torch.empty(len(rows), dtype=torch.float64, device=h64.device)
+    wide = (
+        torch.float32 if inputs.unembed.dtype in (torch.bfloat16, torch.float16) else torch.float64
+    )
+    h = h_rows.to(wide)
+    out = torch.empty(len(rows), dtype=torch.float64, device=h_rows.device)
     for a in range(0, len(rows), ENTRY_BATCH):
         b = min(a + ENTRY_BATCH, len(rows))
-        w = inputs.unembed[cols[a:b]].double()
-        out[a:b] = (w * h64[rows[a:b]]).sum(-1)
+        w = inputs.unembed[cols[a:b]].to(wide)
+        out[a:b] = (w * h[rows[a:b]]).sum(-1, dtype=torch.float64)
     return finish(out, cols, inputs)
+
+
+def dense_logits(h_rows: torch.Tensor, inputs: LensInputs) -> torch.Tensor:
+    """Exact float64 logits [R, V] of every entry, with :func:`entry_logits`' arithmetic.
+
+    What the float64 reference materialises: the same products and the same
+    float64 reduction as the engines, so a near-tie below float64 resolution
+    (a saturated soft-cap, or fp32 products whose sum rounds) is decided the
+    same way everywhere.
+    """
+    wide = _wide(inputs)
+    h = h_rows.to(wide)
+    r, v = len(h), inputs.vocab_size
+    out = torch.empty((r, v), dtype=torch.float64, device=h.device)
+    step = max(1, (1 << 24) // max(1, r * h.shape[1]))  # ~64 MB of products at a time
+    for c0 in range(0, v, step):
+        w = inputs.unembed[c0 : c0 + step].to(wide)
+        out[:, c0 : c0 + step] = (h[:, None, :] * w[None]).sum(-1, dtype=torch.float64)
+    cols = torch.arange(v, device=h.device)
+    return finish(out, cols[None, :], inputs)
 
 
 def finish(x64: torch.Tensor, cols: torch.Tensor, inputs: LensInputs) -> torch.Tensor:
@@ -62,14 +94,14 @@ def finish(x64: torch.Tensor, cols: torch.Tensor, inputs: LensInputs) -> torch.T
     return x64
 
 
-def target_logits(h64: torch.Tensor, ids: torch.Tensor, inputs: LensInputs) -> torch.Tensor:
+def target_logits(h_rows: torch.Tensor, ids: torch.Tensor, inputs: LensInputs) -> torch.Tensor:
     """Exact logits [R, T] of ``ids`` [R, T]; pads (-1) give +inf (never above anything)."""
     r, t = ids.shape
     if ids.numel() == 0:
-        return torch.empty((r, t), dtype=torch.float64, device=h64.device)
+        return torch.empty((r, t), dtype=torch.float64, device=h_rows.device)
     rows = torch.arange(r, device=ids.device).repeat_interleave(t)
     flat = ids.reshape(-1)
-    vals = entry_logits(h64, rows, flat.clamp(min=0), inputs).view(r, t)
+    vals = entry_logits(h_rows, rows, flat.clamp(min=0), inputs).view(r, t)
     return torch.where(ids >= 0, vals, torch.inf)
 
 

@@ -9,27 +9,22 @@ from __future__ import annotations
 import torch
 
 from .contract import LensInputs, LensResult, check_width, validate
-from .exact import exact_order
+from .exact import dense_logits, exact_order
 
 
 @torch.no_grad()
 def reference_logits(inputs: LensInputs) -> torch.Tensor:
     """Lens logits [N, V] in float64: ``softcap(W_U @ final_norm(h) + b)``.
 
-    The final norm runs as the model runs it, in the hidden states' own dtype
-    (its output is what the model's head really sees); everything after it is
-    float64, so the only difference left to a fused engine is its GEMM's rounding.
+    The final norm runs as the model runs it, in the model's dtype (its output is
+    what the model's head really sees); the products and sums are those of
+    :func:`~.exact.dense_logits`, the one exact arithmetic every engine shares.
     """
     h = inputs.hidden
     if inputs.final_norm is not None:
         h = inputs.final_norm(h.to(inputs.unembed.dtype))
         check_width(h, inputs.unembed)
-    logits = h.double() @ inputs.unembed.double().T
-    if inputs.bias is not None:
-        logits = logits + inputs.bias.double()
-    if inputs.softcap is not None:
-        logits = inputs.softcap * torch.tanh(logits / inputs.softcap)
-    return logits
+    return dense_logits(h.to(inputs.unembed.dtype), inputs)
 
 
 def strict_rank(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -71,11 +66,15 @@ def reference_lens(inputs: LensInputs) -> LensResult:
     lse = torch.logsumexp(logits, dim=1)
     logprobs = logits - lse[:, None]
 
-    topk_ids, topk_lp = _topk(logprobs, full, k)
+    # Order by the logits themselves: subtracting the log-sum-exp can merge two
+    # logits one float64 ulp apart into one log-prob.
+    topk_ids, topk_vals = _topk(logits, full, k)
+    topk_lp = topk_vals - lse[:, None]
     seg_ids, seg_lp, seg_mass = {}, {}, {}
     for s, name in enumerate(segments.names):
         mask = seg_index == s
-        seg_ids[name], seg_lp[name] = _topk(logprobs, mask, k)
+        seg_ids[name], seg_vals = _topk(logits, mask, k)
+        seg_lp[name] = seg_vals - lse[:, None]
         masked = torch.where(mask, logprobs, torch.full_like(logprobs, float("-inf")))
         seg_mass[name] = torch.logsumexp(masked, dim=1)
 
