@@ -235,3 +235,20 @@ def test_nan_error_names_the_row():
     h[3, 1] = math.inf
     with pytest.raises(NonFiniteHiddenError, match="row 3"):
         fused_logit_lens(h, None, torch.randn(20, 4), 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_rank_free_calls_use_model_dtype_logits_and_stay_exact(dtype, monkeypatch):
+    """Top-k only (the explorer): cheap low-precision logits, certified exact ids."""
+    import extractor.lens.chunked as chunked
+
+    calls = []
+    real = chunked.low_precision_logits
+    monkeypatch.setattr(chunked, "low_precision_logits", lambda *a: calls.append(1) or real(*a))
+    wide = _wide_case(dtype)
+    inputs = LensInputs(
+        **{**wide.__dict__, "targets": None, "pool_targets": None, "pool_groups": None}
+    )
+    got = chunked_lens(inputs, row_chunk=16, vocab_chunk=512)
+    assert calls, "the rank-free path did not run"
+    check_exact(inputs, got, 512)

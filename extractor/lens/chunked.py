@@ -29,6 +29,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -39,6 +40,7 @@ from .exact import (
     entry_logits,
     error_band,
     exact_order,
+    rank_free_low_precision,
     round_down_f32,
     target_logits,
     thresholds,
@@ -142,30 +144,56 @@ def chunk_logits(
     return logits
 
 
+def low_precision_logits(
+    h: torch.Tensor, c0: int, c1: int, inputs: LensInputs, scratch: Scratch
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fast logits from one GEMM in the model's dtype (output rounded to it), for calls
+    that ask no ranks; returns them in fp32 and each row's largest |GEMM output|
+    (None when the logits are the GEMM output itself: the pass finds it for free)."""
+    x = h @ inputs.unembed[c0:c1].T
+    logits = scratch.get(0, len(h), c1 - c0, h.device)
+    logits.copy_(x)
+    if inputs.bias is None and inputs.softcap is None:
+        return logits, None  # the pass's own row max/min give max |x| (see _update)
+    out_max = x.abs().amax(dim=1).float()
+    if inputs.bias is not None:
+        logits += inputs.bias[c0:c1].float()
+    if inputs.softcap is not None:
+        logits.div_(inputs.softcap).tanh_().mul_(inputs.softcap)
+    return logits, out_max
+
+
 def _chunk_stats_eager(
     logits: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pass over a logit block: row max, sum of exp(logit - max), entries certainly
-    above each target (``> hi``), the mask of entries inside any target's band, and the
+) -> tuple[torch.Tensor, ...]:
+    """One pass over a logit block: row max and min, sum of exp(logit - max), entries certainly
+    above each target (``> hi``), the mask (1.0 / 0.0; empty without targets) of
+    entries inside any target's band, and the
     maxima of consecutive :data:`TOPK_BLOCK`-wide blocks (``[]`` if the width is not a
     multiple). Pure comparisons against precomputed thresholds, so eager and compiled
     code classify every entry identically.
     """
     row_max = logits.amax(dim=1)
+    row_min = logits.amin(dim=1)
     safe = torch.where(torch.isfinite(row_max), row_max, 0)
     sumexp = torch.exp(logits - safe[:, None]).sum(dim=1)
     above = (logits.unsqueeze(1) > hi.unsqueeze(2)).sum(-1, dtype=torch.int32)
-    # One pointwise expression per target (unrolled): Inductor fuses it into one loop
-    # over the block; ``any`` over a middle axis compiled to a loop twice as slow.
-    near = torch.zeros_like(logits, dtype=torch.bool)
-    for t in range(lo.shape[1]):
-        near = near | ((logits >= lo[:, t : t + 1]) & (logits <= hi[:, t : t + 1]))
+    # One pointwise expression per target (unrolled), stored as fp32 1/0: Inductor
+    # fuses it into one vectorised loop. ``any`` over a middle axis compiled 2x
+    # slower, and a bool output 4x slower (its CPU stores are not vectorised).
+    near = logits[:, :0]
+    if lo.shape[1]:
+        near = torch.zeros_like(logits)
+        for t in range(lo.shape[1]):
+            near = torch.where(
+                (logits >= lo[:, t : t + 1]) & (logits <= hi[:, t : t + 1]), 1.0, near
+            )
     rows, width = logits.shape
     if width % TOPK_BLOCK == 0:
         blocks = logits.view(rows, width // TOPK_BLOCK, TOPK_BLOCK).amax(-1)
     else:
         blocks = logits[:, :0]
-    return row_max, sumexp, above, near, blocks
+    return row_max, row_min, sumexp, above, near, blocks
 
 
 _compiled_stats = None
@@ -180,7 +208,7 @@ def chunk_stats(logits: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, compil
     warning, never to a wrong answer (the classification is pure comparisons).
     """
     global _compiled_stats, _compile_failed
-    if not compile or _compile_failed or not logits.numel() or lo.shape[1] == 0:
+    if not compile or _compile_failed or not logits.numel():
         return _chunk_stats_eager(logits, lo, hi)
     if _compiled_stats is None:
         _compiled_stats = torch.compile(_chunk_stats_eager, dynamic=True)
@@ -304,6 +332,16 @@ class _SegmentState:
     cand_ids: torch.Tensor  # [G, <=kk]
     band: torch.Tensor  # [G] float64, the widest band of the segment's chunks
     seen: int = 0  # vocabulary entries walked
+    cand_exact: torch.Tensor | None = None  # exact values of the final candidates
+
+
+def _candidate_exact(scope: _Scope, st: _SegmentState) -> torch.Tensor:
+    """Exact values [G, width] of a segment's final candidates (computed once)."""
+    if st.cand_exact is None:
+        g, width = st.cand_ids.shape
+        groups = torch.arange(g, device=st.cand_ids.device).repeat_interleave(width)
+        st.cand_exact = scope.exact(groups, st.cand_ids.reshape(-1)).view(g, width)
+    return st.cand_exact
 
 
 def _new_state(scope: _Scope, device) -> _SegmentState:
@@ -327,6 +365,8 @@ def _merge_topk(vals, ids, new_vals, new_ids, kk: int):
 
 def _resolve_band(scope, st, near, values, logits, band, lo, hi, c0) -> None:
     """Count, exactly, the in-band entries strictly above each target."""
+    if near.shape[1] == 0:
+        return
     g_e, c_e = near.nonzero(as_tuple=True)
     if not len(g_e):
         return
@@ -337,10 +377,18 @@ def _resolve_band(scope, st, near, values, logits, band, lo, hi, c0) -> None:
 
 
 def _update(scope, st, logits, band, c0, kk, compile) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold one chunk's logits into a segment state; returns the scope's (max, sumexp)."""
+    """Fold one chunk's logits into a segment state; returns the scope's (max, sumexp).
+
+    ``band`` may be a function of the chunk's row max and min (rank-free calls on
+    low-precision logits, where the largest |logit| sets the band).
+    """
     values = scope.pool(logits)
-    lo, hi = thresholds(scope.t64, band)
-    row_max, sumexp, above, near, blocks = chunk_stats(values, lo, hi, compile)
+    rows = len(values)
+    fixed = band if isinstance(band, torch.Tensor) else values.new_zeros(rows, dtype=torch.float64)
+    lo, hi = thresholds(scope.t64, fixed)
+    row_max, row_min, sumexp, above, near, blocks = chunk_stats(values, lo, hi, compile)
+    if not isinstance(band, torch.Tensor):
+        band = band(row_max, row_min)
     st.counts += above
     _resolve_band(scope, st, near, values, logits, band, lo, hi, c0)
     width = values.shape[1]
@@ -359,9 +407,7 @@ def _segment_topk(scope, st, seg_chunks, h32, k, kk) -> tuple[torch.Tensor, torc
     vals = torch.full((g, k), NEG_INF, dtype=torch.float64, device=device)
     if st.seen == 0 or g == 0:
         return ids, vals
-    width = st.cand_ids.shape[1]
-    groups = torch.arange(g, device=device).repeat_interleave(width)
-    exact = scope.exact(groups, st.cand_ids.reshape(-1)).view(g, width)
+    exact = _candidate_exact(scope, st)
     order = exact_order(exact, st.cand_ids)[:, :k]
     take = order.shape[1]
     ids[:, :take] = st.cand_ids.gather(1, order)
@@ -486,7 +532,9 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
     dtype = inputs.unembed.dtype
     n, k, v, d = inputs.n_rows, inputs.k, inputs.vocab_size, inputs.unembed.shape[1]
     names = inputs.resolved_segments().names
-    kk = min(k + margin, v)
+    low = rank_free_low_precision(inputs)
+    # Low-precision logits have a wider band: more candidates keep rescans rare.
+    kk = min(k + (2 * margin if low else margin), v)
     targets = inputs.resolved_targets().to(device).long()
     pool_targets = inputs.resolved_pool_targets().to(device).long()
     n_groups = pool_targets.shape[0]
@@ -522,16 +570,20 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
         lse_sum = torch.zeros((len(names), len(rows)), dtype=torch.float32, device=device)
         scratch = Scratch()
         for i, (c0, c1, s) in enumerate(chunks):
-            logits = chunk_logits(h32, c0, c1, inputs, scratch)
-            band = error_band(norms, w_max[i], d, b_max[i], inputs.softcap)
-            for scope, st in zip(scopes, states, strict=True):
-                scope_band = (
-                    band
-                    if scope.singletons
-                    else _segment_max(band[scope.first :, None], scope.lens)[:, 0]
+            if low:
+                logits, out_max = low_precision_logits(h, c0, c1, inputs, scratch)
+                band = partial(
+                    _low_band, norms, w_max[i], d, b_max[i], inputs.softcap, dtype, out_max
                 )
+            else:
+                logits = chunk_logits(h32, c0, c1, inputs, scratch)
+                band = error_band(norms, w_max[i], d, b_max[i], inputs.softcap)
+            for scope, st in zip(scopes, states, strict=True):
+                scope_band = band
+                if isinstance(band, torch.Tensor) and not scope.singletons:
+                    scope_band = _segment_max(band[scope.first :, None], scope.lens)[:, 0]
                 if not refine:
-                    scope_band = torch.zeros_like(scope_band)
+                    scope_band = torch.zeros(scope.n, dtype=torch.float64, device=device)
                 m, se = _update(scope, st[s], logits, scope_band, c0, kk, compile)
                 if scope.singletons:
                     new = torch.maximum(lse_max[s], m)
@@ -544,10 +596,40 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
         seg_lse = torch.where(
             torch.isfinite(lse_max), lse_max + torch.log(lse_sum), torch.full_like(lse_max, NEG_INF)
         )
+        if low:
+            seg_lse = _exact_candidate_terms(scopes[0], states, lse_max, lse_sum, seg_lse)
         out.add_rows(rows, scopes[0], states[0], seg_lse, by_segment, h32, k, kk)
         if g_ids is not None:
             out.add_groups(g_ids, scopes[1], states[1], by_segment, h32, k, kk)
     return out.result(targets, pool_targets)
+
+
+def _exact_candidate_terms(scope, states, lse_max, lse_sum, seg_lse) -> torch.Tensor:
+    """Per-segment log-sum-exp with each candidate's rounded term swapped for its exact one.
+
+    The largest terms dominate the sum, so the band then only touches the tail.
+    """
+    out = seg_lse.clone()
+    for s, st in enumerate(states[0]):
+        if st.seen == 0 or st.cand_ids.shape[1] == 0:
+            continue
+        exact = _candidate_exact(scope, st)
+        m = lse_max[s]
+        safe = torch.where(torch.isfinite(m), m, 0).double()[:, None]
+        approx = torch.exp(st.cand_vals.double() - safe).sum(1)
+        exact_terms = torch.exp(exact - safe).sum(1)
+        rest = (lse_sum[s].double() - approx).clamp(min=0)
+        fixed = safe[:, 0] + torch.log(rest + exact_terms)
+        out[s] = torch.where(torch.isfinite(m), fixed.float(), out[s])
+    return out
+
+
+def _low_band(norms, w_max, d, b_max, softcap, dtype, out_max, row_max, row_min):
+    """The band of rank-free low-precision logits, once the chunk's row max/min are known."""
+    if out_max is None:
+        out_max = torch.maximum(row_max, -row_min)
+        out_max = torch.where(torch.isfinite(out_max), out_max, 0)
+    return error_band(norms, w_max, d, b_max, softcap, dtype, out_max)
 
 
 class _Outputs:
