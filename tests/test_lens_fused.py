@@ -244,7 +244,9 @@ def test_rank_free_calls_use_model_dtype_logits_and_stay_exact(dtype, monkeypatc
 
     calls = []
     real = chunked.low_precision_logits
-    monkeypatch.setattr(chunked, "low_precision_logits", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(
+        chunked, "low_precision_logits", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
     wide = _wide_case(dtype)
     inputs = LensInputs(
         **{**wide.__dict__, "targets": None, "pool_targets": None, "pool_groups": None}

@@ -145,7 +145,7 @@ def chunk_logits(
 
 
 def low_precision_logits(
-    h: torch.Tensor, c0: int, c1: int, inputs: LensInputs, scratch: Scratch
+    h: torch.Tensor, c0: int, c1: int, inputs: LensInputs, scratch: Scratch, need_max: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fast logits from one GEMM in the model's dtype (output rounded to it), for calls
     that ask no ranks; returns them in fp32 and each row's largest |GEMM output|
@@ -153,7 +153,7 @@ def low_precision_logits(
     x = h @ inputs.unembed[c0:c1].T
     logits = scratch.get(0, len(h), c1 - c0, h.device)
     logits.copy_(x)
-    if inputs.bias is None and inputs.softcap is None:
+    if not need_max and inputs.bias is None and inputs.softcap is None:
         return logits, None  # the pass's own row max/min give max |x| (see _update)
     out_max = x.abs().amax(dim=1).float()
     if inputs.bias is not None:
@@ -571,10 +571,15 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
         scratch = Scratch()
         for i, (c0, c1, s) in enumerate(chunks):
             if low:
-                logits, out_max = low_precision_logits(h, c0, c1, inputs, scratch)
+                # With pooled rows too, each row's max |x| is needed before the pass.
+                logits, out_max = low_precision_logits(
+                    h, c0, c1, inputs, scratch, need_max=len(scopes) > 1
+                )
                 band = partial(
                     _low_band, norms, w_max[i], d, b_max[i], inputs.softcap, dtype, out_max
                 )
+                if out_max is not None:
+                    band = band(None, None)
             else:
                 logits = chunk_logits(h32, c0, c1, inputs, scratch)
                 band = error_band(norms, w_max[i], d, b_max[i], inputs.softcap)
