@@ -136,6 +136,19 @@ def recall_by_layer(
     return con.sql(recall_sql(k, agg, target, rank, filters)).df()
 
 
+def word_final_runs(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Runs that lensed only each word's last position (``lens.positions: word_final``).
+
+    A word then has one lensed row, so its max-pooled ranks equal its last row's:
+    ``pooled`` and ``last`` recall coincide for these runs, by construction.
+    """
+    rows = con.sql(
+        "SELECT DISTINCT run_id FROM runs "
+        "WHERE json_extract_string(config, '$.lens.positions') = 'word_final' ORDER BY run_id"
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
 def recall_table(
     con: duckdb.DuckDBPyConnection,
     k: int = 10,

@@ -113,6 +113,12 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
     con = open_store(args.store, runs=args.run or None)
     recall = metrics.recall_by_layer(con, args.k, args.agg, args.target, args.rank, filters)
     _emit(recall, args.format, args.out)
+    if args.agg in ("pooled", "last") and (same := metrics.word_final_runs(con)):
+        print(
+            f"note: {', '.join(same)} lensed only each word's last position "
+            "(lens.positions: word_final), so pooled equals last there",
+            file=sys.stderr,
+        )
     if args.format == "table" and not args.out:
         print(f"\npeak {args.target}-word recall@{args.k} ({args.agg}, {args.rank} rank):")
         _emit(metrics.peak_layers(recall), "table", None)

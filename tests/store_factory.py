@@ -29,7 +29,14 @@ def _ranks(rng, n, scale):
 
 
 def build_store(
-    uri: str, *, seed: int = 0, n_runs: int = 3, n_utts: int = 6, n_layers: int = 4, shards: int = 2
+    uri: str,
+    *,
+    seed: int = 0,
+    n_runs: int = 3,
+    n_utts: int = 6,
+    n_layers: int = 4,
+    shards: int = 2,
+    positions: str = "spoken_words",
 ) -> SyntheticStore:
     """Runs of one model at several checkpoints, each over the same utterances.
 
@@ -52,7 +59,7 @@ def build_store(
             n_layers=n_layers,
             vocab_size=len(VOCAB),
             k=3,
-            config={"seed": seed},
+            config={"seed": seed, "lens": {"positions": positions}},
             status="finished",
             started_at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
             finished_at=dt.datetime(2026, 1, 1, 0, 5, tzinfo=dt.UTC),

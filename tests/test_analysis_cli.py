@@ -79,3 +79,16 @@ def test_report_renders(store_uri, tmp_path):
         with Image.open(png) as img:
             img.verify()
     assert "Spearman" in page and "run-1" in page
+
+
+def test_metrics_says_pooled_equals_last_for_word_final_runs(tmp_path, capsys):
+    uri = build_store(str(tmp_path / "wf"), n_runs=1, positions="word_final").uri
+    assert main(["metrics", "--store", uri, "--agg", "pooled"]) == 0
+    assert "pooled equals last" in capsys.readouterr().err
+    assert main(["metrics", "--store", uri, "--agg", "any"]) == 0
+    assert "pooled equals last" not in capsys.readouterr().err
+
+
+def test_metrics_is_silent_about_it_otherwise(store_uri, capsys):
+    assert main(["metrics", "--store", store_uri, "--agg", "pooled"]) == 0
+    assert "pooled equals last" not in capsys.readouterr().err

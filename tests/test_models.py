@@ -127,9 +127,34 @@ def test_unknown_architecture_names_the_class():
 
 
 def test_model_without_final_norm_is_refused():
-    model = tiny_model("opt", do_layer_norm_before=False)
-    with pytest.raises(MissingFinalNormError, match="OPTForCausalLM"):
+    model = tiny_model("llama")
+    model.model.norm = None  # a pre-LN model whose final norm is gone
+    with pytest.raises(MissingFinalNormError, match="LlamaForCausalLM"):
         model_parts(model)
+
+
+def test_opt_350m_style_post_ln_head_is_supported():
+    """No final LayerNorm, a project_out to a narrower width: the lens is project_out(h) @ W_U."""
+    model = tiny_model("opt", do_layer_norm_before=False)
+    assert model.model.decoder.final_layer_norm is None
+    assert model.model.decoder.project_out is not None
+    parts = model_parts(model)
+    ids = _ids()
+    hidden = capture_layers(parts, ids, torch.ones_like(ids, dtype=torch.bool))
+    with torch.no_grad():
+        real = model(ids).logits.reshape(-1, parts.vocab_size).double()
+    lens = reference_logits(
+        LensInputs(hidden=hidden[-1], unembed=parts.unembed, k=1, final_norm=parts.final_norm)
+    )
+    assert torch.allclose(lens, real, atol=1e-4)
+    inputs = LensInputs(
+        hidden=hidden.reshape(-1, hidden.shape[-1]),
+        unembed=parts.unembed,
+        k=3,
+        final_norm=parts.final_norm,
+        targets=torch.randint(0, VOCAB, (hidden.shape[0] * hidden.shape[1], 2)),
+    )
+    check_exact(inputs, fused_logit_lens(**inputs.__dict__, vocab_chunk=16), 16)
 
 
 def test_safetensors_by_default_pickle_only_when_allowed(tmp_path):

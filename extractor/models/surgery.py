@@ -34,6 +34,10 @@ class _Recipe:
     head: str
     softcap_attr: str | None = None
     after_norm: str | None = None  # an extra projection after the norm (OPT-350m)
+    # A config flag that, when False, says the blocks are post-LN: each block's output
+    # is already normed, the model has no final norm, and the head reads it as is
+    # (through ``after_norm`` where present).
+    pre_norm_flag: str | None = None
 
 
 _LLAMA_LIKE = _Recipe("model", "model.layers", "model.norm", "lm_head")
@@ -55,6 +59,7 @@ RECIPES: dict[str, _Recipe] = {
         "model.decoder.final_layer_norm",
         "lm_head",
         after_norm="model.decoder.project_out",
+        pre_norm_flag="do_layer_norm_before",
     ),
 }
 
@@ -137,6 +142,9 @@ def model_parts(model: nn.Module) -> ModelParts:
             f"({recipe.base}, {recipe.blocks}, {recipe.head})"
         )
     norm = _get(model, recipe.final_norm)
+    post_ln = recipe.pre_norm_flag is not None and not getattr(config, recipe.pre_norm_flag, True)
+    if norm is None and post_ln:
+        norm = torch.nn.Identity()  # OPT-350m: post-LN blocks, no final norm
     if norm is None:
         raise MissingFinalNormError(
             f"{type(model).__name__} has no final norm at {recipe.final_norm}: "
