@@ -4,10 +4,11 @@
     python bench/exact_price.py --baseline caaeff2 --rows 1024 --shapes smollm2
 
 Checks the baseline revision out into a temporary git worktree and runs the
-``fused`` kernel measurement of bench/lens.py (top-10 overall and per segment,
-log-sum-exp, masses, ranks of 12 targets per row, pooled top-10 + ranks over
-groups of 8 rows; bf16) from both trees, alternating, each in a fresh
-subprocess, best of 3. Prints the ratio exact / baseline per shape.
+kernel measurements of bench/lens.py from both trees, alternating, each in a
+fresh subprocess, best of 3 (bf16 weights): ``fused`` (top-10 overall and per
+segment, log-sum-exp, masses, ranks of 12 targets per row, pooled top-10 +
+ranks over groups of 8 rows) and ``fused-topk`` (top-10 only, what the
+explorer asks). Prints the ratio exact / baseline per method and shape.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASELINE = "caaeff2"
 
 
-def measure(tree: Path, shape: str, rows: int) -> float:
+def measure(tree: Path, shape: str, rows: int, method: str) -> float:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     script = str(tree / "bench" / "lens.py")
     out = subprocess.run(
-        [sys.executable, script, "--worker", "kernel", "fused", shape, str(rows)],
+        [sys.executable, script, "--worker", "kernel", method, shape, str(rows)],
         cwd=tree,
         env=env,
         check=True,
@@ -44,6 +45,12 @@ def main() -> None:
     parser.add_argument("--baseline", default=DEFAULT_BASELINE)
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--shapes", nargs="+", default=["smollm2", "qwen2.5"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["fused", "fused-topk"],
+        help="fused: the whole contract (ranks of 12 targets, pooling); fused-topk: top-10 only",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "baseline"
@@ -53,15 +60,20 @@ def main() -> None:
             capture_output=True,
         )
         try:
-            print(f"| shape | rows | baseline {args.baseline} s | exact s | exact / baseline |")
-            print("| --- | --- | --- | --- | --- |")
-            for shape in args.shapes:
-                base = measure(old, shape, args.rows)
-                exact = measure(ROOT, shape, args.rows)
-                print(
-                    f"| {shape} | {args.rows} | {base:.3f} | {exact:.3f} | {exact / base:.2f} |",
-                    flush=True,
-                )
+            print(
+                f"| method | shape | rows | baseline {args.baseline} s | exact s "
+                "| exact / baseline |"
+            )
+            print("| --- | --- | --- | --- | --- | --- |")
+            for method in args.methods:
+                for shape in args.shapes:
+                    base = measure(old, shape, args.rows, method)
+                    exact = measure(ROOT, shape, args.rows, method)
+                    print(
+                        f"| {method} | {shape} | {args.rows} | {base:.3f} | {exact:.3f} "
+                        f"| {exact / base:.2f} |",
+                        flush=True,
+                    )
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)])
 
