@@ -7,9 +7,11 @@ for a non-AWS endpoint such as MinIO or a loopback test server.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
+import uuid
 from collections.abc import Callable
 from typing import TypeVar
 from urllib.parse import urlparse
@@ -92,10 +94,31 @@ def read_text(fs: pafs.FileSystem, path: str) -> str:
         return f.read().decode()
 
 
+#: Suffix of objects being written: readers list only ``.json``/``.parquet`` names.
+PARTIAL_SUFFIX = ".partial"
+
+
 def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write a small object in one request (one PUT on S3: atomic for readers)."""
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+    """Write a small object so that readers see all of it or nothing.
+
+    On S3 one PUT is atomic. On a local disk the bytes go to a hidden temporary
+    name in the same folder, then a rename publishes them: a full disk, a killed
+    process or a size limit leaves at most a ``.partial`` file that no reader lists.
+    """
+    if not isinstance(fs, pafs.LocalFileSystem):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    folder, name = path.rsplit("/", 1)
+    tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise
 
 
 def list_files(fs: pafs.FileSystem, path: str, recursive: bool = True) -> list[pafs.FileInfo]:

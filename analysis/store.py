@@ -12,6 +12,7 @@ connection can write anywhere.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -55,33 +56,66 @@ class Commit:
     stats: dict
 
 
+class CorruptCommitWarning(UserWarning):
+    """A commit marker that does not parse or lists a missing file: its shard is skipped."""
+
+
+def load_commit(fs: pafs.FileSystem, path: str) -> Commit | None:
+    """The commit marker at ``path``, or None (with a warning) if it cannot be trusted.
+
+    A marker is trusted when it parses, names its run and shard, and every data
+    file it lists exists. Anything else (a truncated write, a file deleted by
+    hand) makes the shard uncommitted: readers skip it, writers redo it.
+    """
+    try:
+        data = json.loads(with_retries(lambda: read_text(fs, path), f"reading {path}"))
+        commit = Commit(
+            run_id=data["run_id"],
+            shard=int(data["shard"]),
+            files=data.get("files", {}),
+            rows=data.get("rows", {}),
+            bytes=int(data.get("bytes", 0)),
+            seconds=float(data.get("seconds", 0.0)),
+            committed_at=data.get("committed_at", ""),
+            stats=data.get("stats", {}),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        warnings.warn(
+            f"commit marker {path} is unreadable ({type(exc).__name__}: {exc}); "
+            "its shard counts as not committed",
+            CorruptCommitWarning,
+            stacklevel=2,
+        )
+        return None
+    root = path.rsplit(f"/{schema.COMMITS_DIR}/", 1)[0]
+    for rel in (f for files in commit.files.values() for f in files):
+        info = with_retries(lambda r=rel: fs.get_file_info(f"{root}/{r}"), f"checking {rel}")
+        if info.type != pafs.FileType.File:
+            warnings.warn(
+                f"commit marker {path} lists {rel}, which is missing; "
+                "its shard counts as not committed",
+                CorruptCommitWarning,
+                stacklevel=2,
+            )
+            return None
+    return commit
+
+
 def read_commits(fs: pafs.FileSystem, root: str, runs: Iterable[str] | None = None) -> list[Commit]:
-    """Every commit marker of the store (optionally of some runs only)."""
+    """Every trusted commit marker of the store (optionally of some runs only)."""
     wanted = set(runs) if runs is not None else None
     commits = []
     folder = f"{root}/{schema.COMMITS_DIR}"
     for info in with_retries(lambda: list_files(fs, folder), f"listing commits in {root}"):
-        if not info.base_name.endswith(".json"):
+        if not info.base_name.endswith(".json") or info.base_name.startswith("."):
             continue
         run_dir = info.path.rsplit("/", 2)[-2]
         run_id = run_dir.removeprefix("run_id=")
         if wanted is not None and run_id not in wanted:
             continue
-        data = json.loads(
-            with_retries(lambda p=info.path: read_text(fs, p), f"reading {info.path}")
-        )
-        commits.append(
-            Commit(
-                run_id=data["run_id"],
-                shard=int(data["shard"]),
-                files=data.get("files", {}),
-                rows=data.get("rows", {}),
-                bytes=int(data.get("bytes", 0)),
-                seconds=float(data.get("seconds", 0.0)),
-                committed_at=data.get("committed_at", ""),
-                stats=data.get("stats", {}),
-            )
-        )
+        commit = load_commit(fs, info.path)
+        if commit is not None:
+            commits.append(commit)
     return sorted(commits, key=lambda c: (c.run_id, c.shard))
 
 

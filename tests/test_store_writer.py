@@ -88,3 +88,81 @@ def test_an_unreachable_bucket_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("SLM_LENS_S3_RETRIES", "1")
     with pytest.raises(StorageError, match=r"opening store s3://nowhere/x: failed 3 times"):
         StoreWriter("s3://nowhere/x")
+
+
+def _commit(writer: StoreWriter, run: str, shard: int, n: int = 5) -> dict:
+    with writer.shard(run, shard) as sw:
+        sw.write("tokens", _tokens(f"u{shard}", n))
+        return sw.commit()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing-file"])
+def test_an_untrustworthy_marker_means_not_committed(tmp_path, damage):
+    """Readers skip the shard with a warning; writers redo it; nothing raises."""
+    from analysis.store import CorruptCommitWarning
+
+    writer = StoreWriter(str(tmp_path))
+    _commit(writer, "r", 1)
+    marker = _commit(writer, "r", 2)
+    path = tmp_path / schema.commit_path("r", 2)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:40])
+    elif damage == "garbage":
+        path.write_text('["not", "a", "marker"]')
+    else:
+        (tmp_path / marker["files"]["tokens"][0]).unlink()
+    with pytest.warns(CorruptCommitWarning, match="shard-00002"):
+        con = open_store(str(tmp_path))
+    assert con.sql("SELECT count(*) FROM tokens").fetchone()[0] == 5  # shard 1 only
+    with pytest.warns(CorruptCommitWarning):
+        assert not writer.is_committed("r", 2)
+    with pytest.warns(CorruptCommitWarning):
+        assert writer.committed_shards("r") == {1}
+    _commit(writer, "r", 2)  # the re-run redoes it
+    assert writer.is_committed("r", 2)
+    assert open_store(str(tmp_path)).sql("SELECT count(*) FROM tokens").fetchone()[0] == 10
+
+
+def test_a_marker_write_cut_short_by_a_size_limit_leaves_the_shard_uncommitted(tmp_path):
+    """The issue's reproduction: the process may write only 40 bytes per file at commit."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import resource, signal
+        from extractor.store import StoreWriter
+        writer = StoreWriter({str(tmp_path)!r})
+        with writer.shard("r", 3) as sw:
+            sw.write("tokens", [dict(utterance_id="u", position=i, token_id=i,
+                                     modality="text", word_index=0) for i in range(5)])
+            sw._flush("tokens")
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (40, 40))
+            sw.commit()
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr[-2000:]
+    writer = StoreWriter(str(tmp_path))
+    assert not writer.is_committed("r", 3)
+    assert not list((tmp_path / schema.COMMITS_DIR).rglob("*.json"))
+    assert open_store(str(tmp_path)).sql("SELECT count(*) FROM tokens").fetchone()[0] == 0
+    _commit(writer, "r", 3)
+    assert writer.is_committed("r", 3)
+
+
+def test_write_bytes_publishes_all_or_nothing(tmp_path):
+    import pyarrow.fs as pafs
+
+    from analysis.storage import write_bytes
+
+    target = tmp_path / "marker.json"
+    target.mkdir()  # the rename onto it will fail after the bytes are written
+    (target / "keep").write_text("x")
+    with pytest.raises(OSError):
+        write_bytes(pafs.LocalFileSystem(), str(target), b'{"a": 1}')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["marker.json"]  # no .partial left
+    write_bytes(pafs.LocalFileSystem(), str(tmp_path / "ok.json"), b'{"a": 1}')
+    assert (tmp_path / "ok.json").read_bytes() == b'{"a": 1}'

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from analysis import schema
 from analysis.storage import list_files, read_text, resolve, with_retries, write_bytes
+from analysis.store import load_commit
 
 
 class StoreContractError(ValueError):
@@ -92,20 +93,24 @@ class StoreWriter:
 
     # Shards -----------------------------------------------------------------------------
     def committed_shards(self, run_id: str) -> set[int]:
+        """Shards of ``run_id`` whose markers can be trusted (see ``load_commit``)."""
         folder = self._path(f"{schema.COMMITS_DIR}/run_id={run_id}")
         infos = with_retries(lambda: list_files(self.fs, folder), f"listing commits of {run_id}")
         return {
-            int(i.base_name[len("shard-") : -len(".json")])
+            commit.shard
             for i in infos
-            if i.base_name.endswith(".json")
+            if i.base_name.endswith(".json") and not i.base_name.startswith(".")
+            if (commit := load_commit(self.fs, i.path)) is not None
         }
 
     def is_committed(self, run_id: str, shard: int) -> bool:
+        """True only for a marker that parses and whose files all exist."""
         path = self._path(schema.commit_path(run_id, shard))
-        return with_retries(
+        present = with_retries(
             lambda: self.fs.get_file_info(path).type == pafs.FileType.File,
             f"checking commit of {run_id} shard {shard}",
         )
+        return present and load_commit(self.fs, path) is not None
 
     def shard(self, run_id: str, shard: int) -> ShardWriter:
         _check_run_id(run_id)
