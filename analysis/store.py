@@ -12,6 +12,7 @@ connection can write anywhere.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -259,8 +260,16 @@ class ReadOnlyQueryError(StoreError):
     """A statement that would write, attach or change settings."""
 
 
+#: ``EXPLAIN [ANALYZE] [(options)]`` before the statement it explains.
+_EXPLAIN_PREFIX = re.compile(r"^\s*EXPLAIN\s+(?:ANALY[SZ]E\s+)?(?:\([^)]*\)\s*)?", re.IGNORECASE)
+
+
 def check_read_only(sql: str) -> None:
-    """Refuse anything but queries, before it reaches DuckDB."""
+    """Refuse anything but queries, before it reaches DuckDB.
+
+    ``EXPLAIN`` is allowed only of a read: ``EXPLAIN ANALYZE`` *runs* its statement,
+    so ``EXPLAIN ANALYZE DROP VIEW lens`` would change the connection.
+    """
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
@@ -274,6 +283,11 @@ def check_read_only(sql: str) -> None:
                 f"the store is read-only: {kind} statements are not allowed "
                 f"(only SELECT/WITH/EXPLAIN queries)"
             )
+        if kind == "EXPLAIN":
+            inner = _EXPLAIN_PREFIX.sub("", st.query, count=1)
+            if inner.strip() == st.query.strip():
+                raise ReadOnlyQueryError(f"cannot tell what this EXPLAIN explains: {st.query!r}")
+            check_read_only(inner)
 
 
 def query(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation:

@@ -14,6 +14,7 @@ from analysis import metrics
 from analysis.metrics import Filters, MetricError
 from analysis.store import (
     ReadOnlyQueryError,
+    StoreError,
     StoreNotFoundError,
     StoreVersionError,
     UnknownRunError,
@@ -248,3 +249,50 @@ def test_same_answers_from_s3(store, s3_env, tmp_path):
     pd.testing.assert_frame_equal(local, remote)
     s3 = open_store(s3_store.uri)
     assert metrics.knowledge_accuracy(s3).equals(metrics.knowledge_accuracy(open_store(store.uri)))
+
+
+READS = [
+    "SELECT count(*) FROM lens",
+    "WITH x AS (SELECT layer FROM lens) SELECT max(layer) FROM x",
+    "EXPLAIN SELECT * FROM lens",
+    "EXPLAIN ANALYZE SELECT count(*) FROM lens",
+    "explain analyze select 1",
+    "SELECT 1; SELECT 2",
+]
+WRITES = [
+    "DROP VIEW lens",
+    "CREATE OR REPLACE VIEW failures AS SELECT 1",
+    "INSERT INTO lens SELECT * FROM lens",
+    "UPDATE lens SET layer = 0",
+    "DELETE FROM lens",
+    "CREATE TABLE t AS SELECT 1",
+    "ALTER VIEW lens RENAME TO x",
+    "SET threads = 1",
+    "PRAGMA threads = 1",
+    "CALL pragma_version()",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "CHECKPOINT",
+    "DETACH memory",
+    "EXPLAIN ANALYZE DROP VIEW lens",
+    "EXPLAIN ANALYZE CREATE OR REPLACE VIEW failures AS SELECT 1",
+    "EXPLAIN ANALYZE INSERT INTO lens SELECT * FROM lens",
+    "EXPLAIN (FORMAT json) DROP VIEW lens",
+    "EXPLAIN ANALYZE   \n  DROP VIEW lens",
+    "SELECT 1; DROP VIEW lens",
+]
+
+
+@pytest.mark.parametrize("sql", READS)
+def test_every_read_is_allowed(con, sql):
+    query(con, sql).fetchall()
+
+
+@pytest.mark.parametrize("sql", WRITES)
+def test_every_write_is_refused_and_the_views_survive(store, sql):
+    con = open_store(store.uri)
+    views = con.sql("SELECT count(*) FROM lens").fetchone()
+    with pytest.raises((ReadOnlyQueryError, StoreError)):
+        query(con, sql)
+    assert con.sql("SELECT count(*) FROM lens").fetchone() == views
+    assert con.sql("SELECT count(*) FROM failures").fetchone()[0] >= 0
