@@ -230,7 +230,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_watch(args: argparse.Namespace) -> int:
     import logging
-    import os
+
+    from extractor.service.environment import forwarded_env
 
     from .config import ConfigError, load_config
     from .watch import Watcher, parse_interval
@@ -244,16 +245,6 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     if not cfg.store:
         print("slm-lens watch: no store (set store: in the config or --store)", file=sys.stderr)
         return 2
-    passthrough = (
-        "AWS_ENDPOINT_URL",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_REGION",
-        "AWS_SESSION_TOKEN",
-        "SLM_LENS_S3_ENDPOINT",
-        "SLM_LENS_CACHE",
-        "HF_HUB_OFFLINE",
-    )
     watcher = Watcher(
         args.source,
         args.config,
@@ -261,7 +252,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         args.address,
         max_retries=args.max_retries,
         settle_s=args.settle,
-        env_vars={k: os.environ[k] for k in passthrough if k in os.environ},
+        env_vars=forwarded_env(),  # settings only: nodes bring their own credentials
         python=args.python,
     )
     if args.every:

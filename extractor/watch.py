@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import pyarrow.fs as pafs
 
 from analysis.storage import read_text, resolve, with_retries
+from extractor.service.environment import SECRETS
 
 from .config import RunConfig
 from .models.fingerprint import checkpoint_files
@@ -142,7 +143,8 @@ class Watcher:
         self.address = address
         self.max_retries = max_retries
         self.settle_s = settle_s
-        self.env_vars = env_vars or {}
+        # Never credentials in a job submission (Ray shows runtime_env in plain text).
+        self.env_vars = {k: v for k, v in (env_vars or {}).items() if k not in SECRETS}
         self.python = python
         self.client = with_retries(
             lambda: JobSubmissionClient(address), f"connecting to Ray at {address}", attempts=5

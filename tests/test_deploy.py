@@ -91,3 +91,37 @@ def test_example_run_config_validates():
     raw = yaml.safe_load((DEPLOY / "run.example.yaml").read_text())
     cfg = parse_config(raw)
     assert cfg.workers.gpus == 1 and cfg.store.startswith("s3://")
+
+
+def _containers(doc):
+    """Every container spec anywhere in a manifest."""
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            if key == "containers":
+                yield from value
+            else:
+                yield from _containers(value)
+    elif isinstance(doc, list):
+        for item in doc:
+            yield from _containers(item)
+
+
+def test_kuberay_manifests_authenticate_and_hold_no_credentials():
+    import yaml
+
+    from extractor.service.environment import SECRETS
+
+    folder = Path(__file__).resolve().parents[1] / "deploy" / "kuberay"
+    docs = {p.stem: yaml.safe_load(p.read_text()) for p in folder.glob("*.yaml")}
+    assert docs["rayjob"]["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    for name in ("raycluster", "watcher-cronjob"):
+        containers = list(_containers(docs[name]))
+        assert containers
+        for c in containers:
+            env = {e["name"]: e for e in c.get("env", [])}
+            assert env["RAY_AUTH_MODE"]["value"] == "token", (name, c["name"])
+            assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
+    for name, doc in docs.items():
+        for c in _containers(doc):
+            for e in c.get("env", []):
+                assert e["name"] not in SECRETS or "value" not in e, (name, e["name"])

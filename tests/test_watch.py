@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from analysis.store import open_store
 from extractor.config import load_config
 from extractor.demo import build_demo_model
+from extractor.service.environment import SECRETS, forwarded_env
 from extractor.watch import Watcher, checkpoint_complete, list_checkpoints, submission_id
 
 from .ray_helpers import ray_head, wait_for_jobs
@@ -127,17 +129,8 @@ def test_watch_an_s3_prefix(setup, s3_env, monkeypatch):
     store = f"s3://{s3_env}/store"
     cfg = load_config(config).with_store(store)
     with ray_head() as url:
-        import os
-
-        env = {
-            k: os.environ[k]
-            for k in (
-                "AWS_ENDPOINT_URL",
-                "AWS_ACCESS_KEY_ID",
-                "AWS_SECRET_ACCESS_KEY",
-                "AWS_REGION",
-            )
-        }
+        env = forwarded_env()
+        assert not set(env) & set(SECRETS)
         watcher = Watcher(
             f"s3://{s3_env}/ckpts",
             str(config),
@@ -150,5 +143,31 @@ def test_watch_an_s3_prefix(setup, s3_env, monkeypatch):
         (run_id,) = watcher.once().submitted
         status = wait_for_jobs(url, [submission_id(run_id)])
         assert status == {submission_id(run_id): "SUCCEEDED"}
+        from ray.job_submission import JobSubmissionClient
+
+        info = JobSubmissionClient(url).get_job_info(submission_id(run_id))
+        shown = json.dumps(info.runtime_env or {}) + json.dumps(info.metadata or {})
+        assert "AWS_SECRET_ACCESS_KEY" not in shown and "AWS_ACCESS_KEY_ID" not in shown
         assert open_store(store).sql("SELECT status FROM runs").fetchone()[0] == "finished"
         assert watcher.once().submitted == []
+
+
+def test_credentials_never_travel_in_a_runtime_env():
+    """The one list the driver (to actors) and the watcher (to jobs) forward from."""
+    environ = {
+        "AWS_ACCESS_KEY_ID": "AKIA-x",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+        "AWS_SESSION_TOKEN": "tok",
+        "HF_TOKEN": "hf_x",
+        "AWS_REGION": "eu-west-1",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+        "HF_HUB_OFFLINE": "1",
+    }
+    env = forwarded_env(environ, extra=("AWS_SECRET_ACCESS_KEY",))
+    assert env == {
+        "AWS_REGION": "eu-west-1",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+        "HF_HUB_OFFLINE": "1",
+    }

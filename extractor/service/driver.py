@@ -22,6 +22,7 @@ from tqdm import tqdm
 from extractor.config import RunConfig
 from extractor.store import StoreWriter
 
+from .environment import forwarded_env
 from .plan import SETUP_SHARD, Plan, make_plan
 from .worker import CRASH_ENV, ShardProcessor, ShardStats
 
@@ -268,22 +269,7 @@ def _run_on_ray(cfg, run_id, todo, address, on_done, summary: RunSummary) -> Non
             "GPU nodes join (set workers.gpus: 0 to run on CPUs)",
             cfg.workers.gpus,
         )
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        in (
-            CRASH_ENV,
-            "AWS_ENDPOINT_URL",
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_REGION",
-            "SLM_LENS_S3_ENDPOINT",
-            "SLM_LENS_CACHE",
-            "SLM_LENS_COMPILE",
-            "HF_HUB_OFFLINE",
-        )
-    }
+    env = forwarded_env(extra=(CRASH_ENV,))  # never credentials: see .environment
     actor_cls = ray.remote(LensActor).options(
         num_cpus=cfg.workers.cpus,
         num_gpus=cfg.workers.gpus,
