@@ -105,6 +105,7 @@ class RunConfig:
         d = self.to_dict()
         for volatile in ("store", "workers", "target_file_mb"):
             d.pop(volatile, None)
+        d["lens"].pop("engine", None)  # every engine gives the same exact numbers
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -138,6 +139,122 @@ def _expect(cond: bool, where: str, why: str) -> None:
         raise ConfigError(f"{where}: {why}")
 
 
+def _is(value: Any, kind: str) -> bool:
+    """YAML-typed checks: a bool is not an int, an int is a fine float."""
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str) and bool(value)
+    raise AssertionError(kind)
+
+
+#: (field, type, optional) of every typed field; ranges are checked in _validate.
+_TYPES = {
+    "model": [
+        ("path", "str", False),
+        ("dtype", "str", False),
+        ("tokenizer", "str", True),
+        ("allow_pickle", "bool", False),
+        ("trust_remote_code", "bool", False),
+        ("name", "str", True),
+    ],
+    "speech": [
+        ("kind", "str", False),
+        ("model", "str", True),
+        ("centroids", "str", True),
+        ("quantizer", "str", True),
+        ("layer", "int", False),
+    ],
+    "dataset": [("manifest", "str", False), ("name", "str", True)],
+    "prompt": [("mode", "str", False), ("control_seed", "int", False)],
+    "lens": [("positions", "str", False), ("k", "int", False), ("engine", "str", False)],
+    "workers": [
+        ("count", "int", False),
+        ("gpus", "float", False),
+        ("cpus", "float", False),
+        ("max_retries", "int", False),
+        ("in_flight_per_worker", "int", False),
+    ],
+    "": [
+        ("store", "str", True),
+        ("shard_size", "int", False),
+        ("batch_tokens", "int", False),
+        ("target_file_mb", "int", False),
+    ],
+}
+_TYPE_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a non-empty string",
+}
+
+#: The modality rule's fields, by kind (typed like the sections).
+RULE_FIELDS = {
+    "alternate": {"n": "int", "start": "str"},
+    "poisson": {"mean_span": "float", "seed": "int", "start": "str"},
+    "flags": {"flags": "list"},
+}
+
+
+def _check_types(cfg: RunConfig) -> None:
+    for section, fields in _TYPES.items():
+        obj = getattr(cfg, section) if section else cfg
+        for name, kind, optional in fields:
+            value = getattr(obj, name)
+            where = f"{section}.{name}" if section else name
+            if value is None and optional:
+                continue
+            _expect(_is(value, kind), where, f"must be {_TYPE_WORDS[kind]}, got {value!r}")
+
+
+def _check_rule(rule: Any) -> None:
+    _expect(isinstance(rule, dict), "prompt.rule", "must be a mapping")
+    kind = rule.get("kind", "alternate")
+    _expect(kind in RULE_FIELDS, "prompt.rule.kind", f"must be one of {sorted(RULE_FIELDS)}")
+    fields = RULE_FIELDS[kind]
+    for name, value in rule.items():
+        if name == "kind":
+            continue
+        where = f"prompt.rule.{name}"
+        _expect(name in fields, where, f"unknown field for kind {kind} (known: {sorted(fields)})")
+        if fields[name] == "list":
+            _expect(
+                isinstance(value, list) and all(isinstance(f, bool) for f in value),
+                where,
+                "must be a list of true (spoken) / false (written), one per word",
+            )
+        else:
+            _expect(_is(value, fields[name]), where, f"must be {_TYPE_WORDS[fields[name]]}")
+    _expect(_is(rule.get("n", 1), "int") and rule.get("n", 1) >= 1, "prompt.rule.n", "must be >= 1")
+    _expect(rule.get("mean_span", 1.0) > 0, "prompt.rule.mean_span", "must be > 0")
+    _expect(
+        rule.get("start", "text") in ("text", "speech"),
+        "prompt.rule.start",
+        "must be text or speech",
+    )
+    if kind == "flags":
+        _expect("flags" in rule, "prompt.rule.flags", "is required for kind flags")
+
+
+def _check_layout(layout: Any) -> None:
+    _expect(
+        isinstance(layout, str | dict),
+        "model.layout",
+        f"must be a layout name or a mapping, got {layout!r}",
+    )
+    from extractor.speech.layouts import LayoutError, layout_from_config
+
+    try:
+        layout_from_config(layout)
+    except (LayoutError, TypeError, ValueError, KeyError) as exc:
+        raise ConfigError(f"model.layout: {exc}") from exc
+
+
 def parse_config(raw: dict, base_dir: str | Path | None = None) -> RunConfig:
     """Validate a config mapping; relative local paths resolve against ``base_dir``."""
     if not isinstance(raw, dict):
@@ -155,6 +272,7 @@ def parse_config(raw: dict, base_dir: str | Path | None = None) -> RunConfig:
         k: raw[k] for k in ("store", "shard_size", "batch_tokens", "target_file_mb") if k in raw
     }
     cfg = RunConfig(**sections, **scalars)
+    _check_types(cfg)  # before paths are resolved: a path must be a string first
 
     def resolve(path: str | None) -> str | None:
         if path is None or "://" in path or base_dir is None or Path(path).is_absolute():
@@ -182,6 +300,8 @@ def parse_config(raw: dict, base_dir: str | Path | None = None) -> RunConfig:
 
 
 def _validate(cfg: RunConfig) -> None:
+    _check_rule(cfg.prompt.rule)
+    _check_layout(cfg.model.layout)
     _expect(isinstance(cfg.model.path, str) and cfg.model.path, "model.path", "is required")
     _expect(cfg.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
     _expect(
@@ -208,12 +328,6 @@ def _validate(cfg: RunConfig) -> None:
         "must be a non-negative integer",
     )
     _expect(cfg.prompt.mode in MODES, "prompt.mode", f"must be one of {MODES}")
-    _expect(isinstance(cfg.prompt.rule, dict), "prompt.rule", "must be a mapping")
-    _expect(
-        cfg.prompt.rule.get("kind", "alternate") in ("alternate", "poisson", "flags"),
-        "prompt.rule.kind",
-        "must be alternate, poisson or flags",
-    )
     _expect(cfg.lens.positions in POSITIONS, "lens.positions", f"must be one of {POSITIONS}")
     _expect(cfg.lens.engine in LENS_ENGINES, "lens.engine", f"must be one of {LENS_ENGINES}")
     _expect(
@@ -236,10 +350,15 @@ def _validate(cfg: RunConfig) -> None:
         "workers.count",
         "must be a positive integer",
     )
-    _expect(
-        cfg.workers.gpus >= 0 and cfg.workers.cpus > 0, "workers", "gpus must be >= 0 and cpus > 0"
-    )
+    _expect(cfg.workers.gpus >= 0, "workers.gpus", "must be >= 0")
+    _expect(cfg.workers.cpus > 0, "workers.cpus", "must be > 0")
     _expect(cfg.workers.max_retries >= 0, "workers.max_retries", "must be >= 0")
+    _expect(
+        cfg.workers.in_flight_per_worker >= 1,
+        "workers.in_flight_per_worker",
+        "must be >= 1 (shards queued per worker)",
+    )
+    _expect(cfg.target_file_mb >= 1, "target_file_mb", "must be >= 1")
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -284,3 +284,40 @@ def test_convert_kmeans_command(tmp_path, capsys):
     args = ["convert-kmeans", str(tmp_path / "km.bin"), str(tmp_path / "c.npy"), "--allow-pickle"]
     assert main(args) == 0
     assert load_centroids(tmp_path / "c.npy").shape == (7, 4)
+
+
+def test_malformed_manifest_rows_become_named_failures_and_good_rows_run(tmp_path):
+    """Issue 11, item 8: none of these may abort the manifest; each names its row."""
+    from extractor.speech.manifest import read_manifest
+    from extractor.speech.records import ManifestRowError
+
+    lines = [
+        '{"id": "good", "text": "hello", "units": [1, 2], "durations": [2, 2]}',
+        '["a", "list"]',
+        '"a string"',
+        '{"id": "u1", "text": "x", "units": ["x"], "durations": [1]}',
+        '{"id": "u2", "text": "x", "units": 5, "durations": 5}',
+        '{"id": "u3", "text": "x", "duration_s": "long"}',
+        '{"id": "u4", "text": "x", "words": 7}',
+        '{"id": "u5", "text": 12}',
+        '{"id": 0, "text": "an id of zero is an id"}',
+        "{not json",
+    ]
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    manifest = read_manifest(str(path))
+    assert [u.id for u in manifest.utterances] == ["good", "0"]
+    errors = {str(e) for e in manifest.errors}
+    assert len(manifest.errors) == 8
+    assert all(isinstance(e, ManifestRowError) for e in manifest.errors)
+    for row, what in [
+        (2, "is a list"),
+        (3, "is a str"),
+        (4, "units must be a list of integers"),
+        (5, "units must be a list of integers"),
+        (6, "duration_s must be a number"),
+        (7, "words must be a list"),
+        (8, "text must be a string"),
+    ]:
+        assert any(f"manifest row {row}" in e and what in e for e in errors), (row, errors)
+    assert any("line 10" in e for e in errors)

@@ -25,7 +25,14 @@ import pyarrow.parquet as pq
 
 from analysis.storage import resolve
 
-from .records import AlignedWord, AudioSource, SpeechInputError, Utterance, WordTimingError
+from .records import (
+    AlignedWord,
+    AudioSource,
+    ManifestRowError,
+    SpeechInputError,
+    Utterance,
+    WordTimingError,
+)
 
 
 class ManifestError(ValueError):
@@ -99,9 +106,31 @@ def read_textgrid(uri: str, utt_id: str, tier: str | None = None) -> tuple[Align
     )
 
 
+def _int_list(row: dict, name: str, utt_id: str) -> tuple[int, ...] | None:
+    value = row.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise ManifestRowError(utt_id, f"{name} must be a list of integers, got {value!r:.60}")
+    return tuple(value)
+
+
 def _row_to_utterance(row: dict, base: str, index: int) -> Utterance:
-    utt_id = str(row.get("id") or row.get("utterance_id") or f"row{index}")
+    given = row.get("id", row.get("utterance_id"))
+    utt_id = str(given) if given is not None and given != "" else f"row{index}"
     text = row.get("text")
+    if text is not None and not isinstance(text, str):
+        raise ManifestRowError(utt_id, f"text must be a string, got {text!r:.60}")
+    raw_words = row.get("words")
+    if raw_words is not None and not isinstance(raw_words, str | list | tuple):
+        raise ManifestRowError(utt_id, f"words must be a list (or its JSON), got {raw_words!r:.60}")
+    duration = row.get("duration_s")
+    if duration is not None and (
+        isinstance(duration, bool) or not isinstance(duration, int | float)
+    ):
+        raise ManifestRowError(utt_id, f"duration_s must be a number, got {duration!r:.60}")
     audio = row.get("audio")
     source = None
     if isinstance(audio, dict):
@@ -116,7 +145,7 @@ def _row_to_utterance(row: dict, base: str, index: int) -> Utterance:
         words = read_textgrid(_join(base, row["textgrid"]), utt_id)
     if not text and words:
         text = " ".join(w.word for w in words)
-    units, durations = row.get("units"), row.get("durations")
+    units, durations = _int_list(row, "units", utt_id), _int_list(row, "durations", utt_id)
     if (units is None) != (durations is None):
         raise WordTimingError(utt_id, "units and durations must be given together")
     if units is not None and len(units) != len(durations):
@@ -126,9 +155,9 @@ def _row_to_utterance(row: dict, base: str, index: int) -> Utterance:
         text=str(text or ""),
         audio=source,
         words=words,
-        units=tuple(int(u) for u in units) if units is not None else None,
-        durations=tuple(int(d) for d in durations) if durations is not None else None,
-        duration_s=float(row["duration_s"]) if row.get("duration_s") is not None else None,
+        units=units,
+        durations=durations,
+        duration_s=float(duration) if duration is not None else None,
         pair_id=row.get("pair_id"),
         pair_role=row.get("pair_role"),
         continuation=row.get("continuation"),
@@ -161,13 +190,25 @@ def read_manifest(uri: str) -> Manifest:
     utterances, errors = [], []
     seen: set[str] = set()
     for i, row in enumerate(rows):
-        if "_error" in row:
-            errors.append(SpeechInputError(row["id"], f"manifest {row['_error']}"))
+        where = f"manifest row {i + 1}"
+        if isinstance(row, dict) and "_error" in row:
+            errors.append(ManifestRowError(row["id"], f"manifest {row['_error']}"))
+            continue
+        if not isinstance(row, dict):
+            kind = type(row).__name__
+            errors.append(ManifestRowError(f"row{i}", f"{where} is a {kind}, not an object"))
             continue
         try:
             utt = _row_to_utterance(row, base, i)
+        except ManifestRowError as exc:
+            errors.append(ManifestRowError(exc.utterance_id, f"{where}: {exc.reason}"))
+            continue
         except SpeechInputError as exc:
             errors.append(exc)
+            continue
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            uid = f"row{i}"
+            errors.append(ManifestRowError(uid, f"{where}: {type(exc).__name__}: {exc}"))
             continue
         if utt.id in seen:
             errors.append(SpeechInputError(utt.id, "duplicate utterance id in the manifest"))

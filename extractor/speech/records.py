@@ -38,6 +38,12 @@ class WordTimingError(SpeechInputError):
     stage = "alignment"
 
 
+class ManifestRowError(SpeechInputError):
+    """A manifest row that cannot describe an utterance (the message names the row)."""
+
+    stage = "manifest"
+
+
 class EmptyTextError(SpeechInputError):
     stage = "text"
 
