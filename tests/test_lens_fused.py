@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from extractor.lens import (
     LensInputs,
     LensKError,
+    LensRangeError,
     LensShapeError,
     NonFiniteHiddenError,
     VocabSegments,
@@ -254,3 +255,56 @@ def test_rank_free_calls_use_model_dtype_logits_and_stay_exact(dtype, monkeypatc
     got = chunked_lens(inputs, row_chunk=16, vocab_chunk=512)
     assert calls, "the rank-free path did not run"
     check_exact(inputs, got, 512)
+
+
+# Found by an independent review (each failed before its fix).
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_tiny_unembedding_rows_keep_a_band(dtype):
+    """Row norms of 2^-80 underflowed in fp32: the band became 0 while the GEMM rounded."""
+    d, s = 384, 2.0**-80
+    h = torch.zeros(1, d)
+    h[0, 0], h[0, 128], h[0, 256] = 2.0**24, 1.0, -(2.0**24)
+    w = torch.zeros(2, d)
+    w[0, 0] = w[0, 128] = w[0, 256] = s  # exact logit 2^-80; a fast fp32 sum gives 0
+    w[1, 128] = s / 2  # the target, 2^-81
+    inputs = LensInputs(hidden=h.to(dtype), unembed=w.to(dtype), k=1, targets=torch.tensor([[1]]))
+    check_exact(inputs, chunked_lens(inputs))
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_rank_free_fp16_never_certifies_an_overflowed_gemm(sign):
+    """A logit beyond fp16's range must not come out of the fp16 GEMM as +-inf."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 16, generator=gen)
+    h[:, 0] = 256.0
+    w = torch.randn(64, 16, generator=gen) * 0.1
+    w[0, 0] = 256.0 * sign  # a logit of about +-65536
+    w[50, 0] = 252.0 * sign
+    inputs = LensInputs(hidden=h.half(), unembed=w.half(), k=2)
+    check_exact(inputs, chunked_lens(inputs))
+
+
+def test_norm_runs_on_the_model_dtype_and_once_for_all_rows():
+    """Rows given in fp32 to a bf16 model are cast first (as the model would hold them),
+    and a norm with a projection (OPT-350m) sees all rows in one batch, as the reference."""
+    gen = torch.Generator().manual_seed(1)
+    d, v = 64, 300
+    norm = torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, 32, bias=False))
+    norm = norm.to(torch.bfloat16)
+    inputs = LensInputs(
+        hidden=torch.randn(70, d, generator=gen) * 3,  # fp32 rows, bf16 model
+        unembed=torch.randn(v, 32, generator=gen).bfloat16(),
+        k=5,
+        final_norm=norm,
+        targets=torch.randint(0, v, (70, 3), generator=gen),
+    )
+    check_exact(inputs, chunked_lens(inputs, row_chunk=16, vocab_chunk=64), 64)
+
+
+def test_logits_beyond_fp32_are_a_named_error():
+    h = torch.full((1, 4), 1e30)
+    w = torch.full((3, 4), 1e10)
+    with pytest.raises(LensRangeError, match="fp32"):
+        chunked_lens(LensInputs(hidden=h, unembed=w, k=1))

@@ -228,7 +228,7 @@ def test_bad_items_land_in_failures_and_the_rest_completes(data_dir, tmp_path):
         "corrupt": "AudioReadError",
         "late-word": "WordTimingError",
         "too-long": "SequenceTooLongError",
-        "line9": "SpeechInputError",
+        "line9": "ManifestRowError",
     }
     done = {r[0] for r in con.sql("SELECT DISTINCT utterance_id FROM lens").fetchall()}
     assert len(done) == 5

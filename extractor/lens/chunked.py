@@ -33,13 +33,14 @@ from functools import partial
 
 import torch
 
-from .contract import LensInputs, LensResult, check_width, validate
+from .contract import LensInputs, LensRangeError, LensResult, check_width, validate
 from .exact import (
     K_BLOCK,
     bias_abs_max,
     entry_logits,
     error_band,
     exact_order,
+    product_dtype,
     rank_free_low_precision,
     round_down_f32,
     target_logits,
@@ -282,6 +283,7 @@ class _Scope:
     t64: torch.Tensor
     first: int  # first row of the scope in the chunk
     singletons: bool
+    wide: torch.dtype = torch.float64  # where products are exact (exact.product_dtype)
 
     @property
     def n(self) -> int:
@@ -305,7 +307,7 @@ class _Scope:
         hold the exact maximum, and are skipped.
         """
         if self.singletons:
-            return entry_logits(self.h, self.starts[groups], cols, self.inputs)
+            return entry_logits(self.h, self.starts[groups], cols, self.inputs, self.wide)
         lens = self.lens[groups]
         offsets = torch.cumsum(lens, 0) - lens
         within = torch.arange(int(lens.sum()), device=lens.device) - offsets.repeat_interleave(lens)
@@ -318,7 +320,7 @@ class _Scope:
             best = best.scatter_reduce(0, owner, row_fast, "amax")
             keep = row_fast >= best[owner] - 2 * band[groups][owner]
             rows, entry_cols, owner = rows[keep], entry_cols[keep], owner[keep]
-        vals = entry_logits(self.h, rows, entry_cols, self.inputs)
+        vals = entry_logits(self.h, rows, entry_cols, self.inputs, self.wide)
         out = torch.full((len(groups),), NEG_INF, dtype=torch.float64, device=vals.device)
         return out.scatter_reduce(0, owner, vals, "amax")
 
@@ -445,6 +447,7 @@ def _rescan_topk(scope, groups, kth, band, seg_chunks, h32):
         t64=scope.t64[groups],
         first=0,
         singletons=scope.singletons,
+        wide=scope.wide,
     )
     found_g, found_c, found_v = [], [], []
     for c0, c1, _ in seg_chunks:
@@ -469,9 +472,10 @@ def _rescan_topk(scope, groups, kth, band, seg_chunks, h32):
     return ids.gather(1, order), vals.gather(1, order)
 
 
-def _row_scope(inputs, h, t64) -> _Scope:
+def _row_scope(inputs, h, t64, wide) -> _Scope:
     r = len(h)
     return _Scope(
+        wide=wide,
         inputs=inputs,
         h=h,
         starts=torch.arange(r, device=h.device),
@@ -482,15 +486,16 @@ def _row_scope(inputs, h, t64) -> _Scope:
     )
 
 
-def _pooled_scope(inputs, h, groups, pool_targets) -> tuple[_Scope, torch.Tensor]:
+def _pooled_scope(inputs, h, groups, pool_targets, wide) -> tuple[_Scope, torch.Tensor]:
     """The chunk's pooled rows (a contiguous suffix, see :func:`row_chunks`) as a scope."""
     r = len(h)
     first = r - int((groups >= 0).sum())
     g_ids, g_len = torch.unique_consecutive(groups[first:], return_counts=True)
     local = torch.repeat_interleave(torch.arange(len(g_ids), device=h.device), g_len)
     ptg = pool_targets[g_ids]
-    t_rows = target_logits(h[first:], ptg[local], inputs)
+    t_rows = target_logits(h[first:], ptg[local], inputs, wide)
     scope = _Scope(
+        wide=wide,
         inputs=inputs,
         h=h,
         starts=first + torch.cumsum(g_len, 0) - g_len,
@@ -527,12 +532,37 @@ def chunked_lens(
         return _run(inputs, row_chunk, vocab_chunk, margin, compile, refine)
 
 
+def normed_rows(inputs: LensInputs) -> torch.Tensor:
+    """Every row as the model's head reads it: cast to the model's dtype, then the final
+    norm, once for all rows (a norm with a projection, like OPT's ``project_out``, is a
+    GEMM whose last bits depend on the batch; the reference norms all rows at once too)."""
+    h = inputs.hidden.to(device=inputs.unembed.device, dtype=inputs.unembed.dtype)
+    if inputs.final_norm is not None:
+        h = inputs.final_norm(h)
+        check_width(h, inputs.unembed)
+    return h.to(inputs.unembed.dtype)
+
+
 def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
     device = inputs.unembed.device
     dtype = inputs.unembed.dtype
     n, k, v, d = inputs.n_rows, inputs.k, inputs.vocab_size, inputs.unembed.shape[1]
     names = inputs.resolved_segments().names
-    low = rank_free_low_precision(inputs)
+    normed = normed_rows(inputs)
+    wide = product_dtype(normed, inputs.unembed)
+    w_max = [
+        unembed_norm_max(inputs.unembed, c0, c1) for c0, c1, _ in vocab_chunks(inputs, vocab_chunk)
+    ]
+    # |logit| <= ||h|| ||w|| (and every partial sum too): outside these limits a fast
+    # GEMM could overflow, so the low-precision path is not taken, and fp32 refuses.
+    reach = float(normed.double().norm(dim=1).max()) * max(w_max, default=0.0) if n else 0.0
+    if reach >= 2.0**120:
+        raise LensRangeError(
+            f"logits may reach {reach:.3g}, beyond what fp32 accumulation holds exactly "
+            "(hidden states or unembedding rows of extreme magnitude)"
+        )
+    limit = {torch.float16: 2.0**14, torch.bfloat16: 2.0**120}.get(dtype, 0.0)
+    low = rank_free_low_precision(inputs) and reach < limit
     # Low-precision logits have a wider band: more candidates keep rescans rare.
     kk = min(k + (2 * margin if low else margin), v)
     targets = inputs.resolved_targets().to(device).long()
@@ -545,7 +575,6 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
     )
     chunks = vocab_chunks(inputs, vocab_chunk)
     by_segment = {s: [c for c in chunks if c[2] == s] for s in range(len(names))}
-    w_max = [unembed_norm_max(inputs.unembed, c0, c1) for c0, c1, _ in chunks]
     b_max = [bias_abs_max(inputs.bias, c0, c1) for c0, c1, _ in chunks]
     order, spans = row_chunks(groups.cpu(), row_chunk)
     order = order.to(device)
@@ -553,17 +582,13 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
 
     for a, b in spans:
         rows = order[a:b]
-        h = inputs.hidden[rows].to(device)
-        if inputs.final_norm is not None:
-            h = inputs.final_norm(h)
-            check_width(h, inputs.unembed)
-        h = h.to(dtype)
+        h = normed[rows]
         h32 = h.float()
         norms = h.double().norm(dim=1)
-        scopes = [_row_scope(inputs, h, target_logits(h, targets[rows], inputs))]
+        scopes = [_row_scope(inputs, h, target_logits(h, targets[rows], inputs, wide), wide)]
         g_ids = None
         if bool((groups[rows] >= 0).any()):
-            pooled, g_ids = _pooled_scope(inputs, h, groups[rows], pool_targets)
+            pooled, g_ids = _pooled_scope(inputs, h, groups[rows], pool_targets, wide)
             scopes.append(pooled)
         states = [[_new_state(sc, device) for _ in names] for sc in scopes]
         lse_max = torch.full((len(names), len(rows)), NEG_INF, dtype=torch.float32, device=device)

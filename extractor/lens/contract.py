@@ -29,6 +29,10 @@ class LensKError(LensError, ValueError):
     """A top-k that asks for more entries than the vocabulary has."""
 
 
+class LensRangeError(LensError, ValueError):
+    """Hidden states or unembedding rows so large that fp32 logits could overflow."""
+
+
 class NonFiniteHiddenError(LensError, ValueError):
     """Hidden states holding NaN or inf: the model diverged or the input is corrupt."""
 

@@ -54,15 +54,32 @@ def gamma(d: int) -> float:
     return nu / (1 - nu) * (1 + 2**-10)
 
 
-def _wide(inputs: LensInputs) -> torch.dtype:
-    """Where products are exact: fp32 for bf16/fp16 inputs, float64 for fp32 ones."""
-    return (
-        torch.float32 if inputs.unembed.dtype in (torch.bfloat16, torch.float16) else torch.float64
-    )
+def product_dtype(h: torch.Tensor, unembed: torch.Tensor) -> torch.dtype:
+    """Where every product ``h_i w_i`` is exact: fp32 or float64.
+
+    bf16 (8-bit) and fp16 (11-bit) products fit fp32's 24 bits, but only while they
+    stay in fp32's normal range: tiny values (|h w| < 2^-126) would round and huge
+    ones overflow. Checked once per call on the magnitudes; fp32 inputs always need
+    float64 (24 + 24 bits). Either choice gives the same values whenever fp32 is
+    chosen, so engines and the reference agree even if they decide on other rows.
+    """
+    if unembed.dtype not in (torch.bfloat16, torch.float16) or h.numel() == 0:
+        return torch.float64
+    ha, wa = h.abs().float(), unembed.abs().float()
+    inf = torch.tensor(float("inf"))
+    h_min = float(torch.where(ha > 0, ha, inf).amin())
+    w_min = float(torch.where(wa > 0, wa, inf).amin())
+    h_max, w_max = float(ha.amax()), float(wa.amax())
+    small_ok = h_min == float("inf") or w_min == float("inf") or h_min * w_min >= 2.0**-126
+    return torch.float32 if small_ok and h_max * w_max < 2.0**127 else torch.float64
 
 
 def entry_logits(
-    h_rows: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, inputs: LensInputs
+    h_rows: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    inputs: LensInputs,
+    wide: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """Exact float64 logits of the entries ``(rows[e], cols[e])``: [E].
 
@@ -91,7 +108,7 @@ def dense_logits(h_rows: torch.Tensor, inputs: LensInputs) -> torch.Tensor:
     (a saturated soft-cap, or fp32 products whose sum rounds) is decided the
     same way everywhere.
     """
-    wide = _wide(inputs)
+    wide = product_dtype(h_rows, inputs.unembed)
     h = h_rows.to(wide)
     r, v = len(h), inputs.vocab_size
     out = torch.empty((r, v), dtype=torch.float64, device=h.device)
@@ -112,14 +129,19 @@ def finish(x64: torch.Tensor, cols: torch.Tensor, inputs: LensInputs) -> torch.T
     return x64
 
 
-def target_logits(h_rows: torch.Tensor, ids: torch.Tensor, inputs: LensInputs) -> torch.Tensor:
+def target_logits(
+    h_rows: torch.Tensor,
+    ids: torch.Tensor,
+    inputs: LensInputs,
+    wide: torch.dtype = torch.float64,
+) -> torch.Tensor:
     """Exact logits [R, T] of ``ids`` [R, T]; pads (-1) give +inf (never above anything)."""
     r, t = ids.shape
     if ids.numel() == 0:
         return torch.empty((r, t), dtype=torch.float64, device=h_rows.device)
     rows = torch.arange(r, device=ids.device).repeat_interleave(t)
     flat = ids.reshape(-1)
-    vals = entry_logits(h_rows, rows, flat.clamp(min=0), inputs).view(r, t)
+    vals = entry_logits(h_rows, rows, flat.clamp(min=0), inputs, wide).view(r, t)
     return torch.where(ids >= 0, vals, torch.inf)
 
 
@@ -200,10 +222,17 @@ def thresholds(t64: torch.Tensor, band: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def unembed_norm_max(unembed: torch.Tensor, start: int, stop: int) -> float:
-    """An upper bound of ``max ||W[j]||`` over ``[start, stop)`` (fp32 norm, inflated)."""
+    """An upper bound of ``max ||W[j]||`` over ``[start, stop)``.
+
+    Scaled by each row's largest |entry| first, so tiny or huge rows neither
+    underflow nor overflow fp32; the fp32 rounding is covered by the inflation.
+    """
     if stop <= start:
         return 0.0
-    norms = unembed[start:stop].float().norm(dim=1)
+    w = unembed[start:stop].float()
+    scale = w.abs().amax(dim=1)
+    safe = torch.where(scale > 0, scale, 1.0)
+    norms = (w / safe[:, None]).norm(dim=1).double() * scale.double()
     return float(norms.max()) * (1 + 2**-10)
 
 
@@ -241,10 +270,10 @@ def logsumexp_error_bound(inputs: LensInputs, vocab_chunk: int = 8192) -> float:
     """
     if inputs.n_rows == 0:
         return 0.0
-    h = inputs.hidden
+    h = inputs.hidden.to(inputs.unembed.dtype)
     if inputs.final_norm is not None:
         with torch.no_grad():
-            h = inputs.final_norm(h.to(inputs.unembed.dtype))
+            h = inputs.final_norm(h)
     norms = h.to(inputs.unembed.dtype).double().cpu().norm(dim=1)
     w = unembed_norm_max(inputs.unembed, 0, inputs.vocab_size)
     b = bias_abs_max(inputs.bias, 0, inputs.vocab_size)

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked import chunked_lens
-from .contract import LensError, LensInputs, LensResult, check_width, validate
+from .chunked import chunked_lens, normed_rows
+from .contract import LensError, LensInputs, LensResult, validate
 from .exact import target_logits
 
 #: A constexpr, not a plain global: compiled kernels may only read constexpr globals
@@ -214,7 +214,6 @@ def triton_lens(
         raise LensError("the Triton lens needs CUDA tensors (or TRITON_INTERPRET=1)")
     if interpret:
         block_m, block_n, block_k = (INTERPRETER_BLOCKS[x] for x in ("BM", "BN", "BK"))
-    dtype = inputs.unembed.dtype
     n, d, k = inputs.n_rows, inputs.unembed.shape[1], inputs.k
     segments = inputs.resolved_segments()
     names = segments.names
@@ -225,11 +224,7 @@ def triton_lens(
     t = targets.shape[1]
     tp = _next_pow2(max(t, 1))
 
-    h = inputs.hidden.to(device)
-    if inputs.final_norm is not None:
-        h = inputs.final_norm(h)
-        check_width(h, inputs.unembed)
-    h = h.to(dtype).contiguous()
+    h = normed_rows(inputs).contiguous()
     w = inputs.unembed.contiguous()
     t_vals = target_logits(h.double(), targets, inputs).float().contiguous()
     starts, stops, segs = _tile_table(inputs, block_n, device)
