@@ -358,3 +358,24 @@ def test_an_engine_that_disagrees_is_replaced_before_it_stores_a_number(
     assert clean_con.sql(
         "SELECT DISTINCT engine, self_check FROM shards WHERE shard > 0"
     ).fetchall() == [("torch", "passed")]
+
+
+def test_a_driver_that_raises_still_ends_its_run(data_dir, tmp_path):
+    """Issue 11, item 4: a model folder without a tokenizer used to leave 'running' for ever."""
+    import shutil
+
+    store = str(tmp_path / "store")
+    raw = small_config(store, data_dir)
+    broken = tmp_path / "model-without-tokenizer"
+    shutil.copytree(raw["model"]["path"], broken)
+    for f in broken.iterdir():
+        keep = f.name in ("config.json", "generation_config.json") or f.suffix == ".safetensors"
+        if not keep:
+            f.unlink()
+    raw["model"]["path"] = str(broken)
+    with pytest.raises(Exception) as caught:
+        run_extraction(parse_config(raw), in_process=True, progress=False)
+    con = open_store(store)
+    status, message = con.sql("SELECT status, message FROM runs").fetchone()
+    assert status == "failed"
+    assert type(caught.value).__name__ in message

@@ -146,6 +146,49 @@ def run_extraction(
     )
     started_at = _now()
     store.write_run(plan.run_id, **run_fields, status="running", started_at=started_at)
+    try:
+        summary = _extract(cfg, plan, store, address, in_process, progress)
+    except BaseException as exc:
+        # Every exit path ends the run: a driver that dies leaves no "running" for ever.
+        _record_failure(store, plan.run_id, run_fields, started_at, exc)
+        raise
+    summary.failures = _count_failures(cfg.store, plan.run_id)
+    summary.seconds = time.perf_counter() - started
+    status = "finished" if summary.ok else "failed"
+    store.write_run(
+        plan.run_id,
+        **run_fields,
+        status=status,
+        started_at=started_at,
+        finished_at=_now(),
+        message=json.dumps(asdict(summary), default=str),
+    )
+    return summary
+
+
+def _record_failure(store, run_id, run_fields, started_at, exc: BaseException) -> None:
+    """Write ``failed`` with the error; a store that is itself down only gets a log line."""
+    message = json.dumps({"error": type(exc).__name__, "message": str(exc)[:2000]})
+    try:
+        store.write_run(
+            run_id,
+            **run_fields,
+            status="failed",
+            started_at=started_at,
+            finished_at=_now(),
+            message=message,
+        )
+    except Exception as write_error:  # the original error matters more
+        log.error(
+            "run %s failed (%s) and its status could not be recorded: %s",
+            run_id,
+            message,
+            write_error,
+        )
+
+
+def _extract(cfg, plan, store, address, in_process, progress) -> RunSummary:
+    """The run's shards, in process or on Ray (the caller records the outcome)."""
     done = store.committed_shards(plan.run_id)
     if SETUP_SHARD not in done:
         _write_setup_shard(cfg, plan, store)
@@ -189,17 +232,6 @@ def run_extraction(
             _run_on_ray(cfg, plan.run_id, todo, address, on_done, summary)
     finally:
         bar.close()
-    summary.failures = _count_failures(cfg.store, plan.run_id)
-    summary.seconds = time.perf_counter() - started
-    status = "finished" if summary.ok else "failed"
-    store.write_run(
-        plan.run_id,
-        **run_fields,
-        status=status,
-        started_at=started_at,
-        finished_at=_now(),
-        message=json.dumps(asdict(summary), default=str),
-    )
     return summary
 
 
