@@ -379,3 +379,22 @@ def test_a_driver_that_raises_still_ends_its_run(data_dir, tmp_path):
     status, message = con.sql("SELECT status, message FROM runs").fetchone()
     assert status == "failed"
     assert type(caught.value).__name__ in message
+
+
+def test_actors_that_cannot_start_fail_the_run_at_once(data_dir, tmp_path, local_ray):
+    """Issue 11, item 6: not 'worker lost, retrying' max_retries times per shard."""
+    import shutil
+
+    from extractor.service.driver import WorkerStartError
+
+    store = str(tmp_path / "store")
+    raw = small_config(store, data_dir, workers={"max_retries": 5})
+    broken = tmp_path / "model-with-cut-weights"
+    shutil.copytree(raw["model"]["path"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # the driver reads only config.json
+    raw["model"]["path"] = str(broken)
+    with pytest.raises(WorkerStartError, match="could not start"):
+        run_extraction(parse_config(raw), progress=False)
+    status, message = open_store(store).sql("SELECT status, message FROM runs").fetchone()
+    assert status == "failed" and "WorkerStartError" in message

@@ -274,6 +274,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         )
 
 
+class WorkerStartError(RuntimeError):
+    """The actors' own set-up failed (model, tokenizer, speech tokenizer): not a lost node."""
+
+
+def _init_failed(exc: BaseException) -> bool:
+    flag = getattr(exc, "actor_init_failed", False)
+    return bool(flag() if callable(flag) else flag)
+
+
 def _infrastructure_errors() -> tuple[type[BaseException], ...]:
     from ray import exceptions as rx
 
@@ -335,6 +344,12 @@ def _run_on_ray(cfg, run_id, todo, address, on_done, summary: RunSummary) -> Non
                 try:
                     on_done(ray.get(ref))
                 except infra as exc:
+                    if _init_failed(exc):
+                        # A model or tokenizer that cannot load fails everywhere: retrying
+                        # it shard after shard only hides the real error.
+                        raise WorkerStartError(
+                            f"workers could not start (shard {shard}): {exc}"
+                        ) from exc
                     attempts[shard] += 1
                     summary.retries += 1
                     if attempts[shard] > cfg.workers.max_retries:
