@@ -18,6 +18,8 @@ is certainly above or certainly not above the exact value ``t``.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .contract import LensInputs
@@ -65,13 +67,43 @@ def product_dtype(h: torch.Tensor, unembed: torch.Tensor) -> torch.dtype:
     """
     if unembed.dtype not in (torch.bfloat16, torch.float16) or h.numel() == 0:
         return torch.float64
-    ha, wa = h.abs().float(), unembed.abs().float()
-    inf = torch.tensor(float("inf"))
-    h_min = float(torch.where(ha > 0, ha, inf).amin())
-    w_min = float(torch.where(wa > 0, wa, inf).amin())
-    h_max, w_max = float(ha.amax()), float(wa.amax())
+    h_min, h_max = _nonzero_abs_range(h)
+    w_min, w_max = _unembed_range(unembed)
     small_ok = h_min == float("inf") or w_min == float("inf") or h_min * w_min >= 2.0**-126
     return torch.float32 if small_ok and h_max * w_max < 2.0**127 else torch.float64
+
+
+_MEMO: dict[tuple, tuple] = {}
+
+
+def _memo(tensor: torch.Tensor, key: tuple, compute):
+    """``compute()`` remembered while ``tensor`` is the same, unchanged object (identity and
+    version counter): facts about an actor's W are computed once, not on every call."""
+    slot = (id(tensor), *key)
+    cached = _MEMO.get(slot)
+    if cached is not None and cached[0]() is tensor and cached[1] == tensor._version:
+        return cached[2]
+    value = compute()
+    if len(_MEMO) > 4096:
+        _MEMO.clear()
+    _MEMO[slot] = (weakref.ref(tensor), tensor._version, value)
+    return value
+
+
+def _unembed_range(unembed: torch.Tensor) -> tuple[float, float]:
+    return _memo(unembed, ("range",), lambda: _nonzero_abs_range(unembed))
+
+
+def _nonzero_abs_range(x: torch.Tensor, rows: int = 4096) -> tuple[float, float]:
+    """(smallest nonzero |x|, largest |x|), a block of rows at a time (no full copies)."""
+    lo, hi = float("inf"), 0.0
+    for a in range(0, len(x), rows):
+        block = x[a : a + rows].abs()
+        hi = max(hi, float(block.amax()))
+        nonzero = block[block > 0]
+        if nonzero.numel():
+            lo = min(lo, float(nonzero.amin()))
+    return lo, hi
 
 
 def entry_logits(
@@ -222,14 +254,18 @@ def thresholds(t64: torch.Tensor, band: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def unembed_norm_max(unembed: torch.Tensor, start: int, stop: int) -> float:
-    """An upper bound of ``max ||W[j]||`` over ``[start, stop)``.
+    """An upper bound of ``max ||W[j]||`` over ``[start, stop)`` (remembered per W).
 
     Scaled by each row's largest |entry| first, so tiny or huge rows neither
     underflow nor overflow fp32; the fp32 rounding is covered by the inflation.
     """
     if stop <= start:
         return 0.0
-    w = unembed[start:stop].float()
+    return _memo(unembed, ("norm", start, stop), lambda: _norm_max(unembed[start:stop]))
+
+
+def _norm_max(rows: torch.Tensor) -> float:
+    w = rows.float()
     scale = w.abs().amax(dim=1)
     safe = torch.where(scale > 0, scale, 1.0)
     norms = (w / safe[:, None]).norm(dim=1).double() * scale.double()
