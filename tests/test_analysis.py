@@ -296,3 +296,18 @@ def test_every_write_is_refused_and_the_views_survive(store, sql):
         query(con, sql)
     assert con.sql("SELECT count(*) FROM lens").fetchone() == views
     assert con.sql("SELECT count(*) FROM failures").fetchone()[0] >= 0
+
+
+def test_the_readme_python_and_sql_run_as_written(store):
+    """README: `analysis.open_store(uri)` and its recall@k query, against a real store."""
+    import re
+    from pathlib import Path
+
+    import analysis
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (sql,) = re.findall(r"```sql\n(.*?)```", readme, flags=re.S)
+    con = analysis.open_store(store.uri)
+    rows = analysis.query(con, sql).fetchall()
+    assert rows and all(0.0 <= r[1] <= 1.0 and 0.0 <= r[2] <= 1.0 for r in rows)
+    assert sorted(analysis.__all__) == ["metrics", "open_store", "query"]
