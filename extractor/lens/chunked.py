@@ -600,11 +600,9 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
                 logits, out_max = low_precision_logits(
                     h, c0, c1, inputs, scratch, need_max=len(scopes) > 1
                 )
-                band = partial(
-                    _low_band, norms, w_max[i], d, b_max[i], inputs.softcap, dtype, out_max
-                )
+                band = partial(_low_band, norms, w_max[i], d, b_max[i], inputs.softcap, dtype)
                 if out_max is not None:
-                    band = band(None, None)
+                    band = error_band(norms, w_max[i], d, b_max[i], inputs.softcap, dtype, out_max)
             else:
                 logits = chunk_logits(h32, c0, c1, inputs, scratch)
                 band = error_band(norms, w_max[i], d, b_max[i], inputs.softcap)
@@ -654,12 +652,17 @@ def _exact_candidate_terms(scope, states, lse_max, lse_sum, seg_lse) -> torch.Te
     return out
 
 
-def _low_band(norms, w_max, d, b_max, softcap, dtype, out_max, row_max, row_min):
-    """The band of rank-free low-precision logits, once the chunk's row max/min are known."""
-    if out_max is None:
-        out_max = torch.maximum(row_max, -row_min)
-        out_max = torch.where(torch.isfinite(out_max), out_max, 0)
-    return error_band(norms, w_max, d, b_max, softcap, dtype, out_max)
+def _low_band(norms, w_max, d, b_max, softcap, dtype, row_max, row_min):
+    """The band of rank-free low-precision logits, once the chunk's row max/min are known
+    (they bound the GEMM output itself: no bias or soft-cap on this path)."""
+    return error_band(norms, w_max, d, b_max, softcap, dtype, torch.maximum(row_max, -row_min))
+
+
+def _best_of_segments(ids: list, vals: list, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole vocabulary's exact top-k: the best k of the segments' exact top-k lists."""
+    ids, vals = torch.cat(ids, 1), torch.cat(vals, 1)
+    best = exact_order(vals, ids)[:, :k]
+    return ids.gather(1, best), vals.gather(1, best)
 
 
 class _Outputs:
@@ -695,10 +698,9 @@ class _Outputs:
             self.seg_ranks[name][rows] = states[s].counts
             all_ids.append(ids)
             all_vals.append(vals)
-        ids, vals = torch.cat(all_ids, 1), torch.cat(all_vals, 1)
-        best = exact_order(vals, ids)[:, :k]
-        self.topk_ids[rows] = ids.gather(1, best)
-        self.topk_lp[rows] = (vals.gather(1, best) - lse[:, None].double()).float()
+        ids, vals = _best_of_segments(all_ids, all_vals, k)
+        self.topk_ids[rows] = ids
+        self.topk_lp[rows] = (vals - lse[:, None].double()).float()
         finite = torch.isfinite(scope.t64)
         self.target_lp[rows] = torch.where(
             finite, scope.t64 - lse[:, None].double(), scope.t64
@@ -713,10 +715,9 @@ class _Outputs:
             self.p_seg_ranks[name][g_ids] = states[s].counts
             all_ids.append(ids)
             all_vals.append(vals)
-        ids, vals = torch.cat(all_ids, 1), torch.cat(all_vals, 1)
-        best = exact_order(vals, ids)[:, :k]
-        self.p_ids[g_ids] = ids.gather(1, best)
-        self.p_vals[g_ids] = vals.gather(1, best).float()
+        ids, vals = _best_of_segments(all_ids, all_vals, k)
+        self.p_ids[g_ids] = ids
+        self.p_vals[g_ids] = vals.float()
 
     def result(self, targets, pool_targets) -> LensResult:
         pad = targets < 0

@@ -140,6 +140,26 @@ class LensInputs:
             return int(self.pool_groups.max()) + 1
         return 0
 
+    def rows(self, keep, *, with_targets: bool = True) -> LensInputs:
+        """The same problem on a subset of rows (``keep``: slice or index tensor).
+
+        Pool groups are cut with their rows; ``pool_targets`` stay whole (group ids keep
+        their meaning). Without ``with_targets`` the per-row targets are dropped.
+        """
+        groups = self.pool_groups
+        return LensInputs(
+            hidden=self.hidden[keep],
+            unembed=self.unembed,
+            k=self.k,
+            final_norm=self.final_norm,
+            bias=self.bias,
+            softcap=self.softcap,
+            segments=self.segments,
+            targets=self.targets[keep] if with_targets and self.targets is not None else None,
+            pool_groups=None if groups is None else groups[keep],
+            pool_targets=self.pool_targets,
+        )
+
     def resolved_segments(self) -> VocabSegments:
         return self.segments or VocabSegments.single(self.vocab_size)
 

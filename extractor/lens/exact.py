@@ -281,19 +281,15 @@ def bias_abs_max(bias: torch.Tensor | None, start: int, stop: int) -> float:
 
 
 def exact_order(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Column order of each row by (value descending, id ascending), pads (id < 0) last."""
+    """Column order of each row by (value descending, id ascending), pads (id < 0) last.
+
+    Pads sort as value -inf with the largest id, so they follow every real entry.
+    """
     key_ids = torch.where(ids >= 0, ids, torch.iinfo(torch.long).max)
     by_id = torch.argsort(key_ids, dim=1, stable=True)
-    vals = values.gather(1, by_id)
-    vals = torch.where(ids.gather(1, by_id) >= 0, vals, torch.nan)
-    # NaN (pads) sort after -inf with descending=True? They sort first; push them last.
-    key = torch.where(torch.isnan(vals), -torch.inf, vals)
-    pad = torch.isnan(vals)
-    by_val = torch.argsort(key, dim=1, descending=True, stable=True)
-    # Among equal keys (-inf), real entries come before pads.
-    pad_sorted = pad.gather(1, by_val)
-    fix = torch.argsort(pad_sorted.to(torch.int8), dim=1, stable=True)
-    return by_id.gather(1, by_val.gather(1, fix))
+    vals = torch.where(ids >= 0, values, -torch.inf).gather(1, by_id)
+    by_val = torch.argsort(vals, dim=1, descending=True, stable=True)
+    return by_id.gather(1, by_val)
 
 
 def logsumexp_error_bound(inputs: LensInputs, vocab_chunk: int = 8192) -> float:

@@ -46,19 +46,7 @@ class SelfCheck:
 
 def sample(inputs: LensInputs, rows: int = SAMPLE_ROWS) -> LensInputs:
     """The first ``rows`` rows of a lens problem (pool groups cut with them)."""
-    keep = slice(0, min(rows, inputs.n_rows))
-    return LensInputs(
-        hidden=inputs.hidden[keep],
-        unembed=inputs.unembed,
-        k=inputs.k,
-        final_norm=inputs.final_norm,
-        bias=inputs.bias,
-        softcap=inputs.softcap,
-        segments=inputs.segments,
-        targets=None if inputs.targets is None else inputs.targets[keep],
-        pool_groups=None if inputs.pool_groups is None else inputs.pool_groups[keep],
-        pool_targets=inputs.pool_targets,
-    )
+    return inputs.rows(slice(0, min(rows, inputs.n_rows)))
 
 
 def compare(inputs: LensInputs, got: LensResult) -> tuple[bool, float, str]:

@@ -338,16 +338,8 @@ def _pooled(inputs: LensInputs, row_chunk: int, vocab_chunk: int) -> dict:
         if groups is not None
         else torch.empty(0, dtype=torch.long)
     )
-    sub = LensInputs(
-        hidden=inputs.hidden[keep],
-        unembed=inputs.unembed,
-        k=inputs.k,
-        final_norm=inputs.final_norm,
-        bias=inputs.bias,
-        softcap=inputs.softcap,
-        segments=inputs.segments,
-        pool_groups=groups[keep] if groups is not None else None,
-        pool_targets=inputs.resolved_pool_targets(),
-    )
+    sub = inputs.rows(keep, with_targets=False)
+    if sub.pool_targets is None:
+        sub = LensInputs(**{**sub.__dict__, "pool_targets": inputs.resolved_pool_targets()})
     res = chunked_lens(sub, row_chunk=row_chunk, vocab_chunk=vocab_chunk)
     return {name: getattr(res, name) for name in fields}
