@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from extractor.lens import LensInputs, VocabSegments, fused_logit_lens
+from extractor.lens.chunked import normed_rows
+from extractor.lens.exact import gamma, logsumexp_error_bound, unembed_norm_max
 
-from .lens_checks import check_within_tolerance
+from .lens_checks import check_exact, check_within_tolerance
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -45,6 +47,15 @@ def _case(seed, n, d, v, k, t, *, cuts, softcap=None, masked=0, groups=0, dtype=
     )
 
 
+def _tolerance(inputs: LensInputs) -> float:
+    """What the kernel may honestly miss by: one fp32 accumulation over the whole width
+    (gamma_d ||h|| max||w||, the kernel does not slice K), plus the log-sum-exp's rounding."""
+    normed = normed_rows(inputs).double().cpu()
+    w = unembed_norm_max(inputs.unembed.cpu(), 0, inputs.vocab_size)
+    band = gamma(inputs.unembed.shape[1]) * float(normed.norm(dim=1).max()) * w
+    return 2 * band + logsumexp_error_bound(inputs)
+
+
 CASES = {
     "odd-vocab-segments": dict(seed=0, n=19, d=24, v=173, k=5, t=3, cuts=(120, 160), groups=4),
     "vocab-below-one-tile": dict(seed=1, n=5, d=8, v=20, k=3, t=2, cuts=(10, 18)),
@@ -60,22 +71,24 @@ CASES = {
 def test_triton_fp32_matches_reference(name):
     inputs = _case(**CASES[name])
     got = fused_logit_lens(**inputs.__dict__, backend="triton")
-    check_within_tolerance(inputs, got.to("cpu"), tol=2e-4)
+    check_within_tolerance(inputs, got.to("cpu"), tol=_tolerance(inputs))
 
 
 def test_triton_fp16_matches_reference():
     inputs = _case(**CASES["odd-vocab-segments"], dtype=torch.float16)
     got = fused_logit_lens(**inputs.__dict__, backend="triton")
     # fp16 logits accumulate in fp32 inside the kernel; inputs are the same fp16 values.
-    check_within_tolerance(inputs, got.to("cpu"), tol=2e-3, rank_tol=2e-3)
+    check_within_tolerance(inputs, got.to("cpu"), tol=_tolerance(inputs))
 
 
 def test_triton_and_torch_engines_agree():
     inputs = _case(**CASES["softcap-and-masked-vocab"])
     a = fused_logit_lens(**inputs.__dict__, backend="triton")
     b = fused_logit_lens(**inputs.__dict__, backend="torch", vocab_chunk=32)
-    assert torch.allclose(a.logsumexp, b.logsumexp, atol=1e-4)
-    assert torch.equal(a.target_ranks, b.target_ranks)
+    assert torch.allclose(a.logsumexp, b.logsumexp, atol=2 * _tolerance(inputs))
+    # Triton's ranks are within its band, not exact (no refinement yet); torch's are exact.
+    check_within_tolerance(inputs, a.to("cpu"), tol=_tolerance(inputs))
+    check_exact(inputs, b, 32)
 
 
 @pytest.mark.gpu
@@ -85,4 +98,4 @@ def test_triton_bf16_on_gpu_matches_reference():
         seed=5, n=300, d=576, v=4099, k=10, t=6, cuts=(3500, 4001), groups=40, dtype=torch.bfloat16
     )
     got = fused_logit_lens(**inputs.__dict__, backend="triton")
-    check_within_tolerance(inputs, got.to("cpu"), tol=2e-2, rank_tol=0.1)
+    check_within_tolerance(inputs, got.to("cpu"), tol=_tolerance(inputs))
