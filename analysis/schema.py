@@ -1,16 +1,21 @@
-"""The store contract (REFERENCE §4): table schemas, paths and versions.
+"""The store contract: table schemas, paths and versions (docs/store.md explains it).
 
 Shared by the writer (extractor side) and the readers (analysis side); pure
 pyarrow, no torch. A store is a root folder or ``s3://bucket/prefix`` holding:
 
     _slm_lens_store.json                          {"schema_version": N}
     <table>/run_id=<id>/shard-<NNNNN>-<attempt>-<seq>.parquet
-    runs/run_id=<id>/<utc-stamp>-<status>.parquet  (one file per status change)
+    runs/run_id=<id>/<utc-stamp>-<hex>.parquet     (one file per status change)
     _commits/run_id=<id>/shard-<NNNNN>.json        (a shard's commit marker)
+    _attempts/run_id=<id>/shard-<NNNNN>/<attempt>.json  (files an attempt wrote)
+    _failed/run_id=<id>/shard-<NNNNN>.json         (why a shard is not committed)
+    _submissions/run_id=<id>/attempt-<NNN>.json    (the watcher's own job log)
 
 A shard's data files are listed in its commit marker, which is written last;
 readers read only files named by markers, so nothing half-written is ever seen,
-on object stores without atomic renames as well as on local disk.
+on object stores without atomic renames as well as on local disk. The attempt
+journal names every file an attempt writes before it writes it, so the attempt
+that commits can delete the others' leftovers without listing the store.
 """
 
 from __future__ import annotations
@@ -141,12 +146,37 @@ SHARD_TABLES = tuple(t for t in TABLES if t != RUNS_TABLE)
 MODALITIES = ("text", "speech", "marker", "special")
 
 
+ATTEMPTS_DIR = "_attempts"
+FAILED_DIR = "_failed"
+SUBMISSIONS_DIR = "_submissions"
+
+
 def partition_dir(table: str, run_id: str) -> str:
     return f"{table}/run_id={run_id}"
 
 
 def commit_path(run_id: str, shard: int) -> str:
     return f"{COMMITS_DIR}/run_id={run_id}/shard-{shard:05d}.json"
+
+
+def attempts_dir(run_id: str, shard: int) -> str:
+    return f"{ATTEMPTS_DIR}/run_id={run_id}/shard-{shard:05d}"
+
+
+def failed_path(run_id: str, shard: int) -> str:
+    return f"{FAILED_DIR}/run_id={run_id}/shard-{shard:05d}.json"
+
+
+def submission_path(run_id: str, attempt: int) -> str:
+    return f"{SUBMISSIONS_DIR}/run_id={run_id}/attempt-{attempt:03d}.json"
+
+
+def data_file_name(shard: int, attempt: str, seq: int) -> str:
+    return f"shard-{shard:05d}-{attempt}-{seq:04d}.parquet"
+
+
+#: Failure rows of a shard that did not commit carry this stage.
+SHARD_FAILURE_STAGE = "shard"
 
 
 def valid_run_id(run_id: str) -> bool:

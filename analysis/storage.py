@@ -8,6 +8,7 @@ for a non-AWS endpoint such as MinIO or a loopback test server.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import time
@@ -64,13 +65,49 @@ def s3_filesystem(allow_bucket_creation: bool = False) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+#: Errors that say something about the request, not the moment: retrying cannot help.
+_PERMANENT_TYPES = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+_PERMANENT_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG}
+#: AWS error kinds (as pyarrow words them) that no retry will fix.
+_PERMANENT_AWS = (
+    "ACCESS_DENIED",
+    "INVALID_ACCESS_KEY_ID",
+    "SIGNATURE_DOES_NOT_MATCH",
+    "NO_SUCH_BUCKET",
+    "INVALID_BUCKET_NAME",
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for I/O errors worth retrying: a refused connection, a timeout, a 5xx.
+
+    Missing files, denied access, a full disk and errors already retried
+    (:class:`StorageError`) are permanent: retrying them only delays the message.
+    """
+    if isinstance(exc, (StorageError, *_PERMANENT_TYPES)):
+        return False
+    if not isinstance(exc, OSError | ConnectionError | TimeoutError):
+        return False
+    if getattr(exc, "errno", None) in _PERMANENT_ERRNOS:
+        return False
+    return not any(kind in str(exc) for kind in _PERMANENT_AWS)
+
+
 def with_retries(
     fn: Callable[[], T], what: str, *, attempts: int | None = None, first_delay: float = 0.25
 ) -> T:
-    """Run ``fn``, retrying I/O errors with jittered exponential backoff (~30 s in all).
+    """Run ``fn``, retrying transient I/O errors with jittered exponential backoff.
 
-    Rides out a store that is briefly unreachable; a store that stays down ends
-    in a :class:`StorageError` saying what failed and why.
+    Rides out a store that is briefly unreachable (~30 s at the default 8
+    attempts); a store that stays down ends in a :class:`StorageError` saying
+    what failed and why. Permanent errors (see :func:`is_transient`) are raised
+    at once, unchanged.
     """
     attempts = attempts or IO_ATTEMPTS
     delay = first_delay
@@ -78,6 +115,8 @@ def with_retries(
         try:
             return fn()
         except (OSError, ConnectionError) as exc:
+            if not is_transient(exc):
+                raise
             if attempt == attempts:
                 raise StorageError(f"{what}: failed {attempts} times, last error: {exc}") from exc
             time.sleep(delay * (1 + random.random() / 2))
@@ -98,27 +137,40 @@ def read_text(fs: pafs.FileSystem, path: str) -> str:
 PARTIAL_SUFFIX = ".partial"
 
 
-def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write a small object so that readers see all of it or nothing.
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes, *, exclusive: bool = False) -> bool:
+    """Write a small object so that readers see all of it or nothing; True if written.
 
     On S3 one PUT is atomic. On a local disk the bytes go to a hidden temporary
     name in the same folder, then a rename publishes them: a full disk, a killed
     process or a size limit leaves at most a ``.partial`` file that no reader lists.
+
+    ``exclusive``: publish only if ``path`` does not exist yet, else return False.
+    Atomic on a local disk (a hard link fails if the name is taken); on S3 a
+    check before the PUT, which two writers can still both pass.
     """
     if not isinstance(fs, pafs.LocalFileSystem):
+        if exclusive and exists(fs, path):
+            return False
         with fs.open_output_stream(path) as f:
             f.write(data)
-        return
+        return True
     folder, name = path.rsplit("/", 1)
     tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}"
     try:
         with fs.open_output_stream(tmp) as f:
             f.write(data)
-        fs.move(tmp, path)
-    except BaseException:
+        if not exclusive:
+            fs.move(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
         with contextlib.suppress(OSError):
-            fs.delete_file(tmp)
-        raise
+            if exists(fs, tmp):
+                fs.delete_file(tmp)
 
 
 def list_files(fs: pafs.FileSystem, path: str, recursive: bool = True) -> list[pafs.FileInfo]:

@@ -55,6 +55,7 @@ class Commit:
     seconds: float
     committed_at: str
     stats: dict
+    attempt: str = ""
 
 
 class CorruptCommitWarning(UserWarning):
@@ -79,6 +80,7 @@ def load_commit(fs: pafs.FileSystem, path: str) -> Commit | None:
             seconds=float(data.get("seconds", 0.0)),
             committed_at=data.get("committed_at", ""),
             stats=data.get("stats", {}),
+            attempt=str(data.get("attempt", "")),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         warnings.warn(
@@ -120,7 +122,48 @@ def read_commits(fs: pafs.FileSystem, root: str, runs: Iterable[str] | None = No
     return sorted(commits, key=lambda c: (c.run_id, c.shard))
 
 
-def _check_store(fs: pafs.FileSystem, root: str, uri: str) -> None:
+def read_shard_failures(
+    fs: pafs.FileSystem, root: str, commits: list[Commit], runs: Iterable[str] | None = None
+) -> pa.Table:
+    """``failures`` rows of shards that did not commit: one per utterance of the shard.
+
+    A record left for a shard that has since committed is ignored: its
+    utterances are in ``utterances`` or in the shard's own ``failures``.
+    """
+    wanted = set(runs) if runs is not None else None
+    committed = {(c.run_id, c.shard) for c in commits}
+    folder = f"{root}/{schema.FAILED_DIR}"
+    rows = []
+    for info in with_retries(lambda: list_files(fs, folder), f"listing {folder}"):
+        run_id = info.path.rsplit("/", 2)[-2].removeprefix("run_id=")
+        if not info.base_name.endswith(".json") or info.base_name.startswith("."):
+            continue
+        if wanted is not None and run_id not in wanted:
+            continue
+        try:
+            record = json.loads(with_retries(lambda p=info.path: read_text(fs, p), info.path))
+            shard = int(record["shard"])
+            ids = [str(u) for u in record.get("utterance_ids", [])]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            warnings.warn(f"shard failure record {info.path} is unreadable: {exc}", stacklevel=2)
+            continue
+        if (run_id, shard) in committed:
+            continue
+        for utterance_id in ids or [None]:
+            rows.append(
+                {
+                    "shard": shard,
+                    "utterance_id": utterance_id,
+                    "stage": schema.SHARD_FAILURE_STAGE,
+                    "error": str(record.get("error", "")),
+                    "message": str(record.get("message", "")),
+                    "run_id": run_id,
+                }
+            )
+    return pa.Table.from_pylist(rows, schema=_with_run_id("failures"))
+
+
+def check_store(fs: pafs.FileSystem, root: str, uri: str) -> None:
     marker = f"{root}/{schema.STORE_MARKER}"
     info = with_retries(lambda: fs.get_file_info(marker), f"opening store {uri}")
     if info.type != pafs.FileType.File:
@@ -160,7 +203,7 @@ def open_store(uri: str, runs: Iterable[str] | None = None) -> duckdb.DuckDBPyCo
     plus ``shards`` (one row per committed shard, with its telemetry).
     """
     fs, root = resolve(uri)
-    _check_store(fs, root, uri)
+    check_store(fs, root, uri)
     run_filter = list(runs) if runs is not None else None
     commits = read_commits(fs, root, run_filter)
 
@@ -182,7 +225,10 @@ def open_store(uri: str, runs: Iterable[str] | None = None) -> duckdb.DuckDBPyCo
     sources: dict[str, object] = {}
     readable: list[str] = []
     table_files = {t: [f for c in commits for f in c.files.get(t, [])] for t in schema.SHARD_TABLES}
+    # Committed failure rows, plus one per utterance of every shard that did not commit.
+    table_files["_committed_failures"] = table_files.pop("failures")
     table_files["runs_history"] = run_files
+    sources["_shard_failures"] = read_shard_failures(fs, root, commits, run_filter)
     for table, files in table_files.items():
         if local and files:
             paths = [f"{root}/{f}" for f in files]
@@ -192,7 +238,7 @@ def open_store(uri: str, runs: Iterable[str] | None = None) -> duckdb.DuckDBPyCo
                 "hive_partitioning = true, hive_types = {'run_id': 'VARCHAR'})"
             )
         else:
-            contract = "runs" if table == "runs_history" else table
+            contract = {"runs_history": "runs", "_committed_failures": "failures"}.get(table, table)
             sources[table] = _dataset(fs, root, contract, files)
     sources["shards"] = pa.Table.from_pylist(
         [
@@ -228,6 +274,10 @@ def open_store(uri: str, runs: Iterable[str] | None = None) -> duckdb.DuckDBPyCo
     for name, source in sources.items():
         con.register(f"_src_{name}", source)
         con.execute(f"CREATE VIEW {name} AS SELECT * FROM _src_{name}")
+    con.execute(
+        "CREATE VIEW failures AS SELECT * FROM _committed_failures "
+        "UNION ALL BY NAME SELECT * FROM _shard_failures"
+    )
     con.execute(
         """
         CREATE VIEW runs AS

@@ -149,6 +149,14 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from .store.gc import collect_garbage
+
+    report = collect_garbage(args.store, delete=args.delete, include_active=args.include_active)
+    print(report.describe())
+    return 0
+
+
 def _cmd_convert_kmeans(args: argparse.Namespace) -> int:
     from .speech.units import convert_kmeans
 
@@ -344,6 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_args(runs, filters=False)
     runs.add_argument("--format", choices=("table", "csv", "json"), default="table")
     runs.set_defaults(func=_cmd_runs)
+
+    gc = sub.add_parser(
+        "gc", help="remove files no commit marker lists (crash leftovers); dry run by default"
+    )
+    gc.add_argument("--store", required=True)
+    gc.add_argument("--delete", action="store_true", help="delete them (default: only list)")
+    gc.add_argument(
+        "--include-active",
+        action="store_true",
+        help="also sweep runs whose status is running/submitted (only if no writer is alive)",
+    )
+    gc.set_defaults(func=_cmd_gc)
 
     km = sub.add_parser(
         "convert-kmeans", help="turn a released joblib/sklearn k-means pickle into a .npy file"

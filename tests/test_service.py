@@ -16,7 +16,7 @@ from analysis.storage import resolve
 from analysis.store import open_store, read_commits
 from extractor.config import parse_config
 from extractor.service.driver import run_extraction
-from extractor.service.worker import CRASH_ENV
+from extractor.store.faults import CRASH_ENV
 
 from .ray_helpers import ray_env, ray_head
 from .service_helpers import FlakyProxy, assert_same_store, small_config, snapshot
@@ -77,7 +77,7 @@ def test_ray_run_equals_in_process_and_reruns_are_idempotent(clean, data_dir, tm
 def test_actor_killed_mid_shard_is_retried(clean, data_dir, tmp_path, local_ray, monkeypatch):
     run_id, reference, _ = clean
     flag = tmp_path / "crashed"
-    monkeypatch.setenv(CRASH_ENV, f"3:{flag}")
+    monkeypatch.setenv(CRASH_ENV, f"mid_shard:3:{flag}")
     store = str(tmp_path / "store")
     summary = run_extraction(parse_config(small_config(store, data_dir)), progress=False)
     assert flag.exists(), "the worker really died mid-shard"
@@ -233,6 +233,48 @@ def test_bad_items_land_in_failures_and_the_rest_completes(data_dir, tmp_path):
     done = {r[0] for r in con.sql("SELECT DISTINCT utterance_id FROM lens").fetchall()}
     assert len(done) == 5
     assert con.sql("SELECT status FROM runs").fetchone()[0] == "failed"
+
+
+def test_audio_on_an_unreachable_store_is_retried_and_left_for_a_rerun(
+    clean, data_dir, tmp_path, moto_endpoint, s3_env, monkeypatch
+):
+    """A transient read error is not a failure of the utterance: the shard stays open."""
+    import json
+
+    import analysis.storage as storage
+    from analysis.storage import s3_filesystem
+
+    _, reference, _ = clean
+    monkeypatch.setattr(storage, "IO_ATTEMPTS", 2)
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setenv("SLM_LENS_S3_RETRIES", "1")
+    fs = s3_filesystem()
+    rows = [json.loads(line) for line in (data_dir / "manifest.jsonl").read_text().splitlines()]
+    for row in rows:
+        with fs.open_output_stream(f"{s3_env}/audio/{row['id']}.wav") as f:
+            f.write((data_dir / row["audio"]).read_bytes())
+        row["audio"] = f"s3://{s3_env}/audio/{row['id']}.wav"
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proxy = FlakyProxy(int(moto_endpoint.rsplit(":", 1)[1]))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    store = str(tmp_path / "store")
+    cfg = parse_config(small_config(store, data_dir, dataset={"manifest": str(manifest)}))
+
+    proxy.outage()
+    down = run_extraction(cfg, in_process=True, progress=False)
+    assert not down.ok and len(down.shards_failed) == 5 and down.failures == 5
+    con = open_store(store)
+    assert con.sql("SELECT DISTINCT stage, error FROM failures").fetchall() == [
+        ("shard", "StorageError")
+    ]
+    assert "reading audio of" in con.sql("SELECT any_value(message) FROM failures").fetchone()[0]
+    assert con.sql("SELECT count(*) FROM shards WHERE shard > 0").fetchone()[0] == 0
+
+    proxy.restore()
+    up = run_extraction(cfg, in_process=True, progress=False)
+    assert up.ok and up.shards_done == 5
+    assert_same_store(snapshot(store, up.run_id), reference)
 
 
 def test_ray_job_submit(clean, data_dir, tmp_path):

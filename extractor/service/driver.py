@@ -21,10 +21,11 @@ from tqdm import tqdm
 
 from extractor.config import RunConfig
 from extractor.store import StoreWriter
+from extractor.store.faults import CRASH_ENV
 
 from .environment import forwarded_env
 from .plan import SETUP_SHARD, Plan, make_plan
-from .worker import CRASH_ENV, ShardProcessor, ShardStats
+from .worker import ShardProcessor, ShardStats
 
 log = logging.getLogger("slm_lens.extract")
 
@@ -152,7 +153,7 @@ def run_extraction(
         # Every exit path ends the run: a driver that dies leaves no "running" for ever.
         _record_failure(store, plan.run_id, run_fields, started_at, exc)
         raise
-    summary.failures = _count_failures(cfg.store, plan.run_id)
+    summary.failures = _count_failures(store, plan.run_id)
     summary.seconds = time.perf_counter() - started
     status = "finished" if summary.ok else "failed"
     store.write_run(
@@ -208,11 +209,24 @@ def _extract(cfg, plan, store, address, in_process, progress) -> RunSummary:
     )
     bar = tqdm(total=len(todo), desc=f"extract {plan.run_id}", unit="shard", disable=not progress)
 
-    def on_done(stats: ShardStats) -> None:
+    def settle(outcome: Outcome) -> None:
+        """Every shard outcome is folded into the summary (and the store) here, only here."""
+        if outcome.kind == "retry":
+            summary.retries += 1
+            log.warning("shard %d: %s; retrying", outcome.shard, outcome.message)
+            return
+        bar.update(1)
+        if outcome.kind == "failed":
+            summary.shards_failed.append(outcome.shard)
+            log.error("shard %d failed: %s: %s", outcome.shard, outcome.error, outcome.message)
+            store.record_shard_failure(
+                plan.run_id, outcome.shard, todo[outcome.shard], outcome.error, outcome.message
+            )
+            return
+        stats = outcome.stats
         summary.shards_done += 1
         summary.tokens += stats.tokens
         summary.lens_rows += stats.lens_rows
-        bar.update(1)
         bar.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}")
         log.info(
             "shard %d: %d tokens, %d lens rows, %.0f tokens/s, %d bytes",
@@ -227,19 +241,79 @@ def _extract(cfg, plan, store, address, in_process, progress) -> RunSummary:
         if in_process:
             processor = ShardProcessor(cfg, plan.run_id)
             for shard, ids in sorted(todo.items()):
-                on_done(processor.process(shard, ids))
+                try:
+                    settle(Outcome(shard, "done", stats=processor.process(shard, ids)))
+                except Exception as exc:  # one shard's error; the others still run
+                    settle(Outcome.failure(shard, exc))
         elif todo:
-            _run_on_ray(cfg, plan.run_id, todo, address, on_done, summary)
+            _run_on_ray(cfg, plan.run_id, todo, address, settle)
     finally:
         bar.close()
     return summary
 
 
-def _count_failures(store_uri: str, run_id: str) -> int:
-    from analysis.store import open_store
+@dataclass
+class Outcome:
+    """What became of one attempt at a shard: ``done``, ``retry`` or ``failed``."""
 
-    con = open_store(store_uri, runs=[run_id])
-    return int(con.sql("SELECT count(*) FROM failures").fetchone()[0])
+    shard: int
+    kind: str
+    stats: ShardStats | None = None
+    error: str = ""
+    message: str = ""
+
+    @classmethod
+    def failure(cls, shard: int, exc: BaseException, kind: str = "failed") -> Outcome:
+        cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the real one
+        return cls(shard, kind, error=type(cause).__name__, message=str(cause)[:4000])
+
+
+class ShardScheduler:
+    """The one owner of which shards are queued and how many attempts each has had.
+
+    ``done(shard, result)`` turns a finished attempt (stats or the exception it
+    raised) into an :class:`Outcome`, queueing the shard again when a lost
+    worker left retries in its budget.
+    """
+
+    def __init__(self, shards, max_retries: int, infra_errors: tuple[type, ...]) -> None:
+        self.queue = deque(sorted(shards))
+        self.attempts = dict.fromkeys(shards, 0)
+        self.max_retries = max_retries
+        self.infra_errors = infra_errors
+
+    def next(self) -> int | None:
+        return self.queue.popleft() if self.queue else None
+
+    def done(self, shard: int, result: ShardStats | BaseException) -> Outcome:
+        if not isinstance(result, BaseException):
+            return Outcome(shard, "done", stats=result)
+        if not isinstance(result, self.infra_errors):
+            return Outcome.failure(shard, result)
+        if _init_failed(result):
+            # A model or tokenizer that cannot load fails everywhere: retrying it
+            # shard after shard only hides the real error.
+            raise WorkerStartError(f"workers could not start (shard {shard}): {result}") from result
+        self.attempts[shard] += 1
+        if self.attempts[shard] > self.max_retries:
+            outcome = Outcome.failure(shard, result)
+            outcome.message = f"worker lost {self.attempts[shard]} times: {outcome.message}"
+            return outcome
+        self.queue.append(shard)
+        outcome = Outcome.failure(shard, result, kind="retry")
+        outcome.message = (
+            f"worker lost ({outcome.error}), attempt {self.attempts[shard]}/{self.max_retries}"
+        )
+        return outcome
+
+
+def _count_failures(store: StoreWriter, run_id: str) -> int:
+    """Failure rows of the run, counted from commit markers and shard failure records."""
+    from analysis.store import read_commits, read_shard_failures
+
+    commits = read_commits(store.fs, store.root, [run_id])
+    committed = sum(c.rows.get("failures", 0) for c in commits)
+    return committed + read_shard_failures(store.fs, store.root, commits, [run_id]).num_rows
 
 
 # Ray -------------------------------------------------------------------------------------
@@ -299,7 +373,7 @@ def _infrastructure_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(rx, n) for n in names if hasattr(rx, n))
 
 
-def _run_on_ray(cfg, run_id, todo, address, on_done, summary: RunSummary) -> None:
+def _run_on_ray(cfg, run_id, todo, address, settle) -> None:
     import ray
 
     ensure_ray(address)
@@ -320,55 +394,26 @@ def _run_on_ray(cfg, run_id, todo, address, on_done, summary: RunSummary) -> Non
     )
     actors = [actor_cls.remote(cfg, run_id) for _ in range(cfg.workers.count)]
     capacity = cfg.workers.in_flight_per_worker
-    queue = deque(sorted(todo))
-    attempts = dict.fromkeys(todo, 0)
+    scheduler = ShardScheduler(todo, cfg.workers.max_retries, _infrastructure_errors())
     load = dict.fromkeys(range(len(actors)), 0)
     in_flight: dict = {}
-    infra = _infrastructure_errors()
     try:
-        while queue or in_flight:
+        while scheduler.queue or in_flight:
             # Backpressure: at most `capacity` shards per actor are ever outstanding.
-            while queue:
-                idle = [a for a, n in load.items() if n < capacity]
-                if not idle:
-                    break
+            while scheduler.queue and (idle := [a for a, n in load.items() if n < capacity]):
                 a = min(idle, key=lambda i: load[i])
-                shard = queue.popleft()
-                ref = actors[a].process.remote(shard, todo[shard])
-                in_flight[ref] = (shard, a)
+                shard = scheduler.next()
+                in_flight[actors[a].process.remote(shard, todo[shard])] = (shard, a)
                 load[a] += 1
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=5.0)
             for ref in ready:
                 shard, a = in_flight.pop(ref)
                 load[a] -= 1
                 try:
-                    on_done(ray.get(ref))
-                except infra as exc:
-                    if _init_failed(exc):
-                        # A model or tokenizer that cannot load fails everywhere: retrying
-                        # it shard after shard only hides the real error.
-                        raise WorkerStartError(
-                            f"workers could not start (shard {shard}): {exc}"
-                        ) from exc
-                    attempts[shard] += 1
-                    summary.retries += 1
-                    if attempts[shard] > cfg.workers.max_retries:
-                        log.error(
-                            "shard %d: giving up after %d attempts: %s", shard, attempts[shard], exc
-                        )
-                        summary.shards_failed.append(shard)
-                    else:
-                        log.warning(
-                            "shard %d: worker lost (%s); retrying (%d/%d)",
-                            shard,
-                            type(exc).__name__,
-                            attempts[shard],
-                            cfg.workers.max_retries,
-                        )
-                        queue.append(shard)
-                except ray.exceptions.RayTaskError as exc:
-                    log.error("shard %d failed: %s", shard, exc)
-                    summary.shards_failed.append(shard)
+                    result = ray.get(ref)
+                except Exception as exc:
+                    result = exc
+                settle(scheduler.done(shard, result))
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)

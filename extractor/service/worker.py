@@ -7,7 +7,6 @@ the Ray actor (:mod:`.driver`) and the in-process loop both call
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -25,12 +24,9 @@ from extractor.speech.manifest import read_manifest
 from extractor.speech.records import SpeechInputError, Utterance
 from extractor.speech.sequence import BuiltSequence, ControlSampler, ModalityRule, build_sequence
 from extractor.store import StoreWriter
+from extractor.store.faults import crash_point
 
 from .resources import build_speech_tokenizer, materialize
-
-#: Test-only fault injection: ``SHARD:FLAGFILE`` makes the worker process exit in
-#: the middle of that shard (after writing some of its files) the first time only.
-CRASH_ENV = "SLM_LENS_TEST_CRASH"
 
 
 def _engine(backend: str):
@@ -42,6 +38,21 @@ def _engine(backend: str):
 
 #: The engines a worker may run, by ``lens.engine`` name (tests swap in broken ones).
 LENS_ENGINES = {"torch": _engine("torch"), "triton": _engine("triton")}
+
+
+class ShardAccountingError(RuntimeError):
+    """An utterance ended in neither ``utterances`` nor ``failures``: a bug; never committed."""
+
+
+def _check_accounted(shard: int, wanted: list[str], done: list[str], failures: list[dict]) -> None:
+    """Every utterance of the shard must end in exactly one place (as Ray's stages check)."""
+    accounted = set(done) | {f["utterance_id"] for f in failures}
+    lost = [u for u in wanted if u not in accounted]
+    if lost:
+        raise ShardAccountingError(
+            f"shard {shard}: {len(lost)} utterance(s) in neither utterances nor failures, "
+            f"e.g. {lost[:3]}"
+        )
 
 
 @dataclass
@@ -57,17 +68,6 @@ class ShardStats:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
-
-
-def _maybe_crash(shard: int) -> None:
-    spec = os.environ.get(CRASH_ENV)
-    if not spec:
-        return
-    target, flag = spec.split(":", 1)
-    if int(target) == shard and not os.path.exists(flag):
-        with open(flag, "w") as f:
-            f.write(str(os.getpid()))
-        os._exit(17)
 
 
 class ShardProcessor:
@@ -175,13 +175,14 @@ class ShardProcessor:
             tokens = 0
             lens_rows = 0
             for batch in self._batches(seqs):
-                _maybe_crash(shard)
+                crash_point("mid_shard", shard)
                 lens, word_lens = self._lens_batch(batch)
                 writer.write("lens", lens)
                 writer.write("word_lens", word_lens)
                 tokens += sum(len(s) for _, s in batch)
                 lens_rows += lens.num_rows
             writer.write("failures", failures)
+            _check_accounted(shard, utterance_ids, [u.id for u, _ in seqs], failures)
             seconds = time.perf_counter() - started
             stats = ShardStats(shard, len(seqs), len(failures), tokens, lens_rows, seconds, 0)
             marker = writer.commit(

@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 
-from analysis.storage import resolve
+from analysis.storage import StorageError, resolve, with_retries
 
 from .records import (
     AlignedWord,
@@ -23,7 +23,13 @@ WORD_TOLERANCE_S = 0.05
 
 
 def read_source(source: AudioSource, utterance_id: str) -> tuple[np.ndarray, int]:
-    """(samples [n, channels] float32, sample rate) from a path, URI or embedded bytes."""
+    """(samples [n, channels] float32, sample rate) from a path, URI or embedded bytes.
+
+    A store that is briefly unreachable is retried with backoff; if it stays
+    down, the :class:`~analysis.storage.StorageError` propagates (the shard must
+    stay uncommitted, so a re-run tries again). Anything wrong with the file
+    itself is an :class:`AudioReadError`: a failure of this utterance only.
+    """
     import soundfile as sf
 
     try:
@@ -31,16 +37,22 @@ def read_source(source: AudioSource, utterance_id: str) -> tuple[np.ndarray, int
             data = source.data
         elif source.path is not None:
             fs, path = resolve(source.path)
-            with fs.open_input_stream(path) as f:
-                data = f.read()
+            data = with_retries(
+                lambda: _fetch(fs, path), f"reading audio of {utterance_id!r} from {source.path}"
+            )
         else:
             raise AudioReadError(utterance_id, "no audio source given")
         samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except AudioReadError:
+    except (AudioReadError, StorageError):
         raise
     except Exception as exc:  # soundfile/pyarrow raise many types; keep the cause
         raise AudioReadError(utterance_id, f"cannot read audio {source.describe()}: {exc}") from exc
     return samples, int(rate)
+
+
+def _fetch(fs, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
 
 
 def to_mono_16k(samples: np.ndarray, rate: int, utterance_id: str) -> np.ndarray:

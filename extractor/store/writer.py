@@ -6,6 +6,11 @@ dataset folders looks final), and on :meth:`ShardWriter.commit` moves them to
 their final names and writes the shard's commit marker, last. Readers only read
 files that a marker lists, so a crash at any point leaves nothing half-visible,
 and a re-run skips shards whose marker exists: no row is ever written twice.
+
+Every attempt first names the files it is about to write in its journal
+(``_attempts/``). The attempt that commits deletes the other attempts' files
+(crashed runs, a retried shard whose first worker lived on), so a finished run
+leaves no orphans; ``slm-lens gc`` sweeps whatever a crash left beyond that.
 Every object-store call is retried with backoff, so a store that blinks for a
 few seconds costs time, not data.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -25,8 +31,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from analysis import schema
-from analysis.storage import list_files, read_text, resolve, with_retries, write_bytes
-from analysis.store import load_commit
+from analysis.storage import exists, list_files, read_text, resolve, with_retries, write_bytes
+from analysis.store import Commit, load_commit
+
+from .faults import crash_point
+
+log = logging.getLogger("slm_lens.store")
 
 
 class StoreContractError(ValueError):
@@ -84,12 +94,45 @@ class StoreWriter:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         data = sink.getvalue().to_pybytes()
+        crash_point(f"runs_record_{row['status']}", -1)
         with_retries(lambda: self._put(name, data), f"writing run record of {run_id}")
 
-    def _put(self, rel: str, data: bytes) -> None:
+    def _put(self, rel: str, data: bytes, *, exclusive: bool = False) -> bool:
         path = self._path(rel)
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        write_bytes(self.fs, path, data)
+        return write_bytes(self.fs, path, data, exclusive=exclusive)
+
+    def _delete(self, rel: str) -> None:
+        """Delete if present (a retried delete may find the file already gone)."""
+        path = self._path(rel)
+
+        def go() -> None:
+            if exists(self.fs, path):
+                self.fs.delete_file(path)
+
+        with_retries(go, f"deleting {rel}")
+
+    # Shard failures ---------------------------------------------------------------------
+    def record_shard_failure(
+        self, run_id: str, shard: int, utterance_ids: Iterable[str], error: str, message: str
+    ) -> None:
+        """Say why a shard did not commit; readers list its utterances in ``failures``.
+
+        The shard stays uncommitted, so a re-run tries it again; once it commits,
+        the record is deleted (readers ignore it for a committed shard anyway).
+        """
+        record = {
+            "run_id": run_id,
+            "shard": shard,
+            "utterance_ids": list(utterance_ids),
+            "error": error,
+            "message": message[:4000],
+            "at": str(_now()),
+        }
+        payload = json.dumps(record, sort_keys=True).encode()
+        rel = schema.failed_path(run_id, shard)
+        what = f"recording failure of {run_id} shard {shard}"
+        with_retries(lambda: self._put(rel, payload), what)
 
     # Shards -----------------------------------------------------------------------------
     def committed_shards(self, run_id: str) -> set[int]:
@@ -136,7 +179,9 @@ class ShardWriter:
         self.rows: dict[str, int] = dict.fromkeys(schema.SHARD_TABLES, 0)
         self.bytes_written = 0
         self.started = time.perf_counter()
+        self.started_at = str(_now())
         self.committed = False
+        self.journal = f"{schema.attempts_dir(run_id, shard)}/{self.attempt}.json"
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -178,24 +223,62 @@ class ShardWriter:
         data = pa.Table.from_batches(batches, schema=schema.TABLES[table])
         seq = len(self._files[table])
         folder = schema.partition_dir(table, self.run_id)
-        base = f"shard-{self.shard:05d}-{self.attempt}-{seq:04d}.parquet"
+        base = schema.data_file_name(self.shard, self.attempt, seq)
         tmp, final = f"{folder}/_tmp-{base}", f"{folder}/{base}"
         sink = pa.BufferOutputStream()
         pq.write_table(data, sink, compression="zstd", row_group_size=256 * 1024)
         payload = sink.getvalue().to_pybytes()
+        self._files[table].append((tmp, final))
+        self._write_journal()  # names the file before it exists: a crash leaves no stranger
+        crash_point("mid_data_file", self.shard, lambda: self._tear(tmp, payload))
         with_retries(
             lambda: self.store._put(tmp, payload),
             f"writing {table} file of {self.run_id} shard {self.shard}",
         )
         self.bytes_written += len(payload)
-        self._files[table].append((tmp, final))
         self._buffers[table] = []
         self._buffered_bytes[table] = 0
 
+    def _write_journal(self) -> None:
+        record = {
+            "attempt": self.attempt,
+            "started_at": self.started_at,
+            "files": sorted(n for files in self._files.values() for pair in files for n in pair),
+        }
+        payload = json.dumps(record, sort_keys=True).encode()
+        with_retries(
+            lambda: self.store._put(self.journal, payload),
+            f"journaling {self.run_id} shard {self.shard}",
+        )
+
+    def _tear(self, rel: str, payload: bytes) -> None:
+        """Fault injection only: half of ``payload`` written in place, as a killed write leaves."""
+        path = self.store._path(rel)
+        self.store.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with self.store.fs.open_output_stream(path) as f:
+            f.write(payload[: len(payload) // 2])
+
+    def _winner(self) -> Commit | None:
+        """The trusted commit of this shard by another attempt, if one exists."""
+        path = self.store._path(schema.commit_path(self.run_id, self.shard))
+        if not with_retries(lambda: exists(self.store.fs, path), f"checking {path}"):
+            return None
+        commit = load_commit(self.store.fs, path)
+        return commit if commit is not None and commit.attempt != self.attempt else None
+
     def commit(self, stats: Mapping[str, Any] | None = None) -> dict:
-        """Flush, move files to their final names, then write the marker (last)."""
+        """Flush, move files to their final names, then write the marker (last).
+
+        If another attempt committed this shard first, this attempt's files are
+        removed and that commit stands (returned with ``superseded: True``).
+        After committing, the shard's other attempts' files are deleted.
+        """
         for table in self._buffers:
             self._flush(table)
+        crash_point("after_data_files", self.shard)
+        winner = self._winner()
+        if winner is not None:
+            return self._yield_to(winner)
         fs = self.store.fs
         for table, files in self._files.items():
             for tmp, final in files:
@@ -204,6 +287,7 @@ class ShardWriter:
                     lambda s=src, d=dst: _move(fs, s, d),
                     f"publishing {table} file of {self.run_id} shard {self.shard}",
                 )
+                crash_point("mid_publish", self.shard)
         marker = {
             "run_id": self.run_id,
             "shard": self.shard,
@@ -216,21 +300,82 @@ class ShardWriter:
             "stats": dict(stats or {}),
         }
         payload = json.dumps(marker, sort_keys=True).encode()
-        rel = schema.commit_path(self.run_id, self.shard)
-        with_retries(
-            lambda: self.store._put(rel, payload),
-            f"committing {self.run_id} shard {self.shard}",
-        )
+        if not self._publish_marker(payload):
+            winner = self._winner()
+            if winner is not None:
+                return self._yield_to(winner)
         self.committed = True
+        crash_point("after_marker", self.shard)
+        self._clean_up_after_commit()
         return marker
 
+    def _publish_marker(self, payload: bytes) -> bool:
+        """Write the marker unless a marker is already there; an untrusted one is replaced."""
+        rel = schema.commit_path(self.run_id, self.shard)
+        what = f"committing {self.run_id} shard {self.shard}"
+        crash_point("mid_marker", self.shard, lambda: self._tear(rel, payload))
+        if with_retries(lambda: self.store._put(rel, payload, exclusive=True), what):
+            return True
+        if self._winner() is not None:
+            return False
+        # The marker there cannot be trusted (truncated, lists lost files): replace it.
+        with_retries(lambda: self.store._put(rel, payload), what)
+        return True
+
+    def _yield_to(self, winner: Commit) -> dict:
+        self.abort()
+        return {**winner.__dict__, "superseded": True}
+
+    def _clean_up_after_commit(self) -> None:
+        """Delete the other attempts' files and journals, this journal, any failure record.
+
+        Best effort: whatever a failure here leaves, ``slm-lens gc`` removes.
+        """
+        folder = self.store._path(schema.attempts_dir(self.run_id, self.shard))
+        try:
+            journals = with_retries(
+                lambda: list_files(self.store.fs, folder), f"listing attempts of {self.shard}"
+            )
+            for info in journals:
+                rel = info.path.removeprefix(self.store.root + "/")
+                if rel != self.journal and info.base_name.endswith(".json"):
+                    for name in _journal_files(self.store.fs, info.path):
+                        self.store._delete(name)
+                self.store._delete(rel)
+            self.store._delete(schema.failed_path(self.run_id, self.shard))
+        except OSError as exc:
+            log.warning(
+                "shard %d of %s committed; cleaning up other attempts failed (%s): "
+                "run `slm-lens gc` to remove what is left",
+                self.shard,
+                self.run_id,
+                exc,
+            )
+
     def abort(self) -> None:
-        """Best-effort removal of this attempt's temporary files."""
+        """Best-effort removal of this attempt's files (temporary and published) and journal."""
         for files in self._files.values():
-            for tmp, _ in files:
+            for name in (n for pair in files for n in pair):
                 with contextlib.suppress(OSError):
-                    self.store.fs.delete_file(self.store._path(tmp))
+                    self.store._delete(name)
+        with contextlib.suppress(OSError):
+            self.store._delete(self.journal)
         self._files = {t: [] for t in schema.SHARD_TABLES}
+
+
+def _journal_files(fs, path: str) -> list[str]:
+    """Files an attempt's journal names ([] if it is unreadable: gc handles those)."""
+    try:
+        names = json.loads(read_text(fs, path)).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [n for n in names if isinstance(n, str) and _is_shard_file(n)]
+
+
+def _is_shard_file(rel: str) -> bool:
+    """A data file path inside one of the shard tables (never a marker or a run record)."""
+    table = rel.split("/", 1)[0]
+    return table in schema.SHARD_TABLES and rel.endswith(".parquet") and ".." not in rel
 
 
 def _move(fs, src: str, dst: str) -> None:

@@ -1,0 +1,111 @@
+"""Remove what no commit marker lists: the leftovers of crashed writers.
+
+A committed shard's writer already deletes its shard's other attempts (see
+:mod:`.writer`); what remains after a crash (files of an attempt that never
+committed, ``.partial`` temporaries, unreadable markers, stale journals) is
+invisible to readers but costs storage and confuses anyone who globs the
+files. :func:`collect_garbage` finds it; it deletes only when asked, and never
+touches runs that are still running (their writers are mid-flight).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow.fs as pafs
+
+from analysis import schema
+from analysis.storage import PARTIAL_SUFFIX, list_files, resolve, with_retries
+from analysis.store import check_store, open_store, read_commits
+
+#: Run states whose writers may still be at work.
+ACTIVE_STATES = ("running", "submitted")
+
+
+@dataclass
+class GarbageReport:
+    """What is (or, in a dry run, would be) deleted, and which runs were left alone."""
+
+    garbage: list[str] = field(default_factory=list)
+    bytes: int = 0
+    skipped_active_runs: list[str] = field(default_factory=list)
+    deleted: bool = False
+
+    def describe(self) -> str:
+        verb = "deleted" if self.deleted else "would delete (dry run; pass --delete)"
+        lines = [f"{verb} {len(self.garbage)} file(s), {self.bytes:,} bytes"]
+        lines += [f"  {path}" for path in self.garbage]
+        if self.skipped_active_runs:
+            lines.append(f"left alone, still running: {', '.join(self.skipped_active_runs)}")
+        return "\n".join(lines)
+
+
+def _run_of(rel: str) -> str | None:
+    for part in rel.split("/")[1:3]:
+        if part.startswith("run_id="):
+            return part.removeprefix("run_id=")
+    return None
+
+
+def _shard_of(rel: str) -> int | None:
+    """Shard number of an ``_attempts``/``_failed`` path (``.../shard-NNNNN[...]``)."""
+    parts = rel.split("/")
+    if len(parts) < 3 or not parts[2].startswith("shard-"):
+        return None
+    digits = parts[2].removeprefix("shard-")[:5]
+    return int(digits) if digits.isdigit() else None
+
+
+def is_garbage(rel: str, listed: set[str], committed: set[tuple[str, int]]) -> bool:
+    """Whether the file at ``rel`` (store-relative) is referenced by nothing a reader trusts."""
+    top, name = rel.split("/", 1)[0], rel.rsplit("/", 1)[-1]
+    if name.endswith(PARTIAL_SUFFIX):
+        return True
+    run_id = _run_of(rel)
+    if top in schema.SHARD_TABLES:
+        return rel not in listed
+    if top == schema.COMMITS_DIR:
+        shard = int(name[6:11]) if name[6:11].isdigit() else None
+        return (run_id, shard) not in committed  # an untrusted marker
+    if top == schema.ATTEMPTS_DIR:
+        return True  # journals of a run no writer works on: their files go too
+    if top == schema.FAILED_DIR:
+        return (run_id, _shard_of(rel)) in committed  # else it says why a shard is missing
+    return False  # runs records, the store marker, the watcher's log: never garbage
+
+
+def collect_garbage(uri: str, *, delete: bool = False, include_active: bool = False):
+    """Find (and with ``delete``, remove) every file of ``uri`` that no trusted marker needs.
+
+    Runs whose latest status is running or submitted are skipped unless
+    ``include_active``: their writers may be between a data file and its marker.
+    """
+    fs, root = resolve(uri)
+    check_store(fs, root, uri)
+    commits = read_commits(fs, root)
+    listed = {f for c in commits for files in c.files.values() for f in files}
+    committed = {(c.run_id, c.shard) for c in commits}
+    status = dict(open_store(uri).sql("SELECT run_id, status FROM runs").fetchall())
+    active = set() if include_active else {r for r, s in status.items() if s in ACTIVE_STATES}
+    report = GarbageReport(deleted=delete)
+    skipped: set[str] = set()
+    for info in with_retries(lambda: list_files(fs, root), f"listing {uri}"):
+        rel = info.path.removeprefix(root + "/")
+        if "/" not in rel or not is_garbage(rel, listed, committed):
+            continue
+        run_id = _run_of(rel)
+        if run_id in active:
+            skipped.add(run_id)
+            continue
+        report.garbage.append(rel)
+        report.bytes += info.size or 0
+    report.skipped_active_runs = sorted(skipped)
+    if delete:
+        for rel in report.garbage:
+            with_retries(lambda r=rel: _delete(fs, f"{root}/{r}"), f"deleting {rel}")
+    return report
+
+
+def _delete(fs: pafs.FileSystem, path: str) -> None:
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
