@@ -2,9 +2,13 @@
 
 Idempotent by construction: a checkpoint's run id comes from its content
 fingerprint, the config and the dataset, and its Ray submission id from the run
-id, so a duplicate trigger, a second watcher or a re-run after a crash finds the
-job already there and submits nothing. What was submitted, and each job's
-outcome, is recorded in the store's ``runs``.
+id and the attempt, so a duplicate trigger, a second watcher or a re-run after a
+crash finds the job already there and submits nothing.
+
+The watcher keeps its own log of submissions (:mod:`extractor.store.submissions`);
+the attempt count, retries and giving up come from that log, never from the
+driver's status messages. A run whose driver died without a word (``running``
+or ``submitted`` for ever) is settled by asking Ray what became of its job.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ log = logging.getLogger("slm_lens.watch")
 
 TERMINAL_BAD = ("FAILED", "STOPPED")
 ACTIVE = ("PENDING", "RUNNING")
+#: A submission id Ray has never heard of (its head restarted, or it was never sent).
+UNKNOWN = "UNKNOWN"
 
 
 @dataclass(frozen=True)
@@ -134,8 +140,12 @@ class Watcher:
         settle_s: float = 2.0,
         env_vars: dict[str, str] | None = None,
         python: str | None = None,
+        client=None,
     ) -> None:
         from ray.job_submission import JobSubmissionClient
+
+        from .store import StoreWriter
+        from .store.submissions import SubmissionLog
 
         self.source = source
         self.config_path = config_path
@@ -146,12 +156,11 @@ class Watcher:
         # Never credentials in a job submission (Ray shows runtime_env in plain text).
         self.env_vars = {k: v for k, v in (env_vars or {}).items() if k not in SECRETS}
         self.python = python
-        self.client = with_retries(
+        self.client = client or with_retries(
             lambda: JobSubmissionClient(address), f"connecting to Ray at {address}", attempts=5
         )
-        from extractor.store import StoreWriter
-
         self.store = StoreWriter(cfg.store)
+        self.submissions = SubmissionLog(self.store)
 
     def _entrypoint(self, ckpt: Checkpoint) -> str:
         exe = f"{shlex.quote(self.python)} -m extractor.cli" if self.python else "slm-lens"
@@ -182,7 +191,7 @@ class Watcher:
             message=json.dumps({"checkpoint": ckpt.uri, **info}),
         )
 
-    def _submit(self, sid: str, ckpt: Checkpoint) -> bool:
+    def _submit_job(self, sid: str, ckpt: Checkpoint) -> bool:
         """Submit once; False when the submission id already exists (someone did it)."""
 
         def go() -> bool:
@@ -200,11 +209,19 @@ class Watcher:
 
         return with_retries(go, f"submitting job {sid}", attempts=5)
 
-    def _job_status(self, sid: str) -> str | None:
+    def _job(self, sid: str) -> tuple[str, str]:
+        """(Ray's status of the job, its message); ``UNKNOWN`` if Ray has no such job.
+
+        A Ray that cannot be reached raises (the pass skips this checkpoint)
+        rather than passing for a lost job.
+        """
         try:
-            return str(self.client.get_job_status(sid)).rsplit(".", 1)[-1]
-        except Exception:
-            return None
+            info = self.client.get_job_info(sid)
+        except RuntimeError as exc:
+            if "does not exist" in str(exc) or "404" in str(exc):
+                return UNKNOWN, ""
+            raise
+        return str(info.status).rsplit(".", 1)[-1], str(info.message or "")
 
     def once(self) -> WatchReport:
         from .service.plan import make_plan
@@ -217,54 +234,58 @@ class Watcher:
                 log.info("skip %s: %s", ckpt.uri, why)
                 report.skipped_incomplete.append(ckpt.uri)
                 continue
-            cfg = replace(self.cfg, model=replace(self.cfg.model, path=ckpt.uri))
-            plan = make_plan(cfg)
-            run_id = plan.run_id
-            state = known.get(run_id)
-            info = json.loads(state["message"]) if state and state.get("message") else {}
-            attempt = int(info.get("attempt", 0)) if isinstance(info, dict) else 0
-            if state and state["status"] in ("finished", "running"):
-                report.already_known.append(run_id)
-                continue
-            if state and state["status"] in ("submitted", "failed", "job_failed"):
-                sid = info.get("submission_id", submission_id(run_id, attempt))
-                status = self._job_status(sid)
-                if status in ACTIVE or status == "SUCCEEDED":
-                    report.already_known.append(run_id)
-                    continue
-                if status in TERMINAL_BAD or state["status"] == "failed":
-                    report.failed_jobs.append(run_id)
-                    if attempt >= self.max_retries:
-                        if state["status"] != "job_failed":
-                            self._record(
-                                run_id,
-                                ckpt,
-                                plan.revision,
-                                "job_failed",
-                                {
-                                    "submission_id": sid,
-                                    "job_status": status,
-                                    "attempt": attempt,
-                                    "gave_up": True,
-                                },
-                            )
-                        continue
-                    attempt += 1
-                    report.retried.append(run_id)
-            sid = submission_id(run_id, attempt)
-            if self._submit(sid, ckpt):
-                self._record(
-                    run_id,
-                    ckpt,
-                    plan.revision,
-                    "submitted",
-                    {"submission_id": sid, "attempt": attempt},
-                )
-                report.submitted.append(run_id)
-                log.info("submitted %s for %s", sid, ckpt.uri)
-            else:
-                report.already_known.append(run_id)
+            plan = make_plan(replace(self.cfg, model=replace(self.cfg.model, path=ckpt.uri)))
+            try:
+                self._settle(ckpt, plan, known.get(plan.run_id, {}).get("status"), report)
+            except (ConnectionError, OSError) as exc:
+                log.warning("skip %s this pass: Ray or the store did not answer: %s", ckpt.uri, exc)
         return report
+
+    def _settle(self, ckpt: Checkpoint, plan, status: str | None, report: WatchReport) -> None:
+        """Decide one complete checkpoint: leave it, submit it, retry it or give up on it."""
+        run_id = plan.run_id
+        if status in ("finished", "job_failed"):
+            (report.failed_jobs if status == "job_failed" else report.already_known).append(run_id)
+            return
+        history = self.submissions.read(run_id)
+        if not history:
+            if status == "running":  # started by hand, outside any watcher
+                report.already_known.append(run_id)
+                return
+            self._submit(ckpt, plan, 0, report)
+            return
+        last = history[-1]
+        ray_status, ray_message = self._job(last.submission_id)
+        if ray_status in ACTIVE or ray_status == "SUCCEEDED":
+            report.already_known.append(run_id)
+            return
+        # The job is over and did not succeed (or Ray lost it).
+        report.failed_jobs.append(run_id)
+        info = {"submission_id": last.submission_id, "attempt": last.attempt}
+        info |= {"job_status": ray_status, "job_message": ray_message[:2000]}
+        if status in ("running", "submitted", None):
+            # The driver never recorded its end: say what Ray says, so no run wedges.
+            self._record(run_id, ckpt, plan.revision, "failed", info)
+        if len(history) > self.max_retries:
+            self._record(run_id, ckpt, plan.revision, "job_failed", {**info, "gave_up": True})
+            return
+        report.retried.append(run_id)
+        self._submit(ckpt, plan, len(history), report)
+
+    def _submit(self, ckpt: Checkpoint, plan, attempt: int, report: WatchReport) -> None:
+        run_id = plan.run_id
+        sid = submission_id(run_id, attempt)
+        new = self._submit_job(sid, ckpt)
+        # Logged after the job exists: a watcher that dies in between finds the job
+        # already there next pass, and logs it then.
+        self.submissions.add(run_id, attempt, sid, ckpt.uri)
+        if not new:
+            report.already_known.append(run_id)
+            return
+        info = {"submission_id": sid, "attempt": attempt}
+        self._record(run_id, ckpt, plan.revision, "submitted", info)
+        report.submitted.append(run_id)
+        log.info("submitted %s for %s", sid, ckpt.uri)
 
     def loop(self, every_s: float) -> None:
         while True:

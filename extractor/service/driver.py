@@ -135,25 +135,24 @@ def run_extraction(
     started = time.perf_counter()
     plan = make_plan(cfg)
     store = StoreWriter(cfg.store, target_file_bytes=cfg.target_file_mb << 20)
-    n_layers, vocab_size = _model_shape(cfg)
     run_fields = dict(
         model=cfg.model.name or cfg.model.path,
         revision=plan.revision,
         dataset=plan.dataset,
-        n_layers=n_layers,
-        vocab_size=vocab_size,
         k=cfg.lens.k,
         config=cfg.to_dict(),
     )
     started_at = _now()
-    store.write_run(plan.run_id, **run_fields, status="running", started_at=started_at)
     try:
+        n_layers, vocab_size = _model_shape(cfg)
+        run_fields.update(n_layers=n_layers, vocab_size=vocab_size)
+        store.write_run(plan.run_id, **run_fields, status="running", started_at=started_at)
         summary = _extract(cfg, plan, store, address, in_process, progress)
+        summary.failures = _count_failures(store, plan.run_id)
     except BaseException as exc:
         # Every exit path ends the run: a driver that dies leaves no "running" for ever.
         _record_failure(store, plan.run_id, run_fields, started_at, exc)
         raise
-    summary.failures = _count_failures(store, plan.run_id)
     summary.seconds = time.perf_counter() - started
     status = "finished" if summary.ok else "failed"
     store.write_run(
