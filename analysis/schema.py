@@ -10,6 +10,7 @@ pyarrow, no torch. A store is a root folder or ``s3://bucket/prefix`` holding:
     _attempts/run_id=<id>/shard-<NNNNN>/<attempt>.json  (files an attempt wrote)
     _failed/run_id=<id>/shard-<NNNNN>.json         (why a shard is not committed)
     _submissions/run_id=<id>/attempt-<NNN>.json    (the watcher's own job log)
+    _probe/run_id=<id>/<uuid>.token                (is a local store shared by all nodes?)
 
 A shard's data files are listed in its commit marker, which is written last;
 readers read only files named by markers, so nothing half-written is ever seen,
@@ -149,6 +150,7 @@ MODALITIES = ("text", "speech", "marker", "special")
 ATTEMPTS_DIR = "_attempts"
 FAILED_DIR = "_failed"
 SUBMISSIONS_DIR = "_submissions"
+PROBE_DIR = "_probe"
 
 
 def partition_dir(table: str, run_id: str) -> str:

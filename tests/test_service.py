@@ -440,3 +440,27 @@ def test_actors_that_cannot_start_fail_the_run_at_once(data_dir, tmp_path, local
         run_extraction(parse_config(raw), progress=False)
     status, message = open_store(store).sql("SELECT status, message FROM runs").fetchone()
     assert status == "failed" and "WorkerStartError" in message
+
+
+def test_a_local_store_not_shared_with_a_node_is_refused(
+    data_dir, tmp_path, local_ray, monkeypatch
+):
+    """Issue 11, item 9: the probe the driver writes must be readable by every actor.
+
+    One machine cannot have two disks, so the probe is removed as soon as the
+    driver wrote it: to the actors it is as absent as on another node's disk.
+    """
+    from extractor.service import driver
+    from extractor.service.driver import WorkerStartError
+    from extractor.service.probe import remove_probe, write_probe
+
+    def driver_only(uri, run_id):
+        probe = write_probe(uri, run_id)
+        remove_probe(probe)
+        return probe
+
+    monkeypatch.setattr(driver, "write_probe", driver_only)
+    store = str(tmp_path / "store")
+    with pytest.raises(WorkerStartError, match="does not share it with the driver"):
+        run_extraction(parse_config(small_config(store, data_dir)), progress=False)
+    assert not list((tmp_path / "store" / "_probe").rglob("*.token"))

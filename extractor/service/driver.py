@@ -25,6 +25,7 @@ from extractor.store.faults import CRASH_ENV
 
 from .environment import forwarded_env
 from .plan import SETUP_SHARD, Plan, make_plan
+from .probe import StoreProbe, check_probe, remove_probe, write_probe
 from .worker import ShardProcessor, ShardStats
 
 log = logging.getLogger("slm_lens.extract")
@@ -319,7 +320,8 @@ def _count_failures(store: StoreWriter, run_id: str) -> int:
 class LensActor:
     """A Ray actor around :class:`ShardProcessor`: the model loads once per actor."""
 
-    def __init__(self, cfg: RunConfig, run_id: str) -> None:
+    def __init__(self, cfg: RunConfig, run_id: str, probe: StoreProbe | None = None) -> None:
+        check_probe(probe)  # before the model loads: a node that writes nowhere useful
         self.processor = ShardProcessor(cfg, run_id)
 
     def process(self, shard: int, utterance_ids: list[str]) -> ShardStats:
@@ -391,7 +393,8 @@ def _run_on_ray(cfg, run_id, todo, address, settle) -> None:
         max_task_retries=0,
         runtime_env={"env_vars": env} if env else None,
     )
-    actors = [actor_cls.remote(cfg, run_id) for _ in range(cfg.workers.count)]
+    probe = write_probe(cfg.store, run_id)
+    actors = [actor_cls.remote(cfg, run_id, probe) for _ in range(cfg.workers.count)]
     capacity = cfg.workers.in_flight_per_worker
     scheduler = ShardScheduler(todo, cfg.workers.max_retries, _infrastructure_errors())
     load = dict.fromkeys(range(len(actors)), 0)
@@ -416,3 +419,4 @@ def _run_on_ray(cfg, run_id, todo, address, settle) -> None:
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
+        remove_probe(probe)

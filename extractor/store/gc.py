@@ -67,6 +67,8 @@ def is_garbage(rel: str, listed: set[str], committed: set[tuple[str, int]]) -> b
     if top == schema.COMMITS_DIR:
         shard = int(name[6:11]) if name[6:11].isdigit() else None
         return (run_id, shard) not in committed  # an untrusted marker
+    if top == schema.PROBE_DIR:
+        return True  # a driver that died before removing its probe
     if top == schema.ATTEMPTS_DIR:
         return True  # journals of a run no writer works on: their files go too
     if top == schema.FAILED_DIR:
