@@ -1,4 +1,4 @@
-"""The paper's statistics (REFERENCE §2) as SQL over the store's views.
+"""The paper's statistics as SQL over the store's views (defined in docs/metrics.md).
 
 Each metric has a ``*_sql`` function that returns the query (so it can be
 printed, audited and pasted into any DuckDB shell over the store) and a

@@ -1,6 +1,6 @@
 """Train the model organism: a small interleaved speech-text LM in SIMS layout, on the CPU.
 
-Variants (REFERENCE §1's ablations, in miniature):
+Variants (the paper's training ablations, in miniature):
 * ``interleaved``: text-initialised (a text-only phase first), then trained on a mix of
   interleaved, text-only and speech-only sequences;
 * ``random-init``: the same mix, from random weights;

@@ -4,7 +4,7 @@ Interleaved strings follow slamkit: a marker before the first word and at
 each modality change; text words carry their leading space, units none:
 ``<text> The cat<speech><Un12><Un7>...<text> on the mat``. Every position
 records its modality and word, every word its positions and the variant ids of
-itself, the next word and a frequency-matched control word (REFERENCE §2).
+itself, the next word and a frequency-matched control word (docs/metrics.md).
 """
 
 from __future__ import annotations
