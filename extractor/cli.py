@@ -157,6 +157,18 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert_hubert(args: argparse.Namespace) -> int:
+    from .speech.fairseq_hubert import HubertCheckpointError, convert_hubert
+
+    try:
+        folder = convert_hubert(args.src, args.dst, allow_pickle=args.allow_pickle)
+    except (PermissionError, HubertCheckpointError) as exc:
+        print(f"slm-lens convert-hubert: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote a transformers HubertModel (safetensors) to {folder}")
+    return 0
+
+
 def _cmd_convert_kmeans(args: argparse.Namespace) -> int:
     from .speech.units import convert_kmeans
 
@@ -364,6 +376,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also sweep runs whose status is running/submitted (only if no writer is alive)",
     )
     gc.set_defaults(func=_cmd_gc)
+
+    hub = sub.add_parser(
+        "convert-hubert",
+        help="turn a fairseq HuBERT checkpoint (Spirit LM's) into a transformers folder",
+    )
+    hub.add_argument("src", help="fairseq .pt (Spirit LM's release, or a training checkpoint)")
+    hub.add_argument("dst", help="output folder (safetensors + preprocessor_config.json)")
+    hub.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow unpickling a fairseq training checkpoint, which can execute code",
+    )
+    hub.set_defaults(func=_cmd_convert_hubert)
 
     km = sub.add_parser(
         "convert-kmeans", help="turn a released joblib/sklearn k-means pickle into a .npy file"

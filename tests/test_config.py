@@ -52,6 +52,12 @@ def test_bad_fields_are_named(patch, field):
         parse_config({**BASE, **patch})
 
 
+def test_spirit_lm_expressive_is_refused_with_the_reason():
+    raw = {**BASE, "model": {"path": "/m", "layout": "spirit-lm-expressive"}}
+    with pytest.raises(ConfigError, match=r"^model.layout: Spirit LM Expressive is not supported"):
+        parse_config(raw)
+
+
 def test_missing_sections():
     with pytest.raises(ConfigError, match=r"^model: is required"):
         parse_config({"dataset": {"manifest": "x"}})

@@ -10,7 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-import torch
 
 from extractor.speech.frontend import SpeechFrontEnd
 from extractor.speech.manifest import read_manifest
@@ -25,7 +24,6 @@ from extractor.speech.records import (
 from extractor.speech.synth import synthesize
 from extractor.speech.units import (
     HubertKMeansTokenizer,
-    LinearQuantizerTokenizer,
     convert_kmeans,
     hubert_frames,
     load_centroids,
@@ -256,21 +254,6 @@ def test_convert_kmeans_needs_the_flag(tmp_path):
     np.testing.assert_array_equal(
         load_centroids(tmp_path / "km.npy"), FakeKMeans().cluster_centers_
     )
-
-
-def test_spirit_linear_quantizer_loads_without_unpickling(tmp_path):
-    model = tiny_hubert()
-    torch.manual_seed(0)
-    weights = {
-        "layers.0.weight": torch.randn(16, 32),
-        "layers.0.bias": torch.zeros(16),
-        "layers.1.weight": torch.randn(501, 16),
-        "layers.1.bias": torch.zeros(501),
-    }
-    torch.save(weights, tmp_path / "quantizer.pt")
-    tok = LinearQuantizerTokenizer.from_file(model, tmp_path / "quantizer.pt", layer=2)
-    (seq,) = tok([np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)])
-    assert seq.n_frames == 25 and all(0 <= u < 501 for u in seq.units)
 
 
 def test_convert_kmeans_command(tmp_path, capsys):

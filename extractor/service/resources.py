@@ -54,16 +54,18 @@ def build_speech_tokenizer(section: SpeechSection, device: str):
         return FbankKMeansTokenizer.load(materialize(section.centroids))
     from transformers import HubertModel
 
-    from extractor.speech.units import (
-        HubertKMeansTokenizer,
-        LinearQuantizerTokenizer,
-        load_centroids,
-    )
+    from extractor.speech.spirit import LinearQuantizerTokenizer, reads_normalized
+    from extractor.speech.units import HubertKMeansTokenizer, load_centroids
 
-    model = HubertModel.from_pretrained(materialize(section.model), use_safetensors=True)
+    folder = materialize(section.model)
+    model = HubertModel.from_pretrained(folder, use_safetensors=True)
     if section.kind == "hubert-kmeans":
         centroids = load_centroids(materialize(section.centroids))
         return HubertKMeansTokenizer(model, centroids, layer=section.layer, device=device)
     return LinearQuantizerTokenizer.from_file(
-        model, materialize(section.quantizer), layer=section.layer, device=device
+        model,
+        materialize(section.quantizer),
+        layer=section.layer,
+        device=device,
+        normalize=reads_normalized(folder),
     )

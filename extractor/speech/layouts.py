@@ -8,7 +8,7 @@ first mismatch is named.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -24,9 +24,7 @@ class VocabLayout:
     """How unit ``i`` and the modality markers are spelled and numbered.
 
     ``unit_offset``: the id of unit 0, or None for "wherever the tokenizer put
-    it" (then units must still be contiguous). ``extra_speech``: further
-    speech-side token families (Spirit LM's pitch/style), name -> (format, count,
-    offset).
+    it" (then units must still be contiguous).
     """
 
     name: str
@@ -36,7 +34,6 @@ class VocabLayout:
     text_marker: str | None
     unit_offset: int | None = None
     replaces_text: bool = False
-    extra_speech: Mapping[str, tuple[str, int, int]] = field(default_factory=dict)
 
     def unit_token(self, unit: int) -> str:
         return self.unit_format.format(unit)
@@ -64,16 +61,6 @@ class VocabLayout:
             if tok not in vocab:
                 raise LayoutError(f"layout {self.name}: marker {tok!r} is not in the tokenizer")
             markers[role] = vocab[tok]
-        extra = []
-        for family, (fmt, count, extra_offset) in self.extra_speech.items():
-            for i in range(count):
-                tok = fmt.format(i)
-                if vocab.get(tok) != extra_offset + i:
-                    raise LayoutError(
-                        f"layout {self.name}: {family} token {tok!r} has id {vocab.get(tok)}, "
-                        f"expected {extra_offset + i}"
-                    )
-            extra.append((extra_offset, extra_offset + count))
         size = max(len(vocab), max(vocab.values()) + 1)
         return ResolvedLayout(
             layout=self,
@@ -81,7 +68,6 @@ class VocabLayout:
             unit_offset=offset,
             speech_marker_id=markers.get("speech"),
             text_marker_id=markers.get("text"),
-            extra_speech_ranges=tuple(extra),
             special_ids=tuple(sorted(set(getattr(tokenizer, "all_special_ids", []) or []))),
         )
 
@@ -95,7 +81,6 @@ class ResolvedLayout:
     unit_offset: int
     speech_marker_id: int | None
     text_marker_id: int | None
-    extra_speech_ranges: tuple[tuple[int, int], ...] = ()
     special_ids: tuple[int, ...] = ()
 
     def unit_id(self, unit: int) -> int:
@@ -113,9 +98,6 @@ class ResolvedLayout:
                 mod[i] = "special"
         for i in range(self.unit_offset, self.unit_offset + self.layout.n_units):
             mod[i] = "speech"
-        for a, b in self.extra_speech_ranges:
-            for i in range(a, b):
-                mod[i] = "speech"
         for i in (self.speech_marker_id, self.text_marker_id):
             if i is not None:
                 mod[i] = "marker"
@@ -135,21 +117,22 @@ class ResolvedLayout:
 SIMS = VocabLayout("sims", "<Un{}>", 500, "<speech>", "<text>")
 SLAM = VocabLayout("slam", "<Un{}>", 500, None, None, unit_offset=2, replaces_text=True)
 SPIRIT_LM = VocabLayout("spirit-lm", "[Hu{}]", 501, "[Speech]", "[Text]", unit_offset=32002)
-SPIRIT_LM_EXPRESSIVE = VocabLayout(
-    "spirit-lm-expressive",
-    "[Hu{}]",
-    501,
-    "[Speech]",
-    "[Text]",
-    unit_offset=32002,
-    extra_speech={"pitch": ("[Pi{}]", 64, 32503), "style": ("[St{}]", 100, 32567)},
+LAYOUTS = {lay.name: lay for lay in (SIMS, SLAM, SPIRIT_LM)}
+
+#: Spirit LM Expressive interleaves pitch ([Pi]) and style ([St]) tokens with its units.
+EXPRESSIVE_REFUSAL = (
+    "Spirit LM Expressive is not supported: its speech interleaves pitch ([Pi*]) and style "
+    "([St*]) tokens, from an F0 VQ-VAE and a style encoder, with the HuBERT units, and "
+    "slm-lens computes only the units ([Hu*]), so its prompts would not be the model's. "
+    "Use the base model's layout, spirit-lm"
 )
-LAYOUTS = {lay.name: lay for lay in (SIMS, SLAM, SPIRIT_LM, SPIRIT_LM_EXPRESSIVE)}
 
 
 def layout_from_config(spec: str | Mapping) -> VocabLayout:
     """A named layout (``sims``, ``slam``, ``spirit-lm``...) or a custom one from a mapping."""
     if isinstance(spec, str):
+        if spec == "spirit-lm-expressive":
+            raise LayoutError(EXPRESSIVE_REFUSAL)
         if spec not in LAYOUTS:
             raise LayoutError(f"unknown layout {spec!r}: use one of {sorted(LAYOUTS)} or a mapping")
         return LAYOUTS[spec]
@@ -161,7 +144,6 @@ def layout_from_config(spec: str | Mapping) -> VocabLayout:
         "text_marker",
         "unit_offset",
         "replaces_text",
-        "extra_speech",
     }
     unknown = set(spec) - known
     if unknown:
@@ -177,5 +159,4 @@ def layout_from_config(spec: str | Mapping) -> VocabLayout:
         text_marker=spec.get("text_marker"),
         unit_offset=spec.get("unit_offset"),
         replaces_text=bool(spec.get("replaces_text", False)),
-        extra_speech={k: tuple(v) for k, v in (spec.get("extra_speech") or {}).items()},
     )

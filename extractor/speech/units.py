@@ -1,4 +1,4 @@
-"""Speech units: HuBERT + k-means (SIMS/Slam), Spirit LM's linear quantizer, dedup, spans.
+"""Speech units: HuBERT + k-means (SIMS/Slam), dedup, spans (Spirit LM's quantizer: ``spirit``).
 
 Word spans follow slamkit's rule: with ``end_time[k] = cumsum(durations)[k] *
 frame_s`` for deduplicated unit k, a word [start, end] owns the units with
@@ -211,57 +211,3 @@ class HubertKMeansTokenizer:
         # Nearest centroid by L2: argmin ||f||^2 - 2 f.c + ||c||^2 (||f||^2 is constant).
         scores = feats @ self.centroids.T * -2 + self.centroid_sq
         return _to_sequences(self.model, scores.argmin(-1).cpu(), lengths)
-
-
-class LinearQuantizerTokenizer:
-    """Spirit LM's unit extractor: HuBERT features through a linear/MLP head, argmax.
-
-    The quantizer is a plain dict of tensors (``layers.N.weight``/``layers.N.bias``,
-    ReLU between layers; or a single ``weight``/``bias``), loaded with
-    ``torch.load(weights_only=True)``: no code from the file runs.
-    """
-
-    def __init__(self, model, quantizer: dict, layer: int = 11, device: str = "cpu") -> None:
-        import torch
-
-        self.model = model.to(device).eval()
-        self.layer = layer
-        self.device = device
-        if "weight" in quantizer:
-            quantizer = {
-                "layers.0.weight": quantizer["weight"],
-                "layers.0.bias": quantizer.get("bias"),
-            }
-        n = len({k.split(".")[1] for k in quantizer if k.startswith("layers.")})
-        self.layers = []
-        for i in range(n):
-            w = torch.as_tensor(quantizer[f"layers.{i}.weight"], dtype=torch.float32).to(device)
-            b = quantizer.get(f"layers.{i}.bias")
-            b = torch.as_tensor(b, dtype=torch.float32).to(device) if b is not None else None
-            self.layers.append((w, b))
-        if not self.layers:
-            raise ValueError("quantizer dict holds no layers (expected layers.N.weight)")
-
-    @classmethod
-    def from_file(cls, model, path: str | Path, **kwargs) -> LinearQuantizerTokenizer:
-        import torch
-
-        return cls(model, torch.load(path, map_location="cpu", weights_only=True), **kwargs)
-
-    def n_frames(self, n_samples: int) -> int:
-        return hubert_frames(self.model, n_samples)
-
-    def __call__(self, batch: Sequence[np.ndarray]) -> list[UnitSequence]:
-        import torch
-
-        if not batch:
-            return []
-        x, _, lengths = _pad_batch(batch)
-        with torch.no_grad():
-            h = self.model(x.to(self.device), output_hidden_states=True).hidden_states[self.layer]
-            h = h.float()
-            for j, (w, b) in enumerate(self.layers):
-                h = h @ w.T + (b if b is not None else 0)
-                if j < len(self.layers) - 1:
-                    h = torch.relu(h)
-        return _to_sequences(self.model, h.argmax(-1).cpu(), lengths)
