@@ -28,21 +28,74 @@ def clean_word(word: str) -> str:
     return word.strip().strip(_PUNCT)
 
 
+def _is_blank(tokenizer, token_id: int) -> bool:
+    """A token that spells only whitespace (SentencePiece's bare "▁", GPT-2's "Ġ")."""
+    return not tokenizer.decode([token_id]).strip()
+
+
+def marks_word_starts(tokenizer) -> bool:
+    """True for SentencePiece-style tokenizers, which write the word-start mark ("▁") themselves.
+
+    Llama-2 and Spirit LM encode " cat" as ["▁", "▁cat"]: a space written before a
+    text run would put a stray "▁" in front of it. Byte-level BPE (GPT-2, SmolLM2,
+    Qwen, Llama-3) has no such mark; there a word's leading space is its own.
+    """
+    ids = tokenizer.encode("a", add_special_tokens=False)
+    return bool(ids) and tokenizer.convert_ids_to_tokens(ids[:1])[0].startswith("▁")
+
+
 def word_variants(tokenizer, word: str) -> list[int]:
-    """First token ids of " w", "w" and their first-letter case flips, deduplicated."""
+    """First real token of " w", "w" and their first-letter case flips, deduplicated.
+
+    "Real": the first token that is neither <unk> (the vocabulary lacks the form,
+    and <unk> is not the word) nor whitespace only (a bare "▁" is every word's).
+    """
     w = clean_word(word)
     if not w:
         return []
     forms = [w, w[0].upper() + w[1:], w[0].lower() + w[1:]]
-    # A form the vocabulary lacks encodes to <unk>, which is not the word: skip it.
     unk = getattr(tokenizer, "unk_token_id", None)
     ids: list[int] = []
     for form in forms:
         for text in (" " + form, form):
             encoded = tokenizer.encode(text, add_special_tokens=False)
-            if encoded and encoded[0] != unk and encoded[0] not in ids:
-                ids.append(encoded[0])
+            first = next((t for t in encoded if not _is_blank(tokenizer, t)), None)
+            if first is not None and first != unk and first not in ids:
+                ids.append(first)
     return ids
+
+
+def text_run_tokens(tokenizer, words: Sequence[str]) -> list[tuple[int, int]]:
+    """Consecutive text words as the model reads them: (token id, index into ``words``).
+
+    The run is encoded as one string, as the model's own tokenizer would see it
+    after a marker (a leading space for byte-level BPE, slamkit's convention; none
+    where the tokenizer marks word starts itself), and each token is given to the
+    word its characters come from; a whitespace-only token belongs to the word it
+    precedes. Tokenizers without offsets encode word by word.
+    """
+    sep = "" if marks_word_starts(tokenizer) else " "
+    if not getattr(tokenizer, "is_fast", False):
+        return [
+            (t, i)
+            for i, w in enumerate(words)
+            for t in tokenizer.encode((sep if i == 0 else " ") + w, add_special_tokens=False)
+        ]
+    text = sep + " ".join(words)
+    owner = [-1] * len(sep)  # the word each character of ``text`` belongs to (-1: a space)
+    for i, w in enumerate(words):
+        owner += ([-1] if i else []) + [i] * len(w)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    words_of = []
+    for a, b in enc["offset_mapping"]:
+        seen = [owner[c] for c in range(a, b) if owner[c] >= 0]
+        words_of.append(seen[0] if seen else None)
+    following = len(words) - 1
+    for k in range(len(words_of) - 1, -1, -1):
+        if words_of[k] is None:
+            words_of[k] = following
+        following = words_of[k]
+    return list(zip(enc["input_ids"], words_of, strict=True))
 
 
 @dataclass(frozen=True)
@@ -230,13 +283,15 @@ def build_sequence(
                 marker(modality)
                 current = modality
             if modality == "text":
-                start = len(ids)
-                for token in tokenizer.encode(" " + words[i].word, add_special_tokens=False):
-                    put(token, "text", i)
-                first_pos[i], last_pos[i] = (
-                    (start, len(ids) - 1) if len(ids) > start else (None, None)
-                )
-                i += 1
+                j = i
+                while j < n and modalities[j] == "text":
+                    j += 1
+                for token, k in text_run_tokens(tokenizer, [w.word for w in words[i:j]]):
+                    word = i + k
+                    first_pos[word] = len(ids) if first_pos[word] is None else first_pos[word]
+                    last_pos[word] = len(ids)
+                    put(token, "text", word)
+                i = j
                 continue
             # A run of spoken words: their units, and the silences between them.
             j = i
