@@ -27,6 +27,7 @@ from extractor.service.environment import SECRETS
 
 from .config import RunConfig
 from .models.fingerprint import checkpoint_files
+from .models.hub import branch_heads, is_hub_uri, parse_hub_uri
 
 log = logging.getLogger("slm_lens.watch")
 
@@ -56,7 +57,17 @@ def _join(root_uri: str, name: str) -> str:
 
 
 def list_checkpoints(source: str) -> list[Checkpoint]:
-    """Sub-folders of ``source`` that hold a config.json (a local path or s3:// prefix)."""
+    """Sub-folders of ``source`` that hold a config.json (a local path or s3:// prefix).
+
+    A Hub repository (``hf://org/name``) gives one checkpoint per branch, pinned
+    to the commit at its head: a new commit on a branch is a new checkpoint.
+    """
+    if is_hub_uri(source):
+        ref = parse_hub_uri(source)
+        return [
+            Checkpoint(ref.at(sha), f"{branch}@{sha[:8]}")
+            for branch, sha in sorted(branch_heads(source).items())
+        ]
     fs, root = resolve(source)
     infos = with_retries(
         lambda: fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True)),
@@ -91,8 +102,11 @@ def checkpoint_complete(uri: str, settle_s: float = 2.0) -> tuple[bool, str]:
     """(complete?, why not). All indexed weight files present and at their final sizes.
 
     Safetensors files are checked against their own headers; other files must
-    keep the same size over ``settle_s`` seconds.
+    keep the same size over ``settle_s`` seconds. A Hub commit is complete by
+    construction.
     """
+    if is_hub_uri(uri):
+        return True, ""
     fs, root = resolve(uri)
     files = {i.base_name: i for i in checkpoint_files(uri)}
     index_name = next((n for n in files if n.endswith(".index.json")), None)

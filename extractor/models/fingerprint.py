@@ -16,6 +16,10 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from analysis.storage import resolve
+
+from .hub import is_hub_uri, resolve_commit
+
 #: Files that define what a checkpoint computes; everything else (READMEs,
 #: optimizer states, logs) may change without changing the run.
 FINGERPRINTED_SUFFIXES = (
@@ -37,15 +41,9 @@ _SKIP_PREFIXES = ("optimizer", "training_args", "scheduler", "rng_state")
 _BLOCK = 8 << 20
 
 
-def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), uri
-
-
 def checkpoint_files(uri: str) -> list[pafs.FileInfo]:
     """The fingerprinted files of a checkpoint folder (local path or object-store URI)."""
-    fs, root = _resolve(uri)
+    fs, root = resolve(uri)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
     return sorted(
         (
@@ -96,9 +94,12 @@ def fingerprint_checkpoint(uri: str, *, use_memo: bool = True) -> str:
 
     Hashes full contents: a weight edited in place without a size change still
     changes the fingerprint. Memoised by listing (see module doc) unless
-    ``use_memo=False``.
+    ``use_memo=False``. A Hub reference (``hf://``) is fingerprinted by the commit
+    its revision points at: the Hub already names content by hash.
     """
-    fs, _ = _resolve(uri)
+    if is_hub_uri(uri):
+        return resolve_commit(uri)
+    fs, _ = resolve(uri)
     files = checkpoint_files(uri)
     if not files:
         raise FileNotFoundError(f"{uri}: no checkpoint files to fingerprint")

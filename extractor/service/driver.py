@@ -30,6 +30,9 @@ from .worker import ShardProcessor, ShardStats
 
 log = logging.getLogger("slm_lens.extract")
 
+#: What the driver reads of a model (config and tokenizer): never the weights.
+DRIVER_FILES = ("*.json", "*.model", "*.txt", "*.tiktoken")
+
 
 @dataclass
 class RunSummary:
@@ -75,7 +78,7 @@ def _model_shape(cfg: RunConfig) -> tuple[int, int]:
 
     from .resources import materialize
 
-    folder = materialize(cfg.model.path)
+    folder = materialize(cfg.model.path, only=DRIVER_FILES)
     with open(os.path.join(folder, "config.json")) as f:
         raw = json.load(f)
     if is_unit_lm(raw):
@@ -93,7 +96,7 @@ def _write_setup_shard(cfg: RunConfig, plan: Plan, store: StoreWriter) -> None:
 
     from .resources import materialize
 
-    folder = materialize(cfg.model.tokenizer or cfg.model.path)
+    folder = materialize(cfg.model.tokenizer or cfg.model.path, only=DRIVER_FILES)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
     layout = layout_from_config(cfg.model.layout).check(tokenizer)
     modality = layout.modality_of()
@@ -135,6 +138,7 @@ def run_extraction(
         raise ValueError("no store given: set store: in the config or pass --store")
     started = time.perf_counter()
     plan = make_plan(cfg)
+    cfg = plan.config  # hf:// references pinned to commits, for every worker alike
     store = StoreWriter(cfg.store, target_file_bytes=cfg.target_file_mb << 20)
     run_fields = dict(
         model=cfg.model.name or cfg.model.path,

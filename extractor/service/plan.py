@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from analysis.storage import resolve
 from extractor.config import RunConfig
 from extractor.models.fingerprint import fingerprint_checkpoint
+from extractor.models.hub import is_hub_uri, parse_hub_uri, resolve_commit
 from extractor.speech.manifest import read_manifest
 
 #: Shard 0 holds the run's one-off rows (vocabulary, manifest-level failures).
@@ -22,6 +23,34 @@ class Plan:
     dataset: str
     shards: dict[int, list[str]]  # shard number -> utterance ids
     manifest_errors: list[tuple[str, str, str]]  # (utterance id, error, message)
+    config: RunConfig  # with every hf:// reference pinned to a commit
+
+
+def pin_hub_revisions(cfg: RunConfig) -> RunConfig:
+    """Every ``hf://`` reference of ``cfg`` pinned to the commit its revision names now.
+
+    Workers then load exactly what the run id was computed from, even if a branch
+    moves mid-run, and ``runs.config`` records the commits.
+    """
+
+    def pin(uri: str | None) -> str | None:
+        if not is_hub_uri(uri):
+            return uri
+        ref = parse_hub_uri(uri)
+        if re.fullmatch(r"[0-9a-f]{40}", ref.revision):
+            return uri
+        return ref.at(resolve_commit(uri))
+
+    return replace(
+        cfg,
+        model=replace(cfg.model, path=pin(cfg.model.path), tokenizer=pin(cfg.model.tokenizer)),
+        speech=replace(
+            cfg.speech,
+            model=pin(cfg.speech.model),
+            centroids=pin(cfg.speech.centroids),
+            quantizer=pin(cfg.speech.quantizer),
+        ),
+    )
 
 
 def dataset_hash(manifest_uri: str) -> str:
@@ -36,9 +65,10 @@ def _slug(text: str) -> str:
 
 def make_plan(cfg: RunConfig) -> Plan:
     """Fingerprint the model and dataset, derive the run id, cut the dataset into shards."""
+    cfg = pin_hub_revisions(cfg)
     revision = fingerprint_checkpoint(cfg.model.path)
     data = dataset_hash(cfg.dataset.manifest)
-    name = cfg.model.name or cfg.model.path.rstrip("/").rsplit("/", 1)[-1]
+    name = cfg.model.name or cfg.model.path.rstrip("/").rsplit("/", 1)[-1].split("@")[0]
     digest = hashlib.sha256(f"{data}:{cfg.content_hash()}".encode()).hexdigest()[:10]
     run_id = f"{_slug(name)}-{revision[:8]}-{digest}"
     manifest = read_manifest(cfg.dataset.manifest)
@@ -46,4 +76,4 @@ def make_plan(cfg: RunConfig) -> Plan:
     size = cfg.shard_size
     shards = {1 + i // size: ids[i : i + size] for i in range(0, len(ids), size)}
     errors = [(e.utterance_id, type(e).__name__, str(e)) for e in manifest.errors]
-    return Plan(run_id, revision, cfg.dataset.name or cfg.dataset.manifest, shards, errors)
+    return Plan(run_id, revision, cfg.dataset.name or cfg.dataset.manifest, shards, errors, cfg)

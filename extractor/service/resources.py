@@ -10,15 +10,22 @@ import pyarrow.fs as pafs
 from analysis.storage import resolve, with_retries
 from extractor.config import SpeechSection
 from extractor.models.fingerprint import fingerprint_checkpoint
+from extractor.models.hub import download, is_hub_uri
 from extractor.models.smollm2 import cache_dir
 
 
-def materialize(uri: str) -> str:
-    """A local folder for ``uri``: itself if local, else a fingerprinted cache copy.
+def materialize(
+    uri: str, *, allow_pickle: bool = False, only: tuple[str, ...] | None = None
+) -> str:
+    """A local path for ``uri``: itself if local, the Hub cache for ``hf://``, else a copy.
 
-    The copy is downloaded into a private ``.partial-PID`` folder and renamed into
-    place, so concurrent workers on one node never see (or load) a half-copied model.
+    An object-store folder is downloaded into a private ``.partial-PID`` folder and
+    renamed into place, so concurrent workers on one node never see (or load) a
+    half-copied model. Hub files are fetched by ``huggingface_hub`` (pickled
+    weights only with ``allow_pickle``; ``only`` these name patterns, if given).
     """
+    if is_hub_uri(uri):
+        return download(uri, allow_pickle=allow_pickle, only=only)[0]
     if "://" not in uri or uri.startswith("file://"):
         return uri.removeprefix("file://")
     target = cache_dir() / "remote" / fingerprint_checkpoint(uri)

@@ -81,7 +81,7 @@ class ShardProcessor:
         if device is None:
             device = "cuda" if torch.cuda.is_available() and config.workers.gpus > 0 else "cpu"
         self.device = device
-        model_dir = materialize(config.model.path)
+        model_dir = materialize(config.model.path, allow_pickle=config.model.allow_pickle)
         self.model = load_causal_lm(
             model_dir,
             dtype=getattr(torch, config.model.dtype),
