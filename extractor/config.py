@@ -59,6 +59,9 @@ class PromptSection:
     mode: str = "speech"
     rule: dict = field(default_factory=lambda: {"kind": "alternate", "n": 3})
     control_seed: int = 0
+    #: Whether a speech-only prompt opens with the speech marker. Unset, it follows the
+    #: layout's family (resolved when the config is parsed, so runs.config records it).
+    speech_marker: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,11 @@ _TYPES = {
         ("layer", "int", False),
     ],
     "dataset": [("manifest", "str", False), ("name", "str", True)],
-    "prompt": [("mode", "str", False), ("control_seed", "int", False)],
+    "prompt": [
+        ("mode", "str", False),
+        ("control_seed", "int", False),
+        ("speech_marker", "bool", True),
+    ],
     "lens": [("positions", "str", False), ("k", "int", False), ("engine", "str", False)],
     "workers": [
         ("count", "int", False),
@@ -296,7 +303,21 @@ def parse_config(raw: dict, base_dir: str | Path | None = None) -> RunConfig:
         store=resolve(cfg.store) if cfg.store and "://" not in cfg.store else cfg.store,
     )
     _validate(cfg)
+    if cfg.prompt.speech_marker is None:
+        marker = family_speech_marker(cfg.model.layout)
+        cfg = replace(cfg, prompt=replace(cfg.prompt, speech_marker=marker))
     return cfg
+
+
+def family_speech_marker(layout: str | dict) -> bool:
+    """Whether each family's own code opens a speech-only prompt with its speech marker.
+
+    slamkit (SIMS, Slam) writes speech-only input as bare units; Spirit LM's code
+    writes ``[Speech]`` first. A custom layout opens with its marker if it has one.
+    """
+    if isinstance(layout, dict):
+        return bool(layout.get("speech_marker"))
+    return layout == "spirit-lm"
 
 
 def _validate(cfg: RunConfig) -> None:

@@ -93,6 +93,29 @@ def test_example_run_config_validates():
     assert cfg.workers.gpus == 1 and cfg.store.startswith("s3://")
 
 
+#: Per family: layout, speech marker, speech tokenizer kind, HuBERT layer, units in the vocab.
+FAMILIES = {
+    "sims.yaml": ("sims", False, "hubert-kmeans", 11, 500),
+    "slam.yaml": ("slam", False, "hubert-kmeans", 11, 500),
+    "spirit-lm.yaml": ("spirit-lm", True, "spirit-linear", 11, 501),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_each_family_has_a_validated_example(name):
+    from extractor.speech.layouts import layout_from_config
+
+    raw = yaml.safe_load((DEPLOY / "models" / name).read_text())
+    cfg = parse_config(raw)
+    layout, marker, kind, layer, units = FAMILIES[name]
+    assert (cfg.model.layout, cfg.prompt.speech_marker, cfg.speech.kind) == (layout, marker, kind)
+    assert cfg.speech.layer == layer and layout_from_config(layout).n_units == units
+    # Without the switch, the family's own default applies (and is what runs.config records).
+    del raw["prompt"]["speech_marker"]
+    assert parse_config(raw).prompt.speech_marker is marker
+    assert parse_config(raw).to_dict()["prompt"]["speech_marker"] is marker
+
+
 def _containers(doc):
     """Every container spec anywhere in a manifest."""
     if isinstance(doc, dict):

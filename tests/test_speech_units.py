@@ -128,6 +128,17 @@ def test_sims_speech_mode_keeps_silence_units(sims):
     assert (seq.words[0].first_position, seq.words[0].last_position) == (1, 2)
 
 
+def test_speech_only_prompts_open_as_each_family_does(sims):
+    """slamkit writes bare units; Spirit LM (and the organism) open with the speech marker."""
+    tok, layout = sims
+    utt = _utt([("hi", 0.0, 0.2)], units=[1, 2, 3], durations=[2, 2, 2])
+    bare = build_sequence(utt, tok, layout, "speech", speech_marker=False)
+    marked = build_sequence(utt, tok, layout, "speech")
+    assert tok.decode(bare.token_ids) == "<Un1><Un2><Un3>"
+    assert marked.token_ids == [layout.speech_marker_id, *bare.token_ids]
+    assert marked.words[0].first_position == bare.words[0].first_position + 1
+
+
 def test_variants_cover_case_and_space(sims):
     tok, _ = sims
     ids = word_variants(tok, '"Paris,"')

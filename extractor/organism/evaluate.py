@@ -51,7 +51,8 @@ def organism_config(model: Path, manifest: Path, store: str, name: str) -> dict:
         },
         "speech": {"kind": "fbank-kmeans", "centroids": str(model / "acoustic.npz")},
         "dataset": {"manifest": str(manifest), "name": "organism-heldout"},
-        "prompt": {"mode": "speech"},
+        # Trained with the marker before speech-only sequences, so analysed with it.
+        "prompt": {"mode": "speech", "speech_marker": True},
         "lens": {"positions": "spoken_words", "k": 10},
         "store": store,
         "shard_size": 50,

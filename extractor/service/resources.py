@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 
@@ -28,27 +29,34 @@ def materialize(
         return download(uri, allow_pickle=allow_pickle, only=only)[0]
     if "://" not in uri or uri.startswith("file://"):
         return uri.removeprefix("file://")
-    target = cache_dir() / "remote" / fingerprint_checkpoint(uri)
-    if target.is_dir():
-        return str(target)
     fs, root = resolve(uri)
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
-    for info in infos:
-        if info.type == pafs.FileType.File:
+    info = with_retries(lambda: fs.get_file_info(root), f"reading {uri}")
+    if info.type == pafs.FileType.File:  # one file (centroids, a quantizer): keep its name
+        key = hashlib.sha256(f"{uri}\0{info.size}\0{info.mtime_ns}".encode()).hexdigest()[:16]
+        infos, target = [info], cache_dir() / "remote" / key
+    else:
+        infos = [
+            i
+            for i in fs.get_file_info(pafs.FileSelector(root, recursive=False))
+            if i.type == pafs.FileType.File
+        ]
+        target = cache_dir() / "remote" / fingerprint_checkpoint(uri)
+    if not target.is_dir():
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for i in infos:
             with_retries(
-                lambda i=info: pafs.copy_files(
+                lambda i=i: pafs.copy_files(
                     i.path, str(partial / i.base_name), source_filesystem=fs
                 ),
-                f"downloading {info.path}",
+                f"downloading {i.path}",
             )
-    try:
-        os.rename(partial, target)
-    except OSError:  # another worker finished first: use its copy
-        shutil.rmtree(partial, ignore_errors=True)
-    return str(target)
+        try:
+            os.rename(partial, target)
+        except OSError:  # another worker finished first: use its copy
+            shutil.rmtree(partial, ignore_errors=True)
+    return str(target / info.base_name) if info.type == pafs.FileType.File else str(target)
 
 
 def build_speech_tokenizer(section: SpeechSection, device: str):

@@ -156,6 +156,7 @@ class ShardProcessor:
                         self.rule,
                         self.control,
                         self.max_positions,
+                        speech_marker=self.cfg.prompt.speech_marker,
                     )
                 except (SpeechInputError, LayoutError) as exc:
                     failures.append(

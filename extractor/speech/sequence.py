@@ -217,10 +217,13 @@ def build_sequence(
     max_positions: int | None = None,
     frame_s: float = FRAME_S,
     variants: bool = True,
+    speech_marker: bool = True,
 ) -> BuiltSequence:
     """Render ``utt`` (with units if any word is spoken) as token ids plus bookkeeping.
 
     ``variants=False`` skips the variant/control ids (training data needs only ids).
+    ``speech_marker=False`` starts a speech-only sequence with its first unit, as
+    slamkit does; interleaved sequences always mark every modality change.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: use one of {MODES}")
@@ -263,7 +266,8 @@ def build_sequence(
 
     if mode == "speech":
         # The whole utterance as units, silences included; words own their spans.
-        marker("speech")
+        if speech_marker:
+            marker("speech")
         owner = [None] * len(units)
         for i, span in enumerate(spans):
             if span:
