@@ -65,38 +65,55 @@ def s3_filesystem(allow_bucket_creation: bool = False) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
-#: Errors that say something about the request, not the moment: retrying cannot help.
-_PERMANENT_TYPES = (
-    FileNotFoundError,
-    FileExistsError,
-    PermissionError,
-    IsADirectoryError,
-    NotADirectoryError,
-)
-_PERMANENT_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG}
-#: AWS error kinds (as pyarrow words them) that no retry will fix.
-_PERMANENT_AWS = (
-    "ACCESS_DENIED",
-    "INVALID_ACCESS_KEY_ID",
-    "SIGNATURE_DOES_NOT_MATCH",
-    "NO_SUCH_BUCKET",
-    "INVALID_BUCKET_NAME",
+#: errno values of a network or a server that may answer next time.
+_TRANSIENT_ERRNOS = {
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.ETIMEDOUT,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.ENETDOWN,
+    errno.EPIPE,
+    errno.EAGAIN,
+}
+#: What pyarrow's S3 client (and curl under it) says about a moment, not a request.
+_TRANSIENT_WORDS = (
+    "NETWORK_CONNECTION",
+    "curlCode",
+    "SLOW_DOWN",
+    "THROTTLING",
+    "SERVICE_UNAVAILABLE",
+    "INTERNAL_FAILURE",
+    "REQUEST_TIMEOUT",
+    "REQUEST_TIME_TOO_SKEWED",
+    "timed out",
+    "Timeout",
+    "Connection reset",
+    "Connection refused",
+    "HTTP status 500",
+    "HTTP status 502",
+    "HTTP status 503",
+    "HTTP status 504",
 )
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for I/O errors worth retrying: a refused connection, a timeout, a 5xx.
+    """True only for errors known to pass: a refused or reset connection, a timeout, a 5xx.
 
-    Missing files, denied access, a full disk and errors already retried
-    (:class:`StorageError`) are permanent: retrying them only delays the message.
+    Everything else (a missing file or bucket, denied access, a full disk, an
+    operation the filesystem does not support, errors already retried) is
+    permanent: retrying it would only delay the message by half a minute.
     """
-    if isinstance(exc, (StorageError, *_PERMANENT_TYPES)):
+    if isinstance(exc, StorageError | FileNotFoundError | PermissionError):
         return False
-    if not isinstance(exc, OSError | ConnectionError | TimeoutError):
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    if not isinstance(exc, OSError):
         return False
-    if getattr(exc, "errno", None) in _PERMANENT_ERRNOS:
-        return False
-    return not any(kind in str(exc) for kind in _PERMANENT_AWS)
+    if getattr(exc, "errno", None) in _TRANSIENT_ERRNOS:
+        return True
+    return any(word in str(exc) for word in _TRANSIENT_WORDS)
 
 
 def with_retries(
@@ -109,7 +126,7 @@ def with_retries(
     what failed and why. Permanent errors (see :func:`is_transient`) are raised
     at once, unchanged.
     """
-    attempts = attempts or IO_ATTEMPTS
+    attempts = max(1, attempts or IO_ATTEMPTS)
     delay = first_delay
     for attempt in range(1, attempts + 1):
         try:
@@ -132,6 +149,9 @@ def read_text(fs: pafs.FileSystem, path: str) -> str:
     with fs.open_input_stream(path) as f:
         return f.read().decode()
 
+
+#: What ``link()`` says on filesystems that have no hard links.
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}
 
 #: Suffix of objects being written: readers list only ``.json``/``.parquet`` names.
 PARTIAL_SUFFIX = ".partial"
@@ -166,6 +186,13 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes, *, exclusive: bool 
             os.link(tmp, path)
         except FileExistsError:
             return False
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            # A mount without hard links (FUSE object stores): check, then rename.
+            if exists(fs, path):
+                return False
+            fs.move(tmp, path)
         return True
     finally:
         with contextlib.suppress(OSError):

@@ -70,7 +70,11 @@ def load_commit(fs: pafs.FileSystem, path: str) -> Commit | None:
     hand) makes the shard uncommitted: readers skip it, writers redo it.
     """
     try:
-        data = json.loads(with_retries(lambda: read_text(fs, path), f"reading {path}"))
+        text = with_retries(lambda: read_text(fs, path), f"reading {path}")
+    except FileNotFoundError:
+        return None  # removed since it was listed (gc of an untrusted marker)
+    try:
+        data = json.loads(text)
         commit = Commit(
             run_id=data["run_id"],
             shard=int(data["shard"]),

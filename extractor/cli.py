@@ -151,8 +151,14 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
 def _cmd_gc(args: argparse.Namespace) -> int:
     from .store.gc import collect_garbage
+    from .watch import parse_interval
 
-    report = collect_garbage(args.store, delete=args.delete, include_active=args.include_active)
+    report = collect_garbage(
+        args.store,
+        delete=args.delete,
+        include_active=args.include_active,
+        min_age_s=parse_interval(args.min_age),
+    )
     print(report.describe())
     return 0
 
@@ -374,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--include-active",
         action="store_true",
         help="also sweep runs whose status is running/submitted (only if no writer is alive)",
+    )
+    gc.add_argument(
+        "--min-age",
+        default="1h",
+        help="never collect files younger than this (90s, 10m, 1h; default 1h)",
     )
     gc.set_defaults(func=_cmd_gc)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,9 +100,13 @@ class RunConfig:
         return asdict(self)
 
     def with_store(self, store: str | None) -> RunConfig:
+        """This config writing to ``store`` (a local path made absolute: actors have other cwds)."""
         from dataclasses import replace
 
-        return replace(self, store=store or self.store)
+        store = store or self.store
+        if store and "://" not in store:
+            store = os.path.abspath(store)
+        return replace(self, store=store)
 
     def content_hash(self) -> str:
         """Hash of everything that changes the results (not the store or worker counts)."""

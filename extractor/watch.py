@@ -13,8 +13,10 @@ or ``submitted`` for ever) is settled by asking Ray what became of its job.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
+import re
 import shlex
 import struct
 import time
@@ -136,6 +138,16 @@ def checkpoint_complete(uri: str, settle_s: float = 2.0) -> tuple[bool, str]:
     return True, ""
 
 
+class SubmissionRefused(RuntimeError):
+    """Ray refused a job submission with a 4xx: resubmitting cannot help."""
+
+
+def _status_code(exc: BaseException) -> int | None:
+    """The HTTP status in a JobSubmissionClient error ("Request failed with status code N")."""
+    match = re.search(r"status code (\d{3})", str(exc))
+    return int(match.group(1)) if match else None
+
+
 def submission_id(run_id: str, attempt: int = 0) -> str:
     return f"slm-lens-{run_id}" + (f"-retry{attempt}" if attempt else "")
 
@@ -193,7 +205,9 @@ class Watcher:
         rows = con.sql("SELECT run_id, status, message FROM runs").fetchall()
         return {r: {"status": s, "message": m} for r, s, m in rows}
 
-    def _record(self, run_id: str, ckpt: Checkpoint, revision: str, status: str, info: dict):
+    def _record(
+        self, run_id: str, ckpt: Checkpoint, revision: str, status: str, info: dict, **extra
+    ):
         self.store.write_run(
             run_id,
             model=self.cfg.model.name or ckpt.name,
@@ -203,6 +217,7 @@ class Watcher:
             config=replace(self.cfg, model=replace(self.cfg.model, path=ckpt.uri)).to_dict(),
             status=status,
             message=json.dumps({"checkpoint": ckpt.uri, **info}),
+            **extra,
         )
 
     def _submit_job(self, sid: str, ckpt: Checkpoint) -> bool:
@@ -219,7 +234,10 @@ class Watcher:
             except RuntimeError as exc:
                 if "already exists" in str(exc):
                     return False
-                raise OSError(str(exc)) from exc  # transient: retried with backoff
+                code = _status_code(exc)
+                if code is not None and 400 <= code < 500:
+                    raise SubmissionRefused(str(exc)) from exc  # retrying cannot help
+                raise ConnectionError(str(exc)) from exc  # transient: retried with backoff
 
         return with_retries(go, f"submitting job {sid}", attempts=5)
 
@@ -232,9 +250,11 @@ class Watcher:
         try:
             info = self.client.get_job_info(sid)
         except RuntimeError as exc:
-            if "does not exist" in str(exc) or "404" in str(exc):
+            code = _status_code(exc)
+            if code == 404:
                 return UNKNOWN, ""
-            raise
+            # Any other refusal (a 5xx, a proxy error) says nothing about the job.
+            raise ConnectionError(f"Ray answered {code or '?'} about {sid}: {exc}") from exc
         return str(info.status).rsplit(".", 1)[-1], str(info.message or "")
 
     def once(self) -> WatchReport:
@@ -262,6 +282,10 @@ class Watcher:
             (report.failed_jobs if status == "job_failed" else report.already_known).append(run_id)
             return
         history = self.submissions.read(run_id)
+        if not history and self._job(submission_id(run_id))[0] != UNKNOWN:
+            # Submitted by a watcher that died before logging it: adopt the job.
+            self.submissions.add(run_id, 0, submission_id(run_id), ckpt.uri)
+            history = self.submissions.read(run_id)
         if not history:
             if status == "running":  # started by hand, outside any watcher
                 report.already_known.append(run_id)
@@ -289,7 +313,14 @@ class Watcher:
     def _submit(self, ckpt: Checkpoint, plan, attempt: int, report: WatchReport) -> None:
         run_id = plan.run_id
         sid = submission_id(run_id, attempt)
-        new = self._submit_job(sid, ckpt)
+        stamp = dt.datetime.now(dt.UTC)  # before the job exists: its driver's records are later
+        try:
+            new = self._submit_job(sid, ckpt)
+        except SubmissionRefused as exc:
+            info = {"submission_id": sid, "attempt": attempt, "refused": str(exc)[:2000]}
+            self._record(run_id, ckpt, plan.revision, "job_failed", info)
+            report.failed_jobs.append(run_id)
+            return
         # Logged after the job exists: a watcher that dies in between finds the job
         # already there next pass, and logs it then.
         self.submissions.add(run_id, attempt, sid, ckpt.uri)
@@ -297,7 +328,7 @@ class Watcher:
             report.already_known.append(run_id)
             return
         info = {"submission_id": sid, "attempt": attempt}
-        self._record(run_id, ckpt, plan.revision, "submitted", info)
+        self._record(run_id, ckpt, plan.revision, "submitted", info, updated_at=stamp)
         report.submitted.append(run_id)
         log.info("submitted %s for %s", sid, ckpt.uri)
 

@@ -121,7 +121,10 @@ def test_gc_removes_only_what_no_marker_lists(tmp_path, capsys):
 
     assert _glob_rows(store, "tokens")[0] > committed
     with pytest.warns(CorruptCommitWarning):
-        dry = collect_garbage(str(store))
+        young = collect_garbage(str(store))  # the default grace period: all of it is new
+        assert young.garbage == [] and young.too_young == 6
+    with pytest.warns(CorruptCommitWarning):
+        dry = collect_garbage(str(store), min_age_s=0)
     assert not dry.deleted and dry.skipped_active_runs == ["live"]
     expected = {
         "tokens/run_id=done/shard-00009-deadbeef-0000.parquet",
@@ -135,13 +138,13 @@ def test_gc_removes_only_what_no_marker_lists(tmp_path, capsys):
     assert all((store / rel).exists() for rel in expected), "a dry run deletes nothing"
 
     with pytest.warns(CorruptCommitWarning):
-        assert main(["gc", "--store", str(store), "--delete"]) == 0
+        assert main(["gc", "--store", str(store), "--delete", "--min-age", "0"]) == 0
     assert "deleted 6 file(s)" in capsys.readouterr().out
     assert not any((store / rel).exists() for rel in expected)
     assert list(store.rglob("_tmp-*")), "the running run's files are left alone"
     shutil.rmtree(store / schema.partition_dir("tokens", "live"))  # the live writer's share
     _assert_globs_equal_views(store)
-    again = collect_garbage(str(store))
+    again = collect_garbage(str(store), min_age_s=0)
     assert again.garbage == [] and again.skipped_active_runs == ["live"]
 
 
@@ -178,13 +181,108 @@ def test_only_transient_io_errors_are_retried(monkeypatch):
     with pytest.raises(StorageError, match="failed 4 times"):
         with_retries(failing(transient), "reading x", attempts=4)
     assert len(calls) == 4
+    for transient in (
+        ConnectionRefusedError(errno.ECONNREFUSED, "refused"),
+        OSError(errno.ETIMEDOUT, "timed out"),
+        OSError("AWS Error SLOW_DOWN during PutObject operation"),
+    ):
+        calls.clear()
+        with pytest.raises(StorageError):
+            with_retries(failing(transient), "reading x", attempts=2)
+        assert len(calls) == 2, transient
     for permanent in (
         FileNotFoundError(errno.ENOENT, "missing"),
         PermissionError(errno.EACCES, "denied"),
         OSError(errno.ENOSPC, "No space left on device"),
+        OSError(errno.ENOTSUP, "Operation not supported"),
+        OSError(errno.EXDEV, "Invalid cross-device link"),
         OSError("AWS Error ACCESS_DENIED during GetObject operation"),
+        OSError("Bucket 'no-such-bucket' not found"),
+        OSError("something no one has seen before"),
     ):
         calls.clear()
         with pytest.raises(type(permanent)):
             with_retries(failing(permanent), "reading x", attempts=4)
         assert len(calls) == 1, permanent
+
+
+def test_an_untrusted_marker_is_set_aside_not_overwritten(tmp_path):
+    """Review finding: two attempts that both found a torn marker both "committed"."""
+    writer = StoreWriter(str(tmp_path), target_file_bytes=1 << 20)
+    marker = tmp_path / schema.commit_path("r", 1)
+    marker.parent.mkdir(parents=True)
+    marker.write_bytes(b'{"run_id": "r", "sha')  # a torn marker from a crashed attempt
+    late, first = writer.shard("r", 1), writer.shard("r", 1)
+    for attempt in (late, first):
+        attempt.write("tokens", _tokens("u1", 30))
+        attempt._flush("tokens")
+    with pytest.warns(CorruptCommitWarning):
+        late._winner()  # the late attempt has looked: no trusted marker yet
+    with pytest.warns(CorruptCommitWarning):
+        first.commit()
+    outcome = late.commit()
+    assert outcome.get("superseded") and outcome["attempt"] == first.attempt
+    assert _view_rows(tmp_path, "tokens") == 30
+    assert _glob_rows(tmp_path, "tokens") == (30, 30)
+
+
+def test_a_late_writer_whose_files_were_cleaned_up_yields(tmp_path, monkeypatch):
+    """Review finding: B passed its check, A committed and deleted B's files: B must yield."""
+    from extractor.store import writer as writer_module
+
+    writer = StoreWriter(str(tmp_path), target_file_bytes=1 << 20)
+    a, b = writer.shard("r", 1), writer.shard("r", 1)
+    for attempt in (a, b):
+        attempt.write("tokens", _tokens("u1", 30))
+        attempt._flush("tokens")
+    real_move = writer_module._move
+
+    def move_after_a_commits(fs, src, dst):
+        monkeypatch.setattr(writer_module, "_move", real_move)
+        a.commit()  # between B's check and B's first move
+        return real_move(fs, src, dst)
+
+    monkeypatch.setattr(writer_module, "_move", move_after_a_commits)
+    outcome = b.commit()
+    assert outcome.get("superseded") and outcome["attempt"] == a.attempt
+    assert _view_rows(tmp_path, "tokens") == 30
+
+
+def test_gc_reads_whole_shard_numbers(tmp_path):
+    """Review finding: shard 123456's marker was judged by shard 12345's."""
+    writer = StoreWriter(str(tmp_path))
+    writer.write_run("r", status="finished")
+    for shard in (12345, 123456):
+        with writer.shard("r", shard) as sw:
+            sw.write("tokens", _tokens(f"u{shard}", 3))
+            sw.commit()
+    writer.record_shard_failure("r", 123457, ["x"], "StorageError", "down")
+    assert collect_garbage(str(tmp_path), min_age_s=0).garbage == []
+
+
+def test_exclusive_publish_on_a_mount_without_hard_links(tmp_path, monkeypatch):
+    import os
+
+    import pyarrow.fs as pafs
+
+    from analysis.storage import write_bytes
+
+    def no_links(src, dst):
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    fs, path = pafs.LocalFileSystem(), str(tmp_path / "marker.json")
+    assert write_bytes(fs, path, b"first", exclusive=True)
+    assert not write_bytes(fs, path, b"second", exclusive=True)
+    assert (tmp_path / "marker.json").read_bytes() == b"first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["marker.json"]
+
+
+def test_a_marker_removed_after_listing_is_skipped(tmp_path):
+    import pyarrow.fs as pafs
+
+    from analysis.store import load_commit
+
+    assert (
+        load_commit(pafs.LocalFileSystem(), str(tmp_path / "_commits/x/shard-00001.json")) is None
+    )

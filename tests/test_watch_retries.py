@@ -157,3 +157,63 @@ def test_ray_unreachable_skips_the_pass_and_submits_nothing(watcher_for):
     assert report.submitted == [] and report.retried == []
     jobs.reachable = True
     assert watcher.once().retried == [run_id]
+
+
+def test_a_job_nobody_logged_and_whose_driver_died_is_still_settled(watcher_for):
+    """Review finding: watcher died before logging, driver wrote running then died."""
+    jobs = RecordedJobs()
+    watcher = watcher_for(jobs, max_retries=1)
+    (run_id,) = watcher.once().submitted
+    watcher.store.fs.delete_file(watcher.store._path(schema.submission_path(run_id, 0)))
+    StoreWriter(watcher.cfg.store).write_run(run_id, status="running")
+    jobs.status[submission_id(run_id)] = "FAILED"
+    report = watcher.once()
+    assert report.retried == [run_id] and jobs.submitted[-1] == submission_id(run_id, 1)
+
+
+def test_a_ray_5xx_skips_the_pass(watcher_for):
+    jobs = RecordedJobs()
+    watcher = watcher_for(jobs, max_retries=1)
+    (run_id,) = watcher.once().submitted
+    jobs.status[submission_id(run_id)] = "RUNNING"
+
+    def busy(sid):
+        raise RuntimeError("Request failed with status code 503: Service Unavailable.")
+
+    jobs.get_job_info = busy
+    report = watcher.once()  # no exception out of the pass, nothing submitted or settled
+    assert report.submitted == [] and report.retried == [] and report.failed_jobs == []
+
+
+def test_a_refused_submission_gives_up_at_once(watcher_for):
+    jobs = RecordedJobs()
+
+    def refuse(**kwargs):
+        raise RuntimeError("Request failed with status code 400: runtime_env is invalid.")
+
+    jobs.submit_job = refuse
+    watcher = watcher_for(jobs, max_retries=3)
+    report = watcher.once()
+    (run_id,) = report.failed_jobs
+    status, info = _history(watcher.cfg.store, run_id)[-1]
+    assert status == "job_failed" and "400" in info["refused"]
+    assert watcher.once().submitted == []
+
+
+def test_submitted_never_hides_a_driver_that_already_finished(watcher_for):
+    """Review finding: a fast driver's `finished` was overwritten by a later `submitted`."""
+    jobs = RecordedJobs()
+    watcher = watcher_for(jobs, max_retries=1)
+    submit = jobs.submit_job
+
+    def fast_driver(**kwargs):
+        sid = submit(**kwargs)
+        run_id = sid.removeprefix("slm-lens-")
+        driver = StoreWriter(watcher.cfg.store)
+        driver.write_run(run_id, status="running")
+        driver.write_run(run_id, status="finished")
+        return sid
+
+    jobs.submit_job = fast_driver
+    (run_id,) = watcher.once().submitted
+    assert _history(watcher.cfg.store, run_id)[-1][0] == "finished"

@@ -215,6 +215,8 @@ def _extract(cfg, plan, store, address, in_process, progress) -> RunSummary:
 
     def settle(outcome: Outcome) -> None:
         """Every shard outcome is folded into the summary (and the store) here, only here."""
+        if outcome.kind == "wait":
+            return
         if outcome.kind == "retry":
             summary.retries += 1
             log.warning("shard %d: %s; retrying", outcome.shard, outcome.message)
@@ -223,9 +225,12 @@ def _extract(cfg, plan, store, address, in_process, progress) -> RunSummary:
         if outcome.kind == "failed":
             summary.shards_failed.append(outcome.shard)
             log.error("shard %d failed: %s: %s", outcome.shard, outcome.error, outcome.message)
-            store.record_shard_failure(
-                plan.run_id, outcome.shard, todo[outcome.shard], outcome.error, outcome.message
-            )
+            try:
+                store.record_shard_failure(
+                    plan.run_id, outcome.shard, todo[outcome.shard], outcome.error, outcome.message
+                )
+            except OSError as exc:  # the shard stays uncommitted; a re-run redoes it anyway
+                log.error("shard %d: its failure could not be recorded: %s", outcome.shard, exc)
             return
         stats = outcome.stats
         summary.shards_done += 1
@@ -258,7 +263,7 @@ def _extract(cfg, plan, store, address, in_process, progress) -> RunSummary:
 
 @dataclass
 class Outcome:
-    """What became of one attempt at a shard: ``done``, ``retry`` or ``failed``."""
+    """What became of one attempt at a shard: ``done``, ``retry``, ``wait`` or ``failed``."""
 
     shard: int
     kind: str
@@ -280,11 +285,22 @@ class ShardScheduler:
     worker left retries in its budget.
     """
 
-    def __init__(self, shards, max_retries: int, infra_errors: tuple[type, ...]) -> None:
+    #: How many times a shard may find its actor restarting (about a second apart).
+    MAX_WAITS = 600
+
+    def __init__(
+        self,
+        shards,
+        max_retries: int,
+        infra_errors: tuple[type, ...],
+        unavailable_errors: tuple[type, ...] = (),
+    ) -> None:
         self.queue = deque(sorted(shards))
         self.attempts = dict.fromkeys(shards, 0)
+        self.waits = dict.fromkeys(shards, 0)
         self.max_retries = max_retries
         self.infra_errors = infra_errors
+        self.unavailable_errors = unavailable_errors
 
     def next(self) -> int | None:
         return self.queue.popleft() if self.queue else None
@@ -298,6 +314,11 @@ class ShardScheduler:
             # A model or tokenizer that cannot load fails everywhere: retrying it
             # shard after shard only hides the real error.
             raise WorkerStartError(f"workers could not start (shard {shard}): {result}") from result
+        if isinstance(result, self.unavailable_errors) and self.waits[shard] < self.MAX_WAITS:
+            # The actor is restarting (loading its model): not a lost attempt, just early.
+            self.waits[shard] += 1
+            self.queue.append(shard)
+            return Outcome(shard, "wait", error=type(result).__name__, message="actor restarting")
         self.attempts[shard] += 1
         if self.attempts[shard] > self.max_retries:
             outcome = Outcome.failure(shard, result)
@@ -400,7 +421,10 @@ def _run_on_ray(cfg, run_id, todo, address, settle) -> None:
     probe = write_probe(cfg.store, run_id)
     actors = [actor_cls.remote(cfg, run_id, probe) for _ in range(cfg.workers.count)]
     capacity = cfg.workers.in_flight_per_worker
-    scheduler = ShardScheduler(todo, cfg.workers.max_retries, _infrastructure_errors())
+    from ray import exceptions as rx
+
+    unavailable = tuple(e for e in (getattr(rx, "ActorUnavailableError", None),) if e)
+    scheduler = ShardScheduler(todo, cfg.workers.max_retries, _infrastructure_errors(), unavailable)
     load = dict.fromkeys(range(len(actors)), 0)
     in_flight: dict = {}
     try:
@@ -419,7 +443,10 @@ def _run_on_ray(cfg, run_id, todo, address, settle) -> None:
                     result = ray.get(ref)
                 except Exception as exc:
                     result = exc
-                settle(scheduler.done(shard, result))
+                outcome = scheduler.done(shard, result)
+                settle(outcome)
+                if outcome.kind == "wait":
+                    time.sleep(1.0)  # let the restarting actor load its model
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)

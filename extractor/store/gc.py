@@ -10,6 +10,8 @@ touches runs that are still running (their writers are mid-flight).
 
 from __future__ import annotations
 
+import re
+import time
 from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
@@ -20,6 +22,10 @@ from analysis.store import check_store, open_store, read_commits
 
 #: Run states whose writers may still be at work.
 ACTIVE_STATES = ("running", "submitted")
+#: Files younger than this are never collected: a run resumed after gc read the
+#: statuses may be writing them (and committing) right now.
+MIN_AGE_S = 3600.0
+_SHARD = re.compile(r"shard-(\d+)")
 
 
 @dataclass
@@ -30,6 +36,7 @@ class GarbageReport:
     bytes: int = 0
     skipped_active_runs: list[str] = field(default_factory=list)
     deleted: bool = False
+    too_young: int = 0
 
     def describe(self) -> str:
         verb = "deleted" if self.deleted else "would delete (dry run; pass --delete)"
@@ -37,6 +44,8 @@ class GarbageReport:
         lines += [f"  {path}" for path in self.garbage]
         if self.skipped_active_runs:
             lines.append(f"left alone, still running: {', '.join(self.skipped_active_runs)}")
+        if self.too_young:
+            lines.append(f"left alone, younger than the grace period: {self.too_young} file(s)")
         return "\n".join(lines)
 
 
@@ -48,12 +57,10 @@ def _run_of(rel: str) -> str | None:
 
 
 def _shard_of(rel: str) -> int | None:
-    """Shard number of an ``_attempts``/``_failed`` path (``.../shard-NNNNN[...]``)."""
+    """Shard number of a ``_commits``/``_attempts``/``_failed`` path (``.../shard-N...``)."""
     parts = rel.split("/")
-    if len(parts) < 3 or not parts[2].startswith("shard-"):
-        return None
-    digits = parts[2].removeprefix("shard-")[:5]
-    return int(digits) if digits.isdigit() else None
+    match = _SHARD.match(parts[2]) if len(parts) >= 3 else None
+    return int(match.group(1)) if match else None
 
 
 def is_garbage(rel: str, listed: set[str], committed: set[tuple[str, int]]) -> bool:
@@ -65,8 +72,7 @@ def is_garbage(rel: str, listed: set[str], committed: set[tuple[str, int]]) -> b
     if top in schema.SHARD_TABLES:
         return rel not in listed
     if top == schema.COMMITS_DIR:
-        shard = int(name[6:11]) if name[6:11].isdigit() else None
-        return (run_id, shard) not in committed  # an untrusted marker
+        return (run_id, _shard_of(rel)) not in committed  # an untrusted marker
     if top == schema.PROBE_DIR:
         return True  # a driver that died before removing its probe
     if top == schema.ATTEMPTS_DIR:
@@ -76,11 +82,19 @@ def is_garbage(rel: str, listed: set[str], committed: set[tuple[str, int]]) -> b
     return False  # runs records, the store marker, the watcher's log: never garbage
 
 
-def collect_garbage(uri: str, *, delete: bool = False, include_active: bool = False):
+def collect_garbage(
+    uri: str,
+    *,
+    delete: bool = False,
+    include_active: bool = False,
+    min_age_s: float = MIN_AGE_S,
+) -> GarbageReport:
     """Find (and with ``delete``, remove) every file of ``uri`` that no trusted marker needs.
 
     Runs whose latest status is running or submitted are skipped unless
     ``include_active``: their writers may be between a data file and its marker.
+    Files younger than ``min_age_s`` are never collected, whatever their run's
+    status said when gc read it (a run may be resumed while gc lists the store).
     """
     fs, root = resolve(uri)
     check_store(fs, root, uri)
@@ -91,6 +105,7 @@ def collect_garbage(uri: str, *, delete: bool = False, include_active: bool = Fa
     active = set() if include_active else {r for r, s in status.items() if s in ACTIVE_STATES}
     report = GarbageReport(deleted=delete)
     skipped: set[str] = set()
+    cutoff_ns = time.time_ns() - int(min_age_s * 1e9)
     for info in with_retries(lambda: list_files(fs, root), f"listing {uri}"):
         rel = info.path.removeprefix(root + "/")
         if "/" not in rel or not is_garbage(rel, listed, committed):
@@ -98,6 +113,9 @@ def collect_garbage(uri: str, *, delete: bool = False, include_active: bool = Fa
         run_id = _run_of(rel)
         if run_id in active:
             skipped.add(run_id)
+            continue
+        if min_age_s > 0 and (info.mtime_ns is None or info.mtime_ns > cutoff_ns):
+            report.too_young += 1
             continue
         report.garbage.append(rel)
         report.bytes += info.size or 0

@@ -31,7 +31,15 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from analysis import schema
-from analysis.storage import exists, list_files, read_text, resolve, with_retries, write_bytes
+from analysis.storage import (
+    PARTIAL_SUFFIX,
+    exists,
+    list_files,
+    read_text,
+    resolve,
+    with_retries,
+    write_bytes,
+)
 from analysis.store import Commit, load_commit
 
 from .faults import crash_point
@@ -280,14 +288,21 @@ class ShardWriter:
         if winner is not None:
             return self._yield_to(winner)
         fs = self.store.fs
-        for table, files in self._files.items():
-            for tmp, final in files:
-                src, dst = self.store._path(tmp), self.store._path(final)
-                with_retries(
-                    lambda s=src, d=dst: _move(fs, s, d),
-                    f"publishing {table} file of {self.run_id} shard {self.shard}",
-                )
-                crash_point("mid_publish", self.shard)
+        try:
+            for table, files in self._files.items():
+                for tmp, final in files:
+                    src, dst = self.store._path(tmp), self.store._path(final)
+                    with_retries(
+                        lambda s=src, d=dst: _move(fs, s, d),
+                        f"publishing {table} file of {self.run_id} shard {self.shard}",
+                    )
+                    crash_point("mid_publish", self.shard)
+        except OSError:
+            # Our files vanished: the attempt that committed meanwhile cleaned them up.
+            winner = self._winner()
+            if winner is not None:
+                return self._yield_to(winner)
+            raise
         marker = {
             "run_id": self.run_id,
             "shard": self.shard,
@@ -310,17 +325,29 @@ class ShardWriter:
         return marker
 
     def _publish_marker(self, payload: bytes) -> bool:
-        """Write the marker unless a marker is already there; an untrusted one is replaced."""
+        """Create the marker if none is there; False if another attempt's trusted one is.
+
+        A marker that cannot be trusted (truncated, lists lost files) is moved aside,
+        never overwritten, and the exclusive create is tried again: two attempts
+        that both find it untrusted cannot both commit.
+        """
         rel = schema.commit_path(self.run_id, self.shard)
         what = f"committing {self.run_id} shard {self.shard}"
         crash_point("mid_marker", self.shard, lambda: self._tear(rel, payload))
-        if with_retries(lambda: self.store._put(rel, payload, exclusive=True), what):
-            return True
-        if self._winner() is not None:
-            return False
-        # The marker there cannot be trusted (truncated, lists lost files): replace it.
-        with_retries(lambda: self.store._put(rel, payload), what)
-        return True
+        for _ in range(3):
+            if with_retries(lambda: self.store._put(rel, payload, exclusive=True), what):
+                return True
+            if self._winner() is not None:
+                return False
+            self._set_aside(rel)
+        raise StoreContractError(f"{what}: the marker kept changing under this writer")
+
+    def _set_aside(self, rel: str) -> None:
+        """Rename an untrusted marker to a hidden ``.partial`` name (gc removes it)."""
+        folder, name = self.store._path(rel).rsplit("/", 1)
+        aside = f"{folder}/.{name}.untrusted-{self.attempt}{PARTIAL_SUFFIX}"
+        with contextlib.suppress(FileNotFoundError):  # another attempt moved it first
+            self.store.fs.move(f"{folder}/{name}", aside)
 
     def _yield_to(self, winner: Commit) -> dict:
         self.abort()
