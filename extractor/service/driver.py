@@ -215,7 +215,8 @@ def _extract(cfg, plan, store, address, in_process, progress) -> RunSummary:
 
     def settle(outcome: Outcome) -> None:
         """Every shard outcome is folded into the summary (and the store) here, only here."""
-        if outcome.kind == "wait":
+        if outcome.kind == "wait":  # resubmitted, without using the retry budget
+            summary.retries += 1
             return
         if outcome.kind == "retry":
             summary.retries += 1

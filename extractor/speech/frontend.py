@@ -26,10 +26,10 @@ class SpeechFrontEnd:
 
     ``tokenizer``: a batched speech tokenizer (HuBERT + k-means, Spirit LM's
     quantizer) or None when every utterance brings precomputed units.
-    ``batch_seconds``: audio per tokenizer batch (utterances sorted by length, so
-    batches pad little). Default: 60 s on a GPU; one utterance at a time on a
-    CPU, where bench/speech.py measured batching to be slower (padding costs
-    more than the larger GEMMs gain on two cores).
+    ``batch_seconds``: audio per tokenizer call (utterances sorted by length).
+    Default: 60 s on a GPU, one utterance on a CPU. The tokenizers run their
+    model one utterance at a time inside a call, so units never depend on this
+    grouping (or on the device's batch size).
     """
 
     def __init__(

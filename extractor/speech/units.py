@@ -162,13 +162,14 @@ class UnitSequence:
 
 
 class HubertKMeansTokenizer:
-    """HuBERT features at a configurable layer + nearest k-means centroid, batched.
+    """HuBERT features at a configurable layer + nearest k-means centroid.
 
     ``model`` is a transformers ``HubertModel``; input is zero-padded by
     :data:`PAD_SAMPLES` on both sides; features are ``hidden_states[layer]``.
-    Batches pad to the longest utterance and pass an attention mask where the
-    model's feature extractor uses layer norm; each utterance keeps exactly the
-    frames of its own length.
+    HuBERT runs one utterance at a time, so a clip's units never depend on what
+    it was batched with: group-norm HuBERT (mHuBERT-25Hz) normalises over the
+    whole padded input and takes no attention mask, and even with one, a batched
+    GEMM sums in another order. A list of clips is accepted for convenience.
     """
 
     def __init__(self, model, centroids: np.ndarray, layer: int = 11, device: str = "cpu") -> None:
@@ -197,17 +198,13 @@ class HubertKMeansTokenizer:
     def __call__(self, batch: Sequence[np.ndarray]) -> list[UnitSequence]:
         import torch
 
-        if not batch:
-            return []
-        x, mask, lengths = _pad_batch(batch)
-        use_mask = getattr(self.model.config, "feat_extract_norm", "group") == "layer"
-        with torch.no_grad():
-            out = self.model(
-                x.to(self.device),
-                attention_mask=mask.to(self.device) if use_mask else None,
-                output_hidden_states=True,
-            )
-        feats = out.hidden_states[self.layer].float()  # [B, T, D]
-        # Nearest centroid by L2: argmin ||f||^2 - 2 f.c + ||c||^2 (||f||^2 is constant).
-        scores = feats @ self.centroids.T * -2 + self.centroid_sq
-        return _to_sequences(self.model, scores.argmin(-1).cpu(), lengths)
+        out = []
+        for audio in batch:
+            x, _, lengths = _pad_batch([audio])
+            with torch.no_grad():
+                hidden = self.model(x.to(self.device), output_hidden_states=True).hidden_states
+            feats = hidden[self.layer].float()  # [1, T, D]
+            # Nearest centroid by L2: argmin ||f||^2 - 2 f.c + ||c||^2 (||f||^2 is constant).
+            scores = feats @ self.centroids.T * -2 + self.centroid_sq
+            out += _to_sequences(self.model, scores.argmin(-1).cpu(), lengths)
+        return out
