@@ -27,6 +27,7 @@ from extractor.store import StoreWriter
 from extractor.store.faults import crash_point
 
 from .resources import build_speech_tokenizer, materialize
+from .rows import lens_tables, pack_targets, pooled_groups
 
 
 def _engine(backend: str):
@@ -241,64 +242,24 @@ class ShardProcessor:
         return LENS_ENGINES[self.engine_check.engine](inputs)
 
     def _lens_batch(self, batch) -> tuple[pa.Table, pa.Table]:
-        b_count = len(batch)
-        width = max(len(s) for _, s in batch)
-        ids = torch.full((b_count, width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((b_count, width), dtype=torch.long)
-        select = torch.zeros((b_count, width), dtype=torch.bool)
-        for b, (_, seq) in enumerate(batch):
+        """One padded forward pass, the lens over every layer, the batch's store rows."""
+        seqs = [seq for _, seq in batch]
+        width = max(len(seq) for seq in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(seqs), width), dtype=torch.long)
+        select = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for b, seq in enumerate(seqs):
             ids[b, : len(seq)] = torch.tensor(seq.token_ids)
             attn[b, : len(seq)] = 1
             select[b, self._selected(seq)] = True
         sel_b, sel_p = torch.nonzero(select, as_tuple=True)
-        n_sel = len(sel_b)
-        if n_sel == 0:
+        if len(sel_b) == 0:
             return _empty("lens"), _empty("word_lens")
         hidden = capture_layers(self.parts, ids, select, attn)  # [L1, S, d]
         n_layers = hidden.shape[0]
-
-        v_max = max(
-            [1]
-            + [len(w.variant_ids) for _, s in batch for w in s.words]
-            + [len(w.ctrl_variant_ids or ()) for _, s in batch for w in s.words]
-        )
-        t_width = 3 * v_max + 1
-        tg = np.full((n_sel, t_width), -1, dtype=np.int64)
-        word_of = np.full(n_sel, -1, dtype=np.int64)
-        groups: dict[tuple[int, int], int] = {}
-        group_targets: list[np.ndarray] = []
-        for s in range(n_sel):
-            b, p = int(sel_b[s]), int(sel_p[s])
-            seq = batch[b][1]
-            if p + 1 < len(seq):
-                tg[s, 3 * v_max] = seq.token_ids[p + 1]
-            w = seq.word_index[p]
-            if w is None:
-                continue
-            row = seq.words[w]
-            for slot, variants in enumerate(
-                (row.variant_ids, row.next_variant_ids, row.ctrl_variant_ids)
-            ):
-                if variants:
-                    tg[s, slot * v_max : slot * v_max + len(variants)] = variants
-            if row.modality == "speech" and seq.modality[p] == "speech":
-                key = (b, w)
-                if key not in groups:
-                    groups[key] = len(groups)
-                    group_targets.append(tg[s, : 3 * v_max].copy())
-                word_of[s] = groups[key]
-        n_groups = len(groups)
-        targets = torch.from_numpy(np.tile(tg, (n_layers, 1)))
-        layer_idx = np.repeat(np.arange(n_layers), n_sel)
-        pool_groups = np.where(
-            np.tile(word_of, n_layers) >= 0, layer_idx * n_groups + np.tile(word_of, n_layers), -1
-        )
-        pool_targets = (
-            np.tile(np.stack(group_targets), (n_layers, 1))
-            if n_groups
-            else np.zeros((0, 3 * v_max), dtype=np.int64)
-        )
-        res = self._lens(
+        targets = pack_targets(seqs, sel_b.numpy(), sel_p.numpy())
+        pool_rows, pool_targets = pooled_groups(targets, n_layers)
+        result = self._lens(
             LensInputs(
                 hidden=hidden.reshape(-1, hidden.shape[-1]),
                 unembed=self.parts.unembed,
@@ -307,98 +268,15 @@ class ShardProcessor:
                 bias=self.parts.bias,
                 softcap=self.parts.softcap,
                 segments=self.segments,
-                targets=targets.to(self.device),
-                pool_groups=torch.from_numpy(pool_groups).to(self.device),
+                targets=torch.from_numpy(np.tile(targets.row_targets(), (n_layers, 1))).to(
+                    self.device
+                ),
+                pool_groups=torch.from_numpy(pool_rows).to(self.device),
                 pool_targets=torch.from_numpy(pool_targets).to(self.device),
             )
         ).to("cpu")
-
         has_text = self.text_segment_size > 0
-        cols = _rank_columns(
-            res.target_ranks.numpy(), res.target_segment_ranks["text"].numpy(), v_max, has_text
-        )
-        next_lp = res.target_logprobs[:, 3 * v_max].numpy()
-        utt_ids = [batch[int(b)][1].utterance_id for b in sel_b]
-        word_idx = [batch[int(b)][1].word_index[int(p)] for b, p in zip(sel_b, sel_p, strict=True)]
-        pos_mod = [batch[int(b)][1].modality[int(p)] for b, p in zip(sel_b, sel_p, strict=True)]
-        k = self.cfg.lens.k
-        lens = pa.table(
-            {
-                "utterance_id": pa.array(utt_ids * n_layers, pa.string()),
-                "position": pa.array(np.tile(sel_p.numpy(), n_layers).astype(np.int32)),
-                "layer": pa.array(layer_idx.astype(np.int16)),
-                "word_index": pa.array(word_idx * n_layers, pa.int32()),
-                "modality": pa.array(pos_mod * n_layers, pa.string()),
-                "topk_ids": _lists(res.topk_ids.numpy(), k, np.int32),
-                "topk_logprobs": _lists(res.topk_logprobs.numpy(), k, np.float32),
-                "text_topk_ids": _lists(res.segment_topk_ids["text"].numpy(), k, np.int32),
-                "text_topk_logprobs": _lists(
-                    res.segment_topk_logprobs["text"].numpy(), k, np.float32
-                ),
-                "logsumexp": pa.array(res.logsumexp.numpy().astype(np.float32)),
-                "speech_logmass": pa.array(
-                    res.segment_logmass["speech"].numpy().astype(np.float32)
-                ),
-                "text_logmass": pa.array(res.segment_logmass["text"].numpy().astype(np.float32)),
-                **cols,
-                "next_token_logprob": pa.array(next_lp.astype(np.float32), mask=np.isnan(next_lp)),
-            }
-        )
-
-        if n_groups:
-            inverse = {g: key for key, g in groups.items()}
-            g_layer = np.repeat(np.arange(n_layers), n_groups)
-            g_keys = [inverse[g] for g in range(n_groups)] * n_layers
-            pcols = _rank_columns(
-                res.pooled_target_ranks.numpy(),
-                res.pooled_target_segment_ranks["text"].numpy(),
-                v_max,
-                has_text,
-            )
-            word_lens = pa.table(
-                {
-                    "utterance_id": pa.array([batch[b][1].utterance_id for b, _ in g_keys]),
-                    "word_index": pa.array([w for _, w in g_keys], pa.int32()),
-                    "layer": pa.array(g_layer.astype(np.int16)),
-                    "pooled_topk_ids": _lists(res.pooled_topk_ids.numpy(), k, np.int32),
-                    "pooled_text_topk_ids": _lists(
-                        res.pooled_segment_topk_ids["text"].numpy(), k, np.int32
-                    ),
-                    **pcols,
-                }
-            )
-        else:
-            word_lens = _empty("word_lens")
-        return lens, word_lens
-
-
-def _rank_columns(
-    ranks: np.ndarray, text_ranks: np.ndarray, v_max: int, has_text: bool
-) -> dict[str, pa.Array]:
-    """cur/next/ctrl word ranks (whole vocabulary and text) from [rows, 3 * v_max] ranks.
-
-    Without a text segment (a Slam-style vocabulary) text ranks are null, not 0.
-    """
-    cols = {}
-    for slot, name in enumerate(("cur", "next", "ctrl")):
-        span = slice(slot * v_max, (slot + 1) * v_max)
-        cols[f"{name}_word_rank"] = _min_rank(ranks[:, span])
-        text = text_ranks[:, span] if has_text else np.full_like(ranks[:, span], -1)
-        cols[f"{name}_word_text_rank"] = _min_rank(text)
-    return cols
-
-
-def _min_rank(ranks: np.ndarray) -> pa.Array:
-    """Best rank over a word's variants (-1 pads ignored); null when it has none."""
-    masked = np.where(ranks >= 0, ranks, np.iinfo(np.int64).max)
-    best = masked.min(axis=1) if ranks.shape[1] else np.full(len(ranks), np.iinfo(np.int64).max)
-    missing = best == np.iinfo(np.int64).max
-    return pa.array(np.where(missing, 0, best).astype(np.int32), mask=missing)
-
-
-def _lists(values: np.ndarray, k: int, dtype) -> pa.Array:
-    offsets = np.arange(0, len(values) * k + 1, k, dtype=np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1).astype(dtype)))
+        return lens_tables(result, targets, seqs, n_layers, self.cfg.lens.k, has_text)
 
 
 def _empty(table: str) -> pa.Table:
