@@ -172,7 +172,8 @@ def check_store(fs: pafs.FileSystem, root: str, uri: str) -> None:
     info = with_retries(lambda: fs.get_file_info(marker), f"opening store {uri}")
     if info.type != pafs.FileType.File:
         raise StoreNotFoundError(f"no slm-lens store at {uri} (missing {schema.STORE_MARKER})")
-    version = json.loads(read_text(fs, marker)).get("schema_version")
+    text = with_retries(lambda: read_text(fs, marker), f"reading {uri}'s store marker")
+    version = json.loads(text).get("schema_version")
     if not isinstance(version, int) or version > schema.SCHEMA_VERSION:
         raise StoreVersionError(
             f"{uri} was written with store schema version {version}; this slm-lens reads up to "

@@ -391,10 +391,15 @@ class ShardWriter:
 
 
 def _journal_files(fs, path: str) -> list[str]:
-    """Files an attempt's journal names ([] if it is unreadable: gc handles those)."""
+    """Files an attempt's journal names ([] if it is garbage).
+
+    A journal the store cannot serve right now raises (after retries): the
+    clean-up then stops and leaves it, and its files, for gc.
+    """
+    text = with_retries(lambda: read_text(fs, path), f"reading journal {path}")
     try:
-        names = json.loads(read_text(fs, path)).get("files", [])
-    except (OSError, ValueError, AttributeError):
+        names = json.loads(text).get("files", [])
+    except (ValueError, AttributeError):
         return []
     return [n for n in names if isinstance(n, str) and _is_shard_file(n)]
 
