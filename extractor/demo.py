@@ -1,11 +1,16 @@
-"""The embedded default: a demo model, speech tokenizer and dataset made on this machine.
+"""The embedded default: demo models, a speech tokenizer and data made on this machine.
 
-* Model: the real SmolLM2-135M with the SIMS vocabulary layout (``<Un0>``..``<Un499>``,
-  ``<speech>``, ``<text>``) added. Its unit embeddings are *untrained* (initialised
-  at the mean text embedding plus noise): the text side is a real LM, the speech side
-  is not, until a trained demo model exists.
-* Speech tokenizer: a small random HuBERT with the real 25 Hz geometry and random
-  centroids (deterministic seeds): real front-end mechanics, meaningless units.
+* Models (``slm-lens demo --model``):
+  - ``organism`` (the default): the slm-lens organism, a 6-layer Llama in SIMS layout
+    trained here on first use (``ensure_organism``), text first, then interleaved
+    speech-text, with its own log-mel k-means units;
+  - ``smollm2``: the real SmolLM2-135M with the SIMS vocabulary (``<Un0>``..``<Un499>``,
+    ``<speech>``, ``<text>``) added; its unit embeddings are *untrained* (the mean text
+    embedding plus noise): a real text LM, not a speech one;
+  - ``tiny``: a random LM in SIMS layout, for plumbing and fast tests.
+* Speech tokenizer for ``smollm2``/``tiny``: a small random HuBERT with the real 25 Hz
+  geometry and random centroids (deterministic seeds): real front-end mechanics,
+  meaningless units.
 * Data: espeak-ng sentences with exact word timings, and the LibriVox utterances
   of Debian's pocketsphinx-testdata (aligned on the fly with pocketsphinx).
 """
