@@ -209,12 +209,17 @@ def test_units_equal_the_released_pipeline(hubert, tmp_path, monkeypatch):
             blanks_seen += int((raw == VOCAB).sum())
             want = released_codes(net, VOCAB, feats)
         assert seq.n_frames == len(want) == tok.n_frames(len(clip))
-        # Frames whose top two outputs lie closer than the feature tolerance could go
-        # either way between two correct implementations; all others must agree.
+        # Two correct implementations may differ by the feature tolerance; through the
+        # quantizer (LeakyReLU is 1-Lipschitz) a gap between two outputs moves by at most
+        # twice that times the product of the layers' infinity norms. Frames whose top
+        # two outputs are closer could go either way; all others must agree.
+        fan_in = max(cfg["encoder_ffn_embed_dim"], cfg["conv_pos"] * DIM // cfg["conv_pos_groups"])
+        lipschitz = np.prod([float(w.abs().sum(1).max()) for w, _ in tok.quantizer.layers])
+        margin = 2 * lipschitz * _tolerance(feats, fan_in)
         top2 = torch.log_softmax(logits, -1).topk(2).values
-        clear = (top2[:, 0] - top2[:, 1]) > 1e-3
+        clear = (top2[:, 0] - top2[:, 1]) > margin
         ours = torch.from_numpy(tok.quantizer.codes(tok.features(clip)))
-        assert clear.float().mean() > 0.9
+        assert 2 * int(clear.sum()) > len(clear), "most frames must be decidable to test"
         assert torch.equal(ours[clear], want[clear])
         if bool(clear.all()):
             assert (seq.units, seq.durations) == tuple(map(list, dedup(want.tolist())))

@@ -25,6 +25,7 @@ from extractor.speech.sequence import BuiltSequence
 
 #: The word targets a lens row carries, in this order, each ``v_max`` wide.
 WORD_TARGETS = ("cur", "next", "ctrl")
+MODALITY_CODE = {m: i for i, m in enumerate(schema.MODALITIES)}
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,15 @@ class LensTargets:
     ``words[name]``: [S, v_max] variant ids of that word (-1 padded); ``next_token``:
     [S] the id at the following position (-1 at a sequence's end); ``group_of``: [S]
     the pooled group of the position (-1: not pooled); ``group_keys``: [G, 2]
-    (sequence, word index) of each group; ``group_words``: [G, 3 * v_max] its targets.
+    (sequence, word index) of each group; ``group_words``: [G, 3 * v_max] its targets;
+    ``word_index`` and ``modality``: [S] the position's word (-1: none) and its index
+    in ``schema.MODALITIES``.
     """
 
     batch_index: np.ndarray
     position: np.ndarray
+    word_index: np.ndarray
+    modality: np.ndarray
     v_max: int
     words: dict[str, np.ndarray]
     next_token: np.ndarray
@@ -98,7 +103,9 @@ def pack_targets(
     local_word = np.concatenate(
         [np.array([-1 if w is None else w for w in seq.word_index], dtype=np.int64) for seq in seqs]
     )
-    speech_pos = np.concatenate([np.array(seq.modality) == "speech" for seq in seqs])
+    modality = np.concatenate(
+        [np.array([MODALITY_CODE[m] for m in seq.modality], dtype=np.int32) for seq in seqs]
+    )
     at = starts[batch_index] + position
     has_next = position + 1 < lengths[batch_index]
     next_token = np.where(has_next, tokens[np.minimum(at + 1, len(tokens) - 1)], -1)
@@ -109,7 +116,7 @@ def pack_targets(
         rows = np.full((len(at), v_max), -1, dtype=np.int64)
         rows[in_word] = matrix[word[in_word]]
         targets[name] = rows
-    pooled = in_word & speech_pos[at]
+    pooled = in_word & (modality[at] == MODALITY_CODE["speech"])
     pooled[in_word] &= spoken_word[word[in_word]]
     group_of = np.full(len(at), -1, dtype=np.int64)
     if pooled.any():
@@ -129,7 +136,16 @@ def pack_targets(
         group_keys = np.zeros((0, 2), dtype=np.int64)
         group_words = np.zeros((0, 3 * v_max), dtype=np.int64)
     return LensTargets(
-        batch_index, position, v_max, targets, next_token, group_of, group_keys, group_words
+        batch_index,
+        position,
+        local_word[at],
+        modality[at],
+        v_max,
+        targets,
+        next_token,
+        group_of,
+        group_keys,
+        group_words,
     )
 
 
@@ -188,17 +204,7 @@ def lens_tables(
 ) -> tuple[pa.Table, pa.Table]:
     """The lens result (numpy-convertible tensors, rows layer-major) as store rows."""
     utterance_ids = [seq.utterance_id for seq in seqs]
-    lengths = np.array([len(seq) for seq in seqs], dtype=np.int64)
-    starts = np.cumsum(lengths) - lengths
-    at = starts[targets.batch_index] + targets.position
-    modality_values = list(schema.MODALITIES)
-    modality_code = np.concatenate(
-        [np.array([modality_values.index(m) for m in seq.modality], dtype=np.int32) for seq in seqs]
-    )[at]
-    word = np.concatenate(
-        [np.array([-1 if w is None else w for w in seq.word_index], dtype=np.int64) for seq in seqs]
-    )[at]
-    word_tiled = np.tile(word, n_layers)
+    word_tiled = np.tile(targets.word_index, n_layers)
     ranks = result.target_ranks.numpy()
     text_ranks = result.target_segment_ranks["text"].numpy()
     next_lp = result.target_logprobs[:, targets.slice_of("next_token").start].numpy()
@@ -208,7 +214,7 @@ def lens_tables(
             "position": pa.array(np.tile(targets.position, n_layers).astype(np.int32)),
             "layer": pa.array(np.repeat(np.arange(n_layers), targets.rows).astype(np.int16)),
             "word_index": pa.array(word_tiled.astype(np.int32), mask=word_tiled < 0),
-            "modality": _repeat_strings(modality_values, modality_code, n_layers),
+            "modality": _repeat_strings(list(schema.MODALITIES), targets.modality, n_layers),
             "topk_ids": _lists(result.topk_ids.numpy(), k, np.int32),
             "topk_logprobs": _lists(result.topk_logprobs.numpy(), k, np.float32),
             "text_topk_ids": _lists(result.segment_topk_ids["text"].numpy(), k, np.int32),

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .units import UnitSequence, dedup
+from .units import UnitSequence, check_head, dedup
 
 #: The release's chunking of long audio (samples at 16 kHz).
 MIN_CHUNK = 400
@@ -129,13 +129,14 @@ class LinearQuantizerTokenizer:
         self.layer = layer
         self.device = device
         self.normalize = normalize
-        if quantizer.dim != model.config.hidden_size:
-            raise QuantizerFormatError(
-                f"quantizer input width {quantizer.dim} does not match HuBERT hidden size "
-                f"{model.config.hidden_size}"
+        check_head(model, layer, quantizer.dim, "quantizer input", QuantizerFormatError)
+        if model.config.do_stable_layer_norm and layer == model.config.num_hidden_layers:
+            # transformers applies the encoder's final norm to its last hidden state;
+            # fairseq's extract_features(output_layer=L) does not.
+            raise ValueError(
+                f"layer {layer} is a pre-LN HuBERT's last: transformers normalises it, the "
+                "release does not; use an earlier layer"
             )
-        if layer > model.config.num_hidden_layers:
-            raise ValueError(f"layer {layer} > HuBERT's {model.config.num_hidden_layers} layers")
 
     @classmethod
     def from_file(cls, model, path: str | Path, **kwargs) -> LinearQuantizerTokenizer:

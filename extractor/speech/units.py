@@ -99,6 +99,16 @@ def small_hubert_config(hidden: int = 64, layers: int = 2, heads: int = 4, conv:
     )
 
 
+def check_head(model, layer: int, width: int, what: str, error=ValueError) -> None:
+    """A units head (centroids, quantizer) reads ``width``-wide features of an existing layer."""
+    if width != model.config.hidden_size:
+        raise error(
+            f"{what} width {width} does not match HuBERT hidden size {model.config.hidden_size}"
+        )
+    if layer > model.config.num_hidden_layers:
+        raise ValueError(f"layer {layer} > HuBERT's {model.config.num_hidden_layers} layers")
+
+
 def hubert_frames(model, n_samples: int) -> int:
     """Frames HuBERT's convolutional front end makes from ``n_samples`` (+ the padding)."""
     import torch
@@ -180,13 +190,7 @@ class HubertKMeansTokenizer:
         self.device = device
         self.centroids = torch.as_tensor(centroids, dtype=torch.float32, device=device)
         self.centroid_sq = (self.centroids**2).sum(1)
-        if self.centroids.shape[1] != model.config.hidden_size:
-            raise ValueError(
-                f"centroid width {self.centroids.shape[1]} does not match HuBERT hidden size "
-                f"{model.config.hidden_size}"
-            )
-        if layer > model.config.num_hidden_layers:
-            raise ValueError(f"layer {layer} > HuBERT's {model.config.num_hidden_layers} layers")
+        check_head(model, layer, self.centroids.shape[1], "centroid")
 
     @property
     def hop(self) -> int:
