@@ -308,3 +308,24 @@ def test_logits_beyond_fp32_are_a_named_error():
     w = torch.full((3, 4), 1e10)
     with pytest.raises(LensRangeError, match="fp32"):
         chunked_lens(LensInputs(hidden=h, unembed=w, k=1))
+
+
+@pytest.mark.parametrize("targets", [0, 1, 3, 5, 8])
+def test_compiled_reduction_classifies_like_eager_with_padded_targets(targets):
+    """Targets are padded to a power of two for the compiler; the padding counts nothing."""
+    from extractor.lens.chunked import _chunk_stats_eager, _pad_targets, chunk_stats
+
+    gen = torch.Generator().manual_seed(targets)
+    logits = torch.randn(6, 192, generator=gen)
+    logits[0, :5] = float("-inf")
+    lo = torch.randn(6, targets, generator=gen)
+    hi = lo + 0.5
+    padded = _pad_targets(lo)
+    assert padded.shape[1] in (0, 1, 2, 4, 8) and padded.shape[1] >= targets
+    want = _chunk_stats_eager(logits, lo, hi)
+    got = chunk_stats(logits, lo, hi, compile=True)
+    for w, g in zip(want, got, strict=True):
+        assert g.shape == w.shape
+        assert (
+            torch.allclose(g, w, rtol=1e-6, atol=0) if g.is_floating_point() else torch.equal(g, w)
+        )

@@ -49,3 +49,17 @@ def test_a_disagreeing_engine_falls_back_with_a_warning(fault):
         check = choose_engine(_inputs(), "triton", {"torch": _torch, "triton": broken})
     assert check.engine == "torch" and check.tried == "triton" and not check.passed
     assert check.telemetry()["self_check"] == "failed"
+
+
+def test_the_sample_keeps_only_the_pool_groups_its_rows_touch():
+    from extractor.lens.reference import reference_lens
+    from extractor.lens.selfcheck import sample
+
+    full = _inputs()  # 40 rows in 10 groups of 4
+    probe = sample(full, rows=10)  # groups 0, 1 whole and group 2 cut after 2 rows
+    assert probe.n_rows == 10 and probe.n_groups == 3
+    assert probe.pool_groups.tolist() == [0] * 4 + [1] * 4 + [2] * 2
+    assert torch.equal(probe.pool_targets, full.pool_targets[:3])
+    whole, cut = reference_lens(full), reference_lens(probe)
+    assert torch.equal(cut.pooled_target_ranks[:2], whole.pooled_target_ranks[:2])
+    assert torch.equal(cut.pooled_topk_ids[:2], whole.pooled_topk_ids[:2])

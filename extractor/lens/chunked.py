@@ -201,6 +201,22 @@ _compiled_stats = None
 _compile_failed = False
 
 
+def _pad_targets(thresholds: torch.Tensor) -> torch.Tensor:
+    """Thresholds [rows, T] widened to the next power of two with ``+inf`` columns.
+
+    The compiled reduction unrolls its loop over targets, so every distinct T is a
+    new graph: batches with 12, then 13, then 12 targets recompiled until torch
+    hit its recompile limit and ran eager. Padding to powers of two bounds the
+    graphs to a handful. A ``+inf`` column classifies nothing: no finite logit is
+    above it or inside it (the lens refuses infinite logits).
+    """
+    t = thresholds.shape[1]
+    if t == 0 or t & (t - 1) == 0:
+        return thresholds
+    pad = (1 << t.bit_length()) - t
+    return torch.cat([thresholds, thresholds.new_full((len(thresholds), pad), float("inf"))], 1)
+
+
 def chunk_stats(logits: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, compile: bool = True):
     """:func:`_chunk_stats_eager`, through ``torch.compile`` when ``compile``.
 
@@ -214,7 +230,10 @@ def chunk_stats(logits: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, compil
     if _compiled_stats is None:
         _compiled_stats = torch.compile(_chunk_stats_eager, dynamic=True)
     try:
-        return _compiled_stats(logits, lo, hi)
+        targets = lo.shape[1]
+        lo, hi = _pad_targets(lo), _pad_targets(hi)
+        row_max, row_min, sumexp, above, near, blocks = _compiled_stats(logits, lo, hi)
+        return row_max, row_min, sumexp, above[:, :targets], near, blocks
     except Exception as exc:  # compiler missing or broken: stay correct, get slower
         _compile_failed = True
         warnings.warn(

@@ -32,10 +32,14 @@ def strict_rank(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | No
     if ids.shape[1] == 0:
         return torch.empty_like(ids)
     values = logits.gather(1, ids.clamp(min=0))
-    above = logits.unsqueeze(1) > values.unsqueeze(2)  # [N, T, V]
+    # Counting by sorted search, not by an [N, T, V] comparison: the same count
+    # (entries strictly greater), at a cost the per-actor self-check can afford.
+    # Entries outside the mask become -inf, which no finite logit is below.
     if mask is not None:
-        above = above & mask
-    return torch.where(ids >= 0, above.sum(-1), torch.full_like(ids, -1))
+        logits = torch.where(mask, logits, torch.full_like(logits, float("-inf")))
+    ascending = logits.sort(dim=1).values
+    above = logits.shape[1] - torch.searchsorted(ascending, values.contiguous(), right=True)
+    return torch.where(ids >= 0, above, torch.full_like(ids, -1))
 
 
 def _topk(scores: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
