@@ -181,7 +181,7 @@ def test_concurrent_reader_never_sees_a_half_written_shard(data_dir, tmp_path):
     assert checks >= 1
 
 
-def test_bad_items_land_in_failures_and_the_rest_completes(data_dir, tmp_path):
+def test_bad_items_land_in_failures_and_the_rest_completes(clean, data_dir, tmp_path):
     import json
 
     import numpy as np
@@ -233,6 +233,33 @@ def test_bad_items_land_in_failures_and_the_rest_completes(data_dir, tmp_path):
     done = {r[0] for r in con.sql("SELECT DISTINCT utterance_id FROM lens").fetchall()}
     assert len(done) == 5
     assert con.sql("SELECT status FROM runs").fetchone()[0] == "failed"
+
+
+def test_a_hub_folder_of_parquet_parts_with_embedded_audio_gives_the_clean_run(
+    clean, data_dir, tmp_path
+):
+    """The same utterances as Hub-layout Parquet parts (audio as HF datasets embeds it):
+    planned from ids only, each shard reading its own rows, the same store row for row."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    want = clean[1]
+    rows = [json.loads(line) for line in (data_dir / "manifest.jsonl").read_text().splitlines()]
+    for row in rows:
+        audio = data_dir / row["audio"]
+        row["audio"] = {"bytes": audio.read_bytes(), "path": audio.name}
+        row["words"] = json.dumps(row["words"]) if "words" in row else None
+    folder = tmp_path / "hub" / "data"
+    folder.mkdir(parents=True)
+    for k, part in enumerate((rows[:2], rows[2:])):
+        pq.write_table(pa.Table.from_pylist(part), folder / f"test-{k:05d}-of-00002.parquet")
+    store = str(tmp_path / "store")
+    raw = small_config(store, data_dir, dataset={"manifest": str(tmp_path / "hub"), "name": "hub"})
+    summary = run_extraction(parse_config(raw), in_process=True, progress=False)
+    assert summary.ok and summary.shards_done == 5
+    assert_same_store(want, snapshot(store, summary.run_id))
 
 
 def test_audio_on_an_unreachable_store_is_retried_and_left_for_a_rerun(

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
+from extractor.speech.dataset import read_manifest
 from extractor.speech.frontend import SpeechFrontEnd
-from extractor.speech.manifest import read_manifest
 from extractor.speech.records import (
     AlignedWord,
     AudioReadError,
@@ -278,7 +278,7 @@ def test_convert_kmeans_command(tmp_path, capsys):
 
 def test_malformed_manifest_rows_become_named_failures_and_good_rows_run(tmp_path):
     """Issue 11, item 8: none of these may abort the manifest; each names its row."""
-    from extractor.speech.manifest import read_manifest
+    from extractor.speech.dataset import read_manifest
     from extractor.speech.records import ManifestRowError
 
     lines = [

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from extractor.config import RunConfig
+from extractor.speech.dataset import ManifestSource, RowLocations
 from extractor.store import StoreWriter
 from extractor.store.faults import CRASH_ENV
 
@@ -197,7 +198,7 @@ def _extract(cfg, plan, store, address, in_process, progress) -> RunSummary:
     done = store.committed_shards(plan.run_id)
     if SETUP_SHARD not in done:
         _write_setup_shard(cfg, plan, store)
-    todo = {s: ids for s, ids in plan.shards.items() if s not in done}
+    todo = {s: rows for s, rows in plan.shards.items() if s not in done}
     summary = RunSummary(
         run_id=plan.run_id,
         store=cfg.store,
@@ -228,7 +229,11 @@ def _extract(cfg, plan, store, address, in_process, progress) -> RunSummary:
             log.error("shard %d failed: %s: %s", outcome.shard, outcome.error, outcome.message)
             try:
                 store.record_shard_failure(
-                    plan.run_id, outcome.shard, todo[outcome.shard], outcome.error, outcome.message
+                    plan.run_id,
+                    outcome.shard,
+                    todo[outcome.shard].ids,
+                    outcome.error,
+                    outcome.message,
                 )
             except OSError as exc:  # the shard stays uncommitted; a re-run redoes it anyway
                 log.error("shard %d: its failure could not be recorded: %s", outcome.shard, exc)
@@ -249,14 +254,14 @@ def _extract(cfg, plan, store, address, in_process, progress) -> RunSummary:
 
     try:
         if in_process:
-            processor = ShardProcessor(cfg, plan.run_id)
-            for shard, ids in sorted(todo.items()):
+            processor = ShardProcessor(cfg, plan.run_id, plan.source)
+            for shard, rows in sorted(todo.items()):
                 try:
-                    settle(Outcome(shard, "done", stats=processor.process(shard, ids)))
+                    settle(Outcome(shard, "done", stats=processor.process(shard, rows)))
                 except Exception as exc:  # one shard's error; the others still run
                     settle(Outcome.failure(shard, exc))
         elif todo:
-            _run_on_ray(cfg, plan.run_id, todo, address, settle)
+            _run_on_ray(cfg, plan, todo, address, settle)
     finally:
         bar.close()
     return summary
@@ -346,12 +351,18 @@ def _count_failures(store: StoreWriter, run_id: str) -> int:
 class LensActor:
     """A Ray actor around :class:`ShardProcessor`: the model loads once per actor."""
 
-    def __init__(self, cfg: RunConfig, run_id: str, probe: StoreProbe | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_id: str,
+        source: ManifestSource,
+        probe: StoreProbe | None = None,
+    ) -> None:
         check_probe(probe)  # before the model loads: a node that writes nowhere useful
-        self.processor = ShardProcessor(cfg, run_id)
+        self.processor = ShardProcessor(cfg, run_id, source)
 
-    def process(self, shard: int, utterance_ids: list[str]) -> ShardStats:
-        return self.processor.process(shard, utterance_ids)
+    def process(self, shard: int, rows: RowLocations) -> ShardStats:
+        return self.processor.process(shard, rows)
 
     def pid(self) -> int:
         return os.getpid()
@@ -400,8 +411,10 @@ def _infrastructure_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(rx, n) for n in names if hasattr(rx, n))
 
 
-def _run_on_ray(cfg, run_id, todo, address, settle) -> None:
+def _run_on_ray(cfg, plan, todo, address, settle) -> None:
     import ray
+
+    run_id = plan.run_id
 
     ensure_ray(address)
     if cfg.workers.gpus > 0 and not ray.cluster_resources().get("GPU"):
@@ -420,7 +433,8 @@ def _run_on_ray(cfg, run_id, todo, address, settle) -> None:
         runtime_env={"env_vars": env} if env else None,
     )
     probe = write_probe(cfg.store, run_id)
-    actors = [actor_cls.remote(cfg, run_id, probe) for _ in range(cfg.workers.count)]
+    source = ray.put(plan.source)  # the control pool, sent once, not once per actor
+    actors = [actor_cls.remote(cfg, run_id, source, probe) for _ in range(cfg.workers.count)]
     capacity = cfg.workers.in_flight_per_worker
     from ray import exceptions as rx
 

@@ -6,11 +6,10 @@ import hashlib
 import re
 from dataclasses import dataclass, replace
 
-from analysis.storage import resolve
 from extractor.config import RunConfig
 from extractor.models.fingerprint import fingerprint_checkpoint
 from extractor.models.hub import is_hub_uri, parse_hub_uri, resolve_commit
-from extractor.speech.manifest import read_manifest
+from extractor.speech.dataset import ManifestSource, RowLocations, index_manifest
 
 #: Shard 0 holds the run's one-off rows (vocabulary, manifest-level failures).
 SETUP_SHARD = 0
@@ -21,9 +20,10 @@ class Plan:
     run_id: str
     revision: str
     dataset: str
-    shards: dict[int, list[str]]  # shard number -> utterance ids
+    shards: dict[int, RowLocations]  # shard number -> its rows (ids and where they are)
     manifest_errors: list[tuple[str, str, str]]  # (utterance id, error, message)
     config: RunConfig  # with every hf:// reference pinned to a commit
+    source: ManifestSource  # the manifest's parts and control pool, for every worker
 
 
 def pin_hub_revisions(cfg: RunConfig) -> RunConfig:
@@ -53,27 +53,25 @@ def pin_hub_revisions(cfg: RunConfig) -> RunConfig:
     )
 
 
-def dataset_hash(manifest_uri: str) -> str:
-    fs, path = resolve(manifest_uri)
-    with fs.open_input_stream(path) as f:
-        return hashlib.sha256(f.read()).hexdigest()[:12]
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:40] or "model"
 
 
 def make_plan(cfg: RunConfig) -> Plan:
-    """Fingerprint the model and dataset, derive the run id, cut the dataset into shards."""
+    """Fingerprint the model and dataset, derive the run id, cut the dataset into shards.
+
+    Only the manifest's ids are read here (:mod:`extractor.speech.dataset`): rows are
+    read, parsed and validated by the worker that runs their shard.
+    """
     cfg = pin_hub_revisions(cfg)
     revision = fingerprint_checkpoint(cfg.model.path)
-    data = dataset_hash(cfg.dataset.manifest)
+    index = index_manifest(cfg.dataset.manifest)
     name = cfg.model.name or cfg.model.path.rstrip("/").rsplit("/", 1)[-1].split("@")[0]
-    digest = hashlib.sha256(f"{data}:{cfg.content_hash()}".encode()).hexdigest()[:10]
+    digest = hashlib.sha256(f"{index.fingerprint}:{cfg.content_hash()}".encode()).hexdigest()[:10]
     run_id = f"{_slug(name)}-{revision[:8]}-{digest}"
-    manifest = read_manifest(cfg.dataset.manifest)
-    ids = [u.id for u in manifest.utterances]
     size = cfg.shard_size
-    shards = {1 + i // size: ids[i : i + size] for i in range(0, len(ids), size)}
-    errors = [(e.utterance_id, type(e).__name__, str(e)) for e in manifest.errors]
-    return Plan(run_id, revision, cfg.dataset.name or cfg.dataset.manifest, shards, errors, cfg)
+    rows = index.rows
+    shards = {1 + i // size: rows[i : i + size] for i in range(0, len(rows), size)}
+    errors = [(e.utterance_id, type(e).__name__, str(e)) for e in index.errors]
+    dataset = cfg.dataset.name or cfg.dataset.manifest
+    return Plan(run_id, revision, dataset, shards, errors, cfg, index.source)

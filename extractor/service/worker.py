@@ -18,9 +18,9 @@ from extractor.config import RunConfig
 from extractor.lens import LensInputs, LensResult, fused_logit_lens
 from extractor.lens.selfcheck import SelfCheck, choose_engine
 from extractor.models import capture_layers, load_causal_lm, model_parts
+from extractor.speech.dataset import ManifestSource, RowLocations, read_rows
 from extractor.speech.frontend import SpeechFrontEnd
 from extractor.speech.layouts import LayoutError, layout_from_config
-from extractor.speech.manifest import read_manifest
 from extractor.speech.records import SpeechInputError, Utterance
 from extractor.speech.sequence import BuiltSequence, ControlSampler, ModalityRule, build_sequence
 from extractor.store import StoreWriter
@@ -72,9 +72,19 @@ class ShardStats:
 
 
 class ShardProcessor:
-    """Loads the model, tokenizers and manifest once; processes shards on demand."""
+    """Loads the model and tokenizers once; processes shards on demand.
 
-    def __init__(self, config: RunConfig, run_id: str, device: str | None = None) -> None:
+    The manifest is never loaded whole: each shard reads its own rows from
+    ``source`` (``source.control_pool`` holds the corpus sample control words come from).
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        run_id: str,
+        source: ManifestSource,
+        device: str | None = None,
+    ) -> None:
         from transformers import AutoTokenizer
 
         self.cfg = config
@@ -99,15 +109,8 @@ class ShardProcessor:
         self.segments = self.layout.segments(self.parts.vocab_size)
         self.text_segment_size = int((self.segments.index == 0).sum())
         self.frontend = SpeechFrontEnd(build_speech_tokenizer(config.speech, device))
-        manifest = read_manifest(config.dataset.manifest)
-        self.utterances = {u.id: u for u in manifest.utterances}
-        self.control = ControlSampler(
-            [
-                (u.id, [w.word for w in u.words] if u.words else u.text_words())
-                for u in manifest.utterances
-            ],
-            seed=config.prompt.control_seed,
-        )
+        self.source = source
+        self.control = ControlSampler(source.control_pool, seed=config.prompt.control_seed)
         rule = dict(config.prompt.rule)
         if "flags" in rule and rule["flags"] is not None:
             rule["flags"] = tuple(rule["flags"])
@@ -118,7 +121,7 @@ class ShardProcessor:
         self.engine_check: SelfCheck | None = None
 
     # ----------------------------------------------------------------------------------
-    def process(self, shard: int, utterance_ids: list[str]) -> ShardStats:
+    def process(self, shard: int, rows: RowLocations) -> ShardStats:
         """Run the lens over the shard's utterances and commit its rows (idempotent)."""
         started = time.perf_counter()
         if self.store.is_committed(self.run_id, shard):
@@ -126,21 +129,9 @@ class ShardProcessor:
         failures: list[dict] = []
         seqs: list[tuple[Utterance, BuiltSequence]] = []
         with self.store.shard(self.run_id, shard) as writer:
-            missing = [u for u in utterance_ids if u not in self.utterances]
-            for utt_id in missing:
-                failures.append(
-                    _failure(
-                        shard,
-                        utt_id,
-                        "plan",
-                        "UnknownUtterance",
-                        "utterance id not in the manifest",
-                    )
-                )
-            items = self.frontend.prepare(
-                [self.utterances[u] for u in utterance_ids if u in self.utterances]
-            )
-            for item in items:
+            read = read_rows(self.source, rows)
+            items = self.frontend.prepare([u for u in read if isinstance(u, Utterance)])
+            for item in [e for e in read if isinstance(e, SpeechInputError)] + items:
                 if isinstance(item, SpeechInputError):
                     failures.append(
                         _failure(
@@ -184,7 +175,7 @@ class ShardProcessor:
                 tokens += sum(len(s) for _, s in batch)
                 lens_rows += lens.num_rows
             writer.write("failures", failures)
-            _check_accounted(shard, utterance_ids, [u.id for u, _ in seqs], failures)
+            _check_accounted(shard, rows.ids, [u.id for u, _ in seqs], failures)
             seconds = time.perf_counter() - started
             stats = ShardStats(shard, len(seqs), len(failures), tokens, lens_rows, seconds, 0)
             marker = writer.commit(

@@ -6,13 +6,13 @@ and any of ``audio`` (a path/URI, or the Hugging Face datasets shape
 ``[word, start, end]``, or the same as a JSON string), ``textgrid`` (a Praat
 TextGrid with a word tier), ``units`` + ``durations`` (precomputed), and for
 spoken-knowledge pairs ``pair_id``, ``pair_role``, ``continuation``. Relative
-paths are relative to the manifest. A bad row becomes an error record that
-names the row; the good rows are still returned.
+paths are relative to the manifest file (or part) that holds them. A bad row becomes
+an error record that names the row; the good rows are still read. Finding and reading
+the rows of one file, a folder or a glob of parts is :mod:`.dataset`'s job.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -20,8 +20,6 @@ import tempfile
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from analysis.storage import resolve
 
@@ -117,7 +115,8 @@ def _int_list(row: dict, name: str, utt_id: str) -> tuple[int, ...] | None:
     return tuple(value)
 
 
-def _row_to_utterance(row: dict, base: str, index: int) -> Utterance:
+def row_to_utterance(row: dict, base: str, index: int) -> Utterance:
+    """One manifest row as an :class:`Utterance`; raises a :class:`SpeechInputError` naming it."""
     given = row.get("id", row.get("utterance_id"))
     utt_id = str(given) if given is not None and given != "" else f"row{index}"
     text = row.get("text")
@@ -162,60 +161,6 @@ def _row_to_utterance(row: dict, base: str, index: int) -> Utterance:
         pair_role=row.get("pair_role"),
         continuation=row.get("continuation"),
     )
-
-
-def read_manifest(uri: str) -> Manifest:
-    """Read a JSONL or Parquet manifest from a local path or object-store URI."""
-    fs, path = resolve(uri)
-    base = uri.rsplit("/", 1)[0] if "://" in uri else os.path.dirname(os.path.abspath(path))
-    try:
-        with fs.open_input_stream(path) as f:
-            data = f.read()
-    except (OSError, FileNotFoundError) as exc:
-        raise ManifestError(f"cannot open manifest {uri}: {exc}") from exc
-    try:
-        if path.endswith(".parquet"):
-            table = pq.read_table(pa.BufferReader(data))
-            rows = table.to_pylist()
-        else:
-            rows = []
-            for lineno, line in enumerate(io.StringIO(data.decode()), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        rows.append({"id": f"line{lineno}", "_error": f"line {lineno}: {exc}"})
-    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{uri} is not a JSONL or Parquet manifest: {exc}") from exc
-    utterances, errors = [], []
-    seen: set[str] = set()
-    for i, row in enumerate(rows):
-        where = f"manifest row {i + 1}"
-        if isinstance(row, dict) and "_error" in row:
-            errors.append(ManifestRowError(row["id"], f"manifest {row['_error']}"))
-            continue
-        if not isinstance(row, dict):
-            kind = type(row).__name__
-            errors.append(ManifestRowError(f"row{i}", f"{where} is a {kind}, not an object"))
-            continue
-        try:
-            utt = _row_to_utterance(row, base, i)
-        except ManifestRowError as exc:
-            errors.append(ManifestRowError(exc.utterance_id, f"{where}: {exc.reason}"))
-            continue
-        except SpeechInputError as exc:
-            errors.append(exc)
-            continue
-        except (TypeError, ValueError, AttributeError, KeyError) as exc:
-            uid = f"row{i}"
-            errors.append(ManifestRowError(uid, f"{where}: {type(exc).__name__}: {exc}"))
-            continue
-        if utt.id in seen:
-            errors.append(SpeechInputError(utt.id, "duplicate utterance id in the manifest"))
-            continue
-        seen.add(utt.id)
-        utterances.append(utt)
-    return Manifest(uri, utterances, errors)
 
 
 _VARIANT = re.compile(r"\(\d+\)$")
