@@ -353,17 +353,29 @@ def index_manifest(uri: str, control_utterances: int = CONTROL_UTTERANCES) -> Ma
         np.arange(first, dtype=np.int64),
     )
     keep = np.concatenate(cols["keep"])
-    seen: set[str] = set()
-    for i in np.flatnonzero(keep):
-        utt_id = every.ids[i]
-        if utt_id in seen:
-            errors.append(SpeechInputError(utt_id, "duplicate utterance id in the manifest"))
-            keep[i] = False
-        seen.add(utt_id)
-    rows = every.take(np.flatnonzero(keep))
+    for i in _repeated(every.ids, keep):
+        errors.append(SpeechInputError(every.ids[i], "duplicate utterance id in the manifest"))
+        keep[i] = False
+    rows = every if keep.all() else every.take(np.flatnonzero(keep))
     source = ManifestSource(uri, tuple(parts), ())
     pool = control_pool(source, rows, control_utterances)
     return ManifestIndex(ManifestSource(uri, tuple(parts), pool), fingerprint(parts), rows, errors)
+
+
+def _repeated(ids: list[str], keep: np.ndarray) -> np.ndarray:
+    """Positions (among ``keep``) whose id an earlier kept row already has, in order.
+
+    By a stable sort rather than a set: 16 bytes per row at the peak instead of a hash
+    table's ~40, which is most of the planner's memory at 10^6 rows.
+    """
+    kept = np.flatnonzero(keep)
+    values = np.empty(len(kept), dtype=object)
+    values[:] = [ids[i] for i in kept]
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    later = np.zeros(len(kept), dtype=bool)
+    later[order[1:]] = ordered[1:] == ordered[:-1]
+    return kept[later]
 
 
 def control_pool(
