@@ -76,21 +76,8 @@ def _rank_col(word: str, rank: str) -> str:
     return f"{word}_word_text_rank" if rank == "text" else f"{word}_word_rank"
 
 
-def recall_sql(
-    k: int = 10,
-    agg: str = "any",
-    target: str = "cur",
-    rank: str = "text",
-    filters: Filters = ALL_RUNS,
-) -> str:
-    """Recall@k per run and layer of the current (or next) word, with its chance control.
-
-    ``any``: some position of the word ranks a variant < k; ``last``: the word's
-    last position does; ``pooled``: the element-wise max of the word's logits
-    does (the ``word_lens`` table). ``rank``: ``text`` counts only text tokens
-    above the variant, ``full`` the whole vocabulary.
-    """
-    _check(k, agg, target, rank)
+def _per_word_sql(agg: str, target: str, rank: str, filters: Filters) -> str:
+    """One row per (run, utterance, word, layer): the word's rank ``r`` and control's ``c``."""
     col, ctrl = _rank_col(target, rank), _rank_col("ctrl", rank)
     mod = filters.modality.replace("'", "''")
     has_next = f"AND {_rank_col('next', rank)} IS NOT NULL" if target == "next" else ""
@@ -111,6 +98,25 @@ def recall_sql(
   WHERE run_id IN (SELECT run_id FROM sel_runs) AND modality = '{mod}'
     AND word_index IS NOT NULL AND {col} IS NOT NULL {has_next}
   GROUP BY run_id, utterance_id, word_index, layer"""
+    return per_word
+
+
+def recall_sql(
+    k: int = 10,
+    agg: str = "any",
+    target: str = "cur",
+    rank: str = "text",
+    filters: Filters = ALL_RUNS,
+) -> str:
+    """Recall@k per run and layer of the current (or next) word, with its chance control.
+
+    ``any``: some position of the word ranks a variant < k; ``last``: the word's
+    last position does; ``pooled``: the element-wise max of the word's logits
+    does (the ``word_lens`` table). ``rank``: ``text`` counts only text tokens
+    above the variant, ``full`` the whole vocabulary.
+    """
+    _check(k, agg, target, rank)
+    per_word = _per_word_sql(agg, target, rank, filters)
     return f"""WITH {_runs_cte(filters)},
 per_word AS ({per_word}
 )
@@ -136,6 +142,98 @@ def recall_by_layer(
     return con.sql(recall_sql(k, agg, target, rank, filters)).df()
 
 
+def recall_counts_sql(
+    k: int = 10,
+    agg: str = "any",
+    target: str = "cur",
+    rank: str = "text",
+    filters: Filters = ALL_RUNS,
+) -> str:
+    """Per run, utterance and layer: words, hits, words with a control, control hits.
+
+    What :func:`recall_with_ci` resamples: summed over utterances, these give
+    :func:`recall_sql`'s ratios exactly.
+    """
+    _check(k, agg, target, rank)
+    return f"""WITH {_runs_cte(filters)},
+per_word AS ({_per_word_sql(agg, target, rank, filters)}
+)
+SELECT run_id, utterance_id, layer,
+       count(*) AS n_words, count_if(r < {k}) AS hits,
+       count(c) AS n_ctrl, count_if(c < {k}) AS ctrl_hits
+FROM per_word
+GROUP BY run_id, utterance_id, layer
+ORDER BY run_id, utterance_id, layer"""
+
+
+def recall_with_ci(
+    con: duckdb.DuckDBPyConnection,
+    k: int = 10,
+    agg: str = "any",
+    target: str = "cur",
+    rank: str = "text",
+    filters: Filters = ALL_RUNS,
+    level: float = 0.95,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`recall_by_layer` and :func:`peak_layers` with bootstrap intervals.
+
+    Utterances are resampled (:mod:`analysis.uncertainty`), seeded per run. The recall
+    table gains ``recall_lo``/``recall_hi`` and ``control_lo``/``control_hi``; the peak
+    table gains ``peak_layer_lo``/``peak_layer_hi`` (where the replicates' curves peak)
+    and ``peak_recall_lo``/``peak_recall_hi`` (recall at the peak layer).
+    """
+    from .uncertainty import bootstrap_ratios, peak_layer_interval, percentile_interval, run_rng
+
+    recall = recall_by_layer(con, k, agg, target, rank, filters)
+    counts = con.sql(recall_counts_sql(k, agg, target, rank, filters)).df()
+    bounds, peak_bounds = [], []
+    for run_id, df in counts.groupby("run_id", sort=True):
+        arrays = {
+            c: df.pivot_table(index="utterance_id", columns="layer", values=c, fill_value=0)
+            for c in ("n_words", "hits", "n_ctrl", "ctrl_hits")
+        }
+        layers = arrays["n_words"].columns.to_numpy()
+        reps = bootstrap_ratios(
+            [
+                (arrays["hits"].to_numpy(), arrays["n_words"].to_numpy()),
+                (arrays["ctrl_hits"].to_numpy(), arrays["n_ctrl"].to_numpy()),
+            ],
+            n_boot,
+            run_rng(seed, run_id),
+        )
+        lo, hi = percentile_interval(reps, level)
+        bounds.append(
+            pd.DataFrame(
+                {
+                    "run_id": run_id,
+                    "layer": layers,
+                    "recall_lo": lo[0],
+                    "recall_hi": hi[0],
+                    "control_lo": lo[1],
+                    "control_hi": hi[1],
+                }
+            )
+        )
+        layer_lo, layer_hi = peak_layer_interval(reps[:, 0], layers, level)
+        peak_bounds.append({"run_id": run_id, "peak_layer_lo": layer_lo, "peak_layer_hi": layer_hi})
+    if bounds:
+        recall = recall.merge(pd.concat(bounds), on=["run_id", "layer"], how="left")
+    peaks = peak_layers(recall)
+    if peak_bounds:
+        peaks = peaks.merge(pd.DataFrame(peak_bounds), on="run_id", how="left")
+        at_peak = recall[["run_id", "layer", "recall_lo", "recall_hi"]].rename(
+            columns={
+                "layer": "peak_layer",
+                "recall_lo": "peak_recall_lo",
+                "recall_hi": "peak_recall_hi",
+            }
+        )
+        peaks = peaks.merge(at_peak, on=["run_id", "peak_layer"], how="left")
+    return recall, peaks
+
+
 def word_final_runs(con: duckdb.DuckDBPyConnection) -> list[str]:
     """Runs that lensed only each word's last position (``lens.positions: word_final``).
 
@@ -156,13 +254,20 @@ def recall_table(
     targets: Sequence[str] = TARGETS,
     ranks: Sequence[str] = RANKS,
     filters: Filters = ALL_RUNS,
+    ci: float | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> pd.DataFrame:
-    """Every recall curve asked for, stacked with ``agg``, ``target`` and ``rank`` columns."""
+    """Every recall curve asked for, stacked with ``agg``, ``target`` and ``rank`` columns
+    (with :func:`recall_with_ci`'s interval columns when ``ci`` is a level)."""
     parts = []
     for rank in ranks:
         for target in targets:
             for agg in aggs:
-                df = recall_by_layer(con, k, agg, target, rank, filters)
+                if ci is None:
+                    df = recall_by_layer(con, k, agg, target, rank, filters)
+                else:
+                    df, _ = recall_with_ci(con, k, agg, target, rank, filters, ci, n_boot, seed)
                 parts.append(df.assign(agg=agg, target=target, rank=rank, k=k))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 

@@ -45,6 +45,10 @@ def plot_recall(recall: pd.DataFrame, path: Path, title: str) -> Path:
             if part.empty:
                 continue
             ax.plot(part.rel_depth, part.recall, style, color=color, label=f"{run}: {label}")
+            if "recall_lo" in part:  # the bootstrap interval, shaded
+                ax.fill_between(
+                    part.rel_depth, part.recall_lo, part.recall_hi, color=color, alpha=0.15, lw=0
+                )
         ctrl = df[df.target == "cur"].sort_values("rel_depth")
         ax.plot(ctrl.rel_depth, ctrl.control_recall, ":", color=color, label=f"{run}: control")
     _finish_unit_plot(fig, ax, path, title, "relative depth (layer / n_layers)", "recall")
@@ -184,12 +188,19 @@ def build_report(
     k: int = 10,
     filters: Filters = ALL_RUNS,
     utterance: str | None = None,
+    ci: float = 0.95,
+    n_boot: int = 500,
+    seed: int = 0,
 ) -> Path:
-    """Write PNG plots and ``index.html`` (which references only those files) to ``out_dir``."""
+    """Write PNG plots and ``index.html`` (which references only those files) to ``out_dir``.
+
+    Recall curves are shaded with their ``ci`` bootstrap interval (utterances
+    resampled, ``n_boot`` replicates, ``seed``).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, str]] = []
-    recall = metrics.recall_table(con, k, filters=filters)
+    recall = metrics.recall_table(con, k, filters=filters, ci=ci, n_boot=n_boot, seed=seed)
     for rank in metrics.RANKS:
         for agg in metrics.AGGREGATIONS:
             part = recall[(recall["rank"] == rank) & (recall["agg"] == agg)]
@@ -250,7 +261,9 @@ td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}img{{max-width:100%
 </head><body>
 <h1>slm-lens report</h1>
 <p>recall@{k}: current word (text rank, any position) at its peak layer; control is the
-frequency-matched chance word. Data: <a href="summary.csv">summary.csv</a>,
+frequency-matched chance word. Shaded bands on recall curves: {ci:.0%} percentile bootstrap
+intervals, utterances resampled ({n_boot} replicates, seed {seed}). Data:
+<a href="summary.csv">summary.csv</a>,
 <a href="recall.csv">recall.csv</a>.</p>
 {_html_table(summary)}
 {corr_note}

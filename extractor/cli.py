@@ -102,6 +102,13 @@ def _cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"a confidence level is in (0, 1), got {text}")
+    return value
+
+
 def _cmd_metrics(args: argparse.Namespace) -> int:
     from analysis import metrics
     from analysis.store import open_store
@@ -111,7 +118,14 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
         print(metrics.recall_sql(args.k, args.agg, args.target, args.rank, filters))
         return 0
     con = open_store(args.store, runs=args.run or None)
-    recall = metrics.recall_by_layer(con, args.k, args.agg, args.target, args.rank, filters)
+    curve = (args.k, args.agg, args.target, args.rank, filters)
+    if args.ci is not None:
+        recall, peaks = metrics.recall_with_ci(
+            con, *curve, level=args.ci, n_boot=args.bootstrap, seed=args.seed
+        )
+    else:
+        recall = metrics.recall_by_layer(con, *curve)
+        peaks = metrics.peak_layers(recall)
     _emit(recall, args.format, args.out)
     if args.agg in ("pooled", "last") and (same := metrics.word_final_runs(con)):
         print(
@@ -121,7 +135,12 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
         )
     if args.format == "table" and not args.out:
         print(f"\npeak {args.target}-word recall@{args.k} ({args.agg}, {args.rank} rank):")
-        _emit(metrics.peak_layers(recall), "table", None)
+        _emit(peaks, "table", None)
+        if args.ci is not None:
+            print(
+                f"(intervals: {args.ci:.0%} percentile bootstrap over utterances, "
+                f"{args.bootstrap} replicates, seed {args.seed})"
+            )
     return 0
 
 
@@ -357,6 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--format", choices=formats, default="table")
     m.add_argument("--out")
     m.add_argument("--show-sql", action="store_true", help="print the SQL and exit")
+    m.add_argument(
+        "--ci",
+        type=_unit_interval,
+        metavar="LEVEL",
+        help="add bootstrap confidence intervals at this level (e.g. 0.95), utterances resampled",
+    )
+    m.add_argument("--bootstrap", type=int, default=1000, help="replicates for --ci")
+    m.add_argument("--seed", type=int, default=0, help="seed of the --ci replicates")
     m.set_defaults(func=_cmd_metrics)
 
     r = sub.add_parser("report", help="PNG plots and an HTML report of a store")

@@ -37,7 +37,7 @@ def con(store):
     return open_store(store.uri)
 
 
-# Independent pandas computations of REFERENCE §2 ---------------------------------------
+# Independent pandas computations of docs/metrics.md -------------------------------------
 def pandas_recall(store, k, agg, target, rank):
     suffix = "_text_rank" if rank == "text" else "_rank"
     col, ctrl = f"{target}_word{suffix}", f"ctrl_word{suffix}"
@@ -311,3 +311,72 @@ def test_the_readme_python_and_sql_run_as_written(store):
     rows = analysis.query(con, sql).fetchall()
     assert rows and all(0.0 <= r[1] <= 1.0 and 0.0 <= r[2] <= 1.0 for r in rows)
     assert sorted(analysis.__all__) == ["metrics", "open_store", "query"]
+
+
+# Bootstrap intervals ---------------------------------------------------------------------
+def _pandas_counts(store, k: int) -> pd.DataFrame:
+    """Per run, utterance and layer: words and hits of current-word ``any`` text recall."""
+    lens = store.tables["lens"]
+    lens = lens[(lens.modality == "speech") & lens.word_index.notna()]
+    lens = lens[lens.cur_word_text_rank.notna()]
+    keys = ["run_id", "utterance_id", "word_index", "layer"]
+    per_word = lens.groupby(keys).agg(r=("cur_word_text_rank", "min")).reset_index()
+    per_word["hit"] = per_word.r < k
+    return (
+        per_word.groupby(["run_id", "utterance_id", "layer"])
+        .agg(n_words=("hit", "size"), hits=("hit", "sum"))
+        .reset_index()
+    )
+
+
+def test_recall_intervals_resample_utterances_as_pandas_counts_them(store, con):
+    from analysis.uncertainty import bootstrap_ratios, percentile_interval, run_rng
+
+    recall, peaks = metrics.recall_with_ci(con, K, n_boot=400, seed=7)
+    plain = metrics.recall_by_layer(con, K)
+    np.testing.assert_array_equal(recall.recall, plain.recall)  # the point estimate stays
+    assert (recall.recall_lo <= recall.recall).all() and (recall.recall <= recall.recall_hi).all()
+    counts = _pandas_counts(store, K)
+    for run_id, df in counts.groupby("run_id"):
+        n = df.pivot(index="utterance_id", columns="layer", values="n_words").fillna(0)
+        hits = df.pivot(index="utterance_id", columns="layer", values="hits").fillna(0)
+        reps = bootstrap_ratios([(hits.to_numpy(), n.to_numpy())], 400, run_rng(7, run_id))
+        lo, hi = percentile_interval(reps, 0.95)
+        mine = recall[recall.run_id == run_id].sort_values("layer")
+        np.testing.assert_array_equal(mine.recall_lo, lo[0])
+        np.testing.assert_array_equal(mine.recall_hi, hi[0])
+    row = peaks.iloc[0]
+    assert row.peak_layer_lo <= row.peak_layer <= row.peak_layer_hi
+    # Seeded per run: one run's interval is the same whatever else is in the query.
+    alone, _ = metrics.recall_with_ci(con, K, filters=Filters(runs=("run-1",)), n_boot=400, seed=7)
+    both = recall[recall.run_id == "run-1"].reset_index(drop=True)
+    np.testing.assert_array_equal(alone.recall_lo, both.recall_lo)
+
+
+def test_a_bootstrap_interval_has_the_width_sampling_theory_gives():
+    """400 one-word utterances, 120 hits: the 95% interval is about p +- 1.96 sqrt(p(1-p)/n)."""
+    from analysis.uncertainty import bootstrap_ratios, percentile_interval, run_rng
+
+    hits = np.zeros((400, 1))
+    hits[:120] = 1
+    reps = bootstrap_ratios([(hits, np.ones((400, 1)))], 4000, run_rng(0, "r"))
+    lo, hi = percentile_interval(reps, 0.95)
+    normal = 2 * 1.96 * np.sqrt(0.3 * 0.7 / 400)  # 0.0898
+    # The normal approximation is good at n p (1 - p) = 84; 4,000 replicates put the
+    # percentile bounds within ~1.5% of theirs; the grid of hits/400 adds 0.0025 per bound.
+    assert abs((hi[0, 0] - lo[0, 0]) - normal) < 0.1 * normal
+    always = bootstrap_ratios([(np.ones((5, 2)), np.ones((5, 2)))], 50, run_rng(0, "r"))
+    assert percentile_interval(always, 0.95)[0].tolist() == [[1.0, 1.0]]
+
+
+def test_metrics_cli_prints_intervals(store, capsys):
+    from extractor.cli import main
+
+    assert (
+        main(["metrics", "--store", store.uri, "--k", "3", "--ci", "0.9", "--bootstrap", "200"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "recall_lo" in out and "peak_layer_hi" in out and "90% percentile bootstrap" in out
+    with pytest.raises(SystemExit):
+        main(["metrics", "--store", store.uri, "--ci", "95"])
