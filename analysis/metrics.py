@@ -337,50 +337,46 @@ def prediction_depth(con: duckdb.DuckDBPyConnection, filters: Filters = ALL_RUNS
 
 
 def knowledge_accuracy_sql(filters: Filters = ALL_RUNS) -> str:
-    """Spoken-knowledge accuracy: share of fact pairs whose correct continuation is likelier.
+    """Spoken-knowledge accuracy: share of items whose correct continuation is likelier
+    than every counterfactual of the item.
 
     A continuation's log-likelihood is the sum of the final layer's log-prob of
     each actual next token over it: positions continuation_start - 1 to n_tokens - 2.
+    An item (``pair_id``) counts when it has exactly one ``correct`` utterance, at
+    least one ``counterfactual``, and every continuation fully scored;
+    ``n_pairs_dropped`` counts the items that do not (a member failed, a role is
+    missing or repeated).
     """
     return f"""WITH {_runs_cte(filters)},
 cont AS (
-  SELECT u.run_id, u.pair_id, u.pair_role, sum(l.next_token_logprob) AS loglik,
-         count(l.next_token_logprob) AS n_scored,
-         max(u.n_tokens - u.continuation_start) AS n_expected
+  SELECT u.run_id, u.pair_id, u.pair_role, u.utterance_id,
+         sum(l.next_token_logprob) AS loglik,
+         count(l.next_token_logprob) = max(u.n_tokens - u.continuation_start) AS complete
   FROM utterances u
   JOIN sel_runs s USING (run_id)
   JOIN lens l ON l.run_id = u.run_id AND l.utterance_id = u.utterance_id
              AND l.layer = s.n_layers
   WHERE u.pair_id IS NOT NULL
     AND l.position >= u.continuation_start - 1 AND l.position < u.n_tokens - 1
-  GROUP BY u.run_id, u.pair_id, u.pair_role
+  GROUP BY u.run_id, u.pair_id, u.pair_role, u.utterance_id
+),
+items AS (
+  SELECT run_id, pair_id,
+         count_if(pair_role = 'correct') = 1 AND count_if(pair_role = 'counterfactual') >= 1
+           AND bool_and(complete) AS usable,
+         max(loglik) FILTER (WHERE pair_role = 'correct') AS correct_loglik,
+         max(loglik) FILTER (WHERE pair_role = 'counterfactual') AS best_counterfactual
+  FROM cont
+  GROUP BY run_id, pair_id
 )
-SELECT c.run_id, count(*) AS n_pairs,
-       avg((c.loglik > x.loglik)::DOUBLE) AS accuracy
-FROM cont c JOIN cont x USING (run_id, pair_id)
-WHERE c.pair_role = 'correct' AND x.pair_role = 'counterfactual'
-  AND c.n_scored = c.n_expected AND x.n_scored = x.n_expected
-GROUP BY c.run_id ORDER BY c.run_id"""
+SELECT run_id, count_if(usable) AS n_pairs, count_if(NOT usable) AS n_pairs_dropped,
+       avg((correct_loglik > best_counterfactual)::DOUBLE) FILTER (WHERE usable) AS accuracy
+FROM items
+GROUP BY run_id ORDER BY run_id"""
 
 
 def knowledge_accuracy(con: duckdb.DuckDBPyConnection, filters: Filters = ALL_RUNS) -> pd.DataFrame:
     return con.sql(knowledge_accuracy_sql(filters)).df()
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x), dtype=float)
-    for value in np.unique(x):  # ties share their mean rank
-        tied = x == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
 
 
 def knowledge_correlation(
@@ -389,15 +385,66 @@ def knowledge_correlation(
     agg: str = "any",
     rank: str = "text",
     filters: Filters = ALL_RUNS,
+    level: float = 0.95,
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Per run accuracy beside peak current-word recall, and their Pearson/Spearman r."""
+    """Per checkpoint, knowledge accuracy beside peak current-word recall, and their correlation.
+
+    A checkpoint is a (model, revision): recall measured on an aligned corpus (one run)
+    meets accuracy measured on a knowledge benchmark (another run) of the same weights.
+    Several runs on one side are averaged (accuracy weighted by pairs). The table keeps
+    checkpoints with only one side, with a ``note`` saying why the other is missing
+    (``no text tokens`` for a vocabulary without a text segment, where text recall
+    cannot exist). Statistics over the checkpoints with both: Pearson and Spearman,
+    permutation p-values, and bootstrap intervals over checkpoints.
+    """
+    from . import uncertainty as unc
+
     peaks = peak_layers(recall_by_layer(con, k, agg, "cur", rank, filters))
     acc = knowledge_accuracy(con, filters)
-    table = peaks.merge(acc, on="run_id", how="inner")
-    x, y = table["accuracy"].to_numpy(float), table["peak_recall"].to_numpy(float)
-    stats = {
-        "n_runs": len(table),
-        "pearson": _pearson(x, y),
-        "spearman": _pearson(_average_ranks(x), _average_ranks(y)) if len(x) else float("nan"),
-    }
+    runs = con.sql(
+        f"""WITH {_runs_cte(filters)}
+SELECT s.run_id, s.model, s.revision, coalesce(v.n_text, 0) AS n_text
+FROM sel_runs s
+LEFT JOIN (SELECT run_id, count_if(modality = 'text') AS n_text FROM vocab GROUP BY run_id) v
+  USING (run_id)"""
+    ).df()
+    keys = ["model", "revision"]
+    acc = acc.merge(runs[["run_id", *keys]], on="run_id")
+    acc_side = (
+        acc.assign(hits=acc.accuracy * acc.n_pairs)
+        .groupby(keys)
+        .agg(n_pairs=("n_pairs", "sum"), hits=("hits", "sum"), knowledge_runs=("run_id", ",".join))
+        .reset_index()
+    )
+    acc_side["accuracy"] = acc_side.hits / acc_side.n_pairs
+    recall_side = (
+        peaks.groupby(keys)
+        .agg(peak_recall=("peak_recall", "mean"), recall_runs=("run_id", ",".join))
+        .reset_index()
+    )
+    text = runs.groupby(keys).agg(n_text=("n_text", "max")).reset_index()
+    table = acc_side.drop(columns="hits").merge(recall_side, on=keys, how="outer")
+    table = table.merge(text, on=keys, how="left")
+    table["note"] = np.select(
+        [
+            table.peak_recall.isna() & (table.n_text == 0) & (rank == "text"),
+            table.peak_recall.isna(),
+            table.accuracy.isna(),
+        ],
+        ["no text tokens", "no aligned spoken words", "no knowledge pairs"],
+        default="",
+    )
+    table = table.drop(columns="n_text").sort_values(keys).reset_index(drop=True)
+    both = table[table.accuracy.notna() & table.peak_recall.notna()]
+    x, y = both.accuracy.to_numpy(float), both.peak_recall.to_numpy(float)
+    rng = unc.run_rng(seed, "knowledge_correlation")
+    stats: dict[str, float] = {"n_checkpoints": len(both), "level": level}
+    for name, fn in (("pearson", unc.pearson), ("spearman", unc.spearman)):
+        stats[name] = fn(x, y)
+        stats[f"{name}_p"] = unc.permutation_p(x, y, fn, rng)
+        stats[f"{name}_lo"], stats[f"{name}_hi"] = unc.bootstrap_correlation(
+            x, y, fn, rng, n_boot, level
+        )
     return table, stats

@@ -242,10 +242,15 @@ def build_report(
                 figures.append(("word_heatmap.png", f"word x layer, {utt}"))
     corr_note = ""
     _, stats = metrics.knowledge_correlation(con, k, filters=filters)
-    if stats["n_runs"] >= 2:
+    if stats["n_checkpoints"] >= 2:
+        pct = f"{stats['level']:.0%}"
         corr_note = (
-            f"<p>Knowledge accuracy vs peak recall over {stats['n_runs']} runs: "
-            f"Pearson r = {stats['pearson']:.3f}, Spearman &rho; = {stats['spearman']:.3f}</p>"
+            f"<p>Knowledge accuracy vs peak recall over {stats['n_checkpoints']} checkpoints "
+            "(model and revision; recall and accuracy may come from different runs): "
+            f"Pearson r = {stats['pearson']:.3f} (permutation p = {stats['pearson_p']:.3g}, "
+            f"{pct} bootstrap interval [{stats['pearson_lo']:.2f}, {stats['pearson_hi']:.2f}]), "
+            f"Spearman &rho; = {stats['spearman']:.3f} (p = {stats['spearman_p']:.3g}, "
+            f"[{stats['spearman_lo']:.2f}, {stats['spearman_hi']:.2f}])</p>"
         )
     summary.to_csv(out / "summary.csv", index=False)
     recall.to_csv(out / "recall.csv", index=False)

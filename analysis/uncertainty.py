@@ -72,3 +72,70 @@ def peak_layer_interval(
     peaks = layers[np.argmax(filled, axis=1)].astype(float)
     lo, hi = percentile_interval(peaks[:, None], level)
     return float(lo[0]), float(hi[0])
+
+
+# Correlations across checkpoints ----------------------------------------------------------
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson's r; NaN with fewer than two points or a constant side."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks from 0, ties sharing their mean rank (what Spearman's rho correlates)."""
+    x = np.asarray(x, float)
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=float)
+    for value in np.unique(x):
+        tied = x == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    return pearson(average_ranks(x), average_ranks(y)) if len(x) else float("nan")
+
+
+#: Up to this many points, the permutation test enumerates every permutation (8! = 40,320).
+EXACT_PERMUTATIONS = 8
+
+
+def permutation_p(
+    x: np.ndarray, y: np.ndarray, statistic, rng: np.random.Generator, n_perm: int = 9999
+) -> float:
+    """Two-sided p-value of ``statistic(x, y)`` against ``y`` shuffled.
+
+    Exact (every permutation) for up to :data:`EXACT_PERMUTATIONS` points, else
+    ``(1 + #{|r*| >= |r|}) / (1 + n_perm)`` over seeded random permutations. No
+    normality assumed: a handful of checkpoints is the usual case here.
+    """
+    import itertools
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    observed = statistic(x, y)
+    if np.isnan(observed):
+        return float("nan")
+    tolerance = 1e-12  # permutations that tie the observed r count as extreme
+    if len(x) <= EXACT_PERMUTATIONS:
+        values = [statistic(x, y[list(p)]) for p in itertools.permutations(range(len(y)))]
+        return float(np.mean(np.abs(values) >= abs(observed) - tolerance))
+    values = np.array([statistic(x, rng.permutation(y)) for _ in range(n_perm)])
+    return float((1 + np.sum(np.abs(values) >= abs(observed) - tolerance)) / (1 + n_perm))
+
+
+def bootstrap_correlation(
+    x: np.ndarray, y: np.ndarray, statistic, rng: np.random.Generator, n_boot: int, level: float
+) -> tuple[float, float]:
+    """Percentile interval of ``statistic`` over points resampled in pairs."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 3:
+        return float("nan"), float("nan")
+    draws = rng.integers(len(x), size=(n_boot, len(x)))
+    values = np.array([statistic(x[d], y[d]) for d in draws])
+    if np.all(np.isnan(values)):
+        return float("nan"), float("nan")
+    lo, hi = percentile_interval(values[:, None], level)
+    return float(lo[0]), float(hi[0])

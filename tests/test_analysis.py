@@ -380,3 +380,125 @@ def test_metrics_cli_prints_intervals(store, capsys):
     assert "recall_lo" in out and "peak_layer_hi" in out and "90% percentile bootstrap" in out
     with pytest.raises(SystemExit):
         main(["metrics", "--store", store.uri, "--ci", "95"])
+
+
+def _checkpoints_split_across_runs(store) -> duckdb.DuckDBPyConnection:
+    """Every checkpoint's recall in one run and its knowledge pairs in another, plus a
+    unit-only model (no text tokens) with a knowledge run and an aligned run."""
+    t = store.tables
+    runs = pd.DataFrame(store.runs)[["run_id", "model", "revision", "n_layers"]]
+    lens, utts, vocab = t["lens"], t["utterances"], t["vocab"]
+    aligned = {r: f"{r}-aligned" for r in runs.run_id}
+    facts = {r: f"{r}-facts" for r in runs.run_id}
+    new_runs = pd.concat(
+        [
+            runs.assign(run_id=runs.run_id.map(aligned)),
+            runs.assign(run_id=runs.run_id.map(facts)),
+            pd.DataFrame(
+                [
+                    {"run_id": r, "model": "unit-lm", "revision": "main", "n_layers": 4}
+                    for r in ("unit-aligned", "unit-facts")
+                ]
+            ),
+        ]
+    )
+    no_text = lens[lens.run_id == "run-0"].assign(cur_word_text_rank=None)
+    new_lens = pd.concat(
+        [
+            lens.assign(run_id=lens.run_id.map(aligned)),
+            lens.assign(run_id=lens.run_id.map(facts), word_index=None),
+            no_text.assign(run_id="unit-aligned"),
+            lens[lens.run_id == "run-0"].assign(run_id="unit-facts", word_index=None),
+        ]
+    )
+    new_utts = pd.concat(
+        [
+            utts.assign(run_id=utts.run_id.map(aligned), pair_id=None),
+            utts.assign(run_id=utts.run_id.map(facts)),
+            utts[utts.run_id == "run-0"].assign(run_id="unit-facts"),
+        ]
+    )
+    speech_only = vocab[vocab.run_id == "run-0"].assign(modality="speech")
+    new_vocab = pd.concat(
+        [
+            vocab.assign(run_id=vocab.run_id.map(aligned)),
+            vocab.assign(run_id=vocab.run_id.map(facts)),
+            speech_only.assign(run_id="unit-aligned"),
+            speech_only.assign(run_id="unit-facts"),
+        ]
+    )
+    con = duckdb.connect()
+    for name, df in (
+        ("runs", new_runs),
+        ("lens", new_lens),
+        ("utterances", new_utts),
+        ("vocab", new_vocab),
+    ):
+        con.register(name, df)
+    return con
+
+
+def test_knowledge_meets_transcription_by_checkpoint_across_runs(store, con):
+    want, want_stats = metrics.knowledge_correlation(con, K)
+    table, stats = metrics.knowledge_correlation(_checkpoints_split_across_runs(store), K)
+    toy = table[table.model == "toy-slm"].reset_index(drop=True)
+    np.testing.assert_array_equal(toy.accuracy, want.accuracy)
+    np.testing.assert_array_equal(toy.peak_recall, want.peak_recall)
+    assert list(toy.knowledge_runs) == [f"run-{r}-facts" for r in range(3)]
+    assert list(toy.recall_runs) == [f"run-{r}-aligned" for r in range(3)]
+    unit = table[table.model == "unit-lm"].iloc[0]
+    assert unit.note == "no text tokens" and np.isnan(unit.peak_recall) and unit.accuracy >= 0
+    assert stats["n_checkpoints"] == want_stats["n_checkpoints"] == 3
+    for key in ("pearson", "spearman", "pearson_p", "spearman_p", "pearson_lo", "spearman_hi"):
+        assert stats[key] == want_stats[key] or (np.isnan(stats[key]) and np.isnan(want_stats[key]))
+    # Three points: the permutation test enumerates all 6 orders, so p is a multiple of 1/6.
+    assert stats["pearson_p"] * 6 == pytest.approx(round(stats["pearson_p"] * 6))
+
+
+def test_an_item_with_several_counterfactuals_needs_to_beat_them_all():
+    con = duckdb.connect()
+    con.register(
+        "runs", pd.DataFrame([{"run_id": "r", "model": "m", "revision": "x", "n_layers": 1}])
+    )
+    members = [  # item a: correct beats both; item b: loses to its second; item c: no correct
+        ("a", "correct", -1.0),
+        ("a", "counterfactual", -2.0),
+        ("a", "counterfactual", -3.0),
+        ("b", "correct", -1.0),
+        ("b", "counterfactual", -2.0),
+        ("b", "counterfactual", -0.5),
+        ("c", "counterfactual", -0.5),
+    ]
+    con.register(
+        "utterances",
+        pd.DataFrame(
+            [
+                {
+                    "run_id": "r",
+                    "utterance_id": f"u{i}",
+                    "pair_id": p,
+                    "pair_role": role,
+                    "n_tokens": 3,
+                    "continuation_start": 2,
+                }
+                for i, (p, role, _) in enumerate(members)
+            ]
+        ),
+    )
+    con.register(
+        "lens",
+        pd.DataFrame(
+            [
+                {
+                    "run_id": "r",
+                    "utterance_id": f"u{i}",
+                    "layer": 1,
+                    "position": 1,
+                    "next_token_logprob": lp,
+                }
+                for i, (_, _, lp) in enumerate(members)
+            ]
+        ),
+    )
+    got = metrics.knowledge_accuracy(con).iloc[0]
+    assert (got.n_pairs, got.n_pairs_dropped, got.accuracy) == (2, 1, 0.5)

@@ -197,3 +197,16 @@ def test_the_control_pool_is_a_spread_sample_whatever_the_parts(tmp_path):
     assert small_one == small_three and len(small_one) == 7
     picked = [u for u, _ in small_one]
     assert picked == sorted(picked) and picked != one.rows.ids[:7]  # spread, in order
+
+
+def test_knowledge_pair_fields_are_validated_per_row(tmp_path):
+    rows = [
+        {"id": "ok", "text": "a", "pair_id": 7, "pair_role": "correct"},
+        {"id": "role", "text": "a", "pair_id": "p", "pair_role": "wrong"},
+        {"id": "alone", "text": "a", "pair_role": "counterfactual"},
+    ]
+    manifest = read_manifest(str(_jsonl(tmp_path / "m.jsonl", rows)))
+    assert [(u.id, u.pair_id) for u in manifest.utterances] == [("ok", "7")]
+    errors = {e.utterance_id: str(e) for e in manifest.errors}
+    assert "pair_role must be one of" in errors["role"] and "manifest row 2" in errors["role"]
+    assert "given together" in errors["alone"]

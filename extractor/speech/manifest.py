@@ -32,6 +32,9 @@ from .records import (
     WordTimingError,
 )
 
+#: Roles of a spoken-knowledge item's members: one correct, one or more counterfactuals.
+PAIR_ROLES = ("correct", "counterfactual")
+
 
 class ManifestError(ValueError):
     """The manifest as a whole cannot be read."""
@@ -144,6 +147,13 @@ def row_to_utterance(row: dict, base: str, index: int) -> Utterance:
         words = read_textgrid(_join(base, row["textgrid"]), utt_id)
     if not text and words:
         text = " ".join(w.word for w in words)
+    pair_id, pair_role = row.get("pair_id"), row.get("pair_role")
+    if pair_role is not None and pair_role not in PAIR_ROLES:
+        raise ManifestRowError(
+            utt_id, f"pair_role must be one of {PAIR_ROLES}, got {pair_role!r:.60}"
+        )
+    if (pair_id is None) != (pair_role is None):
+        raise ManifestRowError(utt_id, "pair_id and pair_role must be given together")
     units, durations = _int_list(row, "units", utt_id), _int_list(row, "durations", utt_id)
     if (units is None) != (durations is None):
         raise WordTimingError(utt_id, "units and durations must be given together")
@@ -157,8 +167,8 @@ def row_to_utterance(row: dict, base: str, index: int) -> Utterance:
         units=units,
         durations=durations,
         duration_s=float(duration) if duration is not None else None,
-        pair_id=row.get("pair_id"),
-        pair_role=row.get("pair_role"),
+        pair_id=None if pair_id is None else str(pair_id),
+        pair_role=pair_role,
         continuation=row.get("continuation"),
     )
 
