@@ -201,6 +201,21 @@ _compiled_stats = None
 _compile_failed = False
 
 
+#: Graphs the compiled reduction may build in one process: target counts padded to
+#: powers of two (a few buckets) times the guards dynamo adds on the block's shape (its
+#: width a multiple of the top-k block or not, above 4096 or not; one row or more). The
+#: default of 8 was reached within one demo run, after which torch ran it eager.
+RECOMPILE_LIMIT = 64
+
+
+def _recompile_budget():
+    """``torch._dynamo.config`` patched for the duration of one call, never globally."""
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    return dynamo_config.patch(**{name: RECOMPILE_LIMIT})
+
+
 def _pad_targets(thresholds: torch.Tensor) -> torch.Tensor:
     """Thresholds [rows, T] widened to the next power of two with ``+inf`` columns.
 
@@ -232,7 +247,8 @@ def chunk_stats(logits: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, compil
     try:
         targets = lo.shape[1]
         lo, hi = _pad_targets(lo), _pad_targets(hi)
-        row_max, row_min, sumexp, above, near, blocks = _compiled_stats(logits, lo, hi)
+        with _recompile_budget():
+            row_max, row_min, sumexp, above, near, blocks = _compiled_stats(logits, lo, hi)
         return row_max, row_min, sumexp, above[:, :targets], near, blocks
     except Exception as exc:  # compiler missing or broken: stay correct, get slower
         _compile_failed = True
