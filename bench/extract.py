@@ -2,11 +2,15 @@
 
     python bench/extract.py [--sentences 36] [--model demo|tiny]
 
-Both paths run the same ShardProcessor over the demo dataset (espeak-ng sentences plus
+Three runs of the same ShardProcessor (in process one shard at a time, in process with
+two shards in flight so one's front end overlaps the other's model stage, and on Ray
+with two in flight) over the demo dataset (espeak-ng sentences plus
 the LibriVox utterances) with the SIMS-layout SmolLM2-135M demo model in bf16, every
-layer lensed at every word position, into two fresh local stores. Prints tokens/s of
+layer lensed at every word position, into three fresh local stores. Prints tokens/s of
 each (whole run, model loading included; and summed over shards, from the commit
-markers' telemetry), the ratio, the lens floor (the bare bf16 GEMM of the same lens rows
+markers' telemetry), the model stage's busy fraction (forward + lens over the span from
+the first front end to the last commit), the CPU time per lens row of row building and
+Parquet writing, the ratios, the lens floor (the bare bf16 GEMM of the same lens rows
 against the full vocabulary, timed here), and store bytes per (position, layer) row.
 """
 
@@ -61,7 +65,8 @@ def main() -> None:
     sentences = [pool[i % len(pool)] for i in range(args.sentences)]
     root = Path(tempfile.mkdtemp(prefix="slm-lens-bench-extract-"))
     results = {}
-    for mode in ("in-process", "ray"):
+    modes = {"sequential": (True, 1), "in-process": (True, 2), "ray": (False, 2)}
+    for mode, (in_process, depth) in modes.items():
         raw = demo_config(
             str(root / f"store-{mode}"),
             root / "data",
@@ -72,10 +77,10 @@ def main() -> None:
         raw["shard_size"] = 8
         # One actor owning both cores, as the in-process loop does (Ray pins an actor's
         # BLAS threads to its CPU share).
-        raw["workers"] = {"count": 1, "gpus": 0, "cpus": 2}
+        raw["workers"] = {"count": 1, "gpus": 0, "cpus": 2, "in_flight_per_worker": depth}
         cfg = parse_config(raw)
         start = time.perf_counter()
-        summary = run_extraction(cfg, in_process=mode == "in-process", progress=False)
+        summary = run_extraction(cfg, in_process=in_process, progress=False)
         wall = time.perf_counter() - start
         con = open_store(cfg.store, runs=[summary.run_id])
         shard_s, tokens = con.sql(
@@ -83,18 +88,30 @@ def main() -> None:
             "WHERE shard > 0"
         ).fetchone()
         rows = con.sql("SELECT count(*) FROM lens").fetchone()[0]
+        model_s, span, rows_s, write_s, front_s = con.sql(
+            "SELECT sum((stats->>'forward_seconds')::DOUBLE + (stats->>'lens_seconds')::DOUBLE), "
+            "max((stats->>'model_finished_at')::DOUBLE) - "
+            "min((stats->>'frontend_started_at')::DOUBLE), "
+            "sum((stats->>'rows_seconds')::DOUBLE), sum((stats->>'write_seconds')::DOUBLE), "
+            "sum((stats->>'frontend_seconds')::DOUBLE) FROM shards WHERE shard > 0"
+        ).fetchone()
         size = sum(p.stat().st_size for p in Path(cfg.store, "lens").rglob("*.parquet"))
         results[mode] = dict(wall=wall, tokens=tokens, shard_s=shard_s, rows=rows, bytes=size)
         print(
-            f"{mode:>10}: {tokens} tokens, {rows:,} lens rows; whole run {wall:.1f} s "
-            f"({tokens / wall:.1f} tokens/s); in shards {shard_s:.1f} s "
-            f"({tokens / shard_s:.1f} tokens/s)",
+            f"{mode:>10} ({depth} in flight): {tokens} tokens, {rows:,} lens rows; whole run "
+            f"{wall:.1f} s ({tokens / wall:.1f} tokens/s); in shards {shard_s:.1f} s "
+            f"({tokens / shard_s:.1f} tokens/s)\n"
+            f"{'':>12}model stage busy {model_s / span:.0%} of the shards' span "
+            f"(forward + lens {model_s:.1f} s of {span:.1f} s; front end {front_s:.1f} s); "
+            f"row building {rows_s / rows * 1e6:.2f} us and Parquet writing "
+            f"{write_s / rows * 1e6:.2f} us per lens row",
             flush=True,
         )
-    a, b = results["in-process"], results["ray"]
+    a, b, seq = results["in-process"], results["ray"], results["sequential"]
     print(
         f"Ray / in-process throughput: whole run {a['wall'] / b['wall']:.2f}x, "
-        f"in shards {a['shard_s'] / b['shard_s']:.2f}x"
+        f"in shards {a['shard_s'] / b['shard_s']:.2f}x; "
+        f"pipelined / sequential (in process, whole run): {seq['wall'] / a['wall']:.2f}x"
     )
     import json
 

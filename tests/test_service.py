@@ -491,3 +491,32 @@ def test_a_local_store_not_shared_with_a_node_is_refused(
     with pytest.raises(WorkerStartError, match="does not share it with the driver"):
         run_extraction(parse_config(small_config(store, data_dir)), progress=False)
     assert not list((tmp_path / "store" / "_probe").rglob("*.token"))
+
+
+def test_the_front_end_of_one_shard_runs_while_another_holds_the_model(clean, data_dir, tmp_path):
+    """Two shards in flight: a shard's CPU stage overlaps another's model stage, the
+    stores are the same, and every stage's time is in the shard telemetry."""
+    store = str(tmp_path / "store")
+    raw = small_config(store, data_dir, workers={"in_flight_per_worker": 2})
+    summary = run_extraction(parse_config(raw), in_process=True, progress=False)
+    assert summary.ok
+    assert_same_store(clean[1], snapshot(store, summary.run_id))
+    con = open_store(store, runs=[summary.run_id])
+    stages = con.sql(
+        "SELECT shard, (stats->>'frontend_started_at')::DOUBLE AS f0, "
+        "(stats->>'frontend_started_at')::DOUBLE + (stats->>'frontend_seconds')::DOUBLE AS f1, "
+        "(stats->>'model_started_at')::DOUBLE AS m0, (stats->>'model_finished_at')::DOUBLE AS m1, "
+        "(stats->>'forward_seconds')::DOUBLE + (stats->>'lens_seconds')::DOUBLE AS model, "
+        "(stats->>'rows_seconds')::DOUBLE AS rows FROM shards WHERE shard > 0 ORDER BY shard"
+    ).df()
+    assert len(stages) == 5 and (stages.model > 0).all() and (stages.rows > 0).all()
+    overlaps = [
+        (a.shard, b.shard)
+        for a in stages.itertuples()
+        for b in stages.itertuples()
+        if a.shard != b.shard and a.f0 < b.m1 and b.m0 < a.f1
+    ]
+    assert overlaps, stages
+    # One shard at a time per stage: model stages never overlap each other.
+    ordered = stages.sort_values("m0")
+    assert (ordered.m0.to_numpy()[1:] >= ordered.m1.to_numpy()[:-1]).all()

@@ -255,11 +255,8 @@ def _extract(cfg, plan, store, address, in_process, progress) -> RunSummary:
     try:
         if in_process:
             processor = ShardProcessor(cfg, plan.run_id, plan.source)
-            for shard, rows in sorted(todo.items()):
-                try:
-                    settle(Outcome(shard, "done", stats=processor.process(shard, rows)))
-                except Exception as exc:  # one shard's error; the others still run
-                    settle(Outcome.failure(shard, exc))
+            for outcome in _pipelined(processor, todo, cfg.workers.in_flight_per_worker):
+                settle(outcome)
         elif todo:
             _run_on_ray(cfg, plan, todo, address, settle)
     finally:
@@ -336,6 +333,27 @@ class ShardScheduler:
             f"worker lost ({outcome.error}), attempt {self.attempts[shard]}/{self.max_retries}"
         )
         return outcome
+
+
+def _pipelined(processor: ShardProcessor, todo: dict, depth: int):
+    """Outcomes of ``todo``'s shards in order, ``depth`` of them in flight at once.
+
+    The in-process twin of a Ray actor with ``max_concurrency=depth``: the next
+    shard's front end runs on another thread while this one holds the model.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    shards = sorted(todo)
+    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="shard") as pool:
+        futures: dict = {}
+        for i, shard in enumerate(shards):
+            while len(futures) < depth and i + len(futures) < len(shards):
+                nxt = shards[i + len(futures)]
+                futures[nxt] = pool.submit(processor.process, nxt, todo[nxt])
+            try:
+                yield Outcome(shard, "done", stats=futures.pop(shard).result())
+            except Exception as exc:  # one shard's error; the others still run
+                yield Outcome.failure(shard, exc)
 
 
 def _count_failures(store: StoreWriter, run_id: str) -> int:
@@ -425,9 +443,13 @@ def _run_on_ray(cfg, plan, todo, address, settle) -> None:
             cfg.workers.gpus,
         )
     env = forwarded_env(extra=(CRASH_ENV,))  # never credentials: see .environment
+    capacity = cfg.workers.in_flight_per_worker
     actor_cls = ray.remote(LensActor).options(
         num_cpus=cfg.workers.cpus,
         num_gpus=cfg.workers.gpus,
+        # A threaded actor: one queued shard's front end runs while another holds the
+        # model (ShardProcessor admits one shard per stage at a time).
+        max_concurrency=capacity,
         max_restarts=-1,
         max_task_retries=0,
         runtime_env={"env_vars": env} if env else None,
@@ -435,7 +457,6 @@ def _run_on_ray(cfg, plan, todo, address, settle) -> None:
     probe = write_probe(cfg.store, run_id)
     source = ray.put(plan.source)  # the control pool, sent once, not once per actor
     actors = [actor_cls.remote(cfg, run_id, source, probe) for _ in range(cfg.workers.count)]
-    capacity = cfg.workers.in_flight_per_worker
     from ray import exceptions as rx
 
     unavailable = tuple(e for e in (getattr(rx, "ActorUnavailableError", None),) if e)

@@ -7,8 +7,10 @@ the Ray actor (:mod:`.driver`) and the in-process loop both call
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -71,6 +73,51 @@ class ShardStats:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
+@dataclass
+class PreparedShard:
+    """A shard through the CPU front end, waiting for the model."""
+
+    shard: int
+    ids: list[str]
+    seqs: list[tuple[Utterance, BuiltSequence]]
+    failures: list[dict]
+    started: float  # epoch seconds, when its front end began
+    frontend_seconds: float
+
+
+@dataclass
+class StageClock:
+    """Seconds per part of the model stage, for the shard's telemetry.
+
+    ``forward`` and ``lens`` are the model's own work; ``rows`` (target packing and
+    Arrow row building) and ``write`` (Parquet) are the CPU cost per lens row that the
+    model stage carries; ``frontend`` ran before, outside the model lock.
+    """
+
+    frontend_started: float
+    frontend: float
+    model_started: float
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, part: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
+
+    def telemetry(self) -> dict:
+        parts = {p: self.seconds.get(p, 0.0) for p in ("forward", "lens", "rows", "write")}
+        return {
+            "frontend_started_at": self.frontend_started,
+            "frontend_seconds": self.frontend,
+            "model_started_at": self.model_started,
+            "model_finished_at": time.time(),
+            **{f"{p}_seconds": v for p, v in parts.items()},
+        }
+
+
 class ShardProcessor:
     """Loads the model and tokenizers once; processes shards on demand.
 
@@ -119,25 +166,34 @@ class ShardProcessor:
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.store = StoreWriter(config.store, target_file_bytes=config.target_file_mb << 20)
         self.engine_check: SelfCheck | None = None
+        self._frontend_lock = threading.Lock()
+        self._model_lock = threading.Lock()
 
     # ----------------------------------------------------------------------------------
     def process(self, shard: int, rows: RowLocations) -> ShardStats:
-        """Run the lens over the shard's utterances and commit its rows (idempotent)."""
-        started = time.perf_counter()
+        """Run the lens over the shard's utterances and commit its rows (idempotent).
+
+        Thread-safe, and built to be called from two threads at once: the CPU front
+        end (:meth:`prepare`) of one shard runs while another shard holds the model
+        (:meth:`run`). Each stage admits one shard at a time, so a worker holds at
+        most its in-flight shards in memory.
+        """
         if self.store.is_committed(self.run_id, shard):
             return ShardStats(shard, 0, 0, 0, 0, 0.0, 0)
-        failures: list[dict] = []
-        seqs: list[tuple[Utterance, BuiltSequence]] = []
-        with self.store.shard(self.run_id, shard) as writer:
+        return self.run(self.prepare(shard, rows))
+
+    def prepare(self, shard: int, rows: RowLocations) -> PreparedShard:
+        """The CPU stage: read the shard's rows, decode, align, tokenise speech, build
+        sequences. Bad items become failure rows; nothing is written yet."""
+        with self._frontend_lock:
+            started = time.time()
+            failures: list[dict] = []
+            seqs: list[tuple[Utterance, BuiltSequence]] = []
             read = read_rows(self.source, rows)
             items = self.frontend.prepare([u for u in read if isinstance(u, Utterance)])
             for item in [e for e in read if isinstance(e, SpeechInputError)] + items:
                 if isinstance(item, SpeechInputError):
-                    failures.append(
-                        _failure(
-                            shard, item.utterance_id, item.stage, type(item).__name__, str(item)
-                        )
-                    )
+                    failures.append(_failure(shard, item.utterance_id, item.stage, item))
                     continue
                 try:
                     seq = build_sequence(
@@ -152,46 +208,53 @@ class ShardProcessor:
                     )
                 except (SpeechInputError, LayoutError) as exc:
                     failures.append(
-                        _failure(
-                            shard,
-                            item.id,
-                            getattr(exc, "stage", "sequence"),
-                            type(exc).__name__,
-                            str(exc),
-                        )
+                        _failure(shard, item.id, getattr(exc, "stage", "sequence"), exc)
                     )
                     continue
                 seqs.append((item, seq))
-            writer.write("utterances", [_utterance_row(shard, u, s) for u, s in seqs])
-            writer.write("words", [_word_row(s, w) for _, s in seqs for w in s.words])
-            writer.write("tokens", _token_table(seqs))
-            tokens = 0
-            lens_rows = 0
-            for batch in self._batches(seqs):
-                crash_point("mid_shard", shard)
-                lens, word_lens = self._lens_batch(batch)
-                writer.write("lens", lens)
-                writer.write("word_lens", word_lens)
-                tokens += sum(len(s) for _, s in batch)
-                lens_rows += lens.num_rows
-            writer.write("failures", failures)
-            _check_accounted(shard, rows.ids, [u.id for u, _ in seqs], failures)
-            seconds = time.perf_counter() - started
-            stats = ShardStats(shard, len(seqs), len(failures), tokens, lens_rows, seconds, 0)
-            marker = writer.commit(
-                {
-                    "tokens": tokens,
-                    "lens_rows": lens_rows,
-                    "seconds": seconds,
-                    "tokens_per_s": stats.tokens_per_s,
-                    "utterances": len(seqs),
-                    "failures": len(failures),
-                    "device": self.device,
-                    **(self.engine_check.telemetry() if self.engine_check else {}),
-                }
-            )
-            stats.bytes = marker["bytes"]
-        return stats
+            return PreparedShard(shard, rows.ids, seqs, failures, started, time.time() - started)
+
+    def run(self, prepared: PreparedShard) -> ShardStats:
+        """The model stage: forward passes, the lens, store rows, the commit."""
+        with self._model_lock:
+            shard, seqs, failures = prepared.shard, prepared.seqs, prepared.failures
+            clock = StageClock(prepared.started, prepared.frontend_seconds, time.time())
+            with self.store.shard(self.run_id, shard) as writer:
+                with clock("write"):
+                    writer.write("utterances", [_utterance_row(shard, u, s) for u, s in seqs])
+                    writer.write("words", [_word_row(s, w) for _, s in seqs for w in s.words])
+                    writer.write("tokens", _token_table(seqs))
+                tokens = 0
+                lens_rows = 0
+                for batch in self._batches(seqs):
+                    crash_point("mid_shard", shard)
+                    lens, word_lens = self._lens_batch(batch, clock)
+                    with clock("write"):
+                        writer.write("lens", lens)
+                        writer.write("word_lens", word_lens)
+                    tokens += sum(len(s) for _, s in batch)
+                    lens_rows += lens.num_rows
+                with clock("write"):
+                    writer.write("failures", failures)
+                _check_accounted(shard, prepared.ids, [u.id for u, _ in seqs], failures)
+                # Busy time: the front end plus this model stage, not the wait between.
+                seconds = prepared.frontend_seconds + time.time() - clock.model_started
+                stats = ShardStats(shard, len(seqs), len(failures), tokens, lens_rows, seconds, 0)
+                marker = writer.commit(
+                    {
+                        "tokens": tokens,
+                        "lens_rows": lens_rows,
+                        "seconds": seconds,
+                        "tokens_per_s": stats.tokens_per_s,
+                        "utterances": len(seqs),
+                        "failures": len(failures),
+                        "device": self.device,
+                        **clock.telemetry(),
+                        **(self.engine_check.telemetry() if self.engine_check else {}),
+                    }
+                )
+                stats.bytes = marker["bytes"]
+            return stats
 
     # ----------------------------------------------------------------------------------
     def _batches(self, seqs):
@@ -232,7 +295,7 @@ class ShardProcessor:
             self.engine_check = choose_engine(inputs, preferred, LENS_ENGINES)
         return LENS_ENGINES[self.engine_check.engine](inputs)
 
-    def _lens_batch(self, batch) -> tuple[pa.Table, pa.Table]:
+    def _lens_batch(self, batch, clock: StageClock) -> tuple[pa.Table, pa.Table]:
         """One padded forward pass, the lens over every layer, the batch's store rows."""
         seqs = [seq for _, seq in batch]
         width = max(len(seq) for seq in seqs)
@@ -246,11 +309,20 @@ class ShardProcessor:
         sel_b, sel_p = torch.nonzero(select, as_tuple=True)
         if len(sel_b) == 0:
             return _empty("lens"), _empty("word_lens")
-        hidden = capture_layers(self.parts, ids, select, attn)  # [L1, S, d]
+        with clock("forward"):
+            hidden = capture_layers(self.parts, ids, select, attn)  # [L1, S, d]
         n_layers = hidden.shape[0]
-        targets = pack_targets(seqs, sel_b.numpy(), sel_p.numpy())
-        pool_rows, pool_targets = pooled_groups(targets, n_layers)
-        result = self._lens(
+        with clock("rows"):
+            targets = pack_targets(seqs, sel_b.numpy(), sel_p.numpy())
+            pool_rows, pool_targets = pooled_groups(targets, n_layers)
+        with clock("lens"):
+            result = self._lens_call(hidden, targets, pool_rows, pool_targets, n_layers)
+        with clock("rows"):
+            has_text = self.text_segment_size > 0
+            return lens_tables(result, targets, seqs, n_layers, self.cfg.lens.k, has_text)
+
+    def _lens_call(self, hidden, targets, pool_rows, pool_targets, n_layers) -> LensResult:
+        return self._lens(
             LensInputs(
                 hidden=hidden.reshape(-1, hidden.shape[-1]),
                 unembed=self.parts.unembed,
@@ -266,8 +338,6 @@ class ShardProcessor:
                 pool_targets=torch.from_numpy(pool_targets).to(self.device),
             )
         ).to("cpu")
-        has_text = self.text_segment_size > 0
-        return lens_tables(result, targets, seqs, n_layers, self.cfg.lens.k, has_text)
 
 
 def _empty(table: str) -> pa.Table:
@@ -276,13 +346,13 @@ def _empty(table: str) -> pa.Table:
     return TABLES[table].empty_table()
 
 
-def _failure(shard: int, utt_id: str, stage: str, error: str, message: str) -> dict:
+def _failure(shard: int, utt_id: str, stage: str, error: Exception) -> dict:
     return {
         "shard": shard,
         "utterance_id": utt_id,
         "stage": stage,
-        "error": error,
-        "message": message,
+        "error": type(error).__name__,
+        "message": str(error),
     }
 
 
