@@ -351,13 +351,14 @@ def knowledge_accuracy_sql(filters: Filters = ALL_RUNS) -> str:
 cont AS (
   SELECT u.run_id, u.pair_id, u.pair_role, u.utterance_id,
          sum(l.next_token_logprob) AS loglik,
-         count(l.next_token_logprob) = max(u.n_tokens - u.continuation_start) AS complete
+         coalesce(count(l.next_token_logprob) = max(u.n_tokens - u.continuation_start), false)
+           AS complete
   FROM utterances u
   JOIN sel_runs s USING (run_id)
-  JOIN lens l ON l.run_id = u.run_id AND l.utterance_id = u.utterance_id
-             AND l.layer = s.n_layers
+  LEFT JOIN lens l ON l.run_id = u.run_id AND l.utterance_id = u.utterance_id
+                  AND l.layer = s.n_layers
+                  AND l.position >= u.continuation_start - 1 AND l.position < u.n_tokens - 1
   WHERE u.pair_id IS NOT NULL
-    AND l.position >= u.continuation_start - 1 AND l.position < u.n_tokens - 1
   GROUP BY u.run_id, u.pair_id, u.pair_role, u.utterance_id
 ),
 items AS (
@@ -369,7 +370,8 @@ items AS (
   FROM cont
   GROUP BY run_id, pair_id
 )
-SELECT run_id, count_if(usable) AS n_pairs, count_if(NOT usable) AS n_pairs_dropped,
+SELECT run_id, count_if(usable)::BIGINT AS n_pairs,
+       count_if(NOT usable)::BIGINT AS n_pairs_dropped,
        avg((correct_loglik > best_counterfactual)::DOUBLE) FILTER (WHERE usable) AS accuracy
 FROM items
 GROUP BY run_id ORDER BY run_id"""
@@ -405,7 +407,8 @@ def knowledge_correlation(
     acc = knowledge_accuracy(con, filters)
     runs = con.sql(
         f"""WITH {_runs_cte(filters)}
-SELECT s.run_id, s.model, s.revision, coalesce(v.n_text, 0) AS n_text
+SELECT s.run_id, s.model, s.revision, coalesce(v.n_text, 0) AS n_text,
+       s.run_id IN (SELECT run_id FROM utterances WHERE pair_id IS NOT NULL) AS has_pairs
 FROM sel_runs s
 LEFT JOIN (SELECT run_id, count_if(modality = 'text') AS n_text FROM vocab GROUP BY run_id) v
   USING (run_id)"""
@@ -419,8 +422,13 @@ LEFT JOIN (SELECT run_id, count_if(modality = 'text') AS n_text FROM vocab GROUP
         .reset_index()
     )
     acc_side["accuracy"] = acc_side.hits / acc_side.n_pairs
+    # Knowledge items are spoken sentences too, so a knowledge run has recall of its own:
+    # where a checkpoint has runs without items (its aligned corpora), recall is theirs.
+    has_aligned = runs.groupby(keys)["has_pairs"].transform(lambda p: bool((~p).any()))
+    eligible = set(runs.run_id[~runs.has_pairs.astype(bool) | ~has_aligned.astype(bool)])
     recall_side = (
-        peaks.groupby(keys)
+        peaks[peaks.run_id.isin(eligible)]
+        .groupby(keys)
         .agg(peak_recall=("peak_recall", "mean"), recall_runs=("run_id", ",".join))
         .reset_index()
     )

@@ -30,13 +30,18 @@ class StorageError(OSError):
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, root path inside it) for a local path, ``file://`` or ``s3://`` URI."""
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        path = os.path.abspath(parsed.path if parsed.scheme else uri)
-        return pafs.LocalFileSystem(), path
-    if parsed.scheme == "s3":
-        return s3_filesystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    """(filesystem, root path inside it) for a local path, ``file://`` or ``s3://`` URI.
+
+    Split by hand, not as a URL: ``?`` and ``#`` are characters of object keys and
+    glob patterns, not a query or a fragment.
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    if scheme == "file":
+        return pafs.LocalFileSystem(), os.path.abspath(rest)
+    if scheme == "s3":
+        return s3_filesystem(), rest.rstrip("/")
     raise ValueError(f"unsupported store URI {uri!r}: use a local path or s3://bucket/prefix")
 
 

@@ -12,6 +12,7 @@ not depend on which other runs were in the query.
 
 from __future__ import annotations
 
+import warnings
 import zlib
 
 import numpy as np
@@ -43,6 +44,9 @@ def bootstrap_ratios(
     """
     n_utts, n_layers = np.shape(ratios[0][1])
     out = np.empty((n_boot, len(ratios), n_layers))
+    # A ratio that fewer than two utterances contribute to has no sampling spread to
+    # estimate: every replicate that has it at all repeats the one value. NaN, not [x, x].
+    thin = [(np.asarray(den) > 0).sum(axis=0) < 2 for _, den in ratios]
     done = 0
     while done < n_boot:
         w = utterance_weights(n_utts, min(CHUNK, n_boot - done), rng).astype(float)
@@ -52,6 +56,8 @@ def bootstrap_ratios(
                     w @ np.asarray(den, float)
                 )
         done += len(w)
+    for s, mask in enumerate(thin):
+        out[:, s, mask] = np.nan
     return out
 
 
@@ -60,7 +66,9 @@ def percentile_interval(replicates: np.ndarray, level: float) -> tuple[np.ndarra
     if not 0 < level < 1:
         raise ValueError(f"confidence level must be in (0, 1), got {level!r}")
     alpha = (1 - level) / 2
-    lo, hi = np.nanquantile(replicates, [alpha, 1 - alpha], axis=0)
+    with warnings.catch_warnings():  # an all-NaN column is a NaN bound, said by the NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = np.nanquantile(replicates, [alpha, 1 - alpha], axis=0)
     return lo, hi
 
 
@@ -70,8 +78,10 @@ def peak_layer_interval(
     """Percentile interval of the layer where each replicate's curve [B, L] peaks."""
     filled = np.where(np.isnan(replicates), -np.inf, replicates)
     peaks = layers[np.argmax(filled, axis=1)].astype(float)
-    lo, hi = percentile_interval(peaks[:, None], level)
-    return float(lo[0]), float(hi[0])
+    alpha = (1 - level) / 2
+    # Inverted-CDF quantiles: a bound is a layer some replicate peaked at, never 3.1.
+    lo, hi = np.quantile(peaks, [alpha, 1 - alpha], method="inverted_cdf")
+    return float(lo), float(hi)
 
 
 # Correlations across checkpoints ----------------------------------------------------------

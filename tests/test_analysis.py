@@ -406,9 +406,13 @@ def _checkpoints_split_across_runs(store) -> duckdb.DuckDBPyConnection:
     new_lens = pd.concat(
         [
             lens.assign(run_id=lens.run_id.map(aligned)),
-            lens.assign(run_id=lens.run_id.map(facts), word_index=None),
+            # Knowledge items are spoken words too: these runs have recall of their own,
+            # which must not leak into the checkpoint's (it comes from the aligned runs).
+            lens.assign(
+                run_id=lens.run_id.map(facts), cur_word_text_rank=0, ctrl_word_text_rank=99
+            ),
             no_text.assign(run_id="unit-aligned"),
-            lens[lens.run_id == "run-0"].assign(run_id="unit-facts", word_index=None),
+            lens[lens.run_id == "run-0"].assign(run_id="unit-facts", cur_word_text_rank=0),
         ]
     )
     new_utts = pd.concat(
@@ -468,6 +472,8 @@ def test_an_item_with_several_counterfactuals_needs_to_beat_them_all():
         ("b", "counterfactual", -2.0),
         ("b", "counterfactual", -0.5),
         ("c", "counterfactual", -0.5),
+        ("d", "correct", -1.0),  # item d: its counterfactual was never scored
+        ("d", "counterfactual", None),
     ]
     con.register(
         "utterances",
@@ -497,8 +503,10 @@ def test_an_item_with_several_counterfactuals_needs_to_beat_them_all():
                     "next_token_logprob": lp,
                 }
                 for i, (_, _, lp) in enumerate(members)
+                if lp is not None
             ]
         ),
     )
     got = metrics.knowledge_accuracy(con).iloc[0]
-    assert (got.n_pairs, got.n_pairs_dropped, got.accuracy) == (2, 1, 0.5)
+    assert (got.n_pairs, got.n_pairs_dropped, got.accuracy) == (2, 2, 0.5)
+    assert str(metrics.knowledge_accuracy(con).n_pairs.dtype) == "int64"

@@ -86,15 +86,42 @@ def test_globs_pick_parts_within_and_across_folders(tmp_path):
     assert deep.rows.ids == [f"u{i:05d}" for i in range(100, 105)]
     mixed = read_manifest(str(tmp_path / "hub"))  # a folder: Parquet and JSONL parts
     assert len(mixed.utterances) == 35 and not mixed.errors
-    with pytest.raises(ManifestError, match="no manifest file matches"):
+    with pytest.raises(ManifestError, match=r"no manifest file .* matches"):
         index_manifest(str(tmp_path / "hub" / "*.csv"))
+    # A glob takes manifest parts only, never a hidden or underscore folder; [!x] negates.
+    _jsonl(tmp_path / "hub" / "_tmp" / "stale.jsonl", _rows(2, 900))
+    _jsonl(tmp_path / "hub" / ".cache" / "stale.jsonl", _rows(2, 950))
+    assert index_manifest(str(tmp_path / "hub" / "**" / "*.jsonl")).rows.ids == deep.rows.ids
+    with pytest.raises(ManifestError):
+        index_manifest(str(tmp_path / "hub" / "R*"))  # README.md is not a part
+    negated = index_manifest(str(tmp_path / "hub" / "data" / "test-0000[!0]-of-*.parquet"))
+    assert negated.rows.ids == [f"u{i:05d}" for i in range(10, 30)]
+    # A path with glob characters that exists is that file, not a pattern.
+    literal = _jsonl(tmp_path / "run[1]" / "m.jsonl", _rows(2))
+    assert len(index_manifest(str(literal)).rows) == 2
 
 
 def test_a_folder_of_several_splits_or_arrow_files_is_refused_with_the_way_out(tmp_path):
     folder = _hub_layout(tmp_path / "hub")
     _parquet(folder / "data" / "train-00000-of-00001.parquet", _rows(3, 500))
-    with pytest.raises(ManifestError, match=r"splits test, train.*\*\*/test-\*\.parquet"):
+    with pytest.raises(
+        ManifestError, match=r"\(data/test, data/train\).*hub/data/test-\*\.parquet"
+    ):
         index_manifest(str(folder))
+    # The names the Hub gives parts (with a hash) and the Parquet converter's layout.
+    hashed = _hub_layout(tmp_path / "hashed")
+    _parquet(hashed / "data" / "train-00000-of-00001-2a1df75c6bce91ab.parquet", _rows(2, 600))
+    with pytest.raises(ManifestError, match="data/test, data/train"):
+        index_manifest(str(hashed))
+    converted = tmp_path / "converted"
+    _parquet(converted / "default" / "train" / "0000.parquet", _rows(2))
+    _parquet(converted / "default" / "test" / "0000.parquet", _rows(2, 10))
+    _parquet(converted / "fr" / "test" / "0000.parquet", _rows(2, 20))
+    with pytest.raises(
+        ManifestError, match=r"default/test, default/train, fr/test.*default/test/\*"
+    ):
+        index_manifest(str(converted))
+    assert len(index_manifest(str(converted / "default" / "test" / "*.parquet")).rows) == 2
     saved = tmp_path / "saved"
     saved.mkdir()
     (saved / "state.json").write_text("{}")
@@ -210,3 +237,36 @@ def test_knowledge_pair_fields_are_validated_per_row(tmp_path):
     errors = {e.utterance_id: str(e) for e in manifest.errors}
     assert "pair_role must be one of" in errors["role"] and "manifest row 2" in errors["role"]
     assert "given together" in errors["alone"]
+
+
+def test_a_same_size_parquet_edit_changes_the_fingerprint(tmp_path):
+    """An edit that keeps the size and the footer (here: one letter of a text, in place,
+    uncompressed) is still a new dataset: the modification time is in the digest."""
+    import os
+
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.Table.from_pylist(_rows(50)), path, compression="NONE")
+    before = index_manifest(str(path)).fingerprint
+    data = bytearray(path.read_bytes())
+    footer = bytes(data[-8 - int.from_bytes(data[-8:-4], "little") :])
+    at = data.index(b"birds sang over")
+    data[at : at + 5] = b"words"
+    stat = path.stat()
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # written later
+    assert path.stat().st_size == stat.st_size and path.read_bytes().endswith(footer)
+    assert index_manifest(str(path)).fingerprint != before
+    assert any("words sang over" in u.text for u in read_manifest(str(path)).utterances)
+
+
+def test_bad_lines_of_different_parts_keep_distinct_ids(tmp_path):
+    for k in range(2):
+        part = tmp_path / "m" / f"p{k}.jsonl"
+        part.parent.mkdir(exist_ok=True)
+        part.write_text(json.dumps({"id": f"ok{k}", "text": "a"}) + "\n{broken\n")
+    manifest = read_manifest(str(tmp_path / "m"))
+    ids = [e.utterance_id for e in manifest.errors]
+    assert len(set(ids)) == 2 and all(i.endswith(":line2") for i in ids)
+    assert all("manifest line 2 of" in str(e) for e in manifest.errors)
+    glob = read_manifest(f"file://{tmp_path}/m/p?.jsonl")  # '?' is a wildcard, not a query
+    assert [u.id for u in glob.utterances] == ["ok0", "ok1"]

@@ -344,8 +344,9 @@ def _pipelined(processor: ShardProcessor, todo: dict, depth: int):
     from concurrent.futures import ThreadPoolExecutor
 
     shards = sorted(todo)
-    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="shard") as pool:
-        futures: dict = {}
+    pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="shard")
+    futures: dict = {}
+    try:
         for i, shard in enumerate(shards):
             while len(futures) < depth and i + len(futures) < len(shards):
                 nxt = shards[i + len(futures)]
@@ -354,6 +355,8 @@ def _pipelined(processor: ShardProcessor, todo: dict, depth: int):
                 yield Outcome(shard, "done", stats=futures.pop(shard).result())
             except Exception as exc:  # one shard's error; the others still run
                 yield Outcome.failure(shard, exc)
+    finally:  # an interrupt does not wait for queued shards (a running one still commits)
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _count_failures(store: StoreWriter, run_id: str) -> int:

@@ -43,7 +43,8 @@ PART_SUFFIXES = (".parquet", ".jsonl", ".ndjson")
 CONTROL_UTTERANCES = 4096
 #: Columns the control pool needs (a Parquet part's audio is never read for it).
 CONTROL_COLUMNS = ("id", "utterance_id", "text", "words", "textgrid")
-_SPLIT_PART = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}\.parquet$")
+_SPLIT_PART = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}(?:-[0-9a-f]+)?\.parquet$")
+_NUMBERED_PART = re.compile(r"^\d{4,}\.parquet$")
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,8 @@ def _glob_regex(pattern: str) -> re.Pattern:
             out.append("[^/]")
             i += 1
         elif pattern[i] == "[" and (end := pattern.find("]", i + 1)) > i:
-            out.append(pattern[i : end + 1])
+            body = pattern[i + 1 : end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
             i = end + 1
         else:
             out.append(re.escape(pattern[i]))
@@ -162,15 +164,6 @@ def _hidden(relative: str) -> bool:
 def _part_paths(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     """The files a manifest URI names, in path order."""
     fs, path = resolve(uri)
-    if any(c in path for c in "*?["):
-        parts = path.split("/")
-        fixed = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
-        base = "/".join(parts[:fixed]) or "/"
-        pattern = _glob_regex(path)
-        found = sorted(i.path for i in list_files(fs, base) if pattern.match(i.path))
-        if not found:
-            raise ManifestError(f"no manifest file matches {uri}")
-        return fs, found
     try:
         info = fs.get_file_info(path)
     except OSError as exc:
@@ -178,6 +171,8 @@ def _part_paths(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     if info.type == pafs.FileType.File:
         return fs, [path]
     if info.type != pafs.FileType.Directory:
+        if any(c in path for c in "*?["):  # a glob, unless a file is named so
+            return fs, _glob(fs, path, uri)
         raise ManifestError(f"cannot open manifest {uri}: no such file or folder")
     files = [i.path for i in list_files(fs, path)]
     names = {f.rsplit("/", 1)[-1] for f in files}
@@ -190,19 +185,67 @@ def _part_paths(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     found = sorted(f for f in files if f.endswith(PART_SUFFIXES) and not _hidden(f[len(root) :]))
     if not found:
         raise ManifestError(f"no manifest parts ({', '.join(PART_SUFFIXES)}) under {uri}")
-    splits = sorted({m["split"] for f in found if (m := _SPLIT_PART.match(f.rsplit("/", 1)[-1]))})
-    if len(splits) > 1:
+    groups = sorted({g for f in found if (g := _split_of(f[len(root) :]))})
+    if len(groups) > 1:
+        names = ", ".join(f"{c}/{sp}" if c else sp for c, sp in groups)
+        config, split = groups[0]
+        numbered = any(
+            _split_of(f[len(root) :]) == groups[0] and _NUMBERED_PART.match(f.rsplit("/", 1)[-1])
+            for f in found
+        )
+        folder = f"{config}/" if config else ""
+        hint = f"{folder}{split}/*.parquet" if numbered else f"{folder}{split}-*.parquet"
         raise ManifestError(
-            f"{uri} holds the splits {', '.join(splits)}; name one with a glob, e.g. "
-            f"{uri.rstrip('/')}/**/{splits[0]}-*.parquet"
+            f"{uri} holds several splits or configurations ({names}); name one with a glob, "
+            f"e.g. {uri.rstrip('/')}/{hint}"
         )
     return fs, found
 
 
+def _glob(fs: pafs.FileSystem, path: str, uri: str) -> list[str]:
+    parts = path.split("/")
+    fixed = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
+    base = "/".join(parts[:fixed]) or "/"
+    pattern = _glob_regex(path)
+    root = base.rstrip("/") + "/"
+    found = sorted(
+        i.path
+        for i in list_files(fs, base)
+        if pattern.match(i.path)
+        and i.path.endswith(PART_SUFFIXES)
+        and not _hidden(i.path[len(root) :])
+    )
+    if not found:
+        raise ManifestError(f"no manifest file ({', '.join(PART_SUFFIXES)}) matches {uri}")
+    return found
+
+
+def _split_of(relative: str) -> tuple[str, str] | None:
+    """(configuration, split) a Hub layout gives a part, or None for other names.
+
+    ``data/test-00000-of-00004[-<hash>].parquet`` is split ``test`` of folder ``data``;
+    the Parquet converter's ``<config>/<split>/0000.parquet`` is split ``<split>`` of
+    ``<config>``.
+    """
+    folder, _, name = relative.rpartition("/")
+    if m := _SPLIT_PART.match(name):
+        return folder, m["split"]
+    if _NUMBERED_PART.match(name) and folder:
+        config, _, split = folder.rpartition("/")
+        return config, split
+    return None
+
+
 def _parquet_digest(fs: pafs.FileSystem, path: str, uri: str) -> tuple[int, str]:
-    """(size, digest of size and footer): the footer holds every column chunk's offsets,
-    sizes and statistics, so rewritten data changes it; the data itself is not read."""
+    """(size, digest of size, modification time and footer), never reading the data.
+
+    The footer alone is not enough: a same-size edit (one word for another of its
+    length) often leaves every compressed size and statistic as it was. Any rewrite
+    moves the modification time, so the digest changes; a copy that does not keep
+    modification times makes a new run id (a re-extraction, never a stale resume).
+    """
     try:
+        mtime = fs.get_file_info(path).mtime_ns or 0
         with fs.open_input_file(path) as f:
             size = f.size()
             tail = f.read_at(8, size - 8) if size >= 12 else b""
@@ -212,7 +255,8 @@ def _parquet_digest(fs: pafs.FileSystem, path: str, uri: str) -> tuple[int, str]
             footer = f.read_at(footer_len, size - 8 - footer_len)
     except OSError as exc:
         raise ManifestError(f"cannot open manifest part {uri}: {exc}") from exc
-    return size, hashlib.sha256(size.to_bytes(8, "little") + footer).hexdigest()
+    stamp = size.to_bytes(8, "little") + int(mtime).to_bytes(8, "little", signed=True)
+    return size, hashlib.sha256(stamp + footer).hexdigest()
 
 
 def _jsonl_digest(fs: pafs.FileSystem, path: str, uri: str) -> tuple[int, str]:
@@ -280,7 +324,9 @@ def _given_id(value) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
-def _scan_part(fs, k: int, part: ManifestPart, first: int, out: dict, errors: list) -> int:
+def _scan_part(
+    fs, k: int, part: ManifestPart, first: int, out: dict, errors: list, single: bool
+) -> int:
     """Append one part's rows to ``out`` (column lists); returns the rows it holds."""
     path = resolve(part.uri)[1]
     if part.format == "parquet":
@@ -310,9 +356,11 @@ def _scan_part(fs, k: int, part: ManifestPart, first: int, out: dict, errors: li
             try:
                 value = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                errors.append(ManifestRowError(f"line{lineno}", f"manifest line {lineno}: {exc}"))
+                where = f"line{lineno}" if single else f"{part.uri}:line{lineno}"
+                message = f"manifest line {lineno}" + ("" if single else f" of {part.uri}")
+                errors.append(ManifestRowError(where, f"{message}: {exc}"))
                 keep.append(False)
-                out["ids"].append(f"line{lineno}")
+                out["ids"].append(where)
                 continue
             if not isinstance(value, dict):
                 kind = type(value).__name__
@@ -346,7 +394,7 @@ def index_manifest(uri: str, control_utterances: int = CONTROL_UTTERANCES) -> Ma
     errors: list[SpeechInputError] = []
     first = 0
     for k, part in enumerate(parts):
-        first += _scan_part(fs, k, part, first, cols, errors)
+        first += _scan_part(fs, k, part, first, cols, errors, len(parts) == 1)
     every = RowLocations(
         cols["ids"],
         *(np.concatenate(cols[c]) for c in ("part", "row", "offset", "length")),
