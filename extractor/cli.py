@@ -352,28 +352,42 @@ def build_parser() -> argparse.ArgumentParser:
         description="Logit-lens analysis of interleaved speech-text language models.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_reading_commands(sub)
+    _add_analysis_commands(sub)
+    _add_file_commands(sub)
+    _add_service_commands(sub)
+    _add_organism_commands(sub)
+    return parser
 
+
+FORMATS = ("table", "csv", "json", "parquet")
+
+
+def _add_reading_commands(sub) -> None:
+    """``lens`` (a model's layers on prompts) and ``query`` (SQL over a store)."""
     lens = sub.add_parser("lens", help="print what every layer predicts after each prompt")
     lens.add_argument("prompts", nargs="+", help="text prompts")
     lens.add_argument("--k", type=int, default=5, help="candidates per layer (default 5)")
     _add_model_args(lens)
     lens.set_defaults(func=_cmd_lens)
 
-    formats = ("table", "csv", "json", "parquet")
     q = sub.add_parser("query", help="run read-only SQL over a store's views")
     q.add_argument("sql")
     _add_store_args(q)
-    q.add_argument("--format", choices=formats, default="table")
+    q.add_argument("--format", choices=FORMATS, default="table")
     q.add_argument("--out", help="write to this file instead of stdout")
     q.set_defaults(func=_cmd_query)
 
+
+def _add_analysis_commands(sub) -> None:
+    """``metrics``, ``report`` and ``runs``: the paper's statistics over a store."""
     m = sub.add_parser("metrics", help="recall@k per layer with its chance control")
     _add_store_args(m)
     m.add_argument("--k", type=int, default=10)
     m.add_argument("--agg", choices=("any", "last", "pooled"), default="any")
     m.add_argument("--target", choices=("cur", "next"), default="cur")
     m.add_argument("--rank", choices=("text", "full"), default="text")
-    m.add_argument("--format", choices=formats, default="table")
+    m.add_argument("--format", choices=FORMATS, default="table")
     m.add_argument("--out")
     m.add_argument("--show-sql", action="store_true", help="print the SQL and exit")
     m.add_argument(
@@ -398,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--format", choices=("table", "csv", "json"), default="table")
     runs.set_defaults(func=_cmd_runs)
 
+
+def _add_file_commands(sub) -> None:
+    """``gc`` of a store, and the converters of released checkpoint files."""
     gc = sub.add_parser(
         "gc", help="remove files no commit marker lists (crash leftovers); dry run by default"
     )
@@ -438,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     km.set_defaults(func=_cmd_convert_kmeans)
 
+
+def _add_service_commands(sub) -> None:
+    """``extract`` (the Ray job) and ``watch`` (one job per new checkpoint)."""
     ex = sub.add_parser("extract", help="run a lens extraction (the ray job submit entrypoint)")
     ex.add_argument("config", help="run config YAML")
     ex.add_argument("--store", help="store URI (overrides the config's)")
@@ -465,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--python", help="run jobs as PYTHON -m extractor.cli instead of slm-lens")
     w.set_defaults(func=_cmd_watch)
 
+
+def _add_organism_commands(sub) -> None:
+    """``organism`` (train, study) and ``demo``."""
     org = sub.add_parser("organism", help="train the small interleaved speech-text LM")
     org.add_argument("action", choices=("train", "study"))
     org.add_argument(
@@ -495,7 +518,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--organism", help="use this trained organism folder")
     demo.add_argument("--in-process", action="store_true", help="skip Ray")
     demo.set_defaults(func=_cmd_demo)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

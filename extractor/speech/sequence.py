@@ -207,6 +207,103 @@ def _bos(tokenizer) -> list[int]:
     return [bos] if probe and probe[0] == bos else []
 
 
+class _Tokens:
+    """The growing sequence: ids, each id's modality and word, each word's first/last position."""
+
+    def __init__(self, prefix: list[int], n_words: int, layout: ResolvedLayout) -> None:
+        self.ids = list(prefix)
+        self.modality: list[str] = ["special"] * len(prefix)
+        self.word: list[int | None] = [None] * len(prefix)
+        self.first: list[int | None] = [None] * n_words
+        self.last: list[int | None] = [None] * n_words
+        self.layout = layout
+
+    def put(self, token: int, modality: str, word: int | None) -> None:
+        if word is not None:
+            self.first[word] = len(self.ids) if self.first[word] is None else self.first[word]
+            self.last[word] = len(self.ids)
+        self.ids.append(token)
+        self.modality.append(modality)
+        self.word.append(word)
+
+    def marker(self, modality: str) -> None:
+        layout = self.layout
+        token = layout.speech_marker_id if modality == "speech" else layout.text_marker_id
+        if token is not None:
+            self.put(token, "marker", None)
+
+    def units(self, units: list[int], lo: int, hi: int, owner) -> None:
+        """Units ``lo:hi``, each owned by the word ``owner(k)`` (None: silence)."""
+        for k in range(lo, hi):
+            self.put(self.layout.unit_id(units[k]), "speech", owner(k))
+
+
+def _speech_only(tokens: _Tokens, units: list[int], spans, speech_marker: bool) -> None:
+    """The whole utterance as units, silences included; words own their spans."""
+    if speech_marker:
+        tokens.marker("speech")
+    owner: list[int | None] = [None] * len(units)
+    for i, span in enumerate(spans):
+        if span:
+            for k in range(*span):
+                owner[k] = i
+    tokens.units(units, 0, len(units), owner.__getitem__)
+
+
+def _interleaved(tokens: _Tokens, words, modalities, units, spans, tokenizer) -> None:
+    """Runs of text words as the tokenizer sees them, runs of spoken words as their units
+    (with the silences between them), a marker at every change of modality."""
+    n, i, current = len(words), 0, None
+    while i < n:
+        modality = modalities[i]
+        if modality != current:
+            tokens.marker(modality)
+            current = modality
+        j = i
+        while j < n and modalities[j] == modality:
+            j += 1
+        if modality == "text":
+            for token, k in text_run_tokens(tokenizer, [w.word for w in words[i:j]]):
+                tokens.put(token, "text", i + k)
+        elif owned := [(w, spans[w]) for w in range(i, j) if spans[w]]:
+            owner = {k: w for w, span in owned for k in range(*span)}
+            tokens.units(units, owned[0][1][0], owned[-1][1][1], owner.get)
+        i = j
+
+
+def _word_rows(utt, words, modalities, spans, tokens: _Tokens, tokenizer, control):
+    variant_ids = [word_variants(tokenizer, w.word) for w in words]
+    rows = []
+    for i, w in enumerate(words):
+        ctrl = control.draw(utt.id, i) if control is not None else None
+        rows.append(
+            WordRow(
+                word_index=i,
+                word=w.word,
+                modality=modalities[i],
+                start_s=None if np.isnan(w.start_s) else float(w.start_s),
+                end_s=None if np.isnan(w.end_s) else float(w.end_s),
+                first_position=tokens.first[i],
+                last_position=tokens.last[i],
+                variant_ids=variant_ids[i],
+                next_variant_ids=variant_ids[i + 1] if i + 1 < len(words) else None,
+                ctrl_word=ctrl,
+                ctrl_variant_ids=word_variants(tokenizer, ctrl) if ctrl else None,
+                n_units=(spans[i][1] - spans[i][0]) if spans[i] else 0,
+            )
+        )
+    return rows
+
+
+def _continuation_start(utt: Utterance, tokens: _Tokens) -> int | None:
+    """First position of the continuation's words (spoken-knowledge items)."""
+    if not utt.continuation:
+        return None
+    n, k = len(tokens.first), len(utt.continuation.split())
+    starts = [tokens.first[i] for i in range(max(0, n - k), n) if tokens.first[i] is not None]
+    return starts[0] if starts else None
+
+
 def build_sequence(
     utt: Utterance,
     tokenizer,
@@ -246,111 +343,26 @@ def build_sequence(
         raise LayoutError(f"layout {layout.layout.name} has no text vocabulary: use mode=speech")
     spans = unit_spans(words, utt.durations, frame_s) if needs_units else [None] * n
 
-    ids = _bos(tokenizer)
-    mods: list[str] = ["special"] * len(ids)
-    widx: list[int | None] = [None] * len(ids)
-    first_pos: list[int | None] = [None] * n
-    last_pos: list[int | None] = [None] * n
-    current: str | None = None
+    tokens = _Tokens(_bos(tokenizer), n, layout)
     units = list(utt.units or ())
-
-    def put(token: int, modality: str, word: int | None) -> None:
-        ids.append(token)
-        mods.append(modality)
-        widx.append(word)
-
-    def marker(modality: str) -> None:
-        token = layout.speech_marker_id if modality == "speech" else layout.text_marker_id
-        if token is not None:
-            put(token, "marker", None)
-
     if mode == "speech":
-        # The whole utterance as units, silences included; words own their spans.
-        if speech_marker:
-            marker("speech")
-        owner = [None] * len(units)
-        for i, span in enumerate(spans):
-            if span:
-                for k in range(*span):
-                    owner[k] = i
-        for k, unit in enumerate(units):
-            word = owner[k]
-            if word is not None:
-                first_pos[word] = len(ids) if first_pos[word] is None else first_pos[word]
-                last_pos[word] = len(ids)
-            put(layout.unit_id(unit), "speech", word)
+        _speech_only(tokens, units, spans, speech_marker)
     else:
-        i = 0
-        while i < n:
-            modality = modalities[i]
-            if modality != current:
-                marker(modality)
-                current = modality
-            if modality == "text":
-                j = i
-                while j < n and modalities[j] == "text":
-                    j += 1
-                for token, k in text_run_tokens(tokenizer, [w.word for w in words[i:j]]):
-                    word = i + k
-                    first_pos[word] = len(ids) if first_pos[word] is None else first_pos[word]
-                    last_pos[word] = len(ids)
-                    put(token, "text", word)
-                i = j
-                continue
-            # A run of spoken words: their units, and the silences between them.
-            j = i
-            while j < n and modalities[j] == "speech":
-                j += 1
-            owned = [(w, spans[w]) for w in range(i, j) if spans[w]]
-            if owned:
-                lo, hi = owned[0][1][0], owned[-1][1][1]
-                owner = {k: w for w, s in owned for k in range(*s)}
-                for k in range(lo, hi):
-                    word = owner.get(k)
-                    if word is not None:
-                        first_pos[word] = len(ids) if first_pos[word] is None else first_pos[word]
-                        last_pos[word] = len(ids)
-                    put(layout.unit_id(units[k]), "speech", word)
-            i = j
-
-    if max_positions is not None and len(ids) > max_positions:
+        _interleaved(tokens, words, modalities, units, spans, tokenizer)
+    if max_positions is not None and len(tokens.ids) > max_positions:
         raise SequenceTooLongError(
-            utt.id, f"sequence of {len(ids)} tokens exceeds the model's context ({max_positions})"
+            utt.id,
+            f"sequence of {len(tokens.ids)} tokens exceeds the model's context ({max_positions})",
         )
     if not variants:
-        return BuiltSequence(utt.id, ids, mods, widx, [], utt.duration_s)
-    variant_ids = [word_variants(tokenizer, w.word) for w in words]
-    rows = []
-    for i, w in enumerate(words):
-        ctrl = control.draw(utt.id, i) if control is not None else None
-        rows.append(
-            WordRow(
-                word_index=i,
-                word=w.word,
-                modality=modalities[i],
-                start_s=None if np.isnan(w.start_s) else float(w.start_s),
-                end_s=None if np.isnan(w.end_s) else float(w.end_s),
-                first_position=first_pos[i],
-                last_position=last_pos[i],
-                variant_ids=variant_ids[i],
-                next_variant_ids=variant_ids[i + 1] if i + 1 < n else None,
-                ctrl_word=ctrl,
-                ctrl_variant_ids=word_variants(tokenizer, ctrl) if ctrl else None,
-                n_units=(spans[i][1] - spans[i][0]) if spans[i] else 0,
-            )
-        )
-    continuation_start = None
-    if utt.continuation:
-        k = len(utt.continuation.split())
-        starts = [first_pos[i] for i in range(max(0, n - k), n) if first_pos[i] is not None]
-        continuation_start = starts[0] if starts else None
+        return BuiltSequence(utt.id, tokens.ids, tokens.modality, tokens.word, [], utt.duration_s)
     return BuiltSequence(
         utterance_id=utt.id,
-        token_ids=ids,
-        modality=mods,
-        word_index=widx,
-        words=rows,
+        token_ids=tokens.ids,
+        modality=tokens.modality,
+        word_index=tokens.word,
+        words=_word_rows(utt, words, modalities, spans, tokens, tokenizer, control),
         duration_s=utt.duration_s,
-        continuation_start=continuation_start,
+        continuation_start=_continuation_start(utt, tokens),
         unspanned_words=[i for i in range(n) if modalities[i] == "speech" and spans[i] is None],
     )
