@@ -218,63 +218,71 @@ def build_report(
     if summary.peak_recall.notna().any():
         plot_checkpoint_series(summary, out / "checkpoints.png")
         figures.append(("checkpoints.png", "metrics across checkpoints"))
-    run_ids = list(summary.run_id)
-    if run_ids:
-        run_id = run_ids[0]
-        utt = (
-            utterance
-            or con.execute(
-                "SELECT utterance_id FROM words WHERE run_id = ? AND modality = 'speech' "
-                "ORDER BY utterance_id LIMIT 1",
-                [run_id],
-            ).fetchone()
-        )
-        utt = utt[0] if isinstance(utt, tuple) else utt
-        if utt:
-            tokens, ranks = word_layer_grid(con, run_id, utt)
-            if not tokens.empty:
-                plot_word_heatmap(
-                    tokens,
-                    ranks,
-                    out / "word_heatmap.png",
-                    f"{run_id} / {utt}: top-1 text token per word and layer",
-                )
-                figures.append(("word_heatmap.png", f"word x layer, {utt}"))
-    corr_note = ""
-    _, stats = metrics.knowledge_correlation(con, k, filters=filters)
-    if stats["n_checkpoints"] >= 2:
-        pct = f"{stats['level']:.0%}"
-        corr_note = (
-            f"<p>Knowledge accuracy vs peak recall over {stats['n_checkpoints']} checkpoints "
-            "(model and revision; recall and accuracy may come from different runs): "
-            f"Pearson r = {stats['pearson']:.3f} (permutation p = {stats['pearson_p']:.3g}, "
-            f"{pct} bootstrap interval [{stats['pearson_lo']:.2f}, {stats['pearson_hi']:.2f}]), "
-            f"Spearman &rho; = {stats['spearman']:.3f} (p = {stats['spearman_p']:.3g}, "
-            f"[{stats['spearman_lo']:.2f}, {stats['spearman_hi']:.2f}])</p>"
-        )
+    if list(summary.run_id):
+        figures += _word_heatmap(con, summary.run_id.iloc[0], utterance, out)
     summary.to_csv(out / "summary.csv", index=False)
     recall.to_csv(out / "recall.csv", index=False)
+    intro = f"""<p>recall@{k}: current word (text rank, any position) at its peak layer; control
+is the frequency-matched chance word. Shaded bands on recall curves: {ci:.0%} percentile
+bootstrap intervals, utterances resampled ({n_boot} replicates, seed {seed}). Data:
+<a href="summary.csv">summary.csv</a>, <a href="recall.csv">recall.csv</a>.</p>"""
+    page = _page(intro, _html_table(summary), _correlation_note(con, k, filters), figures)
+    index = out / "index.html"
+    index.write_text(page)
+    return index
+
+
+def _word_heatmap(con, run_id: str, utterance: str | None, out: Path) -> list[tuple[str, str]]:
+    """The word x layer heat map of ``utterance`` (default: the run's first spoken one)."""
+    utt = (
+        utterance
+        or con.execute(
+            "SELECT utterance_id FROM words WHERE run_id = ? AND modality = 'speech' "
+            "ORDER BY utterance_id LIMIT 1",
+            [run_id],
+        ).fetchone()
+    )
+    utt = utt[0] if isinstance(utt, tuple) else utt
+    if not utt:
+        return []
+    tokens, ranks = word_layer_grid(con, run_id, utt)
+    if tokens.empty:
+        return []
+    title = f"{run_id} / {utt}: top-1 text token per word and layer"
+    plot_word_heatmap(tokens, ranks, out / "word_heatmap.png", title)
+    return [("word_heatmap.png", f"word x layer, {utt}")]
+
+
+def _correlation_note(con, k: int, filters: Filters) -> str:
+    _, stats = metrics.knowledge_correlation(con, k, filters=filters)
+    if stats["n_checkpoints"] < 2:
+        return ""
+    pct = f"{stats['level']:.0%}"
+    return (
+        f"<p>Knowledge accuracy vs peak recall over {stats['n_checkpoints']} checkpoints "
+        "(model and revision; recall and accuracy may come from different runs): "
+        f"Pearson r = {stats['pearson']:.3f} (permutation p = {stats['pearson_p']:.3g}, "
+        f"{pct} bootstrap interval [{stats['pearson_lo']:.2f}, {stats['pearson_hi']:.2f}]), "
+        f"Spearman &rho; = {stats['spearman']:.3f} (p = {stats['spearman_p']:.3g}, "
+        f"[{stats['spearman_lo']:.2f}, {stats['spearman_hi']:.2f}])</p>"
+    )
+
+
+def _page(intro: str, table: str, note: str, figures: list[tuple[str, str]]) -> str:
     body = "\n".join(
         f"<figure><img src='{html.escape(name)}' alt='{html.escape(title)}'>"
         f"<figcaption>{html.escape(title)}</figcaption></figure>"
         for name, title in figures
     )
-    page = f"""<!doctype html>
+    return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>slm-lens report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}img{{max-width:100%}}</style>
 </head><body>
 <h1>slm-lens report</h1>
-<p>recall@{k}: current word (text rank, any position) at its peak layer; control is the
-frequency-matched chance word. Shaded bands on recall curves: {ci:.0%} percentile bootstrap
-intervals, utterances resampled ({n_boot} replicates, seed {seed}). Data:
-<a href="summary.csv">summary.csv</a>,
-<a href="recall.csv">recall.csv</a>.</p>
-{_html_table(summary)}
-{corr_note}
+{intro}
+{table}
+{note}
 {body}
 </body></html>
 """
-    index = out / "index.html"
-    index.write_text(page)
-    return index

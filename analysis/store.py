@@ -211,19 +211,7 @@ def open_store(uri: str, runs: Iterable[str] | None = None) -> duckdb.DuckDBPyCo
     check_store(fs, root, uri)
     run_filter = list(runs) if runs is not None else None
     commits = read_commits(fs, root, run_filter)
-
-    run_files = [
-        i.path.removeprefix(root + "/")
-        for i in with_retries(lambda: list_files(fs, f"{root}/{schema.RUNS_TABLE}"), "listing runs")
-        if i.base_name.endswith(".parquet") and not i.base_name.startswith(("_", "."))
-    ]
-    if run_filter is not None:
-        known = {f.split("/")[1].removeprefix("run_id=") for f in run_files}
-        known |= {c.run_id for c in commits}
-        missing = [r for r in run_filter if r not in known]
-        if missing:
-            raise UnknownRunError(f"run(s) {missing} not in store {uri}")
-        run_files = [f for f in run_files if f.split("/")[1].removeprefix("run_id=") in run_filter]
+    run_files = _run_files(fs, root, uri, run_filter, commits)
 
     con = duckdb.connect(":memory:")
     local = isinstance(fs, pafs.LocalFileSystem)
@@ -245,7 +233,40 @@ def open_store(uri: str, runs: Iterable[str] | None = None) -> duckdb.DuckDBPyCo
         else:
             contract = {"runs_history": "runs", "_committed_failures": "failures"}.get(table, table)
             sources[table] = _dataset(fs, root, contract, files)
-    sources["shards"] = pa.Table.from_pylist(
+    sources["shards"] = _shards_table(commits)
+    for name, source in sources.items():
+        con.register(f"_src_{name}", source)
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM _src_{name}")
+    _create_derived_views(con)
+    # From here on the connection can read the committed files and nothing else, and
+    # write nowhere (DuckDB refuses even an overwrite of an allowed file).
+    if readable:
+        con.execute(f"SET allowed_paths = {_sql_list(readable)}")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def _run_files(fs, root: str, uri: str, run_filter: list[str] | None, commits) -> list[str]:
+    """The ``runs`` records' files (relative to the root), of the asked runs only."""
+    run_files = [
+        i.path.removeprefix(root + "/")
+        for i in with_retries(lambda: list_files(fs, f"{root}/{schema.RUNS_TABLE}"), "listing runs")
+        if i.base_name.endswith(".parquet") and not i.base_name.startswith(("_", "."))
+    ]
+    if run_filter is None:
+        return run_files
+    known = {f.split("/")[1].removeprefix("run_id=") for f in run_files}
+    known |= {c.run_id for c in commits}
+    missing = [r for r in run_filter if r not in known]
+    if missing:
+        raise UnknownRunError(f"run(s) {missing} not in store {uri}")
+    return [f for f in run_files if f.split("/")[1].removeprefix("run_id=") in run_filter]
+
+
+def _shards_table(commits) -> pa.Table:
+    """One row per committed shard: its marker's counts and telemetry."""
+    return pa.Table.from_pylist(
         [
             {
                 "run_id": c.run_id,
@@ -276,9 +297,11 @@ def open_store(uri: str, runs: Iterable[str] | None = None) -> duckdb.DuckDBPyCo
             ]
         ),
     )
-    for name, source in sources.items():
-        con.register(f"_src_{name}", source)
-        con.execute(f"CREATE VIEW {name} AS SELECT * FROM _src_{name}")
+
+
+def _create_derived_views(con: duckdb.DuckDBPyConnection) -> None:
+    """``failures`` (committed rows and uncommitted shards' records) and ``runs`` (each
+    run's latest record)."""
     con.execute(
         "CREATE VIEW failures AS SELECT * FROM _committed_failures "
         "UNION ALL BY NAME SELECT * FROM _shard_failures"
@@ -295,13 +318,6 @@ def open_store(uri: str, runs: Iterable[str] | None = None) -> duckdb.DuckDBPyCo
         ) WHERE _latest = 1
         """
     )
-    # From here on the connection can read the committed files and nothing else, and
-    # write nowhere (DuckDB refuses even an overwrite of an allowed file).
-    if readable:
-        con.execute(f"SET allowed_paths = {_sql_list(readable)}")
-    con.execute("SET enable_external_access = false")
-    con.execute("SET lock_configuration = true")
-    return con
 
 
 def _sql_list(values: list[str]) -> str:
