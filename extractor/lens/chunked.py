@@ -588,14 +588,7 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
     w_max = [
         unembed_norm_max(inputs.unembed, c0, c1) for c0, c1, _ in vocab_chunks(inputs, vocab_chunk)
     ]
-    # |logit| <= ||h|| ||w|| (and every partial sum too): outside these limits a fast
-    # GEMM could overflow, so the low-precision path is not taken, and fp32 refuses.
-    reach = float(normed.double().norm(dim=1).max()) * max(w_max, default=0.0) if n else 0.0
-    if reach >= 2.0**120:
-        raise LensRangeError(
-            f"logits may reach {reach:.3g}, beyond what fp32 accumulation holds exactly "
-            "(hidden states or unembedding rows of extreme magnitude)"
-        )
+    reach = _reach(normed, w_max)
     limit = {torch.float16: 2.0**14, torch.bfloat16: 2.0**120}.get(dtype, 0.0)
     low = rank_free_low_precision(inputs) and reach < limit
     # Low-precision logits have a wider band: more candidates keep rescans rare.
@@ -649,13 +642,7 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
                     scope_band = torch.zeros(scope.n, dtype=torch.float64, device=device)
                 m, se = _update(scope, st[s], logits, scope_band, c0, kk, compile)
                 if scope.singletons:
-                    new = torch.maximum(lse_max[s], m)
-                    safe_new = torch.where(torch.isfinite(new), new, 0)
-                    safe_m = torch.where(torch.isfinite(m), m, 0)
-                    lse_sum[s] = lse_sum[s] * torch.exp(lse_max[s] - safe_new) + se * torch.exp(
-                        safe_m - safe_new
-                    )
-                    lse_max[s] = new
+                    _fold_logsumexp(lse_max, lse_sum, s, m, se)
         seg_lse = torch.where(
             torch.isfinite(lse_max), lse_max + torch.log(lse_sum), torch.full_like(lse_max, NEG_INF)
         )
@@ -665,6 +652,32 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
         if g_ids is not None:
             out.add_groups(g_ids, scopes[1], states[1], by_segment, h32, k, kk)
     return out.result(targets, pool_targets)
+
+
+def _reach(normed: torch.Tensor, w_max: list[float]) -> float:
+    """The largest |logit| possible, ``max ||h|| * max ||w||`` (every partial sum too).
+
+    Beyond it a fast GEMM could overflow, so the low-precision path is not taken; beyond
+    2^120 not even fp32 accumulation holds, and the lens refuses.
+    """
+    if not len(normed):
+        return 0.0
+    reach = float(normed.double().norm(dim=1).max()) * max(w_max, default=0.0)
+    if reach >= 2.0**120:
+        raise LensRangeError(
+            f"logits may reach {reach:.3g}, beyond what fp32 accumulation holds exactly "
+            "(hidden states or unembedding rows of extreme magnitude)"
+        )
+    return reach
+
+
+def _fold_logsumexp(lse_max, lse_sum, s: int, m: torch.Tensor, se: torch.Tensor) -> None:
+    """Online log-sum-exp: fold a chunk's (max, sum of exp(x - max)) into segment ``s``."""
+    new = torch.maximum(lse_max[s], m)
+    safe_new = torch.where(torch.isfinite(new), new, 0)
+    safe_m = torch.where(torch.isfinite(m), m, 0)
+    lse_sum[s] = lse_sum[s] * torch.exp(lse_max[s] - safe_new) + se * torch.exp(safe_m - safe_new)
+    lse_max[s] = new
 
 
 def _exact_candidate_terms(scope, states, lse_max, lse_sum, seg_lse) -> torch.Tensor:

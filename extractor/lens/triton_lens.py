@@ -48,6 +48,11 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (max(1, n) - 1).bit_length())
 
 
+# One function of ~130 lines on purpose: it is the GPU program, whose loop over vocabulary
+# tiles keeps every per-row accumulator (max, sum, candidates, counts) in registers; split
+# into @triton.jit helpers it would pass those tiles through calls the compiler may not
+# inline, and only an ahead-of-time compile (tests/test_lens_triton_aot.py) and a real GPU
+# can check the result.
 @triton.jit
 def _lens_tiles_kernel(
     H,  # [N, D] normed hidden, compute dtype
@@ -275,7 +280,19 @@ def triton_lens(
             DOT_PRECISION="ieee",
         )
 
-    # Merge the splits.
+    lse, seg_lse, cv, ci, counts = _merge_splits(
+        out_max, out_sum, out_cv, out_ci, out_cnt, n_seg, t
+    )
+    fields = _segment_results(names, k, targets, t_vals, lse, seg_lse, cv, ci, counts)
+    return LensResult(**fields, **_pooled(inputs, row_chunk, vocab_chunk))
+
+
+def _merge_splits(out_max, out_sum, out_cv, out_ci, out_cnt, n_seg: int, t: int):
+    """The programs' partial results, one per vocabulary split, merged per row and segment:
+    (log-sum-exp, segment log-sum-exp, candidate values and ids [N, S, splits*KP], counts)."""
+    splits, n, sp = out_max.shape
+    kp = out_cv.shape[2] // sp
+    tp = out_cnt.shape[2] // sp
     seg_max = out_max.amax(0)  # [N, SP]
     safe = torch.where(torch.isfinite(seg_max), seg_max, 0)
     seg_sum = (out_sum * torch.exp(out_max - safe)).nan_to_num(0.0).sum(0)
@@ -285,7 +302,12 @@ def triton_lens(
     ci = out_ci.permute(1, 0, 2).reshape(n, splits, sp, kp).permute(0, 2, 1, 3).reshape(n, sp, -1)
     cv = torch.where(ci >= 0, cv, torch.full_like(cv, NEG_INF))
     counts = out_cnt.sum(0).reshape(n, sp, tp)[:, :n_seg, :t]  # [N, S, T]
+    return lse, seg_lse, cv, ci, counts
 
+
+def _segment_results(names, k: int, targets, t_vals, lse, seg_lse, cv, ci, counts) -> dict:
+    """Top-k per segment and overall, masses and ranks from the merged candidates."""
+    t = targets.shape[1]
     result_seg_ids, result_seg_lp, seg_mass, seg_ranks = {}, {}, {}, {}
     pad = targets < 0
     for s, name in enumerate(names):
@@ -306,9 +328,7 @@ def triton_lens(
     top = key.topk(k, dim=1).indices
     target_lp = torch.where(pad, float("nan"), t_vals - lse[:, None])
     ranks = torch.where(pad, -1, counts.sum(1)) if t else targets.clone()
-
-    pooled = _pooled(inputs, row_chunk, vocab_chunk)
-    return LensResult(
+    return dict(
         topk_ids=all_ids.gather(1, top),
         topk_logprobs=all_lp.gather(1, top),
         segment_topk_ids=result_seg_ids,
@@ -318,7 +338,6 @@ def triton_lens(
         target_logprobs=target_lp,
         target_ranks=ranks,
         target_segment_ranks=seg_ranks,
-        **pooled,
     )
 
 
