@@ -320,7 +320,7 @@ def _cmd_organism(args: argparse.Namespace) -> int:
     if args.action == "train":
         from .organism.train import OrganismSpec, train_organism
 
-        spec = OrganismSpec(variant=args.variant, seed=args.seed, minutes=args.minutes)
+        spec = OrganismSpec(variant=args.variant, seed=args.seed, steps=args.steps)
         train_organism(Path(args.out or f"organisms/{args.variant}-s{args.seed}"), spec)
         return 0
     from .organism.study import study
@@ -329,7 +329,7 @@ def _cmd_organism(args: argparse.Namespace) -> int:
         Path(args.out or "bench/results/organism"),
         args.variants,
         args.seeds,
-        args.minutes,
+        args.steps,
         n_sentences=args.sentences,
         trained_only=args.trained_only,
     )
@@ -496,7 +496,9 @@ def _add_organism_commands(sub) -> None:
     org.add_argument("--variants", nargs="+", default=["interleaved", "random-init", "speech-only"])
     org.add_argument("--seed", type=int, default=0)
     org.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    org.add_argument("--minutes", type=float, default=8.0, help="training budget per model")
+    org.add_argument(
+        "--steps", type=int, default=630, help="optimizer steps per model (~7 minutes on 2 cores)"
+    )
     org.add_argument("--sentences", type=int, default=200, help="held-out sentences (study)")
     org.add_argument("--out", help="output folder")
     org.add_argument(

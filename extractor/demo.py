@@ -36,9 +36,10 @@ SENTENCES = [
 ]
 ORGANISM_NOTE = (
     "The demo model is the slm-lens organism: a 6-layer Llama in SIMS layout trained on this "
-    "machine (first use only, ~8 minutes, then cached) on a generated corpus with espeak-ng "
-    "speech and log-mel k-means units, text first and then interleaved speech-text. Held-out "
-    "spoken sentences go through the real front end, Ray extraction and the DuckDB store."
+    "machine (first use only, 630 steps: ~7 minutes on 2 cores, then cached) on a generated "
+    "corpus with espeak-ng speech and log-mel k-means units, text first and then interleaved "
+    "speech-text. Held-out spoken sentences go through the real front end, Ray extraction "
+    "and the DuckDB store."
 )
 UNTRAINED_NOTE = (
     "NOTE: the demo model is the real SmolLM2-135M with SIMS speech-unit tokens added, "
@@ -195,17 +196,23 @@ def demo_config(
     }
 
 
-def ensure_organism(minutes: float = 7.0, seed: int = 0, log=print) -> Path:
-    """The text-initialised interleaved organism, trained on first use and cached."""
-    from .organism.train import OrganismSpec, train_organism
+def ensure_organism(steps: int = 630, seed: int = 0, log=print) -> Path:
+    """The text-initialised interleaved organism, trained on first use and cached.
 
-    folder = cache_dir() / "models" / f"organism-interleaved-s{seed}"
+    Cached by seed and steps, so a different budget is a different model, never a
+    stale one.
+    """
+    from .organism.train import OrganismSpec, estimated_minutes, train_organism
+
+    spec = OrganismSpec(variant="interleaved", seed=seed, steps=steps)
+    folder = cache_dir() / "models" / f"organism-interleaved-s{seed}-{steps}steps"
     if (folder / "organism.json").is_file():
         return folder
-    log(f"training the demo organism (first use only, ~{minutes:.0f} minutes) ...")
-    return train_organism(
-        folder, OrganismSpec(variant="interleaved", seed=seed, minutes=minutes), log=log
+    log(
+        f"training the demo organism (first use only: {steps} steps, "
+        f"~{estimated_minutes(spec):.0f} minutes on 2 cores) ..."
     )
+    return train_organism(folder, spec, log=log)
 
 
 def organism_demo_config(

@@ -8,11 +8,13 @@ from pathlib import Path
 import pandas as pd
 
 from .grammar import Grammar
-from .train import VOICES, layout_spec
+from .train import HELDOUT_VOICES, layout_spec
 
 
 def heldout_manifest(folder: Path, n: int, seed: int = 10_000) -> Path:
-    """Held-out sentences (a grammar seed no organism trains on), spoken by espeak-ng."""
+    """Held-out sentences: a grammar seed no organism trains on, spoken by espeak-ng in
+    voices no organism trains on. Each sentence is its words' clips joined with 60 ms of
+    silence (``synthesize``), with exact word timings: not continuous speech."""
     import soundfile as sf
 
     from extractor.speech.synth import synthesize
@@ -25,7 +27,7 @@ def heldout_manifest(folder: Path, n: int, seed: int = 10_000) -> Path:
     rows = []
     for i in range(n):
         words = grammar.sentence()
-        audio, timings = synthesize(words, VOICES[i % len(VOICES)])
+        audio, timings = synthesize(words, HELDOUT_VOICES[i % len(HELDOUT_VOICES)])
         name = f"heldout-{i:04d}.wav"
         sf.write(folder / name, audio, 16000)
         rows.append(

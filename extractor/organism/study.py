@@ -21,7 +21,7 @@ def study(
     out: Path,
     variants: Sequence[str],
     seeds: Sequence[int],
-    minutes: float,
+    steps: int,
     n_sentences: int = 200,
     log=print,
     trained_only: bool = False,
@@ -38,7 +38,7 @@ def study(
         name = f"organism-{variant}-s{seed}"
         model = out / "models" / name
         if not (model / "organism.json").is_file():
-            spec = OrganismSpec(variant=variant, seed=seed, minutes=minutes)
+            spec = OrganismSpec(variant=variant, seed=seed, steps=steps)
             train_organism(model, spec, log=log)
         df = evaluate(model, out / "heldout", str(out / "store"), name, n_sentences)
         curves.append(df.assign(variant=variant, seed=seed))

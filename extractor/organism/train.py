@@ -37,6 +37,12 @@ VOICES = [
     Voice("en-us", 185, 75),
     Voice("en-gb", 160, 30),
 ]
+#: Voices no organism hears in training: held-out sentences are spoken by these, so the
+#: study measures words, not memorised renderings of them.
+HELDOUT_VOICES = [
+    Voice("en-us", 135, 55),
+    Voice("en-gb", 195, 45),
+]
 GAP_S, LEAD_S = 0.06, 0.1  # the same joins as extractor.speech.synth.synthesize
 
 
@@ -44,7 +50,7 @@ GAP_S, LEAD_S = 0.06, 0.1  # the same joins as extractor.speech.synth.synthesize
 class OrganismSpec:
     variant: str = "interleaved"
     seed: int = 0
-    minutes: float = 8.0
+    steps: int = 630  # optimizer steps (the time they take is only estimated)
     n_units: int = 200
     layers: int = 6
     hidden: int = 256
@@ -54,7 +60,17 @@ class OrganismSpec:
     lr: float = 1e-3
     speech_pool: int = 4000  # sentences rendered to audio/units for training
     renderings: int = 4
-    text_fraction: float = 0.4  # share of the time budget spent in the text phase
+    text_fraction: float = 0.4  # share of the steps spent in the text phase
+
+
+#: Seconds per step of the default spec, measured on the development machine (2 cores):
+#: only for the estimate printed before training; training is bounded by steps.
+SECONDS_PER_STEP = 0.67
+
+
+def estimated_minutes(spec: OrganismSpec) -> float:
+    scale = (spec.hidden / 256) ** 2 * spec.layers / 6 * spec.batch * spec.context / 4096
+    return spec.steps * SECONDS_PER_STEP * scale / 60
 
 
 def layout_spec(n_units: int) -> dict:
@@ -70,7 +86,7 @@ def layout_spec(n_units: int) -> dict:
 
 def build_tokenizer(words: list[str], n_units: int):
     """A word-level tokenizer in SIMS layout: words, then <Un0>..<Un{n-1}>, <speech>, <text>."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -78,6 +94,11 @@ def build_tokenizer(words: list[str], n_units: int):
     vocab = {t: i for i, t in enumerate(specials + words + units + ["<speech>", "<text>"])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # Every sequence starts with <s>, in training (packed) and at analysis time alike:
+    # the sequence builder puts it first when the tokenizer adds it.
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",
@@ -121,14 +142,14 @@ def _spoken(bank, tokenizer, words, rng, uid) -> Utterance:
 
 
 class Batcher:
-    """Packs rendered sequences into [batch, context] windows."""
+    """Packs rendered sequences (each starting with <s>) into [batch, context] windows."""
 
     def __init__(self, context: int, batch: int, bos: int) -> None:
         self.context, self.batch, self.bos = context, batch, bos
         self.buffer: list[int] = []
 
     def add(self, ids: list[int]) -> None:
-        self.buffer += [self.bos, *ids]
+        self.buffer += ids if ids[:1] == [self.bos] else [self.bos, *ids]
 
     def ready(self) -> bool:
         return len(self.buffer) >= self.context * self.batch + 1
@@ -146,6 +167,8 @@ def train_organism(out: str | Path, spec: OrganismSpec, log=print) -> Path:
 
     if spec.variant not in VARIANTS:
         raise ValueError(f"unknown variant {spec.variant!r}: use one of {VARIANTS}")
+    if spec.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {spec.steps}")
     started = time.perf_counter()
     out = Path(out)
     torch.manual_seed(spec.seed)
@@ -182,11 +205,9 @@ def train_organism(out: str | Path, spec: OrganismSpec, log=print) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
     batcher = Batcher(spec.context, spec.batch, tokenizer.bos_token_id)
     rule = ModalityRule("poisson", mean_span=3.0, seed=spec.seed)
-    budget = spec.minutes * 60 - (time.perf_counter() - started)
-    text_budget = 0.0 if spec.variant == "random-init" else budget * spec.text_fraction
-    phase_end = time.perf_counter() + text_budget
-    end = time.perf_counter() + budget
-    steps = tokens = 0
+    text_steps = 0 if spec.variant == "random-init" else round(spec.steps * spec.text_fraction)
+    log(f"training {spec.steps} steps (~{estimated_minutes(spec):.0f} minutes on 2 cores)")
+    tokens = 0
 
     def next_sequence(phase: str) -> list[int]:
         kind = "text"
@@ -210,16 +231,15 @@ def train_organism(out: str | Path, spec: OrganismSpec, log=print) -> Path:
             variants=False,
         ).token_ids
 
-    while steps == 0 or time.perf_counter() < end:  # at least one step, whatever the clock
-        phase = "text" if time.perf_counter() < phase_end else "mix"
+    for step in range(spec.steps):
+        phase = "text" if step < text_steps else "mix"
         while not batcher.ready():
             batcher.add(next_sequence(phase))
         batch = batcher.take()
-        total = spec.minutes * 60
-        progress = min(1.0, (time.perf_counter() - started) / total)
+        progress = step / spec.steps
         for group in opt.param_groups:  # warm-up, then cosine
             group["lr"] = (
-                spec.lr * min(1.0, (steps + 1) / 30) * 0.5 * (1 + math.cos(math.pi * progress))
+                spec.lr * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * progress))
             )
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=batch, labels=batch).loss
@@ -227,24 +247,22 @@ def train_organism(out: str | Path, spec: OrganismSpec, log=print) -> Path:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        steps += 1
         tokens += batch.numel()
-        if steps % 50 == 0:
-            log(f"step {steps} ({phase}): loss {loss.item():.3f}, {tokens:,} tokens")
+        if (step + 1) % 50 == 0:
+            log(f"step {step + 1} ({phase}): loss {loss.item():.3f}, {tokens:,} tokens")
     out.mkdir(parents=True, exist_ok=True)
     model.eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
     acoustic.save(out / "acoustic.npz")
     info = {
         **asdict(spec),
-        "steps": steps,
         "tokens": tokens,
         "seconds": time.perf_counter() - started,
         "final_loss": float(loss.item()),
     }
     (out / "organism.json").write_text(json.dumps(info, indent=2))
     log(
-        f"trained {spec.variant} seed {spec.seed}: {steps} steps, {tokens:,} tokens, "
+        f"trained {spec.variant} seed {spec.seed}: {spec.steps} steps, {tokens:,} tokens, "
         f"{info['seconds']:.0f} s -> {out}"
     )
     return out
