@@ -161,35 +161,24 @@ class Batcher:
         return out
 
 
-def train_organism(out: str | Path, spec: OrganismSpec, log=print) -> Path:
-    """Train one organism into ``out`` (a Hugging Face folder + acoustic.npz + organism.json)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if spec.variant not in VARIANTS:
-        raise ValueError(f"unknown variant {spec.variant!r}: use one of {VARIANTS}")
-    if spec.steps < 1:
-        raise ValueError(f"steps must be >= 1, got {spec.steps}")
-    started = time.perf_counter()
-    out = Path(out)
-    torch.manual_seed(spec.seed)
-    rng = np.random.default_rng(spec.seed)
-    words = vocabulary()
-    tokenizer = build_tokenizer(words, spec.n_units)
-    layout = layout_from_config(layout_spec(spec.n_units)).check(tokenizer)
-    bank = WordBank(words, spec.renderings)
-    grammar = Grammar(seed=spec.seed)
+def _speech_data(spec: OrganismSpec, grammar: Grammar, rng: np.random.Generator):
+    """The acoustic unit tokenizer (k-means fitted on 300 spoken sentences) and the pool of
+    spoken training sentences with their units."""
+    bank = WordBank(vocabulary(), spec.renderings)
     fit_clips = [bank.sentence(grammar.sentence(), rng)[0] for _ in range(300)]
     acoustic = FbankKMeansTokenizer.fit(fit_clips, spec.n_units, seed=spec.seed)
     pool = [
         _spoken(bank, acoustic, grammar.sentence(), rng, f"t{i}") for i in range(spec.speech_pool)
     ]
-    log(
-        f"data ready in {time.perf_counter() - started:.0f} s: {len(words)} words, "
-        f"{spec.n_units} units, {len(pool)} spoken sentences"
-    )
+    return acoustic, pool
+
+
+def _llama(spec: OrganismSpec, vocab_size: int):
+    """A small Llama with tied embeddings, <pad>/<s>/</s> as ids 0/1/2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=spec.hidden,
         intermediate_size=4 * spec.hidden,
         num_hidden_layers=spec.layers,
@@ -201,7 +190,28 @@ def train_organism(out: str | Path, spec: OrganismSpec, log=print) -> Path:
         eos_token_id=2,
         pad_token_id=0,
     )
-    model = LlamaForCausalLM(config).train()
+    return LlamaForCausalLM(config)
+
+
+def train_organism(out: str | Path, spec: OrganismSpec, log=print) -> Path:
+    """Train one organism into ``out`` (a Hugging Face folder + acoustic.npz + organism.json)."""
+    if spec.variant not in VARIANTS:
+        raise ValueError(f"unknown variant {spec.variant!r}: use one of {VARIANTS}")
+    if spec.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {spec.steps}")
+    started = time.perf_counter()
+    out = Path(out)
+    torch.manual_seed(spec.seed)
+    rng = np.random.default_rng(spec.seed)
+    tokenizer = build_tokenizer(vocabulary(), spec.n_units)
+    layout = layout_from_config(layout_spec(spec.n_units)).check(tokenizer)
+    grammar = Grammar(seed=spec.seed)
+    acoustic, pool = _speech_data(spec, grammar, rng)
+    log(
+        f"data ready in {time.perf_counter() - started:.0f} s: {len(vocabulary())} words, "
+        f"{spec.n_units} units, {len(pool)} spoken sentences"
+    )
+    model = _llama(spec, len(tokenizer)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
     batcher = Batcher(spec.context, spec.batch, tokenizer.bos_token_id)
     rule = ModalityRule("poisson", mean_span=3.0, seed=spec.seed)
