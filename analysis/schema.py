@@ -28,7 +28,8 @@ STORE_MARKER = "_slm_lens_store.json"
 COMMITS_DIR = "_commits"
 RUNS_TABLE = "runs"
 
-#: Shard number of a run's one-off tables (vocab), committed like any shard.
+#: Shard number of a run's one-off rows (vocabulary, manifest-level failures), committed
+#: like any shard: the store contract's, imported by the writer's driver and the readers.
 SETUP_SHARD = 0
 
 _rank = pa.int32()

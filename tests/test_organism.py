@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from extractor.organism.acoustic import FbankKMeansTokenizer, log_mel
 from extractor.organism.grammar import Grammar, vocabulary
 from extractor.organism.study import summarize
 from extractor.organism.train import OrganismSpec, build_tokenizer, train_organism
+from extractor.speech.fbank import FbankKMeansTokenizer, log_mel
 from extractor.speech.synth import synthesize
 
 pytestmark = pytest.mark.slow

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from extractor.speech.fbank import FbankKMeansTokenizer
 from extractor.speech.layouts import layout_from_config
 from extractor.speech.records import AlignedWord, Utterance
 from extractor.speech.sequence import ModalityRule, build_sequence
 from extractor.speech.synth import Voice, espeak_word
 
-from .acoustic import FbankKMeansTokenizer
 from .grammar import Grammar, vocabulary
 
 VARIANTS = ("interleaved", "random-init", "speech-only")

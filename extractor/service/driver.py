@@ -19,13 +19,14 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
+from analysis.schema import SETUP_SHARD
 from extractor.config import RunConfig
 from extractor.speech.dataset import ManifestSource, RowLocations
 from extractor.store import StoreWriter
 from extractor.store.faults import CRASH_ENV
 
 from .environment import forwarded_env
-from .plan import SETUP_SHARD, Plan, make_plan
+from .plan import Plan, make_plan
 from .probe import StoreProbe, check_probe, remove_probe, write_probe
 from .worker import ShardProcessor, ShardStats
 

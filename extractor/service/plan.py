@@ -11,9 +11,6 @@ from extractor.models.fingerprint import fingerprint_checkpoint
 from extractor.models.hub import is_hub_uri, parse_hub_uri, resolve_commit
 from extractor.speech.dataset import ManifestSource, RowLocations, index_manifest
 
-#: Shard 0 holds the run's one-off rows (vocabulary, manifest-level failures).
-SETUP_SHARD = 0
-
 
 @dataclass(frozen=True)
 class Plan:

@@ -64,7 +64,7 @@ def build_speech_tokenizer(section: SpeechSection, device: str):
     if section.kind == "none":
         return None
     if section.kind == "fbank-kmeans":
-        from extractor.organism.acoustic import FbankKMeansTokenizer
+        from extractor.speech.fbank import FbankKMeansTokenizer
 
         return FbankKMeansTokenizer.load(materialize(section.centroids))
     from transformers import HubertModel

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extractor.speech.units import UnitSequence, dedup, kmeans
+from .units import UnitSequence, dedup, kmeans
 
 HOP = 640
 N_FFT = 1024
