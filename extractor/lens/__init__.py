@@ -62,6 +62,7 @@ def fused_logit_lens(
     backend: Backend = "auto",
     row_chunk: int = 512,
     vocab_chunk: int = 8192,
+    compile: bool = True,
 ) -> LensResult:
     """Decode residual-stream rows with the model's own head, without [N x V] logits.
 
@@ -75,7 +76,8 @@ def fused_logit_lens(
     ``"triton"`` (CUDA, or the Triton interpreter when ``TRITON_INTERPRET=1``; fast
     but without the exact refinement yet: its ranks are only as good as fp32),
     ``"reference"`` (float64, materialises everything: tests only) or ``"auto"``
-    (the exact torch engine; see docs/lens.md).
+    (the exact torch engine; see docs/lens.md). ``compile``: fuse the torch engine's
+    per-chunk reduction with torch.compile.
     """
     inputs = LensInputs(
         hidden=hidden,
@@ -92,7 +94,7 @@ def fused_logit_lens(
     if backend == "auto":
         backend = "torch"
     if backend == "torch":
-        return chunked_lens(inputs, row_chunk=row_chunk, vocab_chunk=vocab_chunk)
+        return chunked_lens(inputs, row_chunk=row_chunk, vocab_chunk=vocab_chunk, compile=compile)
     if backend == "reference":
         return reference_lens(inputs)
     if backend == "triton":

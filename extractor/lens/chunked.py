@@ -25,7 +25,6 @@ segment's state. Nothing larger than [row-chunk x vocab-chunk] logits exists.
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -549,20 +548,19 @@ def chunked_lens(
     row_chunk: int = 512,
     vocab_chunk: int = 8192,
     margin: int = 4,
-    compile: bool | None = None,
+    compile: bool = True,
     refine: bool = True,
 ) -> LensResult:
     """Fused final-norm + unembedding + exact ranks/top-k/masses, chunked (see module doc).
 
     Runs on whatever device ``inputs.unembed`` lives on. ``margin`` extra candidates
-    per segment make a rescan rare; ``compile`` (default: unless
-    ``SLM_LENS_COMPILE=0``) fuses the per-chunk reduction. ``refine=False`` skips the
+    per segment make a rescan rare; ``compile`` fuses the per-chunk reduction
+    through torch.compile (the same classification either way; a compiler that fails
+    falls back to eager with a warning). ``refine=False`` skips the
     exact recomputation of in-band entries: ranks are then only as good as fp32
     (tests use it to show that the refinement is what makes them exact).
     """
     validate(inputs)
-    if compile is None:
-        compile = os.environ.get("SLM_LENS_COMPILE", "1") != "0"
     with ieee_fp32_matmul():
         return _run(inputs, row_chunk, vocab_chunk, margin, compile, refine)
 

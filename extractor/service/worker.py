@@ -7,6 +7,7 @@ the Ray actor (:mod:`.driver`) and the in-process loop both call
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -31,10 +32,14 @@ from extractor.store.faults import crash_point
 from .resources import build_speech_tokenizer, materialize
 from .rows import lens_tables, pack_targets, pooled_groups
 
+#: ``SLM_LENS_COMPILE=0`` runs the torch engine's reduction eager (a machine without a
+#: working compiler): an operator's switch, read here, passed to the lens explicitly.
+LENS_COMPILE = os.environ.get("SLM_LENS_COMPILE", "1") != "0"
+
 
 def _engine(backend: str):
     def run(inputs: LensInputs) -> LensResult:
-        return fused_logit_lens(**inputs.__dict__, backend=backend)
+        return fused_logit_lens(**inputs.__dict__, backend=backend, compile=LENS_COMPILE)
 
     return run
 
