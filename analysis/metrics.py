@@ -456,3 +456,37 @@ LEFT JOIN (SELECT run_id, count_if(modality = 'text') AS n_text FROM vocab GROUP
             x, y, fn, rng, n_boot, level
         )
     return table, stats
+
+
+def runs_overview(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """Every run by model and checkpoint: status, times, committed shards and lens rows."""
+    return con.sql(
+        """SELECT r.model, r.revision, r.run_id, r.status, r.started_at, r.finished_at,
+                  count(s.shard) AS shards, sum(s.lens_rows) AS lens_rows, r.message
+           FROM runs r LEFT JOIN shards s USING (run_id)
+           GROUP BY ALL ORDER BY r.model, r.started_at, r.run_id"""
+    ).df()
+
+
+def layer_summary(con: duckdb.DuckDBPyConnection, filters: Filters = ALL_RUNS) -> pd.DataFrame:
+    """One run's story per layer, at the speech positions of each spoken word.
+
+    Current-word recall@10 (text rank, any position) with its chance control and
+    ``n_words``; next-word recall@10 (``next_recall``); the word's text token first in
+    the max-pooled logits (``top1_pooled``) beside chance (``top1_control``); and the
+    lens probability mass on speech tokens (``speech_mass``, ``top1_speech_frac``).
+    Meant for a store (or ``filters``) holding one run: layers of several runs would mix.
+    """
+    cur = recall_by_layer(con, k=10, filters=filters)
+    cur = cur[["layer", "n_words", "recall", "control_recall"]]
+    nxt = recall_by_layer(con, k=10, target="next", filters=filters)[["layer", "recall"]]
+    mass = modality_mass(con, filters)[["layer", "speech_mass", "top1_speech_frac"]]
+    strict = recall_by_layer(con, k=1, agg="pooled", filters=filters)
+    strict = strict[["layer", "recall", "control_recall"]].rename(
+        columns={"recall": "top1_pooled", "control_recall": "top1_control"}
+    )
+    return (
+        cur.merge(nxt.rename(columns={"recall": "next_recall"}), on="layer", how="left")
+        .merge(strict, on="layer", how="left")
+        .merge(mass, on="layer", how="left")
+    )

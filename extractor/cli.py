@@ -155,16 +155,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
+    from analysis.metrics import runs_overview
     from analysis.store import open_store
 
-    con = open_store(args.store)
-    df = con.sql(
-        """SELECT r.model, r.revision, r.run_id, r.status, r.started_at, r.finished_at,
-                  count(s.shard) AS shards, sum(s.lens_rows) AS lens_rows, r.message
-           FROM runs r LEFT JOIN shards s USING (run_id)
-           GROUP BY ALL ORDER BY r.model, r.started_at"""
-    ).df()
-    _emit(df, args.format, None)
+    _emit(runs_overview(open_store(args.store)), args.format, None)
     return 0
 
 
@@ -250,18 +244,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     summary = run_extraction(parse_config(raw), in_process=args.in_process)
     print(summary.describe())
     con = open_store(store, runs=[summary.run_id])
-    cur = metrics.recall_by_layer(con, k=10)[["layer", "n_words", "recall", "control_recall"]]
-    nxt = metrics.recall_by_layer(con, k=10, target="next")[["layer", "recall"]]
-    mass = metrics.modality_mass(con)[["layer", "speech_mass", "top1_speech_frac"]]
-    strict = metrics.recall_by_layer(con, k=1, agg="pooled")
-    strict = strict[["layer", "recall", "control_recall"]].rename(
-        columns={"recall": "top1_pooled", "control_recall": "top1_control"}
-    )
-    table = (
-        cur.merge(nxt.rename(columns={"recall": "next_recall"}), on="layer", how="left")
-        .merge(strict, on="layer", how="left")
-        .merge(mass, on="layer", how="left")
-    )
+    table = metrics.layer_summary(con)
     print(f"\nstore: {store}")
     print("per-layer summary (DuckDB), at the speech positions of each spoken word:")
     print("current-word recall@10 (text rank, any position) and its frequency-matched chance")

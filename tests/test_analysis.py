@@ -510,3 +510,18 @@ def test_an_item_with_several_counterfactuals_needs_to_beat_them_all():
     got = metrics.knowledge_accuracy(con).iloc[0]
     assert (got.n_pairs, got.n_pairs_dropped, got.accuracy) == (2, 2, 0.5)
     assert str(metrics.knowledge_accuracy(con).n_pairs.dtype) == "int64"
+
+
+def test_layer_summary_and_runs_overview_are_the_metrics_they_name(con):
+    one = Filters(runs=("run-1",))
+    table = metrics.layer_summary(con, one)
+    cur = metrics.recall_by_layer(con, 10, filters=one)
+    np.testing.assert_array_equal(table.recall, cur.recall)
+    pooled = metrics.recall_by_layer(con, 1, agg="pooled", filters=one)
+    np.testing.assert_array_equal(table.top1_pooled, pooled.recall)
+    assert list(table.columns) == [
+        "layer", "n_words", "recall", "control_recall", "next_recall",
+        "top1_pooled", "top1_control", "speech_mass", "top1_speech_frac",
+    ]  # fmt: skip
+    runs = metrics.runs_overview(con)
+    assert list(runs.run_id) == ["run-0", "run-1", "run-2"] and (runs.shards == 2).all()
