@@ -126,6 +126,10 @@ def test_sims_speech_mode_keeps_silence_units(sims):
     # unit 2 is the pause between them and unit 5 trailing silence.
     assert seq.word_index == [None, 0, 0, None, 1, 1, None]
     assert (seq.words[0].first_position, seq.words[0].last_position) == (1, 2)
+    assert seq.unspanned_words == []
+    # A word too short to own a 40 ms unit is lensed nowhere, and counted as such.
+    short = _utt([*words, ("a", 0.505, 0.51)], units=[1, 2, 3, 4, 5, 6], durations=[2] * 5 + [3])
+    assert build_sequence(short, tok, layout, "speech").unspanned_words == [2]
 
 
 def test_speech_only_prompts_open_as_each_family_does(sims):

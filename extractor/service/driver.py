@@ -49,6 +49,7 @@ class RunSummary:
     lens_rows: int = 0
     seconds: float = 0.0
     retries: int = 0
+    words_without_units: int = 0
 
     @property
     def ok(self) -> bool:
@@ -63,6 +64,8 @@ class RunSummary:
             f"time: {self.seconds:.1f} s  retries: {self.retries}",
             f"  failed items: {self.failures}",
         ]
+        if self.words_without_units:
+            lines.append(f"  spoken words without units (in no recall): {self.words_without_units}")
         if self.shards_failed:
             lines.append(f"  failed shards: {self.shards_failed}")
         return "\n".join(lines)
@@ -243,6 +246,7 @@ def _extract(cfg, plan, store, address, in_process, progress) -> RunSummary:
         summary.shards_done += 1
         summary.tokens += stats.tokens
         summary.lens_rows += stats.lens_rows
+        summary.words_without_units += stats.words_without_units
         bar.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}")
         log.info(
             "shard %d: %d tokens, %d lens rows, %.0f tokens/s, %d bytes",

@@ -72,6 +72,9 @@ class ShardStats:
     lens_rows: int
     seconds: float
     bytes: int
+    #: Spoken words whose timings cover no unit frame: lensed nowhere, so absent from
+    #: every recall (too short for the 40 ms frames, or outside the audio's units).
+    words_without_units: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -244,7 +247,10 @@ class ShardProcessor:
                 _check_accounted(shard, prepared.ids, [u.id for u, _ in seqs], failures)
                 # Busy time: the front end plus this model stage, not the wait between.
                 seconds = prepared.frontend_seconds + time.time() - clock.model_started
-                stats = ShardStats(shard, len(seqs), len(failures), tokens, lens_rows, seconds, 0)
+                unspanned = sum(len(s.unspanned_words) for _, s in seqs)
+                stats = ShardStats(
+                    shard, len(seqs), len(failures), tokens, lens_rows, seconds, 0, unspanned
+                )
                 marker = writer.commit(
                     {
                         "tokens": tokens,
@@ -253,6 +259,7 @@ class ShardProcessor:
                         "tokens_per_s": stats.tokens_per_s,
                         "utterances": len(seqs),
                         "failures": len(failures),
+                        "words_without_units": unspanned,
                         "device": self.device,
                         **clock.telemetry(),
                         **(self.engine_check.telemetry() if self.engine_check else {}),

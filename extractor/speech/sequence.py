@@ -179,7 +179,6 @@ class WordRow:
     next_variant_ids: list[int] | None
     ctrl_word: str | None
     ctrl_variant_ids: list[int] | None
-    n_units: int = 0
 
 
 @dataclass
@@ -193,6 +192,8 @@ class BuiltSequence:
     words: list[WordRow]
     duration_s: float | None = None
     continuation_start: int | None = None
+    #: Spoken words whose timings cover no unit frame (lensed nowhere): counted in the
+    #: shard telemetry and the run summary.
     unspanned_words: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -289,7 +290,6 @@ def _word_rows(utt, words, modalities, spans, tokens: _Tokens, tokenizer, contro
                 next_variant_ids=variant_ids[i + 1] if i + 1 < len(words) else None,
                 ctrl_word=ctrl,
                 ctrl_variant_ids=word_variants(tokenizer, ctrl) if ctrl else None,
-                n_units=(spans[i][1] - spans[i][0]) if spans[i] else 0,
             )
         )
     return rows
