@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from extractor.speech.audio import SAMPLE_RATE
+
 from .models.smollm2 import cache_dir, ensure_smollm2
 
 N_UNITS = 500
@@ -140,7 +142,7 @@ def build_demo_dataset(
     for i, sentence in enumerate(sentences or SENTENCES):
         audio, timings = synthesize(sentence.split(), voices[i % len(voices)])
         name = f"espeak-{i:02d}.wav"
-        sf.write(folder / name, audio, 16000)
+        sf.write(folder / name, audio, SAMPLE_RATE)
         rows.append(
             {
                 "id": f"espeak-{i:02d}",

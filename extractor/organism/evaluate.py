@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from extractor.speech.audio import SAMPLE_RATE
+
 from .grammar import Grammar
 from .train import HELDOUT_VOICES, layout_spec
 
@@ -29,7 +31,7 @@ def heldout_manifest(folder: Path, n: int, seed: int = 10_000) -> Path:
         words = grammar.sentence()
         audio, timings = synthesize(words, HELDOUT_VOICES[i % len(HELDOUT_VOICES)])
         name = f"heldout-{i:04d}.wav"
-        sf.write(folder / name, audio, 16000)
+        sf.write(folder / name, audio, SAMPLE_RATE)
         rows.append(
             {
                 "id": f"heldout-{i:04d}",

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from extractor.speech.audio import SAMPLE_RATE
 from extractor.speech.fbank import FbankKMeansTokenizer
 from extractor.speech.layouts import layout_from_config
 from extractor.speech.records import AlignedWord, Utterance
@@ -116,7 +117,7 @@ class WordBank:
 
     def sentence(self, words: list[str], rng: np.random.Generator):
         """Joined audio and exact word timings, as ``synthesize`` would make them."""
-        rate = 16000
+        rate = SAMPLE_RATE
         pieces = [np.zeros(int(LEAD_S * rate), np.float32)]
         cursor, timings = len(pieces[0]), []
         gap = np.zeros(int(GAP_S * rate), np.float32)
@@ -137,7 +138,7 @@ def _spoken(bank, tokenizer, words, rng, uid) -> Utterance:
         words=timings,
         units=tuple(seq.units),
         durations=tuple(seq.durations),
-        duration_s=len(audio) / 16000,
+        duration_s=len(audio) / SAMPLE_RATE,
     )
 
 

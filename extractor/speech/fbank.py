@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .units import UnitSequence, dedup, kmeans
+from .audio import SAMPLE_RATE
+from .units import FRAME_S, UnitSequence, dedup, kmeans
 
-HOP = 640
+HOP = round(FRAME_S * SAMPLE_RATE)  # 640 samples: the 25 Hz unit frame
 N_FFT = 1024
 N_MELS = 40
 
@@ -33,7 +34,7 @@ def log_mel(audio: np.ndarray) -> torch.Tensor:
     pad = (N_FFT - HOP) // 2
     x = torch.nn.functional.pad(x[: n * HOP], (pad, pad + HOP))
     mel = torchaudio.transforms.MelSpectrogram(
-        sample_rate=16000, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS, center=False
+        sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS, center=False
     )(x)
     return torch.log(mel + 1e-6).T[:n]
 

@@ -13,10 +13,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from .audio import check_words, load_audio
+from .audio import SAMPLE_RATE, check_words, load_audio
 from .manifest import force_align
 from .records import EmptyTextError, SpeechInputError, Utterance, WordTimingError
-from .units import UnitSequence
+from .units import FRAME_S, UnitSequence
 
 SpeechTokenizer = Callable[[Sequence[np.ndarray]], list[UnitSequence]]
 
@@ -45,7 +45,7 @@ class SpeechFrontEnd:
         if batch_seconds is None:
             on_gpu = str(getattr(tokenizer, "device", "cpu")).startswith("cuda")
             batch_seconds = 60.0 if on_gpu else 0.0
-        self.batch_samples = int(batch_seconds * 16_000)
+        self.batch_samples = int(batch_seconds * SAMPLE_RATE)
         self.aligner = aligner
 
     def prepare(self, utterances: Sequence[Utterance]) -> list[Utterance | SpeechInputError]:
@@ -59,7 +59,7 @@ class SpeechFrontEnd:
                 if utt.units is not None:
                     if utt.words is None:
                         raise WordTimingError(utt.id, "precomputed units need word timings")
-                    duration = utt.duration_s or 0.04 * sum(utt.durations or ())
+                    duration = utt.duration_s or FRAME_S * sum(utt.durations or ())
                     out[i] = replace(
                         utt,
                         duration_s=duration,
@@ -70,7 +70,7 @@ class SpeechFrontEnd:
                     out[i] = utt  # text-only utterance
                     continue
                 audio = load_audio(utt.audio, utt.id)
-                duration = len(audio) / 16_000
+                duration = len(audio) / SAMPLE_RATE
                 words = utt.words
                 if words is None:
                     if not self.align_missing:

@@ -23,6 +23,7 @@ import numpy as np
 
 from analysis.storage import resolve
 
+from .audio import SAMPLE_RATE
 from .records import (
     AlignedWord,
     AudioSource,
@@ -189,7 +190,7 @@ def force_align(audio: np.ndarray, text: str, utt_id: str) -> tuple[AlignedWord,
     if not words:
         raise WordTimingError(utt_id, "nothing to align: empty text")
     pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16).tobytes()
-    decoder = Decoder(samprate=16000, loglevel="FATAL")
+    decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
     frate = int(decoder.config["frate"])
     try:
         decoder.set_align_text(" ".join(words))

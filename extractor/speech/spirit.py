@@ -25,11 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .audio import SAMPLE_RATE
 from .units import UnitSequence, check_head, dedup
 
 #: The release's chunking of long audio (samples at 16 kHz).
 MIN_CHUNK = 400
-MAX_CHUNK = 100 * 16_000
+MAX_CHUNK = 100 * SAMPLE_RATE
 #: The release stops filling blanks after this many passes (one frame per pass).
 MAX_BLANK_FILL = 10_000
 

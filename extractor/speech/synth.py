@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .audio import to_mono_16k
+from .audio import SAMPLE_RATE, to_mono_16k
 from .records import AlignedWord
 
 
@@ -53,7 +53,7 @@ def synthesize(
     words: list[str], voice: Voice = Voice(), gap_s: float = 0.06, lead_s: float = 0.1
 ) -> tuple[np.ndarray, tuple[AlignedWord, ...]]:
     """A sentence as audio plus the exact [start, end] of every word."""
-    rate = 16_000
+    rate = SAMPLE_RATE
     pieces = [np.zeros(int(lead_s * rate), np.float32)]
     timings = []
     cursor = len(pieces[0])
