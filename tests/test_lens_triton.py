@@ -99,3 +99,29 @@ def test_triton_bf16_on_gpu_matches_reference():
     )
     got = fused_logit_lens(**inputs.__dict__, backend="triton")
     check_within_tolerance(inputs, got.to("cpu"), tol=_tolerance(inputs))
+
+
+@pytest.mark.parametrize("compile", [True, False])
+def test_the_compile_switch_reaches_the_pooled_rows(compile, monkeypatch):
+    """Pooled rows go through the torch engine: it gets the caller's ``compile``."""
+    import extractor.lens.triton_lens as tl
+
+    seen = []
+    real = tl.chunked_lens
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("compile"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tl, "chunked_lens", spy)
+    inputs = _case(**CASES["odd-vocab-segments"])
+    n = inputs.n_rows
+    inputs = LensInputs(
+        **{
+            **inputs.__dict__,
+            "pool_groups": torch.arange(n, device=DEVICE) // 2,
+            "pool_targets": torch.zeros((n + 1) // 2, 1, dtype=torch.long, device=DEVICE),
+        }
+    )
+    fused_logit_lens(**inputs.__dict__, backend="triton", compile=compile)
+    assert seen == [compile]

@@ -82,3 +82,18 @@ def test_a_tiny_organism_trains_and_goes_through_the_pipeline(tmp_path):
 
     store = tmp_path / "demo" / "store"
     assert main(["demo", "--organism", str(model), "--store", str(store), "--in-process"]) == 0
+
+
+def test_held_out_sentences_are_remade_when_their_recipe_changes(tmp_path):
+    """An older folder (other voices, another count) is regenerated, never reused."""
+    from extractor.organism.evaluate import heldout_manifest
+
+    (tmp_path / "manifest.jsonl").write_text('{"id": "stale", "text": "a"}\n')
+    manifest = heldout_manifest(tmp_path, 2)
+    assert [json.loads(line)["id"] for line in manifest.read_text().splitlines()] == [
+        "heldout-0000",
+        "heldout-0001",
+    ]
+    made = manifest.stat().st_mtime_ns
+    assert heldout_manifest(tmp_path, 2).stat().st_mtime_ns == made  # same recipe: reused
+    assert len(heldout_manifest(tmp_path, 3).read_text().splitlines()) == 3

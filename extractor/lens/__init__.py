@@ -100,5 +100,5 @@ def fused_logit_lens(
     if backend == "triton":
         from .triton_lens import triton_lens
 
-        return triton_lens(inputs, row_chunk=row_chunk, vocab_chunk=vocab_chunk)
+        return triton_lens(inputs, row_chunk=row_chunk, vocab_chunk=vocab_chunk, compile=compile)
     raise LensError(f"unknown lens backend {backend!r}: use auto, torch, triton or reference")

@@ -210,8 +210,12 @@ def triton_lens(
     block_n: int = CUDA_BLOCKS["BN"],
     block_k: int = CUDA_BLOCKS["BK"],
     splits: int | None = None,
+    compile: bool = True,
 ) -> LensResult:
-    """The fused lens through the Triton kernel (CUDA, or the interpreter on CPU)."""
+    """The fused lens through the Triton kernel (CUDA, or the interpreter on CPU).
+
+    ``compile`` is passed to the torch engine that computes the pooled rows.
+    """
     validate(inputs)
     device = inputs.unembed.device
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -284,7 +288,7 @@ def triton_lens(
         out_max, out_sum, out_cv, out_ci, out_cnt, n_seg, t
     )
     fields = _segment_results(names, k, targets, t_vals, lse, seg_lse, cv, ci, counts)
-    return LensResult(**fields, **_pooled(inputs, row_chunk, vocab_chunk))
+    return LensResult(**fields, **_pooled(inputs, row_chunk, vocab_chunk, compile))
 
 
 def _merge_splits(out_max, out_sum, out_cv, out_ci, out_cnt, n_seg: int, t: int):
@@ -341,7 +345,7 @@ def _segment_results(names, k: int, targets, t_vals, lse, seg_lse, cv, ci, count
     )
 
 
-def _pooled(inputs: LensInputs, row_chunk: int, vocab_chunk: int) -> dict:
+def _pooled(inputs: LensInputs, row_chunk: int, vocab_chunk: int, compile: bool) -> dict:
     """Max-pooled statistics, from the chunked engine on the pooled rows only."""
     fields = (
         "pooled_topk_ids",
@@ -360,5 +364,5 @@ def _pooled(inputs: LensInputs, row_chunk: int, vocab_chunk: int) -> dict:
     sub = inputs.rows(keep, with_targets=False)
     if sub.pool_targets is None:
         sub = LensInputs(**{**sub.__dict__, "pool_targets": inputs.resolved_pool_targets()})
-    res = chunked_lens(sub, row_chunk=row_chunk, vocab_chunk=vocab_chunk)
+    res = chunked_lens(sub, row_chunk=row_chunk, vocab_chunk=vocab_chunk, compile=compile)
     return {name: getattr(res, name) for name in fields}

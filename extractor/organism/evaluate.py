@@ -23,7 +23,11 @@ def heldout_manifest(folder: Path, n: int, seed: int = 10_000) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     manifest = folder / "manifest.jsonl"
-    if manifest.is_file():
+    # Reused only if made by this recipe: an older folder (other voices, another n) is
+    # regenerated, never silently evaluated.
+    recipe = json.dumps({"n": n, "seed": seed, "voices": [repr(v) for v in HELDOUT_VOICES]})
+    stamp = folder / "heldout.json"
+    if manifest.is_file() and stamp.is_file() and stamp.read_text() == recipe:
         return manifest
     grammar = Grammar(seed=seed)
     rows = []
@@ -41,6 +45,7 @@ def heldout_manifest(folder: Path, n: int, seed: int = 10_000) -> Path:
             }
         )
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stamp.write_text(recipe)
     return manifest
 
 

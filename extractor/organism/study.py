@@ -29,16 +29,18 @@ def study(
     """Train (unless cached) and evaluate every variant x seed; ``trained_only`` instead
     evaluates whatever models ``out/models`` already holds (to re-summarise a study)."""
     out.mkdir(parents=True, exist_ok=True)
-    pairs = [(v, s) for v in variants for s in seeds]
+    runs = [(v, s, steps) for v in variants for s in seeds]
     if trained_only:
         infos = [json.loads(p.read_text()) for p in (out / "models").glob("*/organism.json")]
-        pairs = sorted((i["variant"], i["seed"]) for i in infos)
+        runs = sorted((i["variant"], i["seed"], i.get("steps", 0)) for i in infos)
     curves = []
-    for variant, seed in pairs:
+    for variant, seed, budget in runs:
         name = f"organism-{variant}-s{seed}"
-        model = out / "models" / name
+        model = out / "models" / f"{name}-{budget}steps"  # a new budget is a new model
+        if trained_only:  # models of earlier versions were named without their budget
+            model = next(p.parent for p in (out / "models").glob(f"{name}*/organism.json"))
         if not (model / "organism.json").is_file():
-            spec = OrganismSpec(variant=variant, seed=seed, steps=steps)
+            spec = OrganismSpec(variant=variant, seed=seed, steps=budget)
             train_organism(model, spec, log=log)
         df = evaluate(model, out / "heldout", str(out / "store"), name, n_sentences)
         curves.append(df.assign(variant=variant, seed=seed))
