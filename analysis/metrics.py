@@ -101,6 +101,14 @@ def _per_word_sql(agg: str, target: str, rank: str, filters: Filters) -> str:
     return per_word
 
 
+def _per_word_cte(k: int, agg: str, target: str, rank: str, filters: Filters) -> str:
+    """``WITH sel_runs, per_word``: what every recall query starts from (parameters checked)."""
+    _check(k, agg, target, rank)
+    return f"""WITH {_runs_cte(filters)},
+per_word AS ({_per_word_sql(agg, target, rank, filters)}
+)"""
+
+
 def recall_sql(
     k: int = 10,
     agg: str = "any",
@@ -115,11 +123,7 @@ def recall_sql(
     does (the ``word_lens`` table). ``rank``: ``text`` counts only text tokens
     above the variant, ``full`` the whole vocabulary.
     """
-    _check(k, agg, target, rank)
-    per_word = _per_word_sql(agg, target, rank, filters)
-    return f"""WITH {_runs_cte(filters)},
-per_word AS ({per_word}
-)
+    return f"""{_per_word_cte(k, agg, target, rank, filters)}
 SELECT p.run_id, s.model, s.revision, p.layer,
        p.layer / s.n_layers AS rel_depth,
        count(*) AS n_words,
@@ -154,10 +158,7 @@ def recall_counts_sql(
     What :func:`recall_with_ci` resamples: summed over utterances, these give
     :func:`recall_sql`'s ratios exactly.
     """
-    _check(k, agg, target, rank)
-    return f"""WITH {_runs_cte(filters)},
-per_word AS ({_per_word_sql(agg, target, rank, filters)}
-)
+    return f"""{_per_word_cte(k, agg, target, rank, filters)}
 SELECT run_id, utterance_id, layer,
        count(*) AS n_words, count_if(r < {k}) AS hits,
        count(c) AS n_ctrl, count_if(c < {k}) AS ctrl_hits
