@@ -11,6 +11,8 @@ pyarrow, no torch. A store is a root folder or ``s3://bucket/prefix`` holding:
     _failed/run_id=<id>/shard-<NNNNN>.json         (why a shard is not committed)
     _submissions/run_id=<id>/attempt-<NNN>.json    (the watcher's own job log)
     _probe/run_id=<id>/<uuid>.token                (is a local store shared by all nodes?)
+    _compactions/run_id=<id>/compaction-<NNNNN>.json  (shards merged into larger files)
+    <table>/run_id=<id>/compact-<NNNNN>-<token>-<seq>.parquet   (a compaction's data)
 
 A shard's data files are listed in its commit marker, which is written last;
 readers read only files named by markers, so nothing half-written is ever seen,
@@ -152,6 +154,7 @@ ATTEMPTS_DIR = "_attempts"
 FAILED_DIR = "_failed"
 SUBMISSIONS_DIR = "_submissions"
 PROBE_DIR = "_probe"
+COMPACTIONS_DIR = "_compactions"
 
 
 def partition_dir(table: str, run_id: str) -> str:
@@ -176,6 +179,14 @@ def submission_path(run_id: str, attempt: int) -> str:
 
 def data_file_name(shard: int, attempt: str, seq: int) -> str:
     return f"shard-{shard:05d}-{attempt}-{seq:04d}.parquet"
+
+
+def compaction_path(run_id: str, generation: int) -> str:
+    return f"{COMPACTIONS_DIR}/run_id={run_id}/compaction-{generation:05d}.json"
+
+
+def compacted_file_name(generation: int, token: str, seq: int) -> str:
+    return f"compact-{generation:05d}-{token}-{seq:04d}.parquet"
 
 
 #: Failure rows of a shard that did not commit carry this stage.

@@ -47,6 +47,10 @@ class UnknownRunError(StoreError, KeyError):
 
 @dataclass(frozen=True)
 class Commit:
+    """A shard's commit marker. ``files`` are the files it committed; once a compaction
+    covers the shard (``compaction`` is its generation) the rows are read from the
+    compaction's files instead, and these may be gone (gc removes them)."""
+
     run_id: str
     shard: int
     files: dict[str, list[str]]
@@ -56,18 +60,51 @@ class Commit:
     committed_at: str
     stats: dict
     attempt: str = ""
+    compaction: int | None = None
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """A compaction marker: committed shards of one run, merged into larger files.
+
+    Trusted, like a commit marker, when it parses and every file it lists exists;
+    a trusted compaction is where its shards' rows are read from.
+    """
+
+    run_id: str
+    generation: int
+    shards: dict[int, dict]  # shard -> {"attempt", "rows"} of the marker it replaced
+    files: dict[str, list[str]]
+    rows: dict[str, int]
+    bytes: int
+    compacted_at: str
 
 
 class CorruptCommitWarning(UserWarning):
     """A commit marker that does not parse or lists a missing file: its shard is skipped."""
 
 
-def load_commit(fs: pafs.FileSystem, path: str) -> Commit | None:
+class CorruptCompactionWarning(CorruptCommitWarning):
+    """A compaction marker that does not parse or lists a missing file: it is ignored."""
+
+
+def _missing_file(fs: pafs.FileSystem, root: str, files: dict[str, list[str]]) -> str | None:
+    """The first listed file that does not exist, if any."""
+    for rel in (f for names in files.values() for f in names):
+        info = with_retries(lambda r=rel: fs.get_file_info(f"{root}/{r}"), f"checking {rel}")
+        if info.type != pafs.FileType.File:
+            return rel
+    return None
+
+
+def load_commit(fs: pafs.FileSystem, path: str, *, covered: int | None = None) -> Commit | None:
     """The commit marker at ``path``, or None (with a warning) if it cannot be trusted.
 
     A marker is trusted when it parses, names its run and shard, and every data
     file it lists exists. Anything else (a truncated write, a file deleted by
     hand) makes the shard uncommitted: readers skip it, writers redo it.
+    ``covered``: the generation of a trusted compaction that holds this shard's
+    rows; its own files are then not needed (and not checked).
     """
     try:
         text = with_retries(lambda: read_text(fs, path), f"reading {path}")
@@ -85,6 +122,7 @@ def load_commit(fs: pafs.FileSystem, path: str) -> Commit | None:
             committed_at=data.get("committed_at", ""),
             stats=data.get("stats", {}),
             attempt=str(data.get("attempt", "")),
+            compaction=covered,
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         warnings.warn(
@@ -95,47 +133,164 @@ def load_commit(fs: pafs.FileSystem, path: str) -> Commit | None:
         )
         return None
     root = path.rsplit(f"/{schema.COMMITS_DIR}/", 1)[0]
-    for rel in (f for files in commit.files.values() for f in files):
-        info = with_retries(lambda r=rel: fs.get_file_info(f"{root}/{r}"), f"checking {rel}")
-        if info.type != pafs.FileType.File:
+    missing = None if covered is not None else _missing_file(fs, root, commit.files)
+    if missing is not None:
+        warnings.warn(
+            f"commit marker {path} lists {missing}, which is missing; "
+            "its shard counts as not committed",
+            CorruptCommitWarning,
+            stacklevel=2,
+        )
+        return None
+    return commit
+
+
+def load_compaction(fs: pafs.FileSystem, path: str) -> Compaction | None:
+    """The compaction marker at ``path``, or None (with a warning) if it cannot be trusted."""
+    try:
+        text = with_retries(lambda: read_text(fs, path), f"reading {path}")
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(text)
+        compaction = Compaction(
+            run_id=data["run_id"],
+            generation=int(data["generation"]),
+            shards={int(k): dict(v) for k, v in data["shards"].items()},
+            files={str(t): [str(f) for f in fs_] for t, fs_ in data["files"].items()},
+            rows={str(t): int(n) for t, n in data.get("rows", {}).items()},
+            bytes=int(data.get("bytes", 0)),
+            compacted_at=str(data.get("compacted_at", "")),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        warnings.warn(
+            f"compaction marker {path} is unreadable ({type(exc).__name__}: {exc}); "
+            "its shards are read from their own files",
+            CorruptCompactionWarning,
+            stacklevel=2,
+        )
+        return None
+    root = path.rsplit(f"/{schema.COMPACTIONS_DIR}/", 1)[0]
+    missing = _missing_file(fs, root, compaction.files)
+    if missing is not None:
+        warnings.warn(
+            f"compaction marker {path} lists {missing}, which is missing; "
+            "its shards are read from their own files",
+            CorruptCompactionWarning,
+            stacklevel=2,
+        )
+        return None
+    return compaction
+
+
+def _markers(fs, root: str, folder: str, wanted: set[str] | None):
+    """(run id, path) of every published marker under ``root/folder`` of the wanted runs
+    (only those runs' folders are listed)."""
+    places = [f"{root}/{folder}"]
+    if wanted is not None:
+        places = [f"{root}/{folder}/run_id={run_id}" for run_id in sorted(wanted)]
+    for place in places:
+        for info in with_retries(lambda p=place: list_files(fs, p), f"listing {place}"):
+            if not info.base_name.endswith(".json") or info.base_name.startswith("."):
+                continue
+            run_id = info.path.rsplit("/", 2)[-2].removeprefix("run_id=")
+            if wanted is None or run_id in wanted:
+                yield run_id, info.path
+
+
+def read_compactions(
+    fs: pafs.FileSystem, root: str, runs: Iterable[str] | None = None
+) -> list[Compaction]:
+    """Trusted compactions of the store, by run and generation.
+
+    Compactions of a run cover disjoint shards by construction (a compaction
+    takes only shards no earlier one covers, and generations are published
+    exclusively). Should two ever overlap, the earlier stands and the later is
+    ignored with a warning, so no row is read twice.
+    """
+    wanted = set(runs) if runs is not None else None
+    found = [
+        c
+        for _, path in _markers(fs, root, schema.COMPACTIONS_DIR, wanted)
+        if (c := load_compaction(fs, path)) is not None
+    ]
+    kept: list[Compaction] = []
+    covered: set[tuple[str, int]] = set()
+    for c in sorted(found, key=lambda c: (c.run_id, c.generation)):
+        overlap = {(c.run_id, s) for s in c.shards} & covered
+        if overlap:
             warnings.warn(
-                f"commit marker {path} lists {rel}, which is missing; "
-                "its shard counts as not committed",
-                CorruptCommitWarning,
+                f"compaction {c.generation} of {c.run_id} repeats shards "
+                f"{sorted(s for _, s in overlap)} of an earlier one: it is ignored",
+                CorruptCompactionWarning,
                 stacklevel=2,
             )
-            return None
-    return commit
+            continue
+        covered |= {(c.run_id, s) for s in c.shards}
+        kept.append(c)
+    return kept
+
+
+@dataclass(frozen=True)
+class StoreIndex:
+    """What readers may read: trusted commits, and the trusted compactions over them."""
+
+    commits: list[Commit]
+    compactions: list[Compaction]
+
+    @property
+    def committed(self) -> set[tuple[str, int]]:
+        """(run, shard) of every committed shard (a compacted shard stays committed even
+        if its own marker is gone)."""
+        shards = {(c.run_id, c.shard) for c in self.commits}
+        return shards | {(c.run_id, s) for c in self.compactions for s in c.shards}
+
+    def data_files(self, table: str) -> list[str]:
+        """The files holding ``table``'s committed rows, each row in exactly one file."""
+        files = [f for c in self.compactions for f in c.files.get(table, [])]
+        return files + [
+            f for c in self.commits if c.compaction is None for f in c.files.get(table, [])
+        ]
+
+
+def read_index(fs: pafs.FileSystem, root: str, runs: Iterable[str] | None = None) -> StoreIndex:
+    """Trusted compactions first, then every commit marker read in their light."""
+    wanted = set(runs) if runs is not None else None
+    compactions = read_compactions(fs, root, wanted)
+    covering = {(c.run_id, s): c.generation for c in compactions for s in c.shards}
+    commits = [
+        commit
+        for run_id, path in _markers(fs, root, schema.COMMITS_DIR, wanted)
+        if (commit := load_commit(fs, path, covered=covering.get((run_id, _shard_of_marker(path)))))
+        is not None
+    ]
+    return StoreIndex(sorted(commits, key=lambda c: (c.run_id, c.shard)), compactions)
+
+
+def _shard_of_marker(path: str) -> int | None:
+    name = path.rsplit("/", 1)[-1]
+    digits = name.removeprefix("shard-").removesuffix(".json")
+    return int(digits) if digits.isdigit() else None
 
 
 def read_commits(fs: pafs.FileSystem, root: str, runs: Iterable[str] | None = None) -> list[Commit]:
     """Every trusted commit marker of the store (optionally of some runs only)."""
-    wanted = set(runs) if runs is not None else None
-    commits = []
-    folder = f"{root}/{schema.COMMITS_DIR}"
-    for info in with_retries(lambda: list_files(fs, folder), f"listing commits in {root}"):
-        if not info.base_name.endswith(".json") or info.base_name.startswith("."):
-            continue
-        run_dir = info.path.rsplit("/", 2)[-2]
-        run_id = run_dir.removeprefix("run_id=")
-        if wanted is not None and run_id not in wanted:
-            continue
-        commit = load_commit(fs, info.path)
-        if commit is not None:
-            commits.append(commit)
-    return sorted(commits, key=lambda c: (c.run_id, c.shard))
+    return read_index(fs, root, runs).commits
 
 
 def read_shard_failures(
-    fs: pafs.FileSystem, root: str, commits: list[Commit], runs: Iterable[str] | None = None
+    fs: pafs.FileSystem,
+    root: str,
+    committed: set[tuple[str, int]],
+    runs: Iterable[str] | None = None,
 ) -> pa.Table:
     """``failures`` rows of shards that did not commit: one per utterance of the shard.
 
-    A record left for a shard that has since committed is ignored: its
-    utterances are in ``utterances`` or in the shard's own ``failures``.
+    A record left for a shard that has since committed (one of the ``committed``
+    (run, shard) pairs) is ignored: its utterances are in ``utterances`` or in
+    the shard's own ``failures``.
     """
     wanted = set(runs) if runs is not None else None
-    committed = {(c.run_id, c.shard) for c in commits}
     folder = f"{root}/{schema.FAILED_DIR}"
     rows = []
     for info in with_retries(lambda: list_files(fs, folder), f"listing {folder}"):
@@ -210,18 +365,18 @@ def open_store(uri: str, runs: Iterable[str] | None = None) -> duckdb.DuckDBPyCo
     fs, root = resolve(uri)
     check_store(fs, root, uri)
     run_filter = list(runs) if runs is not None else None
-    commits = read_commits(fs, root, run_filter)
-    run_files = _run_files(fs, root, uri, run_filter, commits)
+    index = read_index(fs, root, run_filter)
+    run_files = _run_files(fs, root, uri, run_filter, index.committed)
 
     con = duckdb.connect(":memory:")
     local = isinstance(fs, pafs.LocalFileSystem)
     sources: dict[str, object] = {}
     readable: list[str] = []
-    table_files = {t: [f for c in commits for f in c.files.get(t, [])] for t in schema.SHARD_TABLES}
+    table_files = {t: index.data_files(t) for t in schema.SHARD_TABLES}
     # Committed failure rows, plus one per utterance of every shard that did not commit.
     table_files["_committed_failures"] = table_files.pop("failures")
     table_files["runs_history"] = run_files
-    sources["_shard_failures"] = read_shard_failures(fs, root, commits, run_filter)
+    sources["_shard_failures"] = read_shard_failures(fs, root, index.committed, run_filter)
     for table, files in table_files.items():
         if local and files:
             paths = [f"{root}/{f}" for f in files]
@@ -233,7 +388,7 @@ def open_store(uri: str, runs: Iterable[str] | None = None) -> duckdb.DuckDBPyCo
         else:
             contract = {"runs_history": "runs", "_committed_failures": "failures"}.get(table, table)
             sources[table] = _dataset(fs, root, contract, files)
-    sources["shards"] = _shards_table(commits)
+    sources["shards"] = _shards_table(index.commits)
     for name, source in sources.items():
         con.register(f"_src_{name}", source)
         con.execute(f"CREATE VIEW {name} AS SELECT * FROM _src_{name}")
@@ -247,7 +402,9 @@ def open_store(uri: str, runs: Iterable[str] | None = None) -> duckdb.DuckDBPyCo
     return con
 
 
-def _run_files(fs, root: str, uri: str, run_filter: list[str] | None, commits) -> list[str]:
+def _run_files(
+    fs, root: str, uri: str, run_filter: list[str] | None, committed: set[tuple[str, int]]
+) -> list[str]:
     """The ``runs`` records' files (relative to the root), of the asked runs only."""
     run_files = [
         i.path.removeprefix(root + "/")
@@ -257,7 +414,7 @@ def _run_files(fs, root: str, uri: str, run_filter: list[str] | None, commits) -
     if run_filter is None:
         return run_files
     known = {f.split("/")[1].removeprefix("run_id=") for f in run_files}
-    known |= {c.run_id for c in commits}
+    known |= {run_id for run_id, _ in committed}
     missing = [r for r in run_filter if r not in known]
     if missing:
         raise UnknownRunError(f"run(s) {missing} not in store {uri}")
@@ -279,6 +436,7 @@ def _shards_table(commits) -> pa.Table:
                 "stats": json.dumps(c.stats),
                 "engine": c.stats.get("engine"),
                 "self_check": c.stats.get("self_check"),
+                "compaction": c.compaction,
             }
             for c in commits
         ],
@@ -294,6 +452,7 @@ def _shards_table(commits) -> pa.Table:
                 ("stats", pa.string()),
                 ("engine", pa.string()),
                 ("self_check", pa.string()),
+                ("compaction", pa.int32()),
             ]
         ),
     )

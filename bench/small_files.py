@@ -1,14 +1,16 @@
-"""Many small files: recall-by-layer over a store of one shard per 64 utterances vs one shard.
+"""Many small files: recall-by-layer over a store of one shard per 64 utterances vs one shard,
+and the same small-file store after ``slm-lens compact``.
 
     python bench/small_files.py [--utterances 100000] [--shard-size 64] [--layers 12]
 
 The same synthetic ``lens`` rows (every spoken position of every utterance at every layer,
 ranks drawn at random) are committed through the real StoreWriter twice: once in shards
 of ``--shard-size`` utterances (a corpus run: ~1,600 files per table at 10^5 utterances),
-once as a single shard whose data files the writer rolls at its target size (64 MB). Both
-stores are then opened with ``analysis.open_store`` and queried with
-``metrics.recall_by_layer`` (any aggregation, text rank, k=10). Printed: the time to open
-each store (markers read, views made), the query's best-of-3 time, and the ratios.
+once as a single shard whose data files the writer rolls at its target size (64 MB). The
+small-file store is measured, then compacted (64 MB files) and measured again. Each store
+is opened with ``analysis.open_store`` and queried with ``metrics.recall_by_layer`` (any
+aggregation, text rank, k=10). Printed: the time to open each store (markers read, views
+made), the query's best-of-3 time, the compaction's time, and the ratios.
 """
 
 from __future__ import annotations
@@ -91,12 +93,13 @@ def main() -> None:
     args = parser.parse_args()
     from analysis import metrics
     from analysis.store import open_store
+    from extractor.store.compact import compact_store
+    from extractor.store.gc import collect_garbage
 
     root = Path(tempfile.mkdtemp(prefix="slm-lens-bench-small-files-"))
     results = {}
-    for name, size in (("many small", args.shard_size), ("one shard", args.utterances)):
-        uri = str(root / name.replace(" ", "-"))
-        _, write_s = build(uri, args.utterances, size, args.layers)
+
+    def measure(name: str, uri: str, note: str) -> None:
         files = len(list(Path(uri, "lens").rglob("*.parquet")))
         mb = sum(p.stat().st_size for p in Path(uri, "lens").rglob("*.parquet")) / 2**20
         start = time.perf_counter()
@@ -106,15 +109,29 @@ def main() -> None:
         query_s = best_of(lambda con=con: metrics.recall_by_layer(con, 10), repeats=3)
         results[name] = (open_s, query_s)
         print(
-            f"{name:>10}: {files:,} lens files, {mb:.0f} MB, {rows:,} rows; written in "
-            f"{write_s:.0f} s; open_store {open_s:.2f} s; recall_by_layer {query_s:.2f} s",
+            f"{name:>10}: {files:,} lens files, {mb:.0f} MB, {rows:,} rows; {note}; "
+            f"open_store {open_s:.2f} s; recall_by_layer {query_s:.2f} s",
             flush=True,
         )
-    (o1, q1), (o2, q2) = results["many small"], results["one shard"]
-    print(
-        f"many small / one shard: open {o1 / o2:.2f}x, query {q1 / q2:.2f}x, "
-        f"open + query {(o1 + q1) / (o2 + q2):.2f}x"
-    )
+
+    small = str(root / "many-small")
+    _, write_s = build(small, args.utterances, args.shard_size, args.layers)
+    measure("many small", small, f"written in {write_s:.0f} s")
+    start = time.perf_counter()
+    compact_store(small)
+    compact_s = time.perf_counter() - start
+    collect_garbage(small, delete=True, min_age_s=0)  # the replaced files, for the file count
+    measure("compacted", small, f"compacted in {compact_s:.0f} s")
+    one = str(root / "one-shard")
+    _, write_s = build(one, args.utterances, args.utterances, args.layers)
+    measure("one shard", one, f"written in {write_s:.0f} s")
+    (o2, q2) = results["one shard"]
+    for name in ("many small", "compacted"):
+        o1, q1 = results[name]
+        print(
+            f"{name} / one shard: open {o1 / o2:.2f}x, query {q1 / q2:.2f}x, "
+            f"open + query {(o1 + q1) / (o2 + q2):.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -176,6 +176,23 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from analysis.store import StoreError
+
+    from .store.compact import CompactionError, compact_store
+
+    try:
+        reports = compact_store(
+            args.store, args.run or None, target_file_bytes=int(args.target_mb * (1 << 20))
+        )
+    except (StoreError, CompactionError) as exc:
+        print(f"slm-lens compact: {exc}", file=sys.stderr)
+        return 2
+    for report in reports:
+        print(report.describe())
+    return 0
+
+
 def _cmd_convert_hubert(args: argparse.Namespace) -> int:
     from .speech.fairseq_hubert import HubertCheckpointError, convert_hubert
 
@@ -414,6 +431,19 @@ def _add_file_commands(sub) -> None:
         help="never collect files younger than this (90s, 10m, 1h; default 1h)",
     )
     gc.set_defaults(func=_cmd_gc)
+
+    compact = sub.add_parser(
+        "compact",
+        help="merge finished runs' shard files into large files (readers switch atomically)",
+    )
+    compact.add_argument("--store", required=True)
+    compact.add_argument(
+        "--run", action="append", help="a run id to compact (repeatable; default: every run)"
+    )
+    compact.add_argument(
+        "--target-mb", type=float, default=64.0, help="size of the merged files (default 64)"
+    )
+    compact.set_defaults(func=_cmd_compact)
 
     hub = sub.add_parser(
         "convert-hubert",

@@ -366,11 +366,12 @@ def _pipelined(processor: ShardProcessor, todo: dict, depth: int):
 
 def _count_failures(store: StoreWriter, run_id: str) -> int:
     """Failure rows of the run, counted from commit markers and shard failure records."""
-    from analysis.store import read_commits, read_shard_failures
+    from analysis.store import read_index, read_shard_failures
 
-    commits = read_commits(store.fs, store.root, [run_id])
-    committed = sum(c.rows.get("failures", 0) for c in commits)
-    return committed + read_shard_failures(store.fs, store.root, commits, [run_id]).num_rows
+    index = read_index(store.fs, store.root, [run_id])
+    committed = sum(c.rows.get("failures", 0) for c in index.commits)
+    shard_failures = read_shard_failures(store.fs, store.root, index.committed, [run_id])
+    return committed + shard_failures.num_rows
 
 
 # Ray -------------------------------------------------------------------------------------

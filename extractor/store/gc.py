@@ -10,6 +10,7 @@ touches runs that are still running (their writers are mid-flight).
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import pyarrow.fs as pafs
 
 from analysis import schema
 from analysis.storage import PARTIAL_SUFFIX, list_files, resolve, with_retries
-from analysis.store import check_store, open_store, read_commits
+from analysis.store import StoreIndex, check_store, open_store, read_index
 
 #: Run states whose writers may still be at work.
 ACTIVE_STATES = ("running", "submitted")
@@ -63,14 +64,21 @@ def _shard_of(rel: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def is_garbage(rel: str, listed: set[str], committed: set[tuple[str, int]]) -> bool:
-    """Whether the file at ``rel`` (store-relative) is referenced by nothing a reader trusts."""
+def is_garbage(rel: str, index: StoreIndex, listed: set[str]) -> bool:
+    """Whether the file at ``rel`` (store-relative) is referenced by nothing a reader trusts.
+
+    ``listed``: the data files readers read (see :meth:`StoreIndex.data_files`).
+    """
     top, name = rel.split("/", 1)[0], rel.rsplit("/", 1)[-1]
     if name.endswith(PARTIAL_SUFFIX):
         return True
     run_id = _run_of(rel)
+    committed = index.committed
     if top in schema.SHARD_TABLES:
         return rel not in listed
+    if top == schema.COMPACTIONS_DIR:
+        trusted = {schema.compaction_path(c.run_id, c.generation) for c in index.compactions}
+        return rel not in trusted
     if top == schema.COMMITS_DIR:
         return (run_id, _shard_of(rel)) not in committed  # an untrusted marker
     if top == schema.PROBE_DIR:
@@ -98,9 +106,9 @@ def collect_garbage(
     """
     fs, root = resolve(uri)
     check_store(fs, root, uri)
-    commits = read_commits(fs, root)
-    listed = {f for c in commits for files in c.files.values() for f in files}
-    committed = {(c.run_id, c.shard) for c in commits}
+    index = read_index(fs, root)
+    listed = {f for table in schema.SHARD_TABLES for f in index.data_files(table)}
+    replaced_at = _replaced_files(index)
     status = dict(open_store(uri).sql("SELECT run_id, status FROM runs").fetchall())
     active = set() if include_active else {r for r, s in status.items() if s in ACTIVE_STATES}
     report = GarbageReport(deleted=delete)
@@ -108,13 +116,16 @@ def collect_garbage(
     cutoff_ns = time.time_ns() - int(min_age_s * 1e9)
     for info in with_retries(lambda: list_files(fs, root), f"listing {uri}"):
         rel = info.path.removeprefix(root + "/")
-        if "/" not in rel or not is_garbage(rel, listed, committed):
+        if "/" not in rel or not is_garbage(rel, index, listed):
             continue
         run_id = _run_of(rel)
         if run_id in active:
             skipped.add(run_id)
             continue
-        if min_age_s > 0 and (info.mtime_ns is None or info.mtime_ns > cutoff_ns):
+        # A file a compaction replaced is as young as that compaction: readers that
+        # listed the store just before it may still be reading the file.
+        age_ns = max(info.mtime_ns or cutoff_ns + 1, replaced_at.get(rel, 0))
+        if min_age_s > 0 and age_ns > cutoff_ns:
             report.too_young += 1
             continue
         report.garbage.append(rel)
@@ -124,6 +135,26 @@ def collect_garbage(
         for rel in report.garbage:
             with_retries(lambda r=rel: _delete(fs, f"{root}/{r}"), f"deleting {rel}")
     return report
+
+
+def _replaced_files(index: StoreIndex) -> dict[str, int]:
+    """Each data file a trusted compaction replaced -> that compaction's time (epoch ns)."""
+    when = {(c.run_id, c.generation): _epoch_ns(c.compacted_at) for c in index.compactions}
+    return {
+        f: when[(c.run_id, c.compaction)]
+        for c in index.commits
+        if c.compaction is not None
+        for files in c.files.values()
+        for f in files
+    }
+
+
+def _epoch_ns(stamp: str) -> int:
+    """An ISO time as epoch ns; a time that does not parse counts as now (the safe side)."""
+    try:
+        return int(dt.datetime.fromisoformat(stamp).timestamp() * 1e9)
+    except ValueError:
+        return time.time_ns()
 
 
 def _delete(fs: pafs.FileSystem, path: str) -> None:

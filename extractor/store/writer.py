@@ -40,7 +40,7 @@ from analysis.storage import (
     with_retries,
     write_bytes,
 )
-from analysis.store import Commit, load_commit
+from analysis.store import Commit, load_commit, read_compactions, read_index
 
 from .faults import crash_point
 
@@ -144,18 +144,15 @@ class StoreWriter:
 
     # Shards -----------------------------------------------------------------------------
     def committed_shards(self, run_id: str) -> set[int]:
-        """Shards of ``run_id`` whose markers can be trusted (see ``load_commit``)."""
-        folder = self._path(f"{schema.COMMITS_DIR}/run_id={run_id}")
-        infos = with_retries(lambda: list_files(self.fs, folder), f"listing commits of {run_id}")
-        return {
-            commit.shard
-            for i in infos
-            if i.base_name.endswith(".json") and not i.base_name.startswith(".")
-            if (commit := load_commit(self.fs, i.path)) is not None
-        }
+        """Shards of ``run_id`` whose markers can be trusted (see ``load_commit``), and
+        those a trusted compaction holds."""
+        return {shard for _, shard in read_index(self.fs, self.root, [run_id]).committed}
 
     def is_committed(self, run_id: str, shard: int) -> bool:
-        """True only for a marker that parses and whose files all exist."""
+        """True only for a marker that parses and whose files all exist, or a shard that a
+        trusted compaction holds (its rows live in the compaction's files)."""
+        if any(shard in c.shards for c in read_compactions(self.fs, self.root, [run_id])):
+            return True
         path = self._path(schema.commit_path(run_id, shard))
         present = with_retries(
             lambda: self.fs.get_file_info(path).type == pafs.FileType.File,
