@@ -15,9 +15,11 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from . import schema
+
 AGGREGATIONS = ("any", "last", "pooled")
 TARGETS = ("cur", "next")
-RANKS = ("text", "full")
+RANKS = tuple(reversed(schema.RANK_KINDS))  # ("text", "full"): text is the default
 
 
 class MetricError(ValueError):
@@ -73,7 +75,7 @@ def _check(k: int, agg: str, target: str, rank: str) -> None:
 
 
 def _rank_col(word: str, rank: str) -> str:
-    return f"{word}_word_text_rank" if rank == "text" else f"{word}_word_rank"
+    return schema.rank_column(word, rank)
 
 
 def _per_word_sql(agg: str, target: str, rank: str, filters: Filters) -> str:

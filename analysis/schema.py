@@ -38,6 +38,19 @@ _rank = pa.int32()
 _ids = pa.list_(pa.int32())
 _lps = pa.list_(pa.float32())
 
+#: The words whose ranks each lensed row stores: the spoken word, the next word, the control.
+WORD_TARGETS = ("cur", "next", "ctrl")
+#: Which rank: over the whole vocabulary, or within the text segment.
+RANK_KINDS = ("full", "text")
+
+
+def rank_column(word: str, kind: str = "full") -> str:
+    """``cur_word_rank``, ``cur_word_text_rank``, ...: the one spelling of a rank column."""
+    return f"{word}_word_text_rank" if kind == "text" else f"{word}_word_rank"
+
+
+_rank_fields = [(rank_column(w, k), _rank) for w in WORD_TARGETS for k in RANK_KINDS]
+
 TABLES: dict[str, pa.Schema] = {
     "runs": pa.schema(
         [
@@ -109,12 +122,7 @@ TABLES: dict[str, pa.Schema] = {
             ("logsumexp", pa.float32()),
             ("speech_logmass", pa.float32()),
             ("text_logmass", pa.float32()),
-            ("cur_word_rank", _rank),
-            ("cur_word_text_rank", _rank),
-            ("next_word_rank", _rank),
-            ("next_word_text_rank", _rank),
-            ("ctrl_word_rank", _rank),
-            ("ctrl_word_text_rank", _rank),
+            *_rank_fields,
             ("next_token_logprob", pa.float32()),
         ]
     ),
@@ -125,12 +133,7 @@ TABLES: dict[str, pa.Schema] = {
             ("layer", pa.int16()),
             ("pooled_topk_ids", _ids),
             ("pooled_text_topk_ids", _ids),
-            ("cur_word_rank", _rank),
-            ("cur_word_text_rank", _rank),
-            ("next_word_rank", _rank),
-            ("next_word_text_rank", _rank),
-            ("ctrl_word_rank", _rank),
-            ("ctrl_word_text_rank", _rank),
+            *_rank_fields,
         ]
     ),
     "failures": pa.schema(

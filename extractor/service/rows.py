@@ -24,7 +24,7 @@ from analysis import schema
 from extractor.speech.sequence import BuiltSequence
 
 #: The word targets a lens row carries, in this order, each ``v_max`` wide.
-WORD_TARGETS = ("cur", "next", "ctrl")
+WORD_TARGETS = schema.WORD_TARGETS
 MODALITY_CODE = {m: i for i, m in enumerate(schema.MODALITIES)}
 
 
@@ -168,9 +168,9 @@ def rank_columns(
     cols = {}
     for name in WORD_TARGETS:
         span = targets.slice_of(name)
-        cols[f"{name}_word_rank"] = _min_rank(ranks[:, span])
+        cols[schema.rank_column(name)] = _min_rank(ranks[:, span])
         text = text_ranks[:, span] if has_text else np.full_like(ranks[:, span], -1)
-        cols[f"{name}_word_text_rank"] = _min_rank(text)
+        cols[schema.rank_column(name, "text")] = _min_rank(text)
     return cols
 
 
