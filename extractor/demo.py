@@ -17,12 +17,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-
-from extractor.speech.audio import SAMPLE_RATE
 
 from .models.smollm2 import cache_dir, ensure_smollm2
 
@@ -132,34 +129,23 @@ def build_demo_dataset(
     folder: Path, *, sentences: list[str] | None = None, librivox: bool = True
 ) -> Path:
     """Audio files and a JSONL manifest: espeak-ng sentences (+ LibriVox utterances)."""
-    import soundfile as sf
+    from .speech.synth import Voice, speak_sentences, write_jsonl
 
-    from .speech.synth import Voice, synthesize
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
     voices = [Voice("en-us", 160, 45), Voice("en-gb", 175, 60)]
-    for i, sentence in enumerate(sentences or SENTENCES):
-        audio, timings = synthesize(sentence.split(), voices[i % len(voices)])
-        name = f"espeak-{i:02d}.wav"
-        sf.write(folder / name, audio, SAMPLE_RATE)
-        rows.append(
-            {
-                "id": f"espeak-{i:02d}",
-                "audio": name,
-                "text": sentence,
-                "words": [[w.word, round(w.start_s, 5), round(w.end_s, 5)] for w in timings],
-            }
-        )
+    rows = speak_sentences(
+        folder,
+        [
+            (f"espeak-{i:02d}", sentence.split(), voices[i % len(voices)])
+            for i, sentence in enumerate(sentences or SENTENCES)
+        ],
+    )
     if librivox and (LIBRIVOX / "transcription").is_file():
         for line in (LIBRIVOX / "transcription").read_text().splitlines():
             text, _, name = line.rpartition("(")
             name = name.strip(" )")
             text = text.replace("<s>", "").replace("</s>", "").strip()
             rows.append({"id": name, "audio": str(LIBRIVOX / f"{name}.wav"), "text": text})
-    manifest = folder / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return manifest
+    return write_jsonl(folder / "manifest.jsonl", rows)
 
 
 def demo_config(

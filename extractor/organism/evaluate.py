@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from extractor.speech.audio import SAMPLE_RATE
-
 from .grammar import Grammar
 from .train import HELDOUT_VOICES, layout_spec
 
@@ -17,9 +15,7 @@ def heldout_manifest(folder: Path, n: int, seed: int = 10_000) -> Path:
     """Held-out sentences: a grammar seed no organism trains on, spoken by espeak-ng in
     voices no organism trains on. Each sentence is its words' clips joined with 60 ms of
     silence (``synthesize``), with exact word timings: not continuous speech."""
-    import soundfile as sf
-
-    from extractor.speech.synth import synthesize
+    from extractor.speech.synth import speak_sentences, write_jsonl
 
     folder.mkdir(parents=True, exist_ok=True)
     manifest = folder / "manifest.jsonl"
@@ -30,21 +26,11 @@ def heldout_manifest(folder: Path, n: int, seed: int = 10_000) -> Path:
     if manifest.is_file() and stamp.is_file() and stamp.read_text() == recipe:
         return manifest
     grammar = Grammar(seed=seed)
-    rows = []
-    for i in range(n):
-        words = grammar.sentence()
-        audio, timings = synthesize(words, HELDOUT_VOICES[i % len(HELDOUT_VOICES)])
-        name = f"heldout-{i:04d}.wav"
-        sf.write(folder / name, audio, SAMPLE_RATE)
-        rows.append(
-            {
-                "id": f"heldout-{i:04d}",
-                "audio": name,
-                "text": " ".join(words),
-                "words": [[w.word, w.start_s, w.end_s] for w in timings],
-            }
-        )
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sentences = [
+        (f"heldout-{i:04d}", grammar.sentence(), HELDOUT_VOICES[i % len(HELDOUT_VOICES)])
+        for i in range(n)
+    ]
+    write_jsonl(manifest, speak_sentences(folder, sentences))
     stamp.write_text(recipe)
     return manifest
 

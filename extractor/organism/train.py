@@ -25,9 +25,9 @@ import torch
 from extractor.speech.audio import SAMPLE_RATE
 from extractor.speech.fbank import FbankKMeansTokenizer
 from extractor.speech.layouts import layout_from_config
-from extractor.speech.records import AlignedWord, Utterance
+from extractor.speech.records import Utterance
 from extractor.speech.sequence import ModalityRule, build_sequence
-from extractor.speech.synth import Voice, espeak_word
+from extractor.speech.synth import Voice, espeak_word, join_clips
 
 from .grammar import Grammar, vocabulary
 
@@ -44,7 +44,6 @@ HELDOUT_VOICES = [
     Voice("en-us", 135, 55),
     Voice("en-gb", 195, 45),
 ]
-GAP_S, LEAD_S = 0.06, 0.1  # the same joins as extractor.speech.synth.synthesize
 
 
 @dataclass
@@ -116,17 +115,9 @@ class WordBank:
         self.audio = {w: [espeak_word(w, v) for v in VOICES[:renderings]] for w in words}
 
     def sentence(self, words: list[str], rng: np.random.Generator):
-        """Joined audio and exact word timings, as ``synthesize`` would make them."""
-        rate = SAMPLE_RATE
-        pieces = [np.zeros(int(LEAD_S * rate), np.float32)]
-        cursor, timings = len(pieces[0]), []
-        gap = np.zeros(int(GAP_S * rate), np.float32)
-        for w in words:
-            clip = self.audio[w][rng.integers(len(self.audio[w]))]
-            timings.append(AlignedWord(w, cursor / rate, (cursor + len(clip)) / rate))
-            pieces += [clip, gap]
-            cursor += len(clip) + len(gap)
-        return np.concatenate(pieces), tuple(timings)
+        """Joined audio and exact word timings (``join_clips``), each word in a voice drawn
+        from ``rng``."""
+        return join_clips([(w, self.audio[w][rng.integers(len(self.audio[w]))]) for w in words])
 
 
 def _spoken(bank, tokenizer, words, rng, uid) -> Utterance:
