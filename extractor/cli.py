@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -190,6 +191,18 @@ def _cmd_compact(args: argparse.Namespace) -> int:
         return 2
     for report in reports:
         print(report.describe())
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from .speech.recipes import RecipeError, make_manifest
+
+    try:
+        result = make_manifest(args.recipe, Path(args.source), Path(args.out), args.alignments)
+    except RecipeError as exc:
+        print(f"slm-lens data: {exc}", file=sys.stderr)
+        return 2
+    print(result.describe(Path(args.out)))
     return 0
 
 
@@ -444,6 +457,23 @@ def _add_file_commands(sub) -> None:
         "--target-mb", type=float, default=64.0, help="size of the merged files (default 64)"
     )
     compact.set_defaults(func=_cmd_compact)
+
+    from .speech.recipes import RECIPES
+
+    data = sub.add_parser(
+        "data", help="write a manifest (Parquet) from a benchmark's released layout"
+    )
+    data.add_argument("recipe", choices=sorted(RECIPES), help="which layout SOURCE is in")
+    data.add_argument(
+        "source",
+        help="swuggy/sblimp: a ZeroSpeech 2021 set folder with "
+        "gold.csv (lexical/dev); librispeech: a split folder (test-clean)",
+    )
+    data.add_argument("out", help="the manifest to write (.parquet)")
+    data.add_argument(
+        "--alignments", type=Path, help="a folder of Montreal Forced Aligner TextGrids"
+    )
+    data.set_defaults(func=_cmd_data)
 
     hub = sub.add_parser(
         "convert-hubert",

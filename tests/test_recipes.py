@@ -1,0 +1,245 @@
+"""`slm-lens data`: benchmark layouts (small stand-ins written as released) to manifests."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from extractor.cli import main
+from extractor.speech.dataset import read_manifest
+from extractor.speech.recipes import RecipeError, make_manifest
+
+RATE = 16_000
+
+
+def _wav(path: Path, seconds: float, fmt: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(seconds * RATE)) / RATE
+    sf.write(path, (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), RATE, format=fmt)
+
+
+def _gold(folder: Path, rows: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "gold.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _textgrid(path: Path, words: list[tuple[str, float, float]], end: float) -> None:
+    from praatio import textgrid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tg = textgrid.Textgrid()
+    tg.addTier(textgrid.IntervalTier("words", [(s, e, w) for w, s, e in words], 0, end))
+    tg.addTier(textgrid.IntervalTier("phones", [], 0, end))
+    tg.save(str(path), format="long_textgrid", includeBlankSpaces=True)
+
+
+def swuggy_standin(root: Path) -> Path:
+    """lexical/dev as ZeroSpeech 2021 ships it: random wav names, gold.csv beside them.
+
+    Item 1 in two voices, item 2 with a non-word spelled only by its phones, item 3 with
+    no non-word, item 4 with a wav missing.
+    """
+    dev = root / "lexical" / "dev"
+    gold = []
+    spec = [
+        ("1", "Alex", "brick", "1", 0.5),
+        ("1", "Alex", "blick", "0", 0.6),
+        ("1", "Beth", "brick", "1", 0.45),
+        ("1", "Beth", "blick", "0", 0.55),
+        ("2", "Alex", "dog", "1", 0.4),
+        ("2", "Alex", "", "0", 0.4),
+        ("3", "Alex", "cat", "1", 0.4),
+        ("4", "Alex", "sun", "1", 0.4),
+        ("4", "Alex", "zun", "0", 0.4),
+    ]
+    for n, (item, voice, word, correct, seconds) in enumerate(spec):
+        name = f"aQ{n:03d}xZ"
+        if item != "4" or correct == "1":
+            _wav(dev / f"{name}.wav", seconds)
+        gold.append(
+            {
+                "filename": name,
+                "id": item,
+                "voice": voice,
+                "frequency": "oov",
+                "word": word,
+                "phones": "d ao g" if word == "dog" else "z ao g",
+                "length": "3",
+                "correct": correct,
+            }
+        )
+    _gold(dev, gold)
+    return dev
+
+
+def test_swuggy_pairs_by_item_and_voice_and_counts_what_it_leaves_out(tmp_path, capsys):
+    dev = swuggy_standin(tmp_path)
+    out = tmp_path / "swuggy.parquet"
+    assert main(["data", "swuggy", str(dev), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 6 utterances" in printed and "(3 spoken-knowledge items)" in printed
+    assert "left out 1: items with no counterfactual side" in printed
+    assert "left out 1: items with a missing wav" in printed
+
+    manifest = read_manifest(str(out))
+    utts = {u.id: u for u in manifest.utterances}
+    assert len(utts) == 6 and not manifest.errors
+    first = utts["aQ000xZ"]
+    assert (first.pair_id, first.pair_role, first.continuation) == (
+        "swuggy/1/Alex",
+        "correct",
+        "brick",
+    )
+    assert first.words[0].word == "brick" and first.words[0].start_s == 0.0
+    assert first.words[0].end_s == pytest.approx(0.5, abs=1e-4)  # the whole clip is the word
+    assert utts["aQ001xZ"].pair_role == "counterfactual"
+    assert utts["aQ002xZ"].pair_id == "swuggy/1/Beth"
+    assert utts["aQ005xZ"].text == "zaog"  # a non-word without a spelling: its phones
+
+
+def test_sblimp_pairs_by_key_not_row_order_and_reads_textgrids(tmp_path):
+    dev = tmp_path / "syntactic" / "dev"
+    sentences = [
+        ("1", "Alex", "the dogs bark", "1"),
+        ("2", "Alex", "a cat sleeps", "1"),
+        ("1", "Alex", "the dogs barks", "0"),  # rows interleaved: position pairing would fail
+        ("2", "Alex", "a cat sleep", "0"),
+    ]
+    gold = []
+    for n, (item, voice, text, correct) in enumerate(sentences):
+        name = f"s{n}"
+        _wav(dev / f"{name}.wav", 1.0)
+        gold.append(
+            {
+                "filename": name,
+                "id": item,
+                "voice": voice,
+                "type": "agreement",
+                "subtype": "plural",
+                "correct": correct,
+                "transcription": text,
+            }
+        )
+    _gold(dev, gold)
+    grids = tmp_path / "mfa"
+    _textgrid(
+        grids / "s0.TextGrid", [("the", 0.1, 0.2), ("dogs", 0.2, 0.5), ("bark", 0.5, 0.9)], 1.0
+    )
+
+    out = tmp_path / "sblimp.parquet"
+    result = make_manifest("sblimp", dev, out, grids)
+    assert "3 utterance(s) have no TextGrid" in result.describe(out)
+    utts = {u.id: u for u in read_manifest(str(out)).utterances}
+    assert utts["s0"].pair_id == utts["s2"].pair_id == "sblimp/agreement/plural/1/Alex"
+    assert (utts["s0"].pair_role, utts["s2"].pair_role) == ("correct", "counterfactual")
+    assert utts["s3"].continuation == "a cat sleep"
+    assert [w.word for w in utts["s0"].words] == ["the", "dogs", "bark"]
+    assert utts["s1"].words is None  # aligned by pocketsphinx at run time
+
+
+def test_librispeech_with_mfa_textgrids(tmp_path):
+    split = tmp_path / "LibriSpeech" / "test-clean"
+    chapter = split / "121" / "121726"
+    lines = [
+        "121-121726-0000 ALSO A POPULAR CONTRIVANCE",
+        "121-121726-0001 HARANGUE",
+        "121-121726-0002 MISSING AUDIO",
+    ]
+    (chapter).mkdir(parents=True)
+    (chapter / "121-121726.trans.txt").write_text("\n".join(lines) + "\n")
+    _wav(chapter / "121-121726-0000.flac", 1.2, "FLAC")
+    _wav(chapter / "121-121726-0001.flac", 0.6, "FLAC")
+    # MFA mirrors the corpus folders under its output, as the published alignments do.
+    aligned = tmp_path / "alignments" / "test-clean" / "121" / "121726" / "121-121726-0000.TextGrid"
+    words = [("also", 0.05, 0.3), ("a", 0.3, 0.4), ("popular", 0.4, 0.8), ("contrivance", 0.8, 1.1)]
+    _textgrid(aligned, words, 1.2)
+
+    out = tmp_path / "libri.parquet"
+    assert (
+        main(
+            [
+                "data",
+                "librispeech",
+                str(split),
+                str(out),
+                "--alignments",
+                str(tmp_path / "alignments"),
+            ]
+        )
+        == 0
+    )
+    utts = {u.id: u for u in read_manifest(str(out)).utterances}
+    assert set(utts) == {"121-121726-0000", "121-121726-0001"}
+    assert utts["121-121726-0000"].text == "also a popular contrivance"
+    assert [w.word for w in utts["121-121726-0000"].words] == [
+        "also",
+        "a",
+        "popular",
+        "contrivance",
+    ]
+    assert utts["121-121726-0001"].words is None and utts["121-121726-0001"].pair_id is None
+
+
+def test_a_folder_in_another_layout_is_named(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RecipeError, match=r"no gold\.csv"):
+        make_manifest("swuggy", tmp_path / "empty", tmp_path / "x.parquet")
+    assert main(["data", "librispeech", str(tmp_path / "empty"), str(tmp_path / "x.parquet")]) == 2
+    assert "no *.trans.txt" in capsys.readouterr().err
+    _gold(tmp_path / "bad", [{"filename": "a", "id": "1"}])
+    with pytest.raises(RecipeError, match=r"lacks column\(s\) \['voice', 'correct'\]"):
+        make_manifest("swuggy", tmp_path / "bad", tmp_path / "x.parquet")
+    assert not (tmp_path / "x.parquet").exists()
+
+
+@pytest.mark.slow
+def test_swuggy_standin_end_to_end_gives_knowledge_accuracy(tmp_path):
+    """Real espeak-ng words and non-words in the released layout, through the real service."""
+    from analysis import metrics
+    from analysis.store import open_store
+    from extractor.config import parse_config
+    from extractor.service.driver import run_extraction
+    from extractor.speech.synth import Voice, espeak_word
+    from tests.service_helpers import small_config
+
+    dev = tmp_path / "lexical" / "dev"
+    items = [("brick", "blick"), ("table", "tabre"), ("water", "wotter")]
+    gold = []
+    for i, (word, nonword) in enumerate(items):
+        for voice in ("en-us", "en-gb"):
+            for label, correct in ((word, "1"), (nonword, "0")):
+                name = f"{label}{voice[-2:]}{i}"
+                dev.mkdir(parents=True, exist_ok=True)
+                sf.write(dev / f"{name}.wav", espeak_word(label, Voice(voice)), RATE)
+                gold.append(
+                    {
+                        "filename": name,
+                        "id": str(i),
+                        "voice": voice,
+                        "word": label,
+                        "phones": "",
+                        "correct": correct,
+                    }
+                )
+    _gold(dev, gold)
+    manifest = tmp_path / "swuggy.parquet"
+    make_manifest("swuggy", dev, manifest)
+
+    store = str(tmp_path / "store")
+    raw = small_config(store, tmp_path / "demo-data", shard_size=4)
+    raw["dataset"] = {"manifest": str(manifest), "name": "swuggy-standin"}
+    summary = run_extraction(parse_config(raw), in_process=True, progress=False)
+    assert summary.ok, summary.describe()
+    acc = metrics.knowledge_accuracy(open_store(store))
+    assert acc["n_pairs"].tolist() == [6] and acc["n_pairs_dropped"].tolist() == [0]
+    assert 0.0 <= acc["accuracy"].iloc[0] <= 1.0
+    utts = open_store(store).sql("SELECT pair_id, pair_role FROM utterances").fetchall()
+    assert len(utts) == 12 and json.dumps(sorted(utts))
