@@ -72,6 +72,9 @@ class LensSection:
     #: auto (the exact torch engine), torch, or triton (CUDA); whichever is asked is
     #: self-checked against float64 on each actor's device before its first shard.
     engine: str = "auto"
+    #: Another checkpoint whose final norm and unembedding decode the hidden states
+    #: (the text LM a speech-only model started from); ranks are then over its vocabulary.
+    head: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,8 @@ class RunConfig:
         for volatile in ("store", "workers", "target_file_mb"):
             d.pop(volatile, None)
         d["lens"].pop("engine", None)  # every engine gives the same exact numbers
+        if d["lens"].get("head") is None:
+            d["lens"].pop("head", None)  # runs from before lens.head keep their ids
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -183,7 +188,12 @@ _TYPES = {
         ("control_seed", "int", False),
         ("speech_marker", "bool", True),
     ],
-    "lens": [("positions", "str", False), ("k", "int", False), ("engine", "str", False)],
+    "lens": [
+        ("positions", "str", False),
+        ("k", "int", False),
+        ("engine", "str", False),
+        ("head", "str", True),
+    ],
     "workers": [
         ("count", "int", False),
         ("gpus", "float", False),

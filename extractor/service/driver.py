@@ -88,23 +88,33 @@ def _model_shape(cfg: RunConfig) -> tuple[int, int]:
         raw = json.load(f)
     if is_unit_lm(raw):
         base = raw.get("base_config", {})
-        return int(base.get("num_hidden_layers")), int(raw["vocab_size"])
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
-    return int(config.num_hidden_layers), int(config.vocab_size)
+        n_layers, vocab_size = int(base.get("num_hidden_layers")), int(raw["vocab_size"])
+    else:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
+        n_layers, vocab_size = int(config.num_hidden_layers), int(config.vocab_size)
+    if cfg.lens.head:  # ranks are over the foreign head's vocabulary
+        head = AutoConfig.from_pretrained(materialize(cfg.lens.head, only=DRIVER_FILES))
+        vocab_size = int(head.vocab_size)
+    return n_layers, vocab_size
 
 
 def _write_setup_shard(cfg: RunConfig, plan: Plan, store: StoreWriter) -> None:
     """Vocabulary (with each token's modality) and manifest-level failures, as shard 0."""
     from transformers import AutoTokenizer
 
-    from extractor.speech.layouts import layout_from_config
+    from extractor.speech.layouts import layout_from_config, text_modalities
 
     from .resources import materialize
 
-    folder = materialize(cfg.model.tokenizer or cfg.model.path, only=DRIVER_FILES)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
-    layout = layout_from_config(cfg.model.layout).check(tokenizer)
-    modality = layout.modality_of()
+    if cfg.lens.head:  # the vocabulary the ranks and top-k ids are over: the head's
+        tokenizer = AutoTokenizer.from_pretrained(materialize(cfg.lens.head, only=DRIVER_FILES))
+        modality = text_modalities(tokenizer)
+    else:
+        folder = materialize(cfg.model.tokenizer or cfg.model.path, only=DRIVER_FILES)
+        tokenizer = AutoTokenizer.from_pretrained(
+            folder, trust_remote_code=cfg.model.trust_remote_code
+        )
+        modality = layout_from_config(cfg.model.layout).check(tokenizer).modality_of()
     # Readable strings (" cat", not the byte-level "Ġcat"), as an analyst wants to see them.
     text = tokenizer.batch_decode([[i] for i in range(len(modality))])
     with store.shard(plan.run_id, SETUP_SHARD) as writer:
@@ -152,6 +162,8 @@ def run_extraction(
         k=cfg.lens.k,
         config=cfg.to_dict(),
     )
+    if plan.head_revision:
+        run_fields["config"]["lens"]["head_revision"] = plan.head_revision
     started_at = _now()
     try:
         n_layers, vocab_size = _model_shape(cfg)

@@ -17,6 +17,7 @@ class Plan:
     run_id: str
     revision: str
     dataset: str
+    head_revision: str | None  # fingerprint of lens.head's checkpoint, when one is set
     shards: dict[int, RowLocations]  # shard number -> its rows (ids and where they are)
     manifest_errors: list[tuple[str, str, str]]  # (utterance id, error, message)
     config: RunConfig  # with every hf:// reference pinned to a commit
@@ -41,6 +42,7 @@ def pin_hub_revisions(cfg: RunConfig) -> RunConfig:
     return replace(
         cfg,
         model=replace(cfg.model, path=pin(cfg.model.path), tokenizer=pin(cfg.model.tokenizer)),
+        lens=replace(cfg.lens, head=pin(cfg.lens.head)),
         speech=replace(
             cfg.speech,
             model=pin(cfg.speech.model),
@@ -64,11 +66,15 @@ def make_plan(cfg: RunConfig) -> Plan:
     revision = fingerprint_checkpoint(cfg.model.path)
     index = index_manifest(cfg.dataset.manifest)
     name = cfg.model.name or cfg.model.path.rstrip("/").rsplit("/", 1)[-1].split("@")[0]
-    digest = hashlib.sha256(f"{index.fingerprint}:{cfg.content_hash()}".encode()).hexdigest()[:10]
+    key = f"{index.fingerprint}:{cfg.content_hash()}"
+    head_revision = fingerprint_checkpoint(cfg.lens.head) if cfg.lens.head else None
+    if head_revision:  # the head's weights change the numbers as the model's do
+        key += f":{head_revision}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     run_id = f"{_slug(name)}-{revision[:8]}-{digest}"
     size = cfg.shard_size
     rows = index.rows
     shards = {1 + i // size: rows[i : i + size] for i in range(0, len(rows), size)}
     errors = [(e.utterance_id, type(e).__name__, str(e)) for e in index.errors]
     dataset = cfg.dataset.name or cfg.dataset.manifest
-    return Plan(run_id, revision, dataset, shards, errors, cfg, index.source)
+    return Plan(run_id, revision, dataset, head_revision, shards, errors, cfg, index.source)

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -21,9 +21,10 @@ from extractor.config import RunConfig
 from extractor.lens import LensInputs, LensResult, fused_logit_lens
 from extractor.lens.selfcheck import SelfCheck, choose_engine
 from extractor.models import capture_layers, load_causal_lm, model_parts
+from extractor.models.head import foreign_head, hidden_size, own_head
 from extractor.speech.dataset import ManifestSource, RowLocations, read_rows
 from extractor.speech.frontend import SpeechFrontEnd
-from extractor.speech.layouts import LayoutError, layout_from_config
+from extractor.speech.layouts import LayoutError, layout_from_config, segments_of, text_modalities
 from extractor.speech.records import SpeechInputError, Utterance
 from extractor.speech.sequence import BuiltSequence, ControlSampler, ModalityRule, build_sequence
 from extractor.store import StoreWriter
@@ -161,7 +162,7 @@ class ShardProcessor:
             trust_remote_code=config.model.trust_remote_code,
         )
         self.layout = layout_from_config(config.model.layout).check(self.tokenizer)
-        self.segments = self.layout.segments(self.parts.vocab_size)
+        self._load_head(config, device)
         self.text_segment_size = int((self.segments.index == 0).sum())
         self.frontend = SpeechFrontEnd(build_speech_tokenizer(config.speech, device))
         self.source = source
@@ -176,6 +177,27 @@ class ShardProcessor:
         self.engine_check: SelfCheck | None = None
         self._frontend_lock = threading.Lock()
         self._model_lock = threading.Lock()
+
+    def _load_head(self, config: RunConfig, device: str) -> None:
+        """The head that decodes (the model's own, or ``lens.head``), its vocabulary's
+        segments, and the tokenizer whose ids the word targets are."""
+        self.head = own_head(self.parts)
+        self.target_tokenizer = self.tokenizer
+        self.segments = self.layout.segments(self.parts.vocab_size)
+        if not config.lens.head:
+            return
+        from transformers import AutoTokenizer
+
+        folder = materialize(config.lens.head, allow_pickle=config.model.allow_pickle)
+        self.head = foreign_head(
+            folder,
+            model_hidden_size=hidden_size(self.model),
+            dtype=self.parts.dtype,
+            device=device,
+            allow_pickle=config.model.allow_pickle,
+        )
+        self.target_tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.segments = segments_of(text_modalities(self.target_tokenizer), self.head.vocab_size)
 
     # ----------------------------------------------------------------------------------
     def process(self, shard: int, rows: RowLocations) -> ShardStats:
@@ -213,6 +235,7 @@ class ShardProcessor:
                         self.control,
                         self.max_positions,
                         speech_marker=self.cfg.prompt.speech_marker,
+                        target_tokenizer=self.target_tokenizer,
                     )
                 except (SpeechInputError, LayoutError) as exc:
                     failures.append(
@@ -326,6 +349,8 @@ class ShardProcessor:
         n_layers = hidden.shape[0]
         with clock("rows"):
             targets = pack_targets(seqs, sel_b.numpy(), sel_p.numpy())
+            if self.head.foreign:  # the model's next token is not an id of this head
+                targets = replace(targets, next_token=np.full_like(targets.next_token, -1))
             pool_rows, pool_targets = pooled_groups(targets, n_layers)
         with clock("lens"):
             result = self._lens_call(hidden, targets, pool_rows, pool_targets, n_layers)
@@ -337,11 +362,11 @@ class ShardProcessor:
         return self._lens(
             LensInputs(
                 hidden=hidden.reshape(-1, hidden.shape[-1]),
-                unembed=self.parts.unembed,
+                unembed=self.head.unembed,
                 k=self.cfg.lens.k,
-                final_norm=self.parts.final_norm,
-                bias=self.parts.bias,
-                softcap=self.parts.softcap,
+                final_norm=self.head.final_norm,
+                bias=self.head.bias,
+                softcap=self.head.softcap,
                 segments=self.segments,
                 targets=torch.from_numpy(np.tile(targets.row_targets(), (n_layers, 1))).to(
                     self.device

@@ -105,13 +105,30 @@ class ResolvedLayout:
 
     def segments(self, vocab_size: int | None = None) -> VocabSegments:
         """Lens segments (text, speech, marker, special) for a head of ``vocab_size`` rows."""
-        mod = self.modality_of()
-        size = vocab_size or len(mod)
-        # A model head may be padded past the tokenizer: padding rows count as special.
-        mod = (mod + ["special"] * size)[:size]
-        names = ("text", "speech", "marker", "special")
-        index = torch.tensor([names.index(m) for m in mod], dtype=torch.long)
-        return VocabSegments(names, index)
+        return segments_of(self.modality_of(), vocab_size)
+
+
+SEGMENT_NAMES = ("text", "speech", "marker", "special")
+
+
+def segments_of(modalities: list[str], vocab_size: int | None = None) -> VocabSegments:
+    """Lens segments from per-token modalities, for a head of ``vocab_size`` rows.
+
+    A head may be padded past its tokenizer: padding rows count as special.
+    """
+    size = vocab_size or len(modalities)
+    mod = (modalities + ["special"] * size)[:size]
+    index = torch.tensor([SEGMENT_NAMES.index(m) for m in mod], dtype=torch.long)
+    return VocabSegments(SEGMENT_NAMES, index)
+
+
+def text_modalities(tokenizer) -> list[str]:
+    """Per token id of a text LM's tokenizer (a foreign lens head's): text, or special."""
+    mod = ["text"] * len(tokenizer)
+    for i in tokenizer.all_special_ids:
+        if 0 <= i < len(mod):
+            mod[i] = "special"
+    return mod
 
 
 SIMS = VocabLayout("sims", "<Un{}>", 500, "<speech>", "<text>")

@@ -315,10 +315,13 @@ def build_sequence(
     frame_s: float = FRAME_S,
     variants: bool = True,
     speech_marker: bool = True,
+    target_tokenizer=None,
 ) -> BuiltSequence:
     """Render ``utt`` (with units if any word is spoken) as token ids plus bookkeeping.
 
     ``variants=False`` skips the variant/control ids (training data needs only ids).
+    ``target_tokenizer``: whose ids the word variants are (a foreign lens head's
+    tokenizer); the model's own ``tokenizer`` by default.
     ``speech_marker=False`` starts a speech-only sequence with its first unit, as
     slamkit does; interleaved sequences always mark every modality change.
     """
@@ -361,7 +364,9 @@ def build_sequence(
         token_ids=tokens.ids,
         modality=tokens.modality,
         word_index=tokens.word,
-        words=_word_rows(utt, words, modalities, spans, tokens, tokenizer, control),
+        words=_word_rows(
+            utt, words, modalities, spans, tokens, target_tokenizer or tokenizer, control
+        ),
         duration_s=utt.duration_s,
         continuation_start=_continuation_start(utt, tokens),
         unspanned_words=[i for i in range(n) if modalities[i] == "speech" and spans[i] is None],
