@@ -188,6 +188,11 @@ def compaction_path(run_id: str, generation: int) -> str:
     return f"{COMPACTIONS_DIR}/run_id={run_id}/compaction-{generation:05d}.json"
 
 
+def compaction_journal(run_id: str, generation: int, token: str) -> str:
+    """The files a compaction in progress writes (gc leaves them alone while it is fresh)."""
+    return f"{ATTEMPTS_DIR}/run_id={run_id}/compaction-{generation:05d}/{token}.json"
+
+
 def compacted_file_name(generation: int, token: str, seq: int) -> str:
     return f"compact-{generation:05d}-{token}-{seq:04d}.parquet"
 

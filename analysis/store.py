@@ -78,6 +78,7 @@ class Compaction:
     rows: dict[str, int]
     bytes: int
     compacted_at: str
+    token: str = ""
 
 
 class CorruptCommitWarning(UserWarning):
@@ -145,15 +146,16 @@ def load_commit(fs: pafs.FileSystem, path: str, *, covered: int | None = None) -
     return commit
 
 
-def load_compaction(fs: pafs.FileSystem, path: str) -> Compaction | None:
-    """The compaction marker at ``path``, or None (with a warning) if it cannot be trusted."""
+def parse_compaction(fs: pafs.FileSystem, path: str) -> Compaction | None:
+    """The compaction marker at ``path`` as written, or None (with a warning) if it does
+    not parse (a torn write). Whether its files all exist is not checked here."""
     try:
         text = with_retries(lambda: read_text(fs, path), f"reading {path}")
     except FileNotFoundError:
         return None
     try:
         data = json.loads(text)
-        compaction = Compaction(
+        return Compaction(
             run_id=data["run_id"],
             generation=int(data["generation"]),
             shards={int(k): dict(v) for k, v in data["shards"].items()},
@@ -161,6 +163,7 @@ def load_compaction(fs: pafs.FileSystem, path: str) -> Compaction | None:
             rows={str(t): int(n) for t, n in data.get("rows", {}).items()},
             bytes=int(data.get("bytes", 0)),
             compacted_at=str(data.get("compacted_at", "")),
+            token=str(data.get("token", "")),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         warnings.warn(
@@ -170,17 +173,6 @@ def load_compaction(fs: pafs.FileSystem, path: str) -> Compaction | None:
             stacklevel=2,
         )
         return None
-    root = path.rsplit(f"/{schema.COMPACTIONS_DIR}/", 1)[0]
-    missing = _missing_file(fs, root, compaction.files)
-    if missing is not None:
-        warnings.warn(
-            f"compaction marker {path} lists {missing}, which is missing; "
-            "its shards are read from their own files",
-            CorruptCompactionWarning,
-            stacklevel=2,
-        )
-        return None
-    return compaction
 
 
 def _markers(fs, root: str, folder: str, wanted: set[str] | None):
@@ -198,25 +190,48 @@ def _markers(fs, root: str, folder: str, wanted: set[str] | None):
                 yield run_id, info.path
 
 
+@dataclass(frozen=True)
+class Compactions:
+    """A store's compaction markers that parse: the ``trusted`` ones readers read, and the
+    ``damaged`` ones (a listed file is missing), which readers ignore."""
+
+    trusted: list[Compaction]
+    damaged: list[Compaction]
+
+
 def read_compactions(
     fs: pafs.FileSystem, root: str, runs: Iterable[str] | None = None
-) -> list[Compaction]:
-    """Trusted compactions of the store, by run and generation.
+) -> Compactions:
+    """The store's compactions, by run and generation.
 
     Compactions of a run cover disjoint shards by construction (a compaction
     takes only shards no earlier one covers, and generations are published
     exclusively). Should two ever overlap, the earlier stands and the later is
-    ignored with a warning, so no row is read twice.
+    ignored with a warning, so no row is read twice. A compaction that lost a file
+    is damaged: its shards are read from their own files where those still exist.
     """
     wanted = set(runs) if runs is not None else None
-    found = [
-        c
+    parsed = [
+        (c, path)
         for _, path in _markers(fs, root, schema.COMPACTIONS_DIR, wanted)
-        if (c := load_compaction(fs, path)) is not None
+        if (c := parse_compaction(fs, path)) is not None
     ]
-    kept: list[Compaction] = []
+    trusted: list[Compaction] = []
+    damaged: list[Compaction] = []
     covered: set[tuple[str, int]] = set()
-    for c in sorted(found, key=lambda c: (c.run_id, c.generation)):
+    for c, path in sorted(parsed, key=lambda item: (item[0].run_id, item[0].generation)):
+        missing = _missing_file(fs, path.rsplit(f"/{schema.COMPACTIONS_DIR}/", 1)[0], c.files)
+        if missing is not None:
+            warnings.warn(
+                f"compaction marker {path} lists {missing}, which is missing; its shards "
+                f"{sorted(c.shards)} are read from their own files, and a shard whose own "
+                f"files are gone too counts as not committed (restore {missing}, or re-run "
+                "the run to redo those shards)",
+                CorruptCompactionWarning,
+                stacklevel=2,
+            )
+            damaged.append(c)
+            continue
         overlap = {(c.run_id, s) for s in c.shards} & covered
         if overlap:
             warnings.warn(
@@ -227,8 +242,8 @@ def read_compactions(
             )
             continue
         covered |= {(c.run_id, s) for s in c.shards}
-        kept.append(c)
-    return kept
+        trusted.append(c)
+    return Compactions(trusted, damaged)
 
 
 @dataclass(frozen=True)
@@ -237,6 +252,7 @@ class StoreIndex:
 
     commits: list[Commit]
     compactions: list[Compaction]
+    damaged: list[Compaction] = ()  # compactions that lost a file (ignored by readers)
 
     @property
     def committed(self) -> set[tuple[str, int]]:
@@ -244,6 +260,14 @@ class StoreIndex:
         if its own marker is gone)."""
         shards = {(c.run_id, c.shard) for c in self.commits}
         return shards | {(c.run_id, s) for c in self.compactions for s in c.shards}
+
+    @property
+    def damaged_and_needed(self) -> list[Compaction]:
+        """Damaged compactions whose surviving files hold the only copy of a shard's rows
+        (the shard's own files are gone and nothing else commits it): gc keeps them, so a
+        restored file makes them whole again."""
+        committed = self.committed
+        return [c for c in self.damaged if any((c.run_id, s) not in committed for s in c.shards)]
 
     def data_files(self, table: str) -> list[str]:
         """The files holding ``table``'s committed rows, each row in exactly one file."""
@@ -256,7 +280,8 @@ class StoreIndex:
 def read_index(fs: pafs.FileSystem, root: str, runs: Iterable[str] | None = None) -> StoreIndex:
     """Trusted compactions first, then every commit marker read in their light."""
     wanted = set(runs) if runs is not None else None
-    compactions = read_compactions(fs, root, wanted)
+    found = read_compactions(fs, root, wanted)
+    compactions = found.trusted
     covering = {(c.run_id, s): c.generation for c in compactions for s in c.shards}
     commits = [
         commit
@@ -264,7 +289,8 @@ def read_index(fs: pafs.FileSystem, root: str, runs: Iterable[str] | None = None
         if (commit := load_commit(fs, path, covered=covering.get((run_id, _shard_of_marker(path)))))
         is not None
     ]
-    return StoreIndex(sorted(commits, key=lambda c: (c.run_id, c.shard)), compactions)
+    commits.sort(key=lambda c: (c.run_id, c.shard))
+    return StoreIndex(commits, compactions, found.damaged)
 
 
 def _shard_of_marker(path: str) -> int | None:

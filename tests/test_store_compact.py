@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 
 import duckdb
@@ -182,3 +183,105 @@ def test_compaction_on_s3(s3_env):
     assert _rows(uri) == before
     con = open_store(uri)
     assert con.sql("SELECT count(DISTINCT compaction) FROM shards").fetchone()[0] == 1
+
+
+def test_a_lost_compacted_file_after_gc_loses_nothing_gc_can_keep(store, tmp_path):
+    """The shards' own files are gone (gc), then a merged file is lost: readers no longer
+    see those shards (a re-run would redo them), and gc keeps every surviving copy, so
+    restoring the file brings every row back."""
+    before = _rows(str(store))
+    compact_store(str(store), ["run-0"], target_file_bytes=1)  # a file per row group
+    collect_garbage(str(store), delete=True, min_age_s=0)
+    lost = next(p for p in _parquet_files(store, "lens") if p.name.startswith("compact-"))
+    saved = tmp_path / "saved.parquet"
+    saved.write_bytes(lost.read_bytes())
+    lost.unlink()
+    with pytest.warns(CorruptCompactionWarning, match="restore"):
+        damaged = _rows(str(store))
+    assert len(damaged["lens"]) < len(before["lens"])
+    assert StoreWriter(str(store)).committed_shards("run-0") == set()  # a re-run redoes them
+    with pytest.warns(CorruptCompactionWarning):
+        report = collect_garbage(str(store), delete=True, min_age_s=0)
+    kept = [g for g in report.garbage if "run-0" in g and not g.startswith("_attempts")]
+    assert kept == [], "gc deleted the only copies of run-0's rows"
+    saved.rename(lost)
+    assert _rows(str(store)) == before
+
+
+def test_a_late_writer_of_a_compacted_shard_yields(store):
+    compact_store(str(store), ["run-0"])
+    collect_garbage(str(store), delete=True, min_age_s=0)  # the shard's own files are gone
+    before = _rows(str(store))
+    shards = open_store(str(store)).sql("SELECT * FROM shards ORDER BY ALL").fetchall()
+    with StoreWriter(str(store)).shard("run-0", 1) as late:
+        late.write("utterances", [{"shard": 1, "utterance_id": "late", "n_tokens": 1}])
+        outcome = late.commit()
+    assert outcome["superseded"] and outcome["compaction"] == 1
+    assert _rows(str(store)) == before
+    assert open_store(str(store)).sql("SELECT * FROM shards ORDER BY ALL").fetchall() == shards
+
+
+def test_a_marker_put_whose_answer_was_lost_still_counts(store, monkeypatch):
+    from extractor.store import compact
+
+    real, calls = compact.write_bytes, []
+
+    def lost_answer(fs, path, data, *, exclusive=False):
+        written = real(fs, path, data, exclusive=exclusive)
+        if "_compactions" in path and not calls:
+            calls.append(path)
+            raise ConnectionResetError("connection reset after the PUT landed")
+        return written
+
+    monkeypatch.setattr(compact, "write_bytes", lost_answer)
+    before = _rows(str(store))
+    (report,) = compact_store(str(store), ["run-0"])
+    assert calls and report.generation == 1 and report.skipped is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no damaged compaction
+        assert _rows(str(store)) == before
+
+
+def test_a_long_compaction_keeps_its_files_from_gc(store, monkeypatch):
+    """gc during a compaction whose files are older than the grace period: the compaction's
+    fresh journal keeps them (a local rename keeps the write time)."""
+    from extractor.store import compact
+
+    real = compact._taken_meanwhile
+
+    def gc_midway(fs, root, run_id, todo):
+        old = time.time() - 7200
+        for path in store.rglob("*compact-*.parquet"):
+            os.utime(path, (old, old))
+        collect_garbage(str(store), delete=True)  # the default grace period
+        return real(fs, root, run_id, todo)
+
+    monkeypatch.setattr(compact, "_taken_meanwhile", gc_midway)
+    before = _rows(str(store))
+    (report,) = compact_store(str(store), iter(["run-1"]))  # any iterable of run ids
+    assert report.generation == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _rows(str(store)) == before
+    assert not list(store.rglob("compaction-00001/*.json")), "the journal goes with success"
+
+
+def test_a_compactor_that_lost_the_race_reports_it(store, monkeypatch):
+    from extractor.store import compact
+
+    real, raced = compact._Merge.check_rows, []
+
+    def other_compactor_first(self, todo):
+        if not raced:
+            raced.append(True)
+            compact_store(str(store), [self.run_id])  # publishes generation 1 meanwhile
+        return real(self, todo)
+
+    monkeypatch.setattr(compact._Merge, "check_rows", other_compactor_first)
+    before = _rows(str(store))
+    (report,) = compact_store(str(store), ["run-0"])
+    assert "another compaction took shards [0, 1, 2]" in report.describe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _rows(str(store)) == before
+    assert len(list((store / schema.COMPACTIONS_DIR).rglob("*.json"))) == 1

@@ -17,6 +17,7 @@ import contextlib
 import datetime as dt
 import json
 import uuid
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -26,7 +27,15 @@ import pyarrow.parquet as pq
 
 from analysis import schema
 from analysis.storage import list_files, resolve, with_retries, write_bytes
-from analysis.store import Commit, check_store, open_store, read_index
+from analysis.store import (
+    Commit,
+    CorruptCompactionWarning,
+    check_store,
+    open_store,
+    parse_compaction,
+    read_compactions,
+    read_index,
+)
 
 from .faults import crash_point
 
@@ -82,6 +91,7 @@ def compact_store(
     """
     fs, root = resolve(uri)
     check_store(fs, root, uri)
+    runs = None if runs is None else list(runs)
     con = open_store(uri, runs)
     status = dict(con.sql("SELECT run_id, status FROM runs").fetchall())
     wanted = sorted(runs) if runs is not None else sorted(_runs_with_commits(fs, root) | {*status})
@@ -121,6 +131,12 @@ def compact_run(
             crash_point("compact_mid_files", -1)
         merge.check_rows(todo)
         merge.publish_files()
+        taken = _taken_meanwhile(fs, root, run_id, todo)
+        if taken:
+            merge.abort()
+            return CompactionReport(
+                run_id, skipped=f"another compaction took shards {taken} meanwhile"
+            )
         if not merge.publish_marker(todo):
             merge.abort()
             return CompactionReport(
@@ -129,6 +145,7 @@ def compact_run(
     except BaseException:
         merge.abort()
         raise
+    merge.forget_journal()
     crash_point("compact_after_marker", -1)
     return CompactionReport(
         run_id,
@@ -139,6 +156,13 @@ def compact_run(
         bytes_after=merge.bytes,
         rows=dict(merge.rows),
     )
+
+
+def _taken_meanwhile(fs, root: str, run_id: str, todo: list[Commit]) -> list[int]:
+    """Shards of ``todo`` that a compaction published since this one read the index."""
+    trusted = read_compactions(fs, root, [run_id]).trusted
+    held = {s for c in trusted for s in c.shards}
+    return sorted(c.shard for c in todo if c.shard in held)
 
 
 def _last_generation(fs: pafs.FileSystem, root: str, run_id: str) -> int:
@@ -189,6 +213,7 @@ class _Merge:
                 tmp, final = self._names(table, len(self.temporary.get(table, [])))
                 self.temporary.setdefault(table, []).append(tmp)
                 self.final.setdefault(table, []).append(final)
+                self.write_journal()  # names the file before it exists, and stays fresh
                 out = _RollingFile(self.fs, f"{self.root}/{tmp}", want)
             out.write(pa.Table.from_batches(pending).select(want.names).cast(want))
             pending, pending_rows = [], 0
@@ -229,7 +254,29 @@ class _Merge:
             if got:
                 self.rows[table] = got
 
+    @property
+    def journal(self) -> str:
+        return schema.compaction_journal(self.run_id, self.generation, self.token)
+
+    def write_journal(self) -> None:
+        """Every file this compaction writes, refreshed as it goes: gc leaves the files of
+        a fresh journal alone, however long the compaction takes."""
+        names = sorted([*_flat(self.temporary), *_flat(self.final)])
+        payload = json.dumps({"attempt": self.token, "files": names}).encode()
+        path = f"{self.root}/{self.journal}"
+
+        def put() -> None:
+            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            write_bytes(self.fs, path, payload)
+
+        with_retries(put, f"journaling compaction {self.generation} of {self.run_id}")
+
+    def forget_journal(self) -> None:
+        with contextlib.suppress(OSError):
+            self.fs.delete_file(f"{self.root}/{self.journal}")
+
     def publish_files(self) -> None:
+        self.write_journal()
         for table, temps in self.temporary.items():
             for tmp, final in zip(temps, self.final[table], strict=True):
                 src, dst = f"{self.root}/{tmp}", f"{self.root}/{final}"
@@ -254,9 +301,16 @@ class _Merge:
 
         def put() -> bool:
             self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            return write_bytes(self.fs, path, payload, exclusive=True)
+            # A PUT whose answer was lost is retried and finds the marker: ours, or not.
+            return write_bytes(self.fs, path, payload, exclusive=True) or self._is_ours(path)
 
         return with_retries(put, f"publishing compaction {self.generation} of {self.run_id}")
+
+    def _is_ours(self, path: str) -> bool:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CorruptCompactionWarning)
+            found = parse_compaction(self.fs, path)
+        return found is not None and found.token == self.token
 
     def _tear(self, path: str, payload: bytes) -> None:
         """Fault injection only: half the marker in place, as a killed write leaves."""
@@ -270,6 +324,7 @@ class _Merge:
             with contextlib.suppress(OSError):
                 if self.fs.get_file_info(f"{self.root}/{rel}").type == pafs.FileType.File:
                     self.fs.delete_file(f"{self.root}/{rel}")
+        self.forget_journal()
 
 
 def _flat(files: dict[str, list[str]]) -> list[str]:

@@ -10,6 +10,7 @@ touches runs that are still running (their writers are mid-flight).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
 import time
@@ -20,6 +21,8 @@ import pyarrow.fs as pafs
 from analysis import schema
 from analysis.storage import PARTIAL_SUFFIX, list_files, resolve, with_retries
 from analysis.store import StoreIndex, check_store, open_store, read_index
+
+from .writer import journal_files
 
 #: Run states whose writers may still be at work.
 ACTIVE_STATES = ("running", "submitted")
@@ -64,29 +67,50 @@ def _shard_of(rel: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def is_garbage(rel: str, index: StoreIndex, listed: set[str]) -> bool:
-    """Whether the file at ``rel`` (store-relative) is referenced by nothing a reader trusts.
+@dataclass(frozen=True)
+class Needed:
+    """What gc keeps: everything a reader trusts, and the last copies a damaged compaction
+    holds (a restored file makes it whole again)."""
 
-    ``listed``: the data files readers read (see :meth:`StoreIndex.data_files`).
-    """
+    data: set[str]  # data files
+    compactions: set[str]  # compaction markers
+    markers: set[tuple[str, int]]  # (run, shard) whose commit markers stay
+    committed: set[tuple[str, int]]  # (run, shard) committed: their failure records go
+
+    @classmethod
+    def of(cls, index: StoreIndex) -> Needed:
+        last_copies = index.damaged_and_needed
+        held = {(c.run_id, s) for c in last_copies for s in c.shards}
+        return cls(
+            data={f for t in schema.SHARD_TABLES for f in index.data_files(t)}
+            | {f for c in last_copies for files in c.files.values() for f in files},
+            compactions={
+                schema.compaction_path(c.run_id, c.generation)
+                for c in [*index.compactions, *last_copies]
+            },
+            markers=index.committed | held,
+            committed=index.committed,
+        )
+
+
+def is_garbage(rel: str, needed: Needed) -> bool:
+    """Whether the file at ``rel`` (store-relative) is referenced by nothing gc keeps."""
     top, name = rel.split("/", 1)[0], rel.rsplit("/", 1)[-1]
     if name.endswith(PARTIAL_SUFFIX):
         return True
     run_id = _run_of(rel)
-    committed = index.committed
     if top in schema.SHARD_TABLES:
-        return rel not in listed
+        return rel not in needed.data
     if top == schema.COMPACTIONS_DIR:
-        trusted = {schema.compaction_path(c.run_id, c.generation) for c in index.compactions}
-        return rel not in trusted
+        return rel not in needed.compactions  # torn, repeating another, or no longer needed
     if top == schema.COMMITS_DIR:
-        return (run_id, _shard_of(rel)) not in committed  # an untrusted marker
+        return (run_id, _shard_of(rel)) not in needed.markers  # an untrusted marker
     if top == schema.PROBE_DIR:
         return True  # a driver that died before removing its probe
     if top == schema.ATTEMPTS_DIR:
         return True  # journals of a run no writer works on: their files go too
     if top == schema.FAILED_DIR:
-        return (run_id, _shard_of(rel)) in committed  # else it says why a shard is missing
+        return (run_id, _shard_of(rel)) in needed.committed  # else it says why one is missing
     return False  # runs records, the store marker, the watcher's log: never garbage
 
 
@@ -107,24 +131,26 @@ def collect_garbage(
     fs, root = resolve(uri)
     check_store(fs, root, uri)
     index = read_index(fs, root)
-    listed = {f for table in schema.SHARD_TABLES for f in index.data_files(table)}
-    replaced_at = _replaced_files(index)
+    needed = Needed.of(index)
+    cutoff_ns = time.time_ns() - int(min_age_s * 1e9)
+    files = with_retries(lambda: list_files(fs, root), f"listing {uri}")
+    # A file a compaction replaced is as young as that compaction (readers that listed
+    # the store just before it may still read it); a file a journal names is as young as
+    # the journal (a long compaction refreshes its journal as it goes).
+    young_since = _replaced_files(index) | _journaled_files(fs, root, files, cutoff_ns)
     status = dict(open_store(uri).sql("SELECT run_id, status FROM runs").fetchall())
     active = set() if include_active else {r for r, s in status.items() if s in ACTIVE_STATES}
     report = GarbageReport(deleted=delete)
     skipped: set[str] = set()
-    cutoff_ns = time.time_ns() - int(min_age_s * 1e9)
-    for info in with_retries(lambda: list_files(fs, root), f"listing {uri}"):
+    for info in files:
         rel = info.path.removeprefix(root + "/")
-        if "/" not in rel or not is_garbage(rel, index, listed):
+        if "/" not in rel or not is_garbage(rel, needed):
             continue
         run_id = _run_of(rel)
         if run_id in active:
             skipped.add(run_id)
             continue
-        # A file a compaction replaced is as young as that compaction: readers that
-        # listed the store just before it may still be reading the file.
-        age_ns = max(info.mtime_ns or cutoff_ns + 1, replaced_at.get(rel, 0))
+        age_ns = max(info.mtime_ns or cutoff_ns + 1, young_since.get(rel, 0))
         if min_age_s > 0 and age_ns > cutoff_ns:
             report.too_young += 1
             continue
@@ -147,6 +173,19 @@ def _replaced_files(index: StoreIndex) -> dict[str, int]:
         for files in c.files.values()
         for f in files
     }
+
+
+def _journaled_files(fs, root: str, files, cutoff_ns: int) -> dict[str, int]:
+    """Each file named by a journal younger than the cutoff -> the journal's time."""
+    young = {}
+    for info in files:
+        rel = info.path.removeprefix(root + "/")
+        recent = info.mtime_ns is None or info.mtime_ns > cutoff_ns
+        if rel.startswith(f"{schema.ATTEMPTS_DIR}/") and rel.endswith(".json") and recent:
+            with contextlib.suppress(OSError):  # gone meanwhile: its writer finished
+                for name in journal_files(fs, info.path):
+                    young[name] = max(young.get(name, 0), info.mtime_ns or time.time_ns())
+    return young
 
 
 def _epoch_ns(stamp: str) -> int:

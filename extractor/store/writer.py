@@ -40,7 +40,7 @@ from analysis.storage import (
     with_retries,
     write_bytes,
 )
-from analysis.store import Commit, load_commit, read_compactions, read_index
+from analysis.store import Commit, Compaction, load_commit, read_compactions, read_index
 
 from .faults import crash_point
 
@@ -151,7 +151,7 @@ class StoreWriter:
     def is_committed(self, run_id: str, shard: int) -> bool:
         """True only for a marker that parses and whose files all exist, or a shard that a
         trusted compaction holds (its rows live in the compaction's files)."""
-        if any(shard in c.shards for c in read_compactions(self.fs, self.root, [run_id])):
+        if self.compaction_of(run_id, shard) is not None:
             return True
         path = self._path(schema.commit_path(run_id, shard))
         present = with_retries(
@@ -159,6 +159,11 @@ class StoreWriter:
             f"checking commit of {run_id} shard {shard}",
         )
         return present and load_commit(self.fs, path) is not None
+
+    def compaction_of(self, run_id: str, shard: int) -> Compaction | None:
+        """The trusted compaction holding ``shard``'s rows, if any."""
+        trusted = read_compactions(self.fs, self.root, [run_id]).trusted
+        return next((c for c in trusted if shard in c.shards), None)
 
     def shard(self, run_id: str, shard: int) -> ShardWriter:
         _check_run_id(run_id)
@@ -264,11 +269,16 @@ class ShardWriter:
             f.write(payload[: len(payload) // 2])
 
     def _winner(self) -> Commit | None:
-        """The trusted commit of this shard by another attempt, if one exists."""
+        """The trusted commit of this shard by another attempt, if one exists (a shard a
+        compaction holds is committed even where its own marker or files are gone)."""
+        covering = self.store.compaction_of(self.run_id, self.shard)
         path = self.store._path(schema.commit_path(self.run_id, self.shard))
         if not with_retries(lambda: exists(self.store.fs, path), f"checking {path}"):
-            return None
-        commit = load_commit(self.store.fs, path)
+            return None if covering is None else _held_by(covering, self.shard)
+        generation = None if covering is None else covering.generation
+        commit = load_commit(self.store.fs, path, covered=generation)
+        if commit is None and covering is not None:
+            return _held_by(covering, self.shard)
         return commit if commit is not None and commit.attempt != self.attempt else None
 
     def commit(self, stats: Mapping[str, Any] | None = None) -> dict:
@@ -363,7 +373,7 @@ class ShardWriter:
             for info in journals:
                 rel = info.path.removeprefix(self.store.root + "/")
                 if rel != self.journal and info.base_name.endswith(".json"):
-                    for name in _journal_files(self.store.fs, info.path):
+                    for name in journal_files(self.store.fs, info.path):
                         self.store._delete(name)
                 self.store._delete(rel)
             self.store._delete(schema.failed_path(self.run_id, self.shard))
@@ -387,7 +397,24 @@ class ShardWriter:
         self._files = {t: [] for t in schema.SHARD_TABLES}
 
 
-def _journal_files(fs, path: str) -> list[str]:
+def _held_by(compaction: Compaction, shard: int) -> Commit:
+    """The commit a compaction records for ``shard`` (its marker's attempt and rows)."""
+    held = compaction.shards[shard]
+    return Commit(
+        run_id=compaction.run_id,
+        shard=shard,
+        files={},
+        rows=dict(held.get("rows", {})),
+        bytes=0,
+        seconds=0.0,
+        committed_at=compaction.compacted_at,
+        stats={},
+        attempt=str(held.get("attempt", "")),
+        compaction=compaction.generation,
+    )
+
+
+def journal_files(fs, path: str) -> list[str]:
     """Files an attempt's journal names ([] if it is garbage).
 
     A journal the store cannot serve right now raises (after retries): the
