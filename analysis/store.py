@@ -73,12 +73,28 @@ class Compaction:
 
     run_id: str
     generation: int
-    shards: dict[int, dict]  # shard -> {"attempt", "rows"} of the marker it replaced
+    shards: dict[int, dict]  # shard -> a copy of the commit marker it replaced
     files: dict[str, list[str]]
     rows: dict[str, int]
     bytes: int
     compacted_at: str
     token: str = ""
+
+    def commit_of(self, shard: int) -> Commit:
+        """The commit marker of ``shard`` as this compaction copied it."""
+        held = self.shards[shard]
+        return Commit(
+            run_id=self.run_id,
+            shard=shard,
+            files=dict(held.get("files", {})),
+            rows=dict(held.get("rows", {})),
+            bytes=int(held.get("bytes", 0)),
+            seconds=float(held.get("seconds", 0.0)),
+            committed_at=str(held.get("committed_at", "")),
+            stats=dict(held.get("stats", {})),
+            attempt=str(held.get("attempt", "")),
+            compaction=self.generation,
+        )
 
 
 class CorruptCommitWarning(UserWarning):
@@ -98,14 +114,13 @@ def _missing_file(fs: pafs.FileSystem, root: str, files: dict[str, list[str]]) -
     return None
 
 
-def load_commit(fs: pafs.FileSystem, path: str, *, covered: int | None = None) -> Commit | None:
+def load_commit(fs: pafs.FileSystem, path: str) -> Commit | None:
     """The commit marker at ``path``, or None (with a warning) if it cannot be trusted.
 
     A marker is trusted when it parses, names its run and shard, and every data
     file it lists exists. Anything else (a truncated write, a file deleted by
-    hand) makes the shard uncommitted: readers skip it, writers redo it.
-    ``covered``: the generation of a trusted compaction that holds this shard's
-    rows; its own files are then not needed (and not checked).
+    hand) makes the shard uncommitted: readers skip it, writers redo it. (A shard a
+    trusted compaction holds is read from the compaction's copy of its marker.)
     """
     try:
         text = with_retries(lambda: read_text(fs, path), f"reading {path}")
@@ -123,7 +138,6 @@ def load_commit(fs: pafs.FileSystem, path: str, *, covered: int | None = None) -
             committed_at=data.get("committed_at", ""),
             stats=data.get("stats", {}),
             attempt=str(data.get("attempt", "")),
-            compaction=covered,
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         warnings.warn(
@@ -134,7 +148,7 @@ def load_commit(fs: pafs.FileSystem, path: str, *, covered: int | None = None) -
         )
         return None
     root = path.rsplit(f"/{schema.COMMITS_DIR}/", 1)[0]
-    missing = None if covered is not None else _missing_file(fs, root, commit.files)
+    missing = _missing_file(fs, root, commit.files)
     if missing is not None:
         warnings.warn(
             f"commit marker {path} lists {missing}, which is missing; "
@@ -282,12 +296,15 @@ def read_index(fs: pafs.FileSystem, root: str, runs: Iterable[str] | None = None
     wanted = set(runs) if runs is not None else None
     found = read_compactions(fs, root, wanted)
     compactions = found.trusted
-    covering = {(c.run_id, s): c.generation for c in compactions for s in c.shards}
-    commits = [
+    # A compacted shard's marker is not read: the compaction carries a copy of it, so a
+    # compacted run opens with one small read instead of one per shard.
+    commits = [c.commit_of(s) for c in compactions for s in c.shards]
+    covered = {(c.run_id, c.shard) for c in commits}
+    commits += [
         commit
         for run_id, path in _markers(fs, root, schema.COMMITS_DIR, wanted)
-        if (commit := load_commit(fs, path, covered=covering.get((run_id, _shard_of_marker(path)))))
-        is not None
+        if (run_id, _shard_of_marker(path)) not in covered
+        if (commit := load_commit(fs, path)) is not None
     ]
     commits.sort(key=lambda c: (c.run_id, c.shard))
     return StoreIndex(commits, compactions, found.damaged)

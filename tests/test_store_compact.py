@@ -285,3 +285,16 @@ def test_a_compactor_that_lost_the_race_reports_it(store, monkeypatch):
         warnings.simplefilter("error")
         assert _rows(str(store)) == before
     assert len(list((store / schema.COMPACTIONS_DIR).rglob("*.json"))) == 1
+
+
+def test_readers_of_a_compacted_run_use_the_compaction_s_copy_of_each_marker(store):
+    compact_store(str(store), ["run-0"])
+    con = open_store(str(store), ["run-0"])
+    shards = con.sql("SELECT * EXCLUDE (compaction) FROM shards ORDER BY shard").fetchall()
+    for marker in (store / schema.COMMITS_DIR / "run_id=run-0").glob("*.json"):
+        marker.write_text("not read any more")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        con = open_store(str(store), ["run-0"])
+        again = con.sql("SELECT * EXCLUDE (compaction) FROM shards ORDER BY shard").fetchall()
+    assert again == shards and len(shards) == 3

@@ -289,7 +289,7 @@ class _Merge:
             "run_id": self.run_id,
             "generation": self.generation,
             "token": self.token,
-            "shards": {str(c.shard): {"attempt": c.attempt, "rows": c.rows} for c in todo},
+            "shards": {str(c.shard): _marker_copy(c) for c in todo},
             "files": self.final,
             "rows": self.rows,
             "bytes": self.bytes,
@@ -325,6 +325,12 @@ class _Merge:
                 if self.fs.get_file_info(f"{self.root}/{rel}").type == pafs.FileType.File:
                     self.fs.delete_file(f"{self.root}/{rel}")
         self.forget_journal()
+
+
+def _marker_copy(commit: Commit) -> dict:
+    """What a compaction keeps of a shard's commit marker (readers then skip the marker)."""
+    fields = ("attempt", "files", "rows", "bytes", "seconds", "committed_at", "stats")
+    return {name: getattr(commit, name) for name in fields}
 
 
 def _flat(files: dict[str, list[str]]) -> list[str]:

@@ -272,13 +272,12 @@ class ShardWriter:
         """The trusted commit of this shard by another attempt, if one exists (a shard a
         compaction holds is committed even where its own marker or files are gone)."""
         covering = self.store.compaction_of(self.run_id, self.shard)
+        if covering is not None:
+            return covering.commit_of(self.shard)
         path = self.store._path(schema.commit_path(self.run_id, self.shard))
         if not with_retries(lambda: exists(self.store.fs, path), f"checking {path}"):
-            return None if covering is None else _held_by(covering, self.shard)
-        generation = None if covering is None else covering.generation
-        commit = load_commit(self.store.fs, path, covered=generation)
-        if commit is None and covering is not None:
-            return _held_by(covering, self.shard)
+            return None
+        commit = load_commit(self.store.fs, path)
         return commit if commit is not None and commit.attempt != self.attempt else None
 
     def commit(self, stats: Mapping[str, Any] | None = None) -> dict:
@@ -395,23 +394,6 @@ class ShardWriter:
         with contextlib.suppress(OSError):
             self.store._delete(self.journal)
         self._files = {t: [] for t in schema.SHARD_TABLES}
-
-
-def _held_by(compaction: Compaction, shard: int) -> Commit:
-    """The commit a compaction records for ``shard`` (its marker's attempt and rows)."""
-    held = compaction.shards[shard]
-    return Commit(
-        run_id=compaction.run_id,
-        shard=shard,
-        files={},
-        rows=dict(held.get("rows", {})),
-        bytes=0,
-        seconds=0.0,
-        committed_at=compaction.compacted_at,
-        stats={},
-        attempt=str(held.get("attempt", "")),
-        compaction=compaction.generation,
-    )
 
 
 def journal_files(fs, path: str) -> list[str]:
