@@ -8,6 +8,7 @@ exactly at extraction time, so any k is a parameter, not a re-extraction.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -290,6 +291,70 @@ def peak_layers(recall: pd.DataFrame) -> pd.DataFrame:
             "control_recall": "control_at_peak",
         }
     ).reset_index(drop=True)
+
+
+#: A training seed in a model name: ``-s3``, ``_seed3``, ``.seed-3`` between separators.
+SEED_IN_NAME = re.compile(r"(?:^|[-_.])(?:s|seed-?)(\d+)(?=$|[-_.])")
+
+
+def seed_family(model: str) -> tuple[str, int | None]:
+    """(the model name without its seed, the seed), or (name, None) if it names none."""
+    match = SEED_IN_NAME.search(model)
+    if match is None:
+        return model, None
+    family = (model[: match.start()] + model[match.end() :]).strip("-_.")
+    return family or model, int(match.group(1))
+
+
+def recall_over_seeds(recall: pd.DataFrame) -> pd.DataFrame:
+    """Recall curves (``recall_by_layer``'s table) aggregated over training seeds.
+
+    Runs whose model names differ only by a seed (``organism-s0``, ``organism-s1``) form
+    a family; per family and layer: the number of seeds, their mean recall, its sample
+    standard deviation, the min and max, and the mean control recall. One run per seed:
+    a seed with several runs (checkpoints, datasets) is refused, naming them.
+    """
+    columns = [
+        "family",
+        "layer",
+        "rel_depth",
+        "n_seeds",
+        "seeds",
+        "recall_mean",
+        "recall_sd",
+        "recall_min",
+        "recall_max",
+        "control_mean",
+    ]
+    if recall.empty:
+        return pd.DataFrame(columns=columns)
+    runs = recall[["run_id", "model"]].drop_duplicates()
+    named = runs.assign(
+        family=[seed_family(m)[0] for m in runs["model"]],
+        seed=[seed_family(m)[1] for m in runs["model"]],
+    )
+    repeated = named[named.duplicated(["family", "seed"], keep=False)]
+    if not repeated.empty:
+        raise MetricError(
+            "several runs share a model and seed, so which one stands for the seed is unclear: "
+            f"{sorted(repeated['run_id'])}; choose runs with --run"
+        )
+    table = recall.merge(named[["run_id", "family", "seed"]], on="run_id")
+    out = (
+        table.groupby(["family", "layer"], dropna=False)
+        .agg(
+            rel_depth=("rel_depth", "first"),
+            n_seeds=("run_id", "nunique"),
+            seeds=("seed", lambda v: sorted(x for x in v.dropna().astype(int))),
+            recall_mean=("recall", "mean"),
+            recall_sd=("recall", "std"),
+            recall_min=("recall", "min"),
+            recall_max=("recall", "max"),
+            control_mean=("control_recall", "mean"),
+        )
+        .reset_index()
+    )
+    return out[columns]
 
 
 def modality_mass_sql(filters: Filters = ALL_RUNS) -> str:

@@ -120,6 +120,23 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
         return 0
     con = open_store(args.store, runs=args.run or None)
     curve = (args.k, args.agg, args.target, args.rank, filters)
+    if args.over_seeds:
+        if args.ci is not None:
+            print(
+                "slm-lens metrics: --over-seeds reports the spread over seeds; drop --ci",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            _emit(
+                metrics.recall_over_seeds(metrics.recall_by_layer(con, *curve)),
+                args.format,
+                args.out,
+            )
+        except metrics.MetricError as exc:
+            print(f"slm-lens metrics: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.ci is not None:
         recall, peaks = metrics.recall_with_ci(
             con, *curve, level=args.ci, n_boot=args.bootstrap, seed=args.seed
@@ -411,6 +428,12 @@ def _add_analysis_commands(sub) -> None:
     )
     m.add_argument("--bootstrap", type=int, default=1000, help="replicates for --ci")
     m.add_argument("--seed", type=int, default=0, help="seed of the --ci replicates")
+    m.add_argument(
+        "--over-seeds",
+        action="store_true",
+        help="aggregate runs whose model names differ only by a seed (-s0, -seed1): mean, sd, "
+        "min, max recall per layer",
+    )
     m.set_defaults(func=_cmd_metrics)
 
     r = sub.add_parser("report", help="PNG plots and an HTML report of a store")

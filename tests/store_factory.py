@@ -37,8 +37,10 @@ def build_store(
     n_layers: int = 4,
     shards: int = 2,
     positions: str = "spoken_words",
+    models: list[str] | None = None,
 ) -> SyntheticStore:
-    """Runs of one model at several checkpoints, each over the same utterances.
+    """Runs of one model at several checkpoints, each over the same utterances
+    (``models``: each run's model name instead, e.g. one per training seed).
 
     Ranks are random but skewed by layer so curves have a peak; fact pairs make
     knowledge accuracy defined. Returns the rows as DataFrames (with run_id) for
@@ -53,7 +55,7 @@ def build_store(
     for r in range(n_runs):
         run_id = f"run-{r}"
         run = dict(
-            model="toy-slm",
+            model=models[r] if models else "toy-slm",
             revision=f"ckpt{r:02d}",
             dataset="synthetic",
             n_layers=n_layers,

@@ -525,3 +525,33 @@ def test_layer_summary_and_runs_overview_are_the_metrics_they_name(con):
     ]  # fmt: skip
     runs = metrics.runs_overview(con)
     assert list(runs.run_id) == ["run-0", "run-1", "run-2"] and (runs.shards == 2).all()
+
+
+def test_recall_over_seeds_is_the_mean_and_spread_of_each_seeds_curve(tmp_path, capsys):
+    from analysis.metrics import recall_over_seeds, seed_family
+    from extractor.cli import main
+
+    assert seed_family("organism-interleaved-s1-630steps") == ("organism-interleaved-630steps", 1)
+    assert seed_family("sims_seed-12") == ("sims", 12) and seed_family("qwen2.5") == (
+        "qwen2.5",
+        None,
+    )
+    uri = str(tmp_path / "seeds")
+    models = ["toy-s0", "toy-s1", "toy-s2", "other"]
+    build_store(uri, n_runs=4, models=models)
+    con = open_store(uri)
+    recall = metrics.recall_by_layer(con, 3)
+    table = recall_over_seeds(recall)
+    toy = table[table["family"] == "toy"].set_index("layer")
+    for layer, group in recall[recall["model"].str.startswith("toy")].groupby("layer"):
+        assert toy.loc[layer, "n_seeds"] == 3 and toy.loc[layer, "seeds"] == [0, 1, 2]
+        assert toy.loc[layer, "recall_mean"] == pytest.approx(group["recall"].mean())
+        assert toy.loc[layer, "recall_sd"] == pytest.approx(group["recall"].std())
+        assert toy.loc[layer, "recall_max"] == group["recall"].max()
+    assert set(table.loc[table["family"] == "other", "n_seeds"]) == {1}
+
+    assert main(["metrics", "--store", uri, "--k", "3", "--over-seeds", "--format", "csv"]) == 0
+    assert "toy" in capsys.readouterr().out
+    build_store(str(tmp_path / "twice"), n_runs=2, models=["toy-s0", "toy-s0"])
+    assert main(["metrics", "--store", str(tmp_path / "twice"), "--over-seeds"]) == 2
+    assert "several runs share a model and seed" in capsys.readouterr().err
