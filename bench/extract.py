@@ -1,6 +1,6 @@
 """Extraction throughput: the Ray service against an in-process loop over the same data.
 
-    python bench/extract.py [--sentences 36] [--model demo|tiny]
+    python bench/extract.py [--sentences 36] [--model demo|tiny] [--data demo|librivox]
 
 Three runs of the same ShardProcessor (in process one shard at a time, in process with
 two shards in flight so one's front end overlaps the other's model stage, and on Ray
@@ -12,6 +12,10 @@ markers' telemetry), the model stage's busy fraction (forward + lens over the sp
 the first front end to the last commit), the CPU time per lens row of row building and
 Parquet writing, the ratios, the lens floor (the bare bf16 GEMM of the same lens rows
 against the full vocabulary, timed here), and store bytes per (position, layer) row.
+
+``--data librivox``: only the LibriVox read-speech utterances, each ``--repeat`` times
+under its own id, without word timings, so every utterance is aligned by pocketsphinx in
+the front end (a front end that costs as much as the model stage), in shards of 2.
 """
 
 from __future__ import annotations
@@ -56,10 +60,32 @@ def gemm_floor_seconds(rows: int, d: int, vocab: int, repeats: int = 3) -> float
     return best * rows / (done or 1)
 
 
+def librivox_manifest(folder: Path, repeat: int) -> Path:
+    """The demo's LibriVox utterances (no word timings), each ``repeat`` times."""
+    import json
+
+    from extractor.demo import build_demo_dataset
+
+    demo = build_demo_dataset(folder / "demo", sentences=SENTENCES[:1], librivox=True)
+    rows = [json.loads(line) for line in demo.read_text().splitlines()]
+    spoken = [r for r in rows if "words" not in r]
+    if not spoken:
+        raise SystemExit("no LibriVox utterances on this machine (pocketsphinx test data)")
+    out = folder / "librivox.jsonl"
+    out.write_text(
+        "".join(
+            json.dumps({**r, "id": f"{r['id']}-r{i}"}) + "\n" for i in range(repeat) for r in spoken
+        )
+    )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sentences", type=int, default=60)
     parser.add_argument("--model", choices=("demo", "tiny"), default="demo")
+    parser.add_argument("--data", choices=("demo", "librivox"), default="demo")
+    parser.add_argument("--repeat", type=int, default=4, help="--data librivox: copies of each")
     args = parser.parse_args()
     pool = SENTENCES + EXTRA
     sentences = [pool[i % len(pool)] for i in range(args.sentences)]
@@ -75,6 +101,10 @@ def main() -> None:
         )
         raw["lens"]["positions"] = "spoken_words"
         raw["shard_size"] = 8
+        if args.data == "librivox":
+            manifest = librivox_manifest(root / "librivox", args.repeat)
+            raw["dataset"] = {"manifest": str(manifest), "name": "librivox"}
+            raw["shard_size"] = 2
         # One actor owning both cores, as the in-process loop does (Ray pins an actor's
         # BLAS threads to its CPU share).
         raw["workers"] = {"count": 1, "gpus": 0, "cpus": 2, "in_flight_per_worker": depth}
