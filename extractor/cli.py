@@ -490,7 +490,8 @@ def _add_file_commands(sub) -> None:
     data.add_argument(
         "source",
         help="swuggy/sblimp: a ZeroSpeech 2021 set folder with "
-        "gold.csv (lexical/dev); librispeech: a split folder (test-clean)",
+        "gold.csv (lexical/dev); storycloze: the sSC or tSC folder; librispeech: a split folder "
+        "(test-clean)",
     )
     data.add_argument("out", help="the manifest to write (.parquet)")
     data.add_argument(

@@ -243,3 +243,62 @@ def test_swuggy_standin_end_to_end_gives_knowledge_accuracy(tmp_path):
     assert 0.0 <= acc["accuracy"].iloc[0] <= 1.0
     utts = open_store(store).sql("SELECT pair_id, pair_role FROM utterances").fetchall()
     assert len(utts) == 12 and json.dumps(sorted(utts))
+
+
+def test_storycloze_pairs_by_story_and_scores_each_clip_whole(tmp_path, capsys):
+    folder = tmp_path / "sSC"
+    for name in (
+        "0_abc_correct",
+        "1_abc_incorrect",
+        "2_def_correct",
+        "3_g_h_correct",
+        "4_g_h_incorrect",
+        "5_g_h_incorrect",
+        "notes",
+    ):
+        _wav(folder / f"{name}.wav", 0.7)
+    out = tmp_path / "ssc.parquet"
+    assert main(["data", "storycloze", str(folder), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 5 utterances" in printed and "(2 spoken-knowledge items)" in printed
+    assert "left out 1: items with no counterfactual side" in printed
+    assert "left out 1: wavs not named <n>_<story>_correct|incorrect.wav" in printed
+    utts = {u.id: u for u in read_manifest(str(out)).utterances}
+    assert utts["3_g_h_correct"].pair_id == utts["5_g_h_incorrect"].pair_id == "storycloze/g_h"
+    whole = utts["0_abc_correct"]
+    assert [(w.word, w.start_s) for w in whole.words] == [("…", 0.0)]
+    assert whole.words[0].end_s == pytest.approx(0.7, abs=1e-4) and whole.continuation == "…"
+
+
+@pytest.mark.slow
+def test_storycloze_standin_end_to_end_scores_whole_clips(tmp_path):
+    from analysis import metrics
+    from analysis.store import open_store
+    from extractor.config import parse_config
+    from extractor.service.driver import run_extraction
+    from extractor.speech.synth import synthesize
+    from tests.service_helpers import small_config
+
+    folder = tmp_path / "sSC"
+    folder.mkdir()
+    stories = [
+        ("cat", "the cat sat on the mat", "and slept", "and flew"),
+        ("sun", "the sun rose in the east", "and shone", "and sang"),
+    ]
+    for n, (story, prefix, right, wrong) in enumerate(stories):
+        for role, ending in (("correct", right), ("incorrect", wrong)):
+            audio, _ = synthesize(f"{prefix} {ending}".split())
+            sf.write(folder / f"{2 * n + (role == 'incorrect')}_{story}_{role}.wav", audio, RATE)
+    manifest = tmp_path / "ssc.parquet"
+    make_manifest("storycloze", folder, manifest)
+    store = str(tmp_path / "store")
+    raw = small_config(store, tmp_path / "demo-data", shard_size=2)
+    raw["dataset"] = {"manifest": str(manifest), "name": "ssc-standin"}
+    summary = run_extraction(parse_config(raw), in_process=True, progress=False)
+    assert summary.ok, summary.describe()
+    con = open_store(store)
+    acc = metrics.knowledge_accuracy(con)
+    assert acc["n_pairs"].tolist() == [2] and acc["n_pairs_dropped"].tolist() == [0]
+    # The whole-clip span has no text token: it is in `words`, never in recall.
+    assert con.sql("SELECT DISTINCT word, len(variant_ids) FROM words").fetchall() == [("…", 0)]
+    assert metrics.recall_by_layer(con, 10).empty

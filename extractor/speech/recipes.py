@@ -7,6 +7,10 @@
   spoken-knowledge item: the ``correct == 1`` file against the ``correct == 0`` file(s).
   sWUGGY pairs on (``id``, ``voice``); sBLIMP on (``type``, ``subtype``, ``id``, ``voice``),
   by key, never by row order.
+* ``storycloze``: spoken or topic StoryCloze as slamkit reads it: a flat folder of
+  ``<n>_<story>_correct.wav`` and ``<n>_<story>_incorrect.wav``. The audio ships without
+  transcripts, so each clip is scored whole (as slamkit does): the prefix is the same
+  audio in both members, so a causal LM's likelihoods differ by the ending.
 * ``librispeech``: a LibriSpeech-style folder (``<speaker>/<chapter>/<utt>.flac`` beside
   ``<speaker>-<chapter>.trans.txt``), with word timings from Montreal Forced Aligner
   TextGrids (``--alignments``: any folder holding ``<utt>.TextGrid`` files, as MFA or the
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -176,6 +181,55 @@ def sblimp(source: Path, alignments: Path | None = None) -> RecipeResult:
     return result
 
 
+#: A StoryCloze clip: ``<n>_<story id>_correct.wav`` / ``..._incorrect.wav``.
+_CLOZE_WAV = re.compile(r"^(\d+)_(.+)_(correct|incorrect)$")
+#: The label of a clip scored whole: it cleans to no word, so it has no text token and
+#: adds nothing to recall (docs/metrics.md counts only words with a variant).
+WHOLE_CLIP = "…"
+
+
+def storycloze(source: Path, alignments: Path | None = None) -> RecipeResult:
+    """Spoken/topic StoryCloze: the story with its right ending against a wrong one.
+
+    Items pair by story id; each clip is one span over its whole length (label ``…``),
+    and the whole clip is the continuation, since no transcript ships with the audio.
+    """
+    if alignments is not None:
+        raise RecipeError("storycloze ships no transcripts to align: --alignments does not apply")
+    wavs = sorted(source.glob("*.wav"))
+    gold = []
+    result = RecipeResult()
+    for wav in wavs:
+        match = _CLOZE_WAV.match(wav.stem)
+        if match is None:
+            result.dropped["wavs not named <n>_<story>_correct|incorrect.wav"] += 1
+            continue
+        gold.append(
+            {
+                "filename": wav.stem,
+                "story": match.group(2),
+                "correct": "1" if match.group(3) == "correct" else "0",
+            }
+        )
+    if not wavs:
+        raise RecipeError(f"no *.wav in {source}: point at the sSC or tSC folder")
+
+    def row_of(g: dict, wav: Path) -> dict:
+        duration = _duration(wav)
+        words = json.dumps([[WHOLE_CLIP, 0.0, round(duration, 5)]])
+        return {
+            "id": g["filename"],
+            "audio": str(wav),
+            "text": WHOLE_CLIP,
+            "words": words,
+            "duration_s": duration,
+        }
+
+    paired = _paired(gold, source, lambda g: (g["story"],), "storycloze", row_of)
+    paired.dropped.update(result.dropped)
+    return paired
+
+
 def librispeech(source: Path, alignments: Path | None = None) -> RecipeResult:
     """LibriSpeech-style read speech: ``*.trans.txt`` lines (``<utt> TRANSCRIPT``) beside
     ``<utt>.flac`` (or ``.wav``); transcripts lower-cased (LibriSpeech's are upper case)."""
@@ -241,6 +295,7 @@ def _note_alignments(result: RecipeResult, alignments: Path | None) -> None:
 RECIPES: dict[str, Callable[[Path, Path | None], RecipeResult]] = {
     "swuggy": swuggy,
     "sblimp": sblimp,
+    "storycloze": storycloze,
     "librispeech": librispeech,
 }
 
