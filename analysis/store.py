@@ -63,6 +63,26 @@ class Commit:
     compaction: int | None = None
 
 
+#: What a commit marker holds: :class:`Commit`'s fields but ``compaction`` (a reader's view).
+MARKER_FIELDS = (
+    "run_id",
+    "shard",
+    "attempt",
+    "files",
+    "rows",
+    "bytes",
+    "seconds",
+    "committed_at",
+    "stats",
+)
+
+
+def marker_fields(commit: Commit) -> dict:
+    """The JSON object of ``commit``'s marker: written by the writer, parsed by
+    :func:`load_commit`, copied into compactions."""
+    return {name: getattr(commit, name) for name in MARKER_FIELDS}
+
+
 @dataclass(frozen=True)
 class Compaction:
     """A compaction marker: committed shards of one run, merged into larger files.
@@ -79,6 +99,20 @@ class Compaction:
     bytes: int
     compacted_at: str
     token: str = ""
+
+    def to_json(self) -> bytes:
+        """The marker's bytes, as :func:`parse_compaction` reads them back."""
+        body = {
+            "run_id": self.run_id,
+            "generation": self.generation,
+            "token": self.token,
+            "shards": {str(s): held for s, held in self.shards.items()},
+            "files": self.files,
+            "rows": self.rows,
+            "bytes": self.bytes,
+            "compacted_at": self.compacted_at,
+        }
+        return json.dumps(body, sort_keys=True).encode()
 
     def commit_of(self, shard: int) -> Commit:
         """The commit marker of ``shard`` as this compaction copied it."""

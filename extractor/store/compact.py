@@ -29,8 +29,10 @@ from analysis import schema
 from analysis.storage import list_files, resolve, with_retries, write_bytes
 from analysis.store import (
     Commit,
+    Compaction,
     CorruptCompactionWarning,
     check_store,
+    marker_fields,
     open_store,
     parse_compaction,
     read_compactions,
@@ -285,17 +287,16 @@ class _Merge:
 
     def publish_marker(self, todo: list[Commit]) -> bool:
         """Create the compaction marker unless this generation is taken; True if created."""
-        marker = {
-            "run_id": self.run_id,
-            "generation": self.generation,
-            "token": self.token,
-            "shards": {str(c.shard): _marker_copy(c) for c in todo},
-            "files": self.final,
-            "rows": self.rows,
-            "bytes": self.bytes,
-            "compacted_at": str(dt.datetime.now(dt.UTC)),
-        }
-        payload = json.dumps(marker, sort_keys=True).encode()
+        payload = Compaction(
+            run_id=self.run_id,
+            generation=self.generation,
+            token=self.token,
+            shards={c.shard: marker_fields(c) for c in todo},
+            files=self.final,
+            rows=self.rows,
+            bytes=self.bytes,
+            compacted_at=str(dt.datetime.now(dt.UTC)),
+        ).to_json()
         path = f"{self.root}/{schema.compaction_path(self.run_id, self.generation)}"
         crash_point("compact_mid_marker", -1, lambda: self._tear(path, payload))
 
@@ -325,12 +326,6 @@ class _Merge:
                 if self.fs.get_file_info(f"{self.root}/{rel}").type == pafs.FileType.File:
                     self.fs.delete_file(f"{self.root}/{rel}")
         self.forget_journal()
-
-
-def _marker_copy(commit: Commit) -> dict:
-    """What a compaction keeps of a shard's commit marker (readers then skip the marker)."""
-    fields = ("attempt", "files", "rows", "bytes", "seconds", "committed_at", "stats")
-    return {name: getattr(commit, name) for name in fields}
 
 
 def _flat(files: dict[str, list[str]]) -> list[str]:

@@ -40,7 +40,14 @@ from analysis.storage import (
     with_retries,
     write_bytes,
 )
-from analysis.store import Commit, Compaction, load_commit, read_compactions, read_index
+from analysis.store import (
+    Commit,
+    Compaction,
+    load_commit,
+    marker_fields,
+    read_compactions,
+    read_index,
+)
 
 from .faults import crash_point
 
@@ -309,17 +316,19 @@ class ShardWriter:
             if winner is not None:
                 return self._yield_to(winner)
             raise
-        marker = {
-            "run_id": self.run_id,
-            "shard": self.shard,
-            "attempt": self.attempt,
-            "files": {t: [final for _, final in f] for t, f in self._files.items() if f},
-            "rows": {t: n for t, n in self.rows.items() if n},
-            "bytes": self.bytes_written,
-            "seconds": time.perf_counter() - self.started,
-            "committed_at": str(_now()),
-            "stats": dict(stats or {}),
-        }
+        marker = marker_fields(
+            Commit(
+                run_id=self.run_id,
+                shard=self.shard,
+                attempt=self.attempt,
+                files={t: [final for _, final in f] for t, f in self._files.items() if f},
+                rows={t: n for t, n in self.rows.items() if n},
+                bytes=self.bytes_written,
+                seconds=time.perf_counter() - self.started,
+                committed_at=str(_now()),
+                stats=dict(stats or {}),
+            )
+        )
         payload = json.dumps(marker, sort_keys=True).encode()
         if not self._publish_marker(payload):
             winner = self._winner()
