@@ -50,6 +50,15 @@ def _literal_list(values: Sequence[str]) -> str:
     return ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
 
 
+#: A run's foreign lens head (its checkpoint fingerprint), or '' for the model's own head.
+HEAD_OF_RUN = "coalesce(json_extract_string(config, '$.lens.head_revision'), '')"
+#: Why a foreign-head run scores no knowledge item.
+FOREIGN_HEAD_NOTE = (
+    "foreign head (lens.head): no log-prob of the model head for its next tokens; "
+    "run without lens.head to score knowledge items"
+)
+
+
 def _runs_cte(filters: Filters) -> str:
     where = ["TRUE"]
     if filters.runs is not None:
@@ -59,8 +68,8 @@ def _runs_cte(filters: Filters) -> str:
     if filters.revisions is not None:
         where.append(f"revision IN ({_literal_list(filters.revisions) or 'NULL'})")
     return (
-        "sel_runs AS (SELECT run_id, model, revision, n_layers FROM runs "
-        f"WHERE {' AND '.join(where)})"
+        "sel_runs AS (SELECT run_id, model, revision, n_layers, dataset, "
+        f"{HEAD_OF_RUN} AS head FROM runs WHERE {' AND '.join(where)})"
     )
 
 
@@ -293,8 +302,8 @@ def peak_layers(recall: pd.DataFrame) -> pd.DataFrame:
     ).reset_index(drop=True)
 
 
-#: A training seed in a model name: ``-s3``, ``_seed3``, ``.seed-3`` between separators.
-SEED_IN_NAME = re.compile(r"(?:^|[-_.])(?:s|seed-?)(\d+)(?=$|[-_.])")
+#: A training seed in a model name, after a separator: ``-s3``, ``_seed3``, ``.seed-3``.
+SEED_IN_NAME = re.compile(r"[-_.](?:s|seed-?)(\d+)(?=$|[-_.])")
 
 
 def seed_family(model: str) -> tuple[str, int | None]:
@@ -302,20 +311,30 @@ def seed_family(model: str) -> tuple[str, int | None]:
     match = SEED_IN_NAME.search(model)
     if match is None:
         return model, None
-    family = (model[: match.start()] + model[match.end() :]).strip("-_.")
-    return family or model, int(match.group(1))
+    return (model[: match.start()] + model[match.end() :]).strip("-_."), int(match.group(1))
 
 
-def recall_over_seeds(recall: pd.DataFrame) -> pd.DataFrame:
-    """Recall curves (``recall_by_layer``'s table) aggregated over training seeds.
+def recall_over_seeds(
+    con: duckdb.DuckDBPyConnection,
+    k: int = 10,
+    agg: str = "any",
+    target: str = "cur",
+    rank: str = "text",
+    filters: Filters = ALL_RUNS,
+) -> pd.DataFrame:
+    """Recall curves aggregated over training seeds.
 
-    Runs whose model names differ only by a seed (``organism-s0``, ``organism-s1``) form
-    a family; per family and layer: the number of seeds, their mean recall, its sample
-    standard deviation, the min and max, and the mean control recall. One run per seed:
-    a seed with several runs (checkpoints, datasets) is refused, naming them.
+    Runs whose model names differ only by a seed (``organism-s0``, ``organism-s1``), on
+    the same dataset and decoded by the same head, form a family; a run whose name has
+    no seed is its own family, never merged with seeded ones. Per family and layer: the
+    number of seeds, their mean recall, its sample standard deviation, min and max, and
+    the mean control recall. A seed with several runs in one family (checkpoints) is
+    refused, naming them.
     """
     columns = [
         "family",
+        "dataset",
+        "head",
         "layer",
         "rel_depth",
         "n_seeds",
@@ -326,26 +345,33 @@ def recall_over_seeds(recall: pd.DataFrame) -> pd.DataFrame:
         "recall_max",
         "control_mean",
     ]
+    recall = recall_by_layer(con, k, agg, target, rank, filters)
     if recall.empty:
         return pd.DataFrame(columns=columns)
-    runs = recall[["run_id", "model"]].drop_duplicates()
-    named = runs.assign(
-        family=[seed_family(m)[0] for m in runs["model"]],
-        seed=[seed_family(m)[1] for m in runs["model"]],
-    )
-    repeated = named[named.duplicated(["family", "seed"], keep=False)]
+    runs = con.sql(f"WITH {_runs_cte(filters)} SELECT run_id, model, dataset, head FROM sel_runs")
+    runs = runs.df()
+    runs["seed"] = [seed_family(m)[1] for m in runs["model"]]
+    runs["family"] = [
+        seed_family(m)[0] if s is not None else m
+        for m, s in zip(runs["model"], runs["seed"], strict=True)
+    ]
+    keys = ["family", "dataset", "head"]
+    seeded = runs[runs["seed"].notna()]
+    repeated = seeded[seeded.duplicated([*keys, "seed"], keep=False)]
     if not repeated.empty:
         raise MetricError(
-            "several runs share a model and seed, so which one stands for the seed is unclear: "
-            f"{sorted(repeated['run_id'])}; choose runs with --run"
+            "several runs share a model, dataset, head and seed, so which one stands for the "
+            f"seed is unclear: {sorted(repeated['run_id'])}; choose runs with --run"
         )
-    table = recall.merge(named[["run_id", "family", "seed"]], on="run_id")
+    # An unseeded model keeps its own family even where its name equals a seeded family's.
+    runs.loc[runs["seed"].isna(), "family"] = runs["model"] + " (no seed)"
+    table = recall.merge(runs[["run_id", *keys, "seed"]], on="run_id")
     out = (
-        table.groupby(["family", "layer"], dropna=False)
+        table.groupby([*keys, "layer"], dropna=False)
         .agg(
             rel_depth=("rel_depth", "first"),
             n_seeds=("run_id", "nunique"),
-            seeds=("seed", lambda v: sorted(x for x in v.dropna().astype(int))),
+            seeds=("seed", lambda v: sorted(int(x) for x in v.dropna())),
             recall_mean=("recall", "mean"),
             recall_sd=("recall", "std"),
             recall_min=("recall", "min"),
@@ -413,7 +439,8 @@ def knowledge_accuracy_sql(filters: Filters = ALL_RUNS) -> str:
     An item (``pair_id``) counts when it has exactly one ``correct`` utterance, at
     least one ``counterfactual``, and every continuation fully scored;
     ``n_pairs_dropped`` counts the items that do not (a member failed, a role is
-    missing or repeated).
+    missing or repeated, or the run decodes with a foreign head, which has no log-prob
+    of the model's own next token: ``note`` says so).
     """
     return f"""WITH {_runs_cte(filters)},
 cont AS (
@@ -438,11 +465,12 @@ items AS (
   FROM cont
   GROUP BY run_id, pair_id
 )
-SELECT run_id, count_if(usable)::BIGINT AS n_pairs,
+SELECT i.run_id, count_if(usable)::BIGINT AS n_pairs,
        count_if(NOT usable)::BIGINT AS n_pairs_dropped,
-       avg((correct_loglik > best_counterfactual)::DOUBLE) FILTER (WHERE usable) AS accuracy
-FROM items
-GROUP BY run_id ORDER BY run_id"""
+       avg((correct_loglik > best_counterfactual)::DOUBLE) FILTER (WHERE usable) AS accuracy,
+       CASE WHEN any_value(s.head) <> '' THEN '{FOREIGN_HEAD_NOTE}' ELSE '' END AS note
+FROM items i JOIN sel_runs s USING (run_id)
+GROUP BY i.run_id ORDER BY i.run_id"""
 
 
 def knowledge_accuracy(con: duckdb.DuckDBPyConnection, filters: Filters = ALL_RUNS) -> pd.DataFrame:
@@ -461,7 +489,7 @@ def knowledge_correlation(
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Per checkpoint, knowledge accuracy beside peak current-word recall, and their correlation.
 
-    A checkpoint is a (model, revision): recall measured on an aligned corpus (one run)
+    A checkpoint is a (model, revision, lens head): recall measured on an aligned corpus (one run)
     meets accuracy measured on a knowledge benchmark (another run) of the same weights.
     Several runs on one side are averaged (accuracy weighted by pairs). The table keeps
     checkpoints with only one side, with a ``note`` saying why the other is missing
@@ -475,13 +503,14 @@ def knowledge_correlation(
     acc = knowledge_accuracy(con, filters)
     runs = con.sql(
         f"""WITH {_runs_cte(filters)}
-SELECT s.run_id, s.model, s.revision, coalesce(v.n_text, 0) AS n_text,
+SELECT s.run_id, s.model, s.revision, s.head, coalesce(v.n_text, 0) AS n_text,
        s.run_id IN (SELECT run_id FROM utterances WHERE pair_id IS NOT NULL) AS has_pairs
 FROM sel_runs s
 LEFT JOIN (SELECT run_id, count_if(modality = 'text') AS n_text FROM vocab GROUP BY run_id) v
   USING (run_id)"""
     ).df()
-    keys = ["model", "revision"]
+    # A checkpoint decoded by another head is another measurement: never averaged together.
+    keys = ["model", "revision", "head"]
     acc = acc.merge(runs[["run_id", *keys]], on="run_id")
     acc_side = (
         acc.assign(hits=acc.accuracy * acc.n_pairs)
@@ -494,6 +523,7 @@ LEFT JOIN (SELECT run_id, count_if(modality = 'text') AS n_text FROM vocab GROUP
     # where a checkpoint has runs without items (its aligned corpora), recall is theirs.
     has_aligned = runs.groupby(keys)["has_pairs"].transform(lambda p: bool((~p).any()))
     eligible = set(runs.run_id[~runs.has_pairs.astype(bool) | ~has_aligned.astype(bool)])
+    peaks = peaks.merge(runs[["run_id", "head"]], on="run_id")
     recall_side = (
         peaks[peaks.run_id.isin(eligible)]
         .groupby(keys)

@@ -129,7 +129,7 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
             return 2
         try:
             _emit(
-                metrics.recall_over_seeds(metrics.recall_by_layer(con, *curve)),
+                metrics.recall_over_seeds(con, *curve),
                 args.format,
                 args.out,
             )

@@ -386,7 +386,8 @@ def _checkpoints_split_across_runs(store) -> duckdb.DuckDBPyConnection:
     """Every checkpoint's recall in one run and its knowledge pairs in another, plus a
     unit-only model (no text tokens) with a knowledge run and an aligned run."""
     t = store.tables
-    runs = pd.DataFrame(store.runs)[["run_id", "model", "revision", "n_layers"]]
+    runs = pd.DataFrame(store.runs)[["run_id", "model", "revision", "n_layers", "dataset"]]
+    runs = runs.assign(config="{}")  # the runs view's columns the metrics read
     lens, utts, vocab = t["lens"], t["utterances"], t["vocab"]
     aligned = {r: f"{r}-aligned" for r in runs.run_id}
     facts = {r: f"{r}-facts" for r in runs.run_id}
@@ -396,7 +397,14 @@ def _checkpoints_split_across_runs(store) -> duckdb.DuckDBPyConnection:
             runs.assign(run_id=runs.run_id.map(facts)),
             pd.DataFrame(
                 [
-                    {"run_id": r, "model": "unit-lm", "revision": "main", "n_layers": 4}
+                    {
+                        "run_id": r,
+                        "model": "unit-lm",
+                        "revision": "main",
+                        "n_layers": 4,
+                        "dataset": "synthetic",
+                        "config": "{}",
+                    }
                     for r in ("unit-aligned", "unit-facts")
                 ]
             ),
@@ -462,7 +470,19 @@ def test_knowledge_meets_transcription_by_checkpoint_across_runs(store, con):
 def test_an_item_with_several_counterfactuals_needs_to_beat_them_all():
     con = duckdb.connect()
     con.register(
-        "runs", pd.DataFrame([{"run_id": "r", "model": "m", "revision": "x", "n_layers": 1}])
+        "runs",
+        pd.DataFrame(
+            [
+                {
+                    "run_id": "r",
+                    "model": "m",
+                    "revision": "x",
+                    "n_layers": 1,
+                    "dataset": "d",
+                    "config": "{}",
+                }
+            ]
+        ),
     )
     members = [  # item a: correct beats both; item b: loses to its second; item c: no correct
         ("a", "correct", -1.0),
@@ -508,8 +528,19 @@ def test_an_item_with_several_counterfactuals_needs_to_beat_them_all():
         ),
     )
     got = metrics.knowledge_accuracy(con).iloc[0]
-    assert (got.n_pairs, got.n_pairs_dropped, got.accuracy) == (2, 2, 0.5)
+    assert (got.n_pairs, got.n_pairs_dropped, got.accuracy, got.note) == (2, 2, 0.5, "")
     assert str(metrics.knowledge_accuracy(con).n_pairs.dtype) == "int64"
+    # A run decoded by a foreign head says why its items are not scored.
+    foreign = {
+        "run_id": "r",
+        "model": "m",
+        "revision": "x",
+        "n_layers": 1,
+        "dataset": "d",
+        "config": '{"lens": {"head": "qwen", "head_revision": "abc123"}}',
+    }
+    con.register("runs", pd.DataFrame([foreign]))
+    assert metrics.knowledge_accuracy(con).iloc[0].note == metrics.FOREIGN_HEAD_NOTE
 
 
 def test_layer_summary_and_runs_overview_are_the_metrics_they_name(con):
@@ -520,9 +551,16 @@ def test_layer_summary_and_runs_overview_are_the_metrics_they_name(con):
     pooled = metrics.recall_by_layer(con, 1, agg="pooled", filters=one)
     np.testing.assert_array_equal(table.top1_pooled, pooled.recall)
     assert list(table.columns) == [
-        "layer", "n_words", "recall", "control_recall", "next_recall",
-        "top1_pooled", "top1_control", "speech_mass", "top1_speech_frac",
-    ]  # fmt: skip
+        "layer",
+        "n_words",
+        "recall",
+        "control_recall",
+        "next_recall",
+        "top1_pooled",
+        "top1_control",
+        "speech_mass",
+        "top1_speech_frac",
+    ]
     runs = metrics.runs_overview(con)
     assert list(runs.run_id) == ["run-0", "run-1", "run-2"] and (runs.shards == 2).all()
 
@@ -536,22 +574,24 @@ def test_recall_over_seeds_is_the_mean_and_spread_of_each_seeds_curve(tmp_path, 
         "qwen2.5",
         None,
     )
+    assert seed_family("s3-model") == ("s3-model", None)  # a name that starts so is no seed
     uri = str(tmp_path / "seeds")
-    models = ["toy-s0", "toy-s1", "toy-s2", "other"]
-    build_store(uri, n_runs=4, models=models)
+    models = ["toy-s0", "toy-s1", "toy-s2", "other", "toy"]
+    build_store(uri, n_runs=5, models=models)
     con = open_store(uri)
     recall = metrics.recall_by_layer(con, 3)
-    table = recall_over_seeds(recall)
+    table = recall_over_seeds(con, 3)
     toy = table[table["family"] == "toy"].set_index("layer")
-    for layer, group in recall[recall["model"].str.startswith("toy")].groupby("layer"):
+    for layer, group in recall[recall["model"].str.startswith("toy-")].groupby("layer"):
         assert toy.loc[layer, "n_seeds"] == 3 and toy.loc[layer, "seeds"] == [0, 1, 2]
         assert toy.loc[layer, "recall_mean"] == pytest.approx(group["recall"].mean())
         assert toy.loc[layer, "recall_sd"] == pytest.approx(group["recall"].std())
         assert toy.loc[layer, "recall_max"] == group["recall"].max()
-    assert set(table.loc[table["family"] == "other", "n_seeds"]) == {1}
+    assert set(table.loc[table["family"] == "other (no seed)", "n_seeds"]) == {1}
+    assert set(table.loc[table["family"] == "toy (no seed)", "n_seeds"]) == {1}  # not merged
 
     assert main(["metrics", "--store", uri, "--k", "3", "--over-seeds", "--format", "csv"]) == 0
     assert "toy" in capsys.readouterr().out
     build_store(str(tmp_path / "twice"), n_runs=2, models=["toy-s0", "toy-s0"])
     assert main(["metrics", "--store", str(tmp_path / "twice"), "--over-seeds"]) == 2
-    assert "several runs share a model and seed" in capsys.readouterr().err
+    assert "several runs share a model, dataset, head and seed" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from extractor.service.driver import run_extraction
 from tests.service_helpers import small_config
 
 
-def _text_lm(folder, hidden: int) -> str:
+def _text_lm(folder, hidden: int, vocab: int | None = None) -> str:
     """A random text LM over SmolLM2's own tokenizer (no speech units): a foreign head."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -25,7 +25,7 @@ def _text_lm(folder, hidden: int) -> str:
     torch.manual_seed(1)
     model = LlamaForCausalLM(
         LlamaConfig(
-            vocab_size=len(tokenizer),
+            vocab_size=vocab or len(tokenizer),
             hidden_size=hidden,
             intermediate_size=2 * hidden,
             num_hidden_layers=1,
@@ -43,6 +43,13 @@ def test_a_head_of_another_width_is_refused_by_name(tmp_path):
     head = _text_lm(tmp_path / "head48", hidden=48)
     with pytest.raises(HeadMismatchError, match="width 48, but the model's blocks write width 32"):
         foreign_head(head, model_hidden_size=32, dtype=torch.float32, device="cpu")
+
+
+def test_a_head_whose_tokenizer_outgrows_its_unembedding_is_refused(tmp_path):
+    head = _text_lm(tmp_path / "small", hidden=32, vocab=2000)
+    cfg = small_config(str(tmp_path / "store"), tmp_path / "data", lens={"head": head})
+    with pytest.raises(HeadMismatchError, match="tokens but its unembedding only 2000 rows"):
+        run_extraction(parse_config(cfg), in_process=True, progress=False)
 
 
 def test_a_foreign_head_ranks_over_its_own_vocabulary(tmp_path):

@@ -302,3 +302,39 @@ def test_storycloze_standin_end_to_end_scores_whole_clips(tmp_path):
     # The whole-clip span has no text token: it is in `words`, never in recall.
     assert con.sql("SELECT DISTINCT word, len(variant_ids) FROM words").fetchall() == [("…", 0)]
     assert metrics.recall_by_layer(con, 10).empty
+
+
+def test_odd_but_real_inputs(tmp_path, monkeypatch):
+    """A relative SOURCE, a BOM, a file listed twice, a tab after the id, MFA's per-speaker
+    tier names, a folder given as OUT."""
+    dev = swuggy_standin(tmp_path)
+    gold = (dev / "gold.csv").read_text()
+    (dev / "gold.csv").write_text("\ufeff" + gold)  # Excel writes a BOM
+    monkeypatch.chdir(tmp_path)
+    make_manifest("swuggy", Path("lexical/dev"), Path("out/m.parquet"))
+    utts = read_manifest(str(tmp_path / "out" / "m.parquet")).utterances
+    assert len(utts) == 6 and all(Path(u.audio.path).is_file() for u in utts)
+
+    lines = gold.splitlines()
+    (dev / "gold.csv").write_text("\n".join([*lines, lines[1]]) + "\n")  # aQ000xZ twice
+    result = make_manifest("swuggy", dev, tmp_path / "m2.parquet")
+    assert result.dropped["items with a file listed twice in the gold file"] == 1
+
+    chapter = tmp_path / "libri" / "1" / "2"
+    chapter.mkdir(parents=True)
+    (chapter / "1-2.trans.txt").write_text("1-2-0000\tHELLO WORLD\n")
+    _wav(chapter / "1-2-0000.flac", 1.0, "FLAC")
+    grid = tmp_path / "mfa" / "1" / "2" / "1-2-0000.TextGrid"
+    from praatio import textgrid
+
+    grid.parent.mkdir(parents=True)
+    tg = textgrid.Textgrid()
+    tg.addTier(textgrid.IntervalTier("1 - phones", [(0.1, 0.2, "HH"), (0.2, 0.3, "AH")], 0, 1))
+    tg.addTier(textgrid.IntervalTier("1 - words", [(0.1, 0.5, "hello"), (0.5, 0.9, "world")], 0, 1))
+    tg.save(str(grid), format="long_textgrid", includeBlankSpaces=True)
+    make_manifest("librispeech", tmp_path / "libri", tmp_path / "l.parquet", tmp_path / "mfa")
+    (utt,) = read_manifest(str(tmp_path / "l.parquet")).utterances
+    assert utt.text == "hello world" and [w.word for w in utt.words] == ["hello", "world"]
+
+    with pytest.raises(RecipeError, match="is a folder"):
+        make_manifest("swuggy", dev, tmp_path / "out")

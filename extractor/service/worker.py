@@ -21,7 +21,7 @@ from extractor.config import RunConfig
 from extractor.lens import LensInputs, LensResult, fused_logit_lens
 from extractor.lens.selfcheck import SelfCheck, choose_engine
 from extractor.models import capture_layers, load_causal_lm, model_parts
-from extractor.models.head import foreign_head, hidden_size, own_head
+from extractor.models.head import HeadMismatchError, foreign_head, hidden_size, own_head
 from extractor.speech.dataset import ManifestSource, RowLocations, read_rows
 from extractor.speech.frontend import SpeechFrontEnd
 from extractor.speech.layouts import LayoutError, layout_from_config, segments_of, text_modalities
@@ -197,6 +197,11 @@ class ShardProcessor:
             allow_pickle=config.model.allow_pickle,
         )
         self.target_tokenizer = AutoTokenizer.from_pretrained(folder)
+        if len(self.target_tokenizer) > self.head.vocab_size:
+            raise HeadMismatchError(
+                f"lens.head {config.lens.head}: its tokenizer has {len(self.target_tokenizer)} "
+                f"tokens but its unembedding only {self.head.vocab_size} rows"
+            )
         self.segments = segments_of(text_modalities(self.target_tokenizer), self.head.vocab_size)
 
     # ----------------------------------------------------------------------------------

@@ -94,7 +94,11 @@ def read_textgrid(uri: str, utt_id: str, tier: str | None = None) -> tuple[Align
     except Exception as exc:
         raise WordTimingError(utt_id, f"cannot read TextGrid {uri}: {exc}") from exc
     names = tg.tierNames
-    name = tier or next((n for n in names if n.lower() in ("words", "word")), None)
+    # Montreal Forced Aligner names a speaker's tiers "<speaker> - words" / "- phones".
+    name = tier or next(
+        (n for n in names if n.lower() in ("words", "word") or n.lower().endswith(" - words")),
+        None,
+    )
     if name is None:
         interval = [n for n in names if tg.getTier(n).tierType == "IntervalTier"]
         if not interval:

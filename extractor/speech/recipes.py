@@ -77,12 +77,15 @@ def _read_gold(source: Path, required: tuple[str, ...]) -> list[dict]:
             f"no gold.csv in {source}: point at a ZeroSpeech 2021 set folder "
             "(lexical/dev, syntactic/dev, ...) holding gold.csv beside its wavs"
         )
-    with gold.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise RecipeError(f"{gold} lacks column(s) {missing} (has {reader.fieldnames})")
-        return list(reader)
+    try:
+        with gold.open(newline="", encoding="utf-8-sig") as f:  # a BOM is not a column name
+            reader = csv.DictReader(f)
+            missing = [c for c in required if c not in (reader.fieldnames or [])]
+            if missing:
+                raise RecipeError(f"{gold} lacks column(s) {missing} (has {reader.fieldnames})")
+            return list(reader)
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{gold} is not UTF-8 text ({exc})") from exc
 
 
 def _duration(path: Path) -> float:
@@ -105,7 +108,11 @@ def _paired(
     items: dict[tuple, list[dict]] = defaultdict(list)
     for g in gold:
         items[key(g)].append(g)
+    uses = Counter(g["filename"] for g in gold)
     for item_key, members in items.items():
+        if any(uses[m["filename"]] > 1 for m in members):
+            result.dropped["items with a file listed twice in the gold file"] += 1
+            continue
         roles = Counter(str(m["correct"]).strip() for m in members)
         wavs = [source / f"{m['filename']}.wav" for m in members]
         if roles["1"] != 1 or roles["0"] < 1 or roles["1"] + roles["0"] != len(members):
@@ -243,7 +250,7 @@ def librispeech(source: Path, alignments: Path | None = None) -> RecipeResult:
     result = RecipeResult()
     for trans in transcripts:
         for line in trans.read_text().splitlines():
-            uid, _, text = line.strip().partition(" ")
+            uid, text = ([*line.split(None, 1), ""])[:2]
             if not uid:
                 continue
             audio = next(
@@ -308,6 +315,11 @@ def make_manifest(
         raise RecipeError(f"unknown recipe {name!r}: use one of {sorted(RECIPES)}")
     if not source.is_dir():
         raise RecipeError(f"{source} is not a folder")
+    if out.is_dir():
+        raise RecipeError(f"{out} is a folder: name the manifest file to write (.parquet)")
+    # Absolute paths: the reader resolves relative ones against the manifest's own folder.
+    source = source.resolve()
+    alignments = alignments.resolve() if alignments is not None else None
     result = RECIPES[name](source, alignments)
     if not result.rows:
         raise RecipeError(f"{name}: nothing usable in {source} ({dict(result.dropped)})")
