@@ -23,6 +23,7 @@ the interpreter mishandles bf16), which is how CI checks its logic.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -234,23 +235,48 @@ def triton_lens(
     tp = _next_pow2(max(t, 1))
 
     h = normed_rows(inputs).contiguous()
-    w = inputs.unembed.contiguous()
     t_vals = target_logits(h.double(), targets, inputs).float().contiguous()
-    starts, stops, segs = _tile_table(inputs, block_n, device)
-    n_tiles = len(starts)
-    row_blocks = triton.cdiv(max(n, 1), block_m)
+    shape = _Shape(n=n, d=d, t=t, tp=tp, sp=sp, kp=kp, bm=block_m, bn=block_n, bk=block_k)
+    outputs = _launch(inputs, h, targets, t_vals, shape, splits)
+    lse, seg_lse, cv, ci, counts = _merge_splits(*outputs, n_seg, t)
+    fields = _segment_results(names, k, targets, t_vals, lse, seg_lse, cv, ci, counts)
+    return LensResult(**fields, **_pooled(inputs, row_chunk, vocab_chunk, compile))
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """Sizes of one launch: rows, width, targets (and their power of two), segment and
+    top-k slots (powers of two), and the kernel's block sizes."""
+
+    n: int
+    d: int
+    t: int
+    tp: int
+    sp: int
+    kp: int
+    bm: int
+    bn: int
+    bk: int
+
+
+def _launch(inputs: LensInputs, h, targets, t_vals, shape: _Shape, splits: int | None):
+    """Run the kernel over every (row block, vocabulary split); returns each split's
+    partial maxima, sums, top-k candidates (values, ids) and target counts."""
+    device, w = inputs.unembed.device, inputs.unembed.contiguous()
+    starts, stops, segs = _tile_table(inputs, shape.bn, device)
+    n, n_tiles = shape.n, len(starts)
+    row_blocks = triton.cdiv(max(n, 1), shape.bm)
     if splits is None:
         # Enough programs to fill the GPU, each still walking many tiles.
         splits = max(1, min(n_tiles, 4 * 132 // row_blocks)) if device.type == "cuda" else 2
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)
-
     f32 = dict(dtype=torch.float32, device=device)
-    out_max = torch.full((splits, n, sp), NEG_INF, **f32)
-    out_sum = torch.zeros((splits, n, sp), **f32)
-    out_cv = torch.full((splits, n, sp * kp), NEG_INF, **f32)
-    out_ci = torch.full((splits, n, sp * kp), -1, dtype=torch.long, device=device)
-    out_cnt = torch.zeros((splits, n, sp * tp), dtype=torch.long, device=device)
+    out_max = torch.full((splits, n, shape.sp), NEG_INF, **f32)
+    out_sum = torch.zeros((splits, n, shape.sp), **f32)
+    out_cv = torch.full((splits, n, shape.sp * shape.kp), NEG_INF, **f32)
+    out_ci = torch.full((splits, n, shape.sp * shape.kp), -1, dtype=torch.long, device=device)
+    out_cnt = torch.zeros((splits, n, shape.sp * shape.tp), dtype=torch.long, device=device)
     bias = inputs.bias.float().contiguous() if inputs.bias is not None else out_sum
     if n and n_tiles:
         _lens_tiles_kernel[(row_blocks, splits)](
@@ -268,27 +294,22 @@ def triton_lens(
             out_ci,
             out_cnt,
             n,
-            d,
+            shape.d,
             n_tiles,
             tiles_per_split,
             float(inputs.softcap or 1.0),
-            T=t,
-            TP=tp,
-            SP=sp,
-            KP=kp,
+            T=shape.t,
+            TP=shape.tp,
+            SP=shape.sp,
+            KP=shape.kp,
             HAS_BIAS=inputs.bias is not None,
             HAS_SOFTCAP=inputs.softcap is not None,
-            BM=block_m,
-            BN=block_n,
-            BK=block_k,
+            BM=shape.bm,
+            BN=shape.bn,
+            BK=shape.bk,
             DOT_PRECISION="ieee",
         )
-
-    lse, seg_lse, cv, ci, counts = _merge_splits(
-        out_max, out_sum, out_cv, out_ci, out_cnt, n_seg, t
-    )
-    fields = _segment_results(names, k, targets, t_vals, lse, seg_lse, cv, ci, counts)
-    return LensResult(**fields, **_pooled(inputs, row_chunk, vocab_chunk, compile))
+    return out_max, out_sum, out_cv, out_ci, out_cnt
 
 
 def _merge_splits(out_max, out_sum, out_cv, out_ci, out_cnt, n_seg: int, t: int):
