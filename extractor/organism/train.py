@@ -185,31 +185,17 @@ def _llama(spec: OrganismSpec, vocab_size: int):
     return LlamaForCausalLM(config)
 
 
-def train_organism(out: str | Path, spec: OrganismSpec, log=print) -> Path:
-    """Train one organism into ``out`` (a Hugging Face folder + acoustic.npz + organism.json)."""
-    if spec.variant not in VARIANTS:
-        raise ValueError(f"unknown variant {spec.variant!r}: use one of {VARIANTS}")
-    if spec.steps < 1:
-        raise ValueError(f"steps must be >= 1, got {spec.steps}")
-    started = time.perf_counter()
-    out = Path(out)
-    torch.manual_seed(spec.seed)
-    rng = np.random.default_rng(spec.seed)
-    tokenizer = build_tokenizer(vocabulary(), spec.n_units)
-    layout = layout_from_config(layout_spec(spec.n_units)).check(tokenizer)
-    grammar = Grammar(seed=spec.seed)
-    acoustic, pool = _speech_data(spec, grammar, rng)
-    log(
-        f"data ready in {time.perf_counter() - started:.0f} s: {len(vocabulary())} words, "
-        f"{spec.n_units} units, {len(pool)} spoken sentences"
-    )
-    model = _llama(spec, len(tokenizer)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
-    batcher = Batcher(spec.context, spec.batch, tokenizer.bos_token_id)
+def learning_rate(spec: OrganismSpec, step: int) -> float:
+    """30 steps of linear warm-up, then a cosine to zero at ``spec.steps``."""
+    progress = step / spec.steps
+    return spec.lr * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _sequence_source(spec: OrganismSpec, rng, grammar, tokenizer, layout, pool):
+    """``next_sequence(phase)``: token ids of one training sequence. The text phase draws
+    text sentences; the mixed phase draws interleaved / text / speech (speech-only:
+    speech / text) in the variant's proportions, from ``rng`` in a fixed order."""
     rule = ModalityRule("poisson", mean_span=3.0, seed=spec.seed)
-    text_steps = 0 if spec.variant == "random-init" else round(spec.steps * spec.text_fraction)
-    log(f"training {spec.steps} steps (~{estimated_minutes(spec):.0f} minutes on 2 cores)")
-    tokens = 0
 
     def next_sequence(phase: str) -> list[int]:
         kind = "text"
@@ -233,16 +219,41 @@ def train_organism(out: str | Path, spec: OrganismSpec, log=print) -> Path:
             variants=False,
         ).token_ids
 
+    return next_sequence
+
+
+def train_organism(out: str | Path, spec: OrganismSpec, log=print) -> Path:
+    """Train one organism into ``out`` (a Hugging Face folder + acoustic.npz + organism.json)."""
+    if spec.variant not in VARIANTS:
+        raise ValueError(f"unknown variant {spec.variant!r}: use one of {VARIANTS}")
+    if spec.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {spec.steps}")
+    started = time.perf_counter()
+    out = Path(out)
+    torch.manual_seed(spec.seed)
+    rng = np.random.default_rng(spec.seed)
+    tokenizer = build_tokenizer(vocabulary(), spec.n_units)
+    layout = layout_from_config(layout_spec(spec.n_units)).check(tokenizer)
+    grammar = Grammar(seed=spec.seed)
+    acoustic, pool = _speech_data(spec, grammar, rng)
+    log(
+        f"data ready in {time.perf_counter() - started:.0f} s: {len(vocabulary())} words, "
+        f"{spec.n_units} units, {len(pool)} spoken sentences"
+    )
+    model = _llama(spec, len(tokenizer)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
+    batcher = Batcher(spec.context, spec.batch, tokenizer.bos_token_id)
+    text_steps = 0 if spec.variant == "random-init" else round(spec.steps * spec.text_fraction)
+    log(f"training {spec.steps} steps (~{estimated_minutes(spec):.0f} minutes on 2 cores)")
+    next_sequence = _sequence_source(spec, rng, grammar, tokenizer, layout, pool)
+    tokens = 0
     for step in range(spec.steps):
         phase = "text" if step < text_steps else "mix"
         while not batcher.ready():
             batcher.add(next_sequence(phase))
         batch = batcher.take()
-        progress = step / spec.steps
-        for group in opt.param_groups:  # warm-up, then cosine
-            group["lr"] = (
-                spec.lr * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * progress))
-            )
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(spec, step)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
