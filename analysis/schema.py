@@ -12,6 +12,7 @@ pyarrow, no torch. A store is a root folder or ``s3://bucket/prefix`` holding:
     _submissions/run_id=<id>/attempt-<NNN>.json    (the watcher's own job log)
     _probe/run_id=<id>/<uuid>.token                (is a local store shared by all nodes?)
     _compactions/run_id=<id>/compaction-<NNNNN>.json  (shards merged into larger files)
+    _attempts/run_id=<id>/compaction-<NNNNN>/<token>.json  (a compaction's journal)
     <table>/run_id=<id>/compact-<NNNNN>-<token>-<seq>.parquet   (a compaction's data)
 
 A shard's data files are listed in its commit marker, which is written last;
