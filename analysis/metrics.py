@@ -193,7 +193,8 @@ def recall_with_ci(
     """:func:`recall_by_layer` and :func:`peak_layers` with bootstrap intervals.
 
     Utterances are resampled (:mod:`analysis.uncertainty`), seeded per run. The recall
-    table gains ``recall_lo``/``recall_hi`` and ``control_lo``/``control_hi``; the peak
+    table gains ``recall_lo``/``recall_hi``, ``control_lo``/``control_hi`` and
+    ``ratio_lo``/``ratio_hi`` (recall over control, from the same draws); the peak
     table gains ``peak_layer_lo``/``peak_layer_hi`` (where the replicates' curves peak)
     and ``peak_recall_lo``/``peak_recall_hi`` (recall at the peak layer).
     """
@@ -217,6 +218,9 @@ def recall_with_ci(
             run_rng(seed, run_id),
         )
         lo, hi = percentile_interval(reps, level)
+        with np.errstate(invalid="ignore", divide="ignore"):  # a control of 0: no ratio
+            ratio = np.where(reps[:, 1] > 0, reps[:, 0] / reps[:, 1], np.nan)
+        ratio_lo, ratio_hi = percentile_interval(ratio, level)
         bounds.append(
             pd.DataFrame(
                 {
@@ -226,6 +230,8 @@ def recall_with_ci(
                     "recall_hi": hi[0],
                     "control_lo": lo[1],
                     "control_hi": hi[1],
+                    "ratio_lo": ratio_lo,
+                    "ratio_hi": ratio_hi,
                 }
             )
         )

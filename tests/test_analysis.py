@@ -347,6 +347,24 @@ def test_recall_intervals_resample_utterances_as_pandas_counts_them(store, con):
         np.testing.assert_array_equal(mine.recall_hi, hi[0])
     row = peaks.iloc[0]
     assert row.peak_layer_lo <= row.peak_layer <= row.peak_layer_hi
+    # The ratio's interval comes from the same draws as recall's and control's.
+    counts = con.sql(metrics.recall_counts_sql(K)).df()
+    one = counts[counts.run_id == "run-1"]
+    grid = {
+        c: one.pivot_table(index="utterance_id", columns="layer", values=c, fill_value=0)
+        for c in ("n_words", "hits", "n_ctrl", "ctrl_hits")
+    }
+    pairs = [
+        (grid["hits"].to_numpy(), grid["n_words"].to_numpy()),
+        (grid["ctrl_hits"].to_numpy(), grid["n_ctrl"].to_numpy()),
+    ]
+    reps = bootstrap_ratios(pairs, 400, run_rng(7, "run-1"))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(reps[:, 1] > 0, reps[:, 0] / reps[:, 1], np.nan)
+    lo, hi = percentile_interval(ratio, 0.95)
+    mine = recall[recall.run_id == "run-1"].sort_values("layer")
+    np.testing.assert_array_equal(mine.ratio_lo, lo)
+    np.testing.assert_array_equal(mine.ratio_hi, hi)
     # Seeded per run: one run's interval is the same whatever else is in the query.
     alone, _ = metrics.recall_with_ci(con, K, filters=Filters(runs=("run-1",)), n_boot=400, seed=7)
     both = recall[recall.run_id == "run-1"].reset_index(drop=True)
