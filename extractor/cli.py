@@ -263,6 +263,11 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         cfg, address=args.address, in_process=args.in_process, progress=not args.no_progress
     )
     print(summary.describe())
+    if args.compact and summary.ok:  # a finished run's shards into target-size files
+        from .store.compact import compact_store
+
+        for report in compact_store(cfg.store, [summary.run_id]):
+            print(report.describe())
     return 0 if summary.ok else 1
 
 
@@ -329,6 +334,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         settle_s=args.settle,
         env_vars=forwarded_env(),  # settings only: nodes bring their own credentials
         python=args.python,
+        compact=args.compact,
     )
     if args.every:
         watcher.loop(parse_interval(args.every))
@@ -532,6 +538,11 @@ def _add_service_commands(sub) -> None:
     ex.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     ex.add_argument("--in-process", action="store_true", help="no Ray: one worker in this process")
     ex.add_argument("--no-progress", action="store_true")
+    ex.add_argument(
+        "--compact",
+        action="store_true",
+        help="compact the run once it finished without failures (slm-lens compact)",
+    )
     ex.set_defaults(func=_cmd_extract)
 
     w = sub.add_parser("watch", help="submit one Ray job per new, complete checkpoint")
@@ -539,6 +550,9 @@ def _add_service_commands(sub) -> None:
     w.add_argument("--config", required=True, help="run config YAML (path or URI)")
     w.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://head:8265")
     w.add_argument("--store", help="store URI (overrides the config's)")
+    w.add_argument(
+        "--compact", action="store_true", help="each job compacts its run once it finished"
+    )
     mode = w.add_mutually_exclusive_group()
     mode.add_argument("--once", action="store_true", help="one pass, then exit (the default)")
     mode.add_argument("--every", help="poll interval, e.g. 10m")

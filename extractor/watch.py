@@ -167,6 +167,7 @@ class Watcher:
         env_vars: dict[str, str] | None = None,
         python: str | None = None,
         client=None,
+        compact: bool = False,
     ) -> None:
         from ray.job_submission import JobSubmissionClient
 
@@ -182,6 +183,7 @@ class Watcher:
         # Never credentials in a job submission (Ray shows runtime_env in plain text).
         self.env_vars = {k: v for k, v in (env_vars or {}).items() if k not in SECRETS}
         self.python = python
+        self.compact = compact
         self.client = client or with_retries(
             lambda: JobSubmissionClient(address), f"connecting to Ray at {address}", attempts=5
         )
@@ -193,6 +195,7 @@ class Watcher:
         return (
             f"{exe} extract {shlex.quote(self.config_path)} --model {shlex.quote(ckpt.uri)} "
             f"--store {shlex.quote(self.cfg.store)} --no-progress"
+            + (" --compact" if self.compact else "")
         )
 
     def _known_runs(self) -> dict[str, dict]:

@@ -298,3 +298,18 @@ def test_readers_of_a_compacted_run_use_the_compaction_s_copy_of_each_marker(sto
         con = open_store(str(store), ["run-0"])
         again = con.sql("SELECT * EXCLUDE (compaction) FROM shards ORDER BY shard").fetchall()
     assert again == shards and len(shards) == 3
+
+
+def test_extract_compact_compacts_the_run_it_finished(tmp_path, capsys):
+    import yaml
+
+    from tests.service_helpers import small_config
+
+    store = tmp_path / "store"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(small_config(str(store), tmp_path / "data")))
+    argv = ["extract", str(config), "--in-process", "--no-progress", "--compact"]
+    assert main(argv) == 0
+    assert "compaction 1 merged" in capsys.readouterr().out
+    shards = open_store(str(store)).sql("SELECT shard, compaction FROM shards").fetchall()
+    assert len(shards) > 2 and {c for _, c in shards} == {1}

@@ -217,3 +217,15 @@ def test_submitted_never_hides_a_driver_that_already_finished(watcher_for):
     jobs.submit_job = fast_driver
     (run_id,) = watcher.once().submitted
     assert _history(watcher.cfg.store, run_id)[-1][0] == "finished"
+
+
+def test_a_compacting_watcher_asks_each_job_to_compact(setup, tmp_path):
+    ckpts, config = setup
+    cfg = load_config(config).with_store(str(tmp_path / "store"))
+    plain = Watcher(str(ckpts), str(config), cfg, "http://head:8265", client=RecordedJobs())
+    compacting = Watcher(
+        str(ckpts), str(config), cfg, "http://head:8265", client=RecordedJobs(), compact=True
+    )
+    ckpt = SimpleNamespace(uri=str(ckpts / "step-100"))
+    assert not plain._entrypoint(ckpt).endswith("--compact")
+    assert compacting._entrypoint(ckpt).endswith("--no-progress --compact")
