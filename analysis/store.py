@@ -241,10 +241,11 @@ def _markers(fs, root: str, folder: str, wanted: set[str] | None):
 @dataclass(frozen=True)
 class Compactions:
     """A store's compaction markers that parse: the ``trusted`` ones readers read, and the
-    ``damaged`` ones (a listed file is missing), which readers ignore."""
+    ``untrusted`` ones readers ignore (a listed file is missing, or it repeats shards of
+    an earlier trusted compaction)."""
 
     trusted: list[Compaction]
-    damaged: list[Compaction]
+    untrusted: list[Compaction]
 
 
 def read_compactions(
@@ -256,7 +257,8 @@ def read_compactions(
     takes only shards no earlier one covers, and generations are published
     exclusively). Should two ever overlap, the earlier stands and the later is
     ignored with a warning, so no row is read twice. A compaction that lost a file
-    is damaged: its shards are read from their own files where those still exist.
+    is damaged: its shards are read from their own files where those still exist. Both
+    kinds are returned as ``untrusted`` (gc keeps those that hold last copies).
     """
     wanted = set(runs) if runs is not None else None
     parsed = [
@@ -265,7 +267,7 @@ def read_compactions(
         if (c := parse_compaction(fs, path)) is not None
     ]
     trusted: list[Compaction] = []
-    damaged: list[Compaction] = []
+    untrusted: list[Compaction] = []
     covered: set[tuple[str, int]] = set()
     for c, path in sorted(parsed, key=lambda item: (item[0].run_id, item[0].generation)):
         missing = _missing_file(fs, path.rsplit(f"/{schema.COMPACTIONS_DIR}/", 1)[0], c.files)
@@ -278,7 +280,7 @@ def read_compactions(
                 CorruptCompactionWarning,
                 stacklevel=2,
             )
-            damaged.append(c)
+            untrusted.append(c)
             continue
         overlap = {(c.run_id, s) for s in c.shards} & covered
         if overlap:
@@ -288,10 +290,11 @@ def read_compactions(
                 CorruptCompactionWarning,
                 stacklevel=2,
             )
+            untrusted.append(c)
             continue
         covered |= {(c.run_id, s) for s in c.shards}
         trusted.append(c)
-    return Compactions(trusted, damaged)
+    return Compactions(trusted, untrusted)
 
 
 @dataclass(frozen=True)
@@ -300,7 +303,7 @@ class StoreIndex:
 
     commits: list[Commit]
     compactions: list[Compaction]
-    damaged: list[Compaction] = ()  # compactions that lost a file (ignored by readers)
+    untrusted: list[Compaction] = ()  # compactions readers ignore (a lost file, an overlap)
 
     @property
     def committed(self) -> set[tuple[str, int]]:
@@ -310,12 +313,17 @@ class StoreIndex:
         return shards | {(c.run_id, s) for c in self.compactions for s in c.shards}
 
     @property
-    def damaged_and_needed(self) -> list[Compaction]:
-        """Damaged compactions whose surviving files hold the only copy of a shard's rows
-        (the shard's own files are gone and nothing else commits it): gc keeps them, so a
+    def untrusted_but_needed(self) -> list[Compaction]:
+        """Untrusted compactions whose files hold the only copy of a shard's rows (the
+        shard's own files are gone and nothing else commits it): gc keeps them, so a
         restored file makes them whole again."""
         committed = self.committed
-        return [c for c in self.damaged if any((c.run_id, s) not in committed for s in c.shards)]
+        return [c for c in self.untrusted if any((c.run_id, s) not in committed for s in c.shards)]
+
+    def held_by_untrusted(self, run_id: str) -> set[int]:
+        """Shards of ``run_id`` that an untrusted compaction names: a compaction may not
+        take them, or a restored file would make two compactions hold one shard."""
+        return {s for c in self.untrusted if c.run_id == run_id for s in c.shards}
 
     def data_files(self, table: str) -> list[str]:
         """The files holding ``table``'s committed rows, each row in exactly one file."""
@@ -341,7 +349,7 @@ def read_index(fs: pafs.FileSystem, root: str, runs: Iterable[str] | None = None
         if (commit := load_commit(fs, path)) is not None
     ]
     commits.sort(key=lambda c: (c.run_id, c.shard))
-    return StoreIndex(commits, compactions, found.damaged)
+    return StoreIndex(commits, compactions, found.untrusted)
 
 
 def _shard_of_marker(path: str) -> int | None:

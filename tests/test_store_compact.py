@@ -313,3 +313,80 @@ def test_extract_compact_compacts_the_run_it_finished(tmp_path, capsys):
     assert "compaction 1 merged" in capsys.readouterr().out
     shards = open_store(str(store)).sql("SELECT shard, compaction FROM shards").fetchall()
     assert len(shards) > 2 and {c for _, c in shards} == {1}
+
+
+def _late_shard(store, shard: int, utt: str) -> None:
+    with StoreWriter(str(store)).shard("run-0", shard) as sw:
+        sw.write(
+            "tokens",
+            [
+                {"utterance_id": utt, "position": i, "token_id": i, "modality": "text"}
+                for i in range(3)
+            ],
+        )
+        sw.commit()
+
+
+def test_a_compaction_never_takes_shards_a_damaged_one_names(tmp_path):
+    """Restoring a damaged compaction's file must not hide shards a later compaction holds."""
+    store = tmp_path / "store"
+    build_store(str(store), n_runs=1, n_utts=6, shards=2)
+    compact_store(str(store))  # generation 1: shards 0 and 1
+    _late_shard(store, 2, "late")  # committed after it
+    collect_garbage(str(store), delete=True, min_age_s=0)
+    before = _rows(str(store))
+    lost = next(p for p in _parquet_files(store, "lens") if p.name.startswith("compact-"))
+    saved = tmp_path / "saved.parquet"
+    saved.write_bytes(lost.read_bytes())
+    lost.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _late_shard(store, 1, "redone")  # a partial re-run redoes shard 1
+        (report,) = compact_store(str(store))
+        assert report.generation == 2 and report.shards == 1 and report.left == [1]
+        assert "shards [1] left out" in report.describe()
+        collect_garbage(str(store), delete=True, min_age_s=0)
+    saved.rename(lost)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _rows(str(store)) == before
+    collect_garbage(str(store), delete=True, min_age_s=0)
+    assert _rows(str(store)) == before
+
+
+def test_gc_keeps_the_files_of_a_compaction_published_while_it_runs(store, monkeypatch):
+    """The compaction publishes after gc listed the files and before it read the journals:
+    its journal is gone, but gc reads the markers last, so it sees the compaction."""
+    from extractor.store import compact, gc
+
+    before = _rows(str(store))
+    stash = {}
+    real_publish_files, real_journaled = compact._Merge.publish_files, gc._journaled_files
+
+    def publish_files(self):
+        real_publish_files(self)
+        stash["merge"] = self
+
+    def gc_midway(fs, root, run_id, todo):
+        merge = stash["merge"]
+        old = time.time() - 7200  # a long compaction: its first files are old
+        for path in store.rglob("*compact-*.parquet"):
+            os.utime(path, (old, old))
+
+        def publish_first(*args):
+            merge.publish_marker(todo)  # the compactor wins the race here
+            merge.forget_journal()
+            return real_journaled(*args)
+
+        monkeypatch.setattr(gc, "_journaled_files", publish_first)
+        collect_garbage(str(store), delete=True)  # the default grace period
+        monkeypatch.setattr(gc, "_journaled_files", real_journaled)
+        return []
+
+    monkeypatch.setattr(compact._Merge, "publish_files", publish_files)
+    monkeypatch.setattr(compact, "_taken_meanwhile", gc_midway)
+    (report,) = compact_store(str(store), ["run-0"])
+    assert report.generation == 1 and report.skipped is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the compaction is whole
+        assert _rows(str(store)) == before

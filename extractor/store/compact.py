@@ -70,15 +70,19 @@ class CompactionReport:
     bytes_after: int = 0
     rows: dict[str, int] = field(default_factory=dict)
     skipped: str | None = None
+    left: list[int] = field(default_factory=list)  # shards a damaged compaction names
 
     def describe(self) -> str:
         if self.skipped:
             return f"{self.run_id}: nothing done ({self.skipped})"
+        left = (
+            f"; shards {self.left} left out: a damaged compaction names them" if self.left else ""
+        )
         return (
             f"{self.run_id}: compaction {self.generation} merged {self.shards} shard(s), "
             f"{self.files_before:,} file(s) into {self.files_after:,} "
             f"({self.bytes_after:,} bytes, {sum(self.rows.values()):,} rows); "
-            "the replaced files go at the next `slm-lens gc --delete` after its grace period"
+            "the replaced files go at the next `slm-lens gc --delete` after its grace period" + left
         )
 
 
@@ -121,9 +125,13 @@ def compact_run(
 ) -> CompactionReport:
     """Merge ``run_id``'s committed shards that no compaction holds into one compaction."""
     index = read_index(fs, root, [run_id])
-    todo = [c for c in index.commits if c.compaction is None]
+    held = index.held_by_untrusted(run_id)
+    todo = [c for c in index.commits if c.compaction is None and c.shard not in held]
     if not todo:
         why = "every committed shard is already compacted" if index.commits else "no shards"
+        if held:
+            why = f"shards {sorted(held)} are named by a damaged compaction: restore its file, "
+            why += "or redo them all and gc it"
         return CompactionReport(run_id, skipped=why)
     generation = 1 + _last_generation(fs, root, run_id)
     merge = _Merge(fs, root, run_id, generation, target_file_bytes)
@@ -157,6 +165,7 @@ def compact_run(
         files_after=sum(len(f) for f in merge.final.values()),
         bytes_after=merge.bytes,
         rows=dict(merge.rows),
+        left=sorted(s for s in held if s in {c.shard for c in index.commits}),
     )
 
 

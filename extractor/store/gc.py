@@ -69,7 +69,7 @@ def _shard_of(rel: str) -> int | None:
 
 @dataclass(frozen=True)
 class Needed:
-    """What gc keeps: everything a reader trusts, and the last copies a damaged compaction
+    """What gc keeps: everything a reader trusts, and the last copies an untrusted compaction
     holds (a restored file makes it whole again)."""
 
     data: set[str]  # data files
@@ -79,7 +79,7 @@ class Needed:
 
     @classmethod
     def of(cls, index: StoreIndex) -> Needed:
-        last_copies = index.damaged_and_needed
+        last_copies = index.untrusted_but_needed
         held = {(c.run_id, s) for c in last_copies for s in c.shards}
         return cls(
             data={f for t in schema.SHARD_TABLES for f in index.data_files(t)}
@@ -130,14 +130,17 @@ def collect_garbage(
     """
     fs, root = resolve(uri)
     check_store(fs, root, uri)
+    cutoff_ns = time.time_ns() - int(min_age_s * 1e9)
+    # Files, then journals, then markers: a file a writer publishes while gc runs is named
+    # either by a journal gc read or by a marker gc read after its journal was gone.
+    files = with_retries(lambda: list_files(fs, root), f"listing {uri}")
+    journaled = _journaled_files(fs, root, files, cutoff_ns)
     index = read_index(fs, root)
     needed = Needed.of(index)
-    cutoff_ns = time.time_ns() - int(min_age_s * 1e9)
-    files = with_retries(lambda: list_files(fs, root), f"listing {uri}")
     # A file a compaction replaced is as young as that compaction (readers that listed
     # the store just before it may still read it); a file a journal names is as young as
     # the journal (a long compaction refreshes its journal as it goes).
-    young_since = _replaced_files(index) | _journaled_files(fs, root, files, cutoff_ns)
+    young_since = _replaced_files(index) | journaled
     status = dict(open_store(uri).sql("SELECT run_id, status FROM runs").fetchall())
     active = set() if include_active else {r for r, s in status.items() if s in ACTIVE_STATES}
     report = GarbageReport(deleted=delete)
