@@ -156,13 +156,10 @@ def load_commit(fs: pafs.FileSystem, path: str) -> Commit | None:
     hand) makes the shard uncommitted: readers skip it, writers redo it. (A shard a
     trusted compaction holds is read from the compaction's copy of its marker.)
     """
-    try:
-        text = with_retries(lambda: read_text(fs, path), f"reading {path}")
-    except FileNotFoundError:
-        return None  # removed since it was listed (gc of an untrusted marker)
-    try:
-        data = json.loads(text)
-        commit = Commit(
+    commit = _read_marker(
+        fs,
+        path,
+        lambda data: Commit(
             run_id=data["run_id"],
             shard=int(data["shard"]),
             files=data.get("files", {}),
@@ -172,14 +169,12 @@ def load_commit(fs: pafs.FileSystem, path: str) -> Commit | None:
             committed_at=data.get("committed_at", ""),
             stats=data.get("stats", {}),
             attempt=str(data.get("attempt", "")),
-        )
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        warnings.warn(
-            f"commit marker {path} is unreadable ({type(exc).__name__}: {exc}); "
-            "its shard counts as not committed",
-            CorruptCommitWarning,
-            stacklevel=2,
-        )
+        ),
+        "commit marker",
+        "its shard counts as not committed",
+        CorruptCommitWarning,
+    )
+    if commit is None:
         return None
     root = path.rsplit(f"/{schema.COMMITS_DIR}/", 1)[0]
     missing = _missing_file(fs, root, commit.files)
@@ -197,13 +192,10 @@ def load_commit(fs: pafs.FileSystem, path: str) -> Commit | None:
 def parse_compaction(fs: pafs.FileSystem, path: str) -> Compaction | None:
     """The compaction marker at ``path`` as written, or None (with a warning) if it does
     not parse (a torn write). Whether its files all exist is not checked here."""
-    try:
-        text = with_retries(lambda: read_text(fs, path), f"reading {path}")
-    except FileNotFoundError:
-        return None
-    try:
-        data = json.loads(text)
-        return Compaction(
+    return _read_marker(
+        fs,
+        path,
+        lambda data: Compaction(
             run_id=data["run_id"],
             generation=int(data["generation"]),
             shards={int(k): dict(v) for k, v in data["shards"].items()},
@@ -212,13 +204,27 @@ def parse_compaction(fs: pafs.FileSystem, path: str) -> Compaction | None:
             bytes=int(data.get("bytes", 0)),
             compacted_at=str(data.get("compacted_at", "")),
             token=str(data.get("token", "")),
-        )
+        ),
+        "compaction marker",
+        "its shards are read from their own files",
+        CorruptCompactionWarning,
+    )
+
+
+def _read_marker(fs, path: str, build, kind: str, consequence: str, category):
+    """``build(json)`` of the marker at ``path``; None if it is gone (removed since it was
+    listed) or, with a warning saying ``consequence``, if it does not parse."""
+    try:
+        text = with_retries(lambda: read_text(fs, path), f"reading {path}")
+    except FileNotFoundError:
+        return None
+    try:
+        return build(json.loads(text))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         warnings.warn(
-            f"compaction marker {path} is unreadable ({type(exc).__name__}: {exc}); "
-            "its shards are read from their own files",
-            CorruptCompactionWarning,
-            stacklevel=2,
+            f"{kind} {path} is unreadable ({type(exc).__name__}: {exc}); {consequence}",
+            category,
+            stacklevel=3,
         )
         return None
 

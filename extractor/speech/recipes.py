@@ -88,6 +88,18 @@ def _read_gold(source: Path, required: tuple[str, ...]) -> list[dict]:
         raise RecipeError(f"{gold} is not UTF-8 text ({exc})") from exc
 
 
+def _one_span_row(uid: str, wav: Path, label: str) -> dict:
+    """A clip whose one word spans all of it (a sWUGGY word, a StoryCloze clip scored whole)."""
+    duration = _duration(wav)
+    return {
+        "id": uid,
+        "audio": str(wav),
+        "text": label,
+        "words": json.dumps([[label, 0.0, round(duration, 5)]]),
+        "duration_s": duration,
+    }
+
+
 def _duration(path: Path) -> float:
     """Seconds of an audio file, from its header only."""
     import soundfile as sf
@@ -148,15 +160,7 @@ def swuggy(source: Path, alignments: Path | None = None) -> RecipeResult:
 
     def row_of(g: dict, wav: Path) -> dict:
         label = (g.get("word") or "").strip() or "".join((g.get("phones") or "").split())
-        duration = _duration(wav)
-        words = json.dumps([[label, 0.0, round(duration, 5)]])
-        return {
-            "id": g["filename"],
-            "audio": str(wav),
-            "text": label,
-            "words": words,
-            "duration_s": duration,
-        }
+        return _one_span_row(g["filename"], wav, label)
 
     return _paired(gold, source, lambda g: (g["id"], g["voice"]), "swuggy", row_of)
 
@@ -204,12 +208,13 @@ def storycloze(source: Path, alignments: Path | None = None) -> RecipeResult:
     if alignments is not None:
         raise RecipeError("storycloze ships no transcripts to align: --alignments does not apply")
     wavs = sorted(source.glob("*.wav"))
-    gold = []
-    result = RecipeResult()
+    if not wavs:
+        raise RecipeError(f"no *.wav in {source}: point at the sSC or tSC folder")
+    gold, misnamed = [], 0
     for wav in wavs:
         match = _CLOZE_WAV.match(wav.stem)
         if match is None:
-            result.dropped["wavs not named <n>_<story>_correct|incorrect.wav"] += 1
+            misnamed += 1
             continue
         gold.append(
             {
@@ -218,22 +223,15 @@ def storycloze(source: Path, alignments: Path | None = None) -> RecipeResult:
                 "correct": "1" if match.group(3) == "correct" else "0",
             }
         )
-    if not wavs:
-        raise RecipeError(f"no *.wav in {source}: point at the sSC or tSC folder")
-
-    def row_of(g: dict, wav: Path) -> dict:
-        duration = _duration(wav)
-        words = json.dumps([[WHOLE_CLIP, 0.0, round(duration, 5)]])
-        return {
-            "id": g["filename"],
-            "audio": str(wav),
-            "text": WHOLE_CLIP,
-            "words": words,
-            "duration_s": duration,
-        }
-
-    paired = _paired(gold, source, lambda g: (g["story"],), "storycloze", row_of)
-    paired.dropped.update(result.dropped)
+    paired = _paired(
+        gold,
+        source,
+        lambda g: (g["story"],),
+        "storycloze",
+        lambda g, wav: _one_span_row(g["filename"], wav, WHOLE_CLIP),
+    )
+    if misnamed:
+        paired.dropped["wavs not named <n>_<story>_correct|incorrect.wav"] += misnamed
     return paired
 
 
