@@ -44,10 +44,42 @@ def _same_topk(ids, vals, want_ids, want_vals, what: str, value_tol: float) -> N
     assert bool((err <= allowed).all()), f"{what}: value off by {float(err.max())}"
 
 
-def check_exact(inputs: LensInputs, got: LensResult, vocab_chunk: int = 8192) -> None:
-    """Every field of ``got`` against :func:`reference_lens`: equal ranks and ids."""
+def plant_ties(inputs: LensInputs, seed: int) -> LensInputs:
+    """Duplicate unembedding rows (exact ties) and aim targets at the k-th place.
+
+    Each row's k-th best entry gets copies elsewhere in the vocabulary, and some
+    targets become those copies or the entries just around rank k: the cases where
+    a rank or a top-k list is decided by one comparison.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    w = inputs.unembed.clone()
+    v = len(w)
+    logits = reference_logits(inputs)
+    for row in range(min(inputs.n_rows, 6)):
+        order = logits[row].argsort(descending=True)
+        src = int(order[min(inputs.k, v) - 1])
+        for dst in torch.randint(0, v, (2,), generator=gen).tolist():
+            w[dst] = w[src]
+    out = LensInputs(**{**inputs.__dict__, "unembed": w})
+    if out.targets is not None and out.targets.shape[1]:
+        tg = out.targets.clone()
+        logits = reference_logits(out)
+        near_k = logits.argsort(dim=1, descending=True)[:, max(0, out.k - 2) : out.k + 2]
+        cols = min(tg.shape[1], near_k.shape[1])
+        tg[:, :cols] = near_k[:, :cols].to(tg.device)
+        out = LensInputs(**{**out.__dict__, "targets": tg})
+    return out
+
+
+def check_exact(
+    inputs: LensInputs, got: LensResult, vocab_chunk: int = 8192, lse_bound: float | None = None
+) -> None:
+    """Every field of ``got`` against :func:`reference_lens`: equal ranks and ids.
+
+    Log-sum-exp, log-probs and masses within ``lse_bound`` (default: the torch engine's
+    bound at ``vocab_chunk``)."""
     ref = reference_lens(inputs)
-    tol = logsumexp_error_bound(inputs, vocab_chunk)
+    tol = logsumexp_error_bound(inputs, vocab_chunk) if lse_bound is None else lse_bound
     _same_ranks(got.target_ranks, ref.target_ranks, "target_ranks")
     for name in ref.target_segment_ranks:
         _same_ranks(got.target_segment_ranks[name], ref.target_segment_ranks[name], name)

@@ -17,12 +17,11 @@ from extractor.lens import (
     NonFiniteHiddenError,
     VocabSegments,
     fused_logit_lens,
-    reference_logits,
 )
 from extractor.lens.chunked import chunked_lens, row_chunks
 from extractor.lens.exact import round_down_f32, round_up_f32
 
-from .lens_checks import check_exact
+from .lens_checks import check_exact, plant_ties
 
 
 @st.composite
@@ -82,33 +81,6 @@ def _in_dtype(inputs: LensInputs, dtype: torch.dtype) -> LensInputs:
             "unembed": inputs.unembed.to(dtype),
         }
     )
-
-
-def plant_ties(inputs: LensInputs, seed: int) -> LensInputs:
-    """Duplicate unembedding rows (exact ties) and aim targets at the k-th place.
-
-    Each row's k-th best entry gets copies elsewhere in the vocabulary, and some
-    targets become those copies or the entries just around rank k: the cases where
-    a rank or a top-k list is decided by one comparison.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    w = inputs.unembed.clone()
-    v = len(w)
-    logits = reference_logits(inputs)
-    for row in range(min(inputs.n_rows, 6)):
-        order = logits[row].argsort(descending=True)
-        src = int(order[min(inputs.k, v) - 1])
-        for dst in torch.randint(0, v, (2,), generator=gen).tolist():
-            w[dst] = w[src]
-    out = LensInputs(**{**inputs.__dict__, "unembed": w})
-    if out.targets is not None and out.targets.shape[1]:
-        tg = out.targets.clone()
-        logits = reference_logits(out)
-        near_k = logits.argsort(dim=1, descending=True)[:, max(0, out.k - 2) : out.k + 2]
-        cols = min(tg.shape[1], near_k.shape[1])
-        tg[:, :cols] = near_k[:, :cols]
-        out = LensInputs(**{**out.__dict__, "targets": tg})
-    return out
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

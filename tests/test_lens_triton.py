@@ -1,10 +1,10 @@
-"""The Triton kernel against the float64 definition.
+"""The Triton kernel against the float64 definition: exact, like the torch engine.
 
 On CPU-only machines (CI) it runs in Triton's interpreter at small shapes in
 fp32 and fp16 (the interpreter garbles bf16); on a CUDA machine the same tests
-run the compiled kernel, plus a bf16 check. The kernel does not yet refine
-in-band entries (docs/lens.md), so ranks are checked within the fp32 band and
-the default engine stays the exact torch one.
+run the compiled kernel, plus bf16 checks. Ranks and top-k ids must equal the
+reference's; only log-sum-exp and masses have a tolerance, the kernel's own
+bound (:func:`extractor.lens.selfcheck.lse_bound`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from extractor.lens import LensInputs, VocabSegments, fused_logit_lens
-from extractor.lens.chunked import normed_rows
-from extractor.lens.exact import gamma, logsumexp_error_bound, unembed_norm_max
+from extractor.lens.selfcheck import lse_bound
+from extractor.lens.triton_lens import triton_lens
 
-from .lens_checks import check_exact, check_within_tolerance
+from .lens_checks import check_exact, plant_ties
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -47,13 +47,8 @@ def _case(seed, n, d, v, k, t, *, cuts, softcap=None, masked=0, groups=0, dtype=
     )
 
 
-def _tolerance(inputs: LensInputs) -> float:
-    """What the kernel may honestly miss by: one fp32 accumulation over the whole width
-    (gamma_d ||h|| max||w||, the kernel does not slice K), plus the log-sum-exp's rounding."""
-    normed = normed_rows(inputs).double().cpu()
-    w = unembed_norm_max(inputs.unembed.cpu(), 0, inputs.vocab_size)
-    band = gamma(inputs.unembed.shape[1]) * float(normed.norm(dim=1).max()) * w
-    return 2 * band + logsumexp_error_bound(inputs)
+def _check(inputs: LensInputs, got) -> None:
+    check_exact(inputs, got.to("cpu"), lse_bound=lse_bound("triton", inputs))
 
 
 CASES = {
@@ -68,37 +63,111 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_triton_fp32_matches_reference(name):
+def test_triton_fp32_is_exact(name):
     inputs = _case(**CASES[name])
-    got = fused_logit_lens(**inputs.__dict__, backend="triton")
-    check_within_tolerance(inputs, got.to("cpu"), tol=_tolerance(inputs))
+    _check(inputs, fused_logit_lens(**inputs.__dict__, backend="triton"))
 
 
-def test_triton_fp16_matches_reference():
+def test_triton_fp16_is_exact():
     inputs = _case(**CASES["odd-vocab-segments"], dtype=torch.float16)
-    got = fused_logit_lens(**inputs.__dict__, backend="triton")
-    # fp16 logits accumulate in fp32 inside the kernel; inputs are the same fp16 values.
-    check_within_tolerance(inputs, got.to("cpu"), tol=_tolerance(inputs))
+    _check(inputs, fused_logit_lens(**inputs.__dict__, backend="triton"))
+
+
+def _tied(dtype, n=24, d=256, v=1500, seed=7) -> LensInputs:
+    """Model-like width, so fp32 accumulation really rounds; exact ties and targets at
+    rank k planted (tests.lens_checks.plant_ties)."""
+    inputs = _case(seed=seed, n=n, d=d, v=v, k=10, t=6, cuts=(1200, 1490), groups=5)
+    inputs = LensInputs(**{**inputs.__dict__, "final_norm": None})
+    inputs = LensInputs(
+        **{
+            **inputs.__dict__,
+            "hidden": (inputs.hidden.float() * 3).to(dtype),
+            "unembed": inputs.unembed.to(dtype),
+        }
+    )
+    return plant_ties(inputs, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_exact_with_planted_ties(dtype):
+    inputs = _tied(dtype)
+    _check(inputs, fused_logit_lens(**inputs.__dict__, backend="triton"))
+
+
+def test_without_refinement_triton_ranks_are_wrong():
+    """What the band refinement is for. The competitor's exact logit is 1 + 2^-30, the
+    target's 1: in fp32 (any summation order) both are 1.0, so only the float64 decision
+    of in-band entries counts the competitor above the target."""
+    hidden = torch.tensor([[1.0, 2.0**-30, 0.0, 0.0]], device=DEVICE)
+    unembed = torch.tensor(
+        [[1.0, 0, 0, 0], [1.0, 1.0, 0, 0], [0.5, 0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, -1.0]],
+        device=DEVICE,
+    )
+    inputs = LensInputs(
+        hidden=hidden, unembed=unembed, k=2, targets=torch.tensor([[0]], device=DEVICE)
+    )
+    _check(inputs, triton_lens(inputs))
+    assert triton_lens(inputs).target_ranks.tolist() == [[1]]
+    assert triton_lens(inputs, refine=False).target_ranks.tolist() == [[0]]
+
+
+def test_uncertified_rows_are_redone_exactly(monkeypatch):
+    """A band too wide to certify any top-k list (and putting every entry in band): every
+    row is redone by the torch engine, every entry decided in float64, still exact."""
+    import extractor.lens.triton_lens as tl
+
+    real_band, redone = tl._band, []
+    monkeypatch.setattr(tl, "_band", lambda *a: real_band(*a) * 1e6)
+    real_chunked = tl.chunked_lens
+    monkeypatch.setattr(
+        tl, "chunked_lens", lambda sub, **kw: redone.append(sub.n_rows) or real_chunked(sub, **kw)
+    )
+    inputs = _tied(torch.float32, n=12, seed=8)
+    _check(inputs, fused_logit_lens(**inputs.__dict__, backend="triton"))
+    assert redone[0] == inputs.n_rows  # then the pooled rows
+
+
+def test_an_overflowing_in_band_buffer_relaunches(monkeypatch):
+    import extractor.lens.triton_lens as tl
+
+    launches = []
+    real = tl._lens_tiles_kernel
+    monkeypatch.setattr(tl, "IN_BAND_PER_ROW", 0)
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(tl, "_lens_tiles_kernel", Spy())
+    inputs = _tied(torch.float32, n=12, seed=9)
+    _check(inputs, fused_logit_lens(**inputs.__dict__, backend="triton"))
+    assert len(launches) == 2
 
 
 def test_triton_and_torch_engines_agree():
     inputs = _case(**CASES["softcap-and-masked-vocab"])
-    a = fused_logit_lens(**inputs.__dict__, backend="triton")
-    b = fused_logit_lens(**inputs.__dict__, backend="torch", vocab_chunk=32)
-    assert torch.allclose(a.logsumexp, b.logsumexp, atol=2 * _tolerance(inputs))
-    # Triton's ranks are within its band, not exact (no refinement yet); torch's are exact.
-    check_within_tolerance(inputs, a.to("cpu"), tol=_tolerance(inputs))
-    check_exact(inputs, b, 32)
+    a = fused_logit_lens(**inputs.__dict__, backend="triton").to("cpu")
+    b = fused_logit_lens(**inputs.__dict__, backend="torch", vocab_chunk=32).to("cpu")
+    assert torch.equal(a.target_ranks, b.target_ranks)
+    assert torch.equal(a.topk_ids, b.topk_ids)
+    assert torch.equal(a.pooled_target_ranks, b.pooled_target_ranks)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="bf16 Triton needs a real GPU (the interpreter garbles bf16)")
-def test_triton_bf16_on_gpu_matches_reference():
+def test_triton_bf16_on_gpu_is_exact():
     inputs = _case(
         seed=5, n=300, d=576, v=4099, k=10, t=6, cuts=(3500, 4001), groups=40, dtype=torch.bfloat16
     )
-    got = fused_logit_lens(**inputs.__dict__, backend="triton")
-    check_within_tolerance(inputs, got.to("cpu"), tol=_tolerance(inputs))
+    _check(inputs, fused_logit_lens(**inputs.__dict__, backend="triton"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="bf16 Triton needs a real GPU (the interpreter garbles bf16)")
+def test_triton_bf16_on_gpu_exact_with_planted_ties():
+    inputs = _tied(torch.bfloat16, n=64, d=576, v=8192)
+    _check(inputs, fused_logit_lens(**inputs.__dict__, backend="triton"))
 
 
 @pytest.mark.parametrize("compile", [True, False])

@@ -18,14 +18,15 @@ from extractor.lens import triton_lens
 POINTER = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 
-def compile_lens_kernel(arch: int, dtype: str) -> bytes:
+def compile_lens_kernel(arch: int, dtype: str, stage: str = "cubin"):
     kernel = triton_lens._lens_tiles_kernel
     signature = {
         "H": POINTER[dtype],
         "W": POINTER[dtype],
         "BIAS": "*fp32",
         "TGT_IDS": "*i64",
-        "TGT_VALS": "*fp32",
+        "TGT_LO": "*fp32",
+        "TGT_HI": "*fp32",
         "TILE_START": "*i32",
         "TILE_STOP": "*i32",
         "TILE_SEG": "*i32",
@@ -33,12 +34,18 @@ def compile_lens_kernel(arch: int, dtype: str) -> bytes:
         "OUT_SUM": "*fp32",
         "OUT_CV": "*fp32",
         "OUT_CI": "*i64",
-        "OUT_CNT": "*i64",
+        "OUT_CNT": "*i32",
+        "AMB_COUNT": "*i32",
+        "AMB_ROW": "*i32",
+        "AMB_COL": "*i32",
+        "AMB_VAL": "*fp32",
+        "AMB_CAP": "i32",
         "N": "i32",
         "D": "i32",
         "n_tiles": "i32",
         "tiles_per_split": "i32",
         "softcap": "fp32",
+        "zero": "fp32",
     }
     constexprs = {
         "T": 13,
@@ -55,7 +62,7 @@ def compile_lens_kernel(arch: int, dtype: str) -> bytes:
     if set(ordered) != set(signature) | set(constexprs):
         raise SystemExit(f"kernel arguments changed: {sorted(ordered)}")
     src = ASTSource(fn=kernel, signature=ordered, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["cubin"]
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm[stage]
 
 
 ARCHS = (80, 90)

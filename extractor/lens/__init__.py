@@ -60,8 +60,8 @@ def fused_logit_lens(
     pool_groups: torch.Tensor | None = None,
     pool_targets: torch.Tensor | None = None,
     backend: Backend = "auto",
-    row_chunk: int = 512,
-    vocab_chunk: int = 8192,
+    row_chunk: int | None = None,
+    vocab_chunk: int | None = None,
     compile: bool = True,
 ) -> LensResult:
     """Decode residual-stream rows with the model's own head, without [N x V] logits.
@@ -73,8 +73,8 @@ def fused_logit_lens(
     [G, Tp]. See :class:`LensResult` for what comes back.
 
     ``backend``: ``"torch"`` (chunked, exact in every dtype, any device),
-    ``"triton"`` (CUDA, or the Triton interpreter when ``TRITON_INTERPRET=1``; fast
-    but without the exact refinement yet: its ranks are only as good as fp32),
+    ``"triton"`` (CUDA, or the Triton interpreter when ``TRITON_INTERPRET=1``; exact
+    through the same band refinement, decided on the host),
     ``"reference"`` (float64, materialises everything: tests only) or ``"auto"``
     (the exact torch engine; see docs/lens.md). ``compile``: fuse the torch engine's
     per-chunk reduction with torch.compile.

@@ -36,6 +36,7 @@ from .contract import LensInputs, LensRangeError, LensResult, check_width, valid
 from .exact import (
     K_BLOCK,
     bias_abs_max,
+    default_chunks,
     entry_logits,
     error_band,
     exact_order,
@@ -545,8 +546,8 @@ def _pooled_scope(inputs, h, groups, pool_targets, wide) -> tuple[_Scope, torch.
 def chunked_lens(
     inputs: LensInputs,
     *,
-    row_chunk: int = 512,
-    vocab_chunk: int = 8192,
+    row_chunk: int | None = None,
+    vocab_chunk: int | None = None,
     margin: int = 4,
     compile: bool = True,
     refine: bool = True,
@@ -554,13 +555,17 @@ def chunked_lens(
     """Fused final-norm + unembedding + exact ranks/top-k/masses, chunked (see module doc).
 
     Runs on whatever device ``inputs.unembed`` lives on. ``margin`` extra candidates
-    per segment make a rescan rare; ``compile`` fuses the per-chunk reduction
+    per segment make a rescan rare; chunk sizes default by device (:data:`CHUNKS`);
+    ``compile`` fuses the per-chunk reduction
     through torch.compile (the same classification either way; a compiler that fails
     falls back to eager with a warning). ``refine=False`` skips the
     exact recomputation of in-band entries: ranks are then only as good as fp32
     (tests use it to show that the refinement is what makes them exact).
     """
     validate(inputs)
+    rows_default, vocab_default = default_chunks(inputs.unembed.device)
+    row_chunk = row_chunk or rows_default
+    vocab_chunk = vocab_chunk or vocab_default
     with ieee_fp32_matmul():
         return _run(inputs, row_chunk, vocab_chunk, margin, compile, refine)
 

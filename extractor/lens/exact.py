@@ -26,8 +26,22 @@ from .contract import LensInputs
 
 #: Unit roundoff of fp32, the accumulator of every fast GEMM.
 U32 = 2.0**-24
-#: Entries per batch of exact dot products (bounds the [E, d] float64 temporaries).
+#: Entries per batch of exact dot products (bounds the [E, d] float64 temporaries); a GPU
+#: takes 32x more per batch, where each batch's launches, not its arithmetic, set the time.
 ENTRY_BATCH = 2048
+CUDA_ENTRY_BATCH = 32 * ENTRY_BATCH
+
+
+#: Block sizes (rows, vocabulary entries) by device type. A CPU keeps [512 x 8192] fp32
+#: blocks (16 MB, near its caches); a GPU takes [4096 x 16384] (256 MB), where each block's
+#: few dozen launches and host syncs, not its arithmetic, set the time: at the CPU's sizes
+#: an H200 spent 290 ms on a 4096-row call whose GEMM takes under 1 ms (bench/README.md).
+CHUNKS = {"cpu": (512, 8192), "cuda": (4096, 16384)}
+
+
+def default_chunks(device: torch.device | str) -> tuple[int, int]:
+    """(row_chunk, vocab_chunk) for a device: :data:`CHUNKS`, the CPU's for any other."""
+    return CHUNKS.get(torch.device(device).type, CHUNKS["cpu"])
 
 
 #: Width of the K-blocks of the fast GEMM (see :func:`gemm_error_factor`).
@@ -45,6 +59,30 @@ def gemm_error_factor(d: int, block: int = K_BLOCK) -> float:
     """
     blocks = -(-max(d, 1) // block)
     inner = gamma(min(d, block))
+    return inner + gamma(blocks - 1) * (1 + inner) if blocks > 1 else inner
+
+
+#: Width of the Triton kernel's K-slices on a GPU (its ``BK``; the interpreter's is smaller).
+MMA_BLOCK_K = 64
+
+
+def mma_error_factor(d: int, block: int = MMA_BLOCK_K) -> float:
+    """``c`` with ``|fast - exact| <= c ||h|| ||w||`` for the Triton kernel's GEMM of width ``d``.
+
+    The kernel sums ``ceil(d / block)`` matrix-unit dot products of ``block``-wide slices
+    with plain fp32 additions (round to nearest), like :func:`gemm_error_factor`. A matrix
+    unit's own fp32 accumulation is not IEEE: NVIDIA tensor cores align the significands of
+    a fused multi-term sum to the largest exponent and truncate (Fasi, Higham, Mikaitis and
+    Pranesh, *Numerical behavior of NVIDIA tensor cores*, PeerJ CS 2021). With fused sums of
+    ``m`` products plus the accumulator, each term loses under one ulp of the largest and the
+    normalisation one more: at most ``2u (m + 2) / m`` per product of the slice's
+    ``sum |h_i w_i|``, which for ``m >= 4`` (every tensor core) is at most ``3u`` per product.
+    The bound takes ``4 gamma_block`` for a slice: that, with margin, and also the IEEE fp32
+    dots (``gamma_block``) the kernel asks for fp32 inputs. The self-check on the device that
+    runs the kernel is what stands behind this model of the hardware.
+    """
+    blocks = -(-max(d, 1) // block)
+    inner = 4 * gamma(min(d, block))
     return inner + gamma(blocks - 1) * (1 + inner) if blocks > 1 else inner
 
 
@@ -125,8 +163,9 @@ def entry_logits(
     )
     h = h_rows.to(wide)
     out = torch.empty(len(rows), dtype=torch.float64, device=h_rows.device)
-    for a in range(0, len(rows), ENTRY_BATCH):
-        b = min(a + ENTRY_BATCH, len(rows))
+    batch = CUDA_ENTRY_BATCH if h_rows.device.type == "cuda" else ENTRY_BATCH
+    for a in range(0, len(rows), batch):
+        b = min(a + batch, len(rows))
         w = inputs.unembed[cols[a:b]].to(wide)
         out[a:b] = (w * h[rows[a:b]]).sum(-1, dtype=torch.float64)
     return finish(out, cols, inputs)
@@ -201,6 +240,7 @@ def error_band(
     softcap: float | None,
     output_dtype: torch.dtype | None = None,
     output_max: torch.Tensor | None = None,
+    factor: float | None = None,
 ) -> torch.Tensor:
     """Per-row half-width [R] (float64) of ``|fast - exact|`` for one vocabulary chunk.
 
@@ -209,10 +249,12 @@ def error_band(
     With ``output_dtype`` (bf16/fp16) the GEMM (one, not K-sliced, fp32 accumulation)
     rounded its output to that dtype: add its unit roundoff times ``output_max``
     (the rows' largest |output|, default the Cauchy-Schwarz bound) plus fp16's
-    subnormal spacing.
+    subnormal spacing. ``factor`` replaces the GEMM's own (default: the torch engine's
+    K-sliced fp32 GEMM, :func:`gemm_error_factor`).
     """
     scale = row_norms * w_norm_max
-    factor = gemm_error_factor(d) if output_dtype is None else gamma(d)
+    if factor is None:
+        factor = gemm_error_factor(d) if output_dtype is None else gamma(d)
     band = factor * scale
     if output_dtype is not None:
         top = scale * (1 + factor) if output_max is None else output_max.double()
@@ -292,16 +334,21 @@ def exact_order(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return by_id.gather(1, by_val)
 
 
-def logsumexp_error_bound(inputs: LensInputs, vocab_chunk: int = 8192) -> float:
+def logsumexp_error_bound(
+    inputs: LensInputs, vocab_chunk: int | None = None, factor: float | None = None
+) -> float:
     """Largest honest |log-sum-exp error| of the torch engine on ``inputs`` (docs/lens.md).
 
     The band of the fast logits (a shift of every term by at most the band moves
     the log-sum-exp by at most the band), plus fp32 rounding: a sum of at most
     ``vocab_chunk`` positive terms per chunk, the online merges of the chunks, and
-    the final log of a value near the largest logit.
+    the final log of a value near the largest logit. ``factor``: another engine's GEMM
+    error factor (the Triton kernel's, :func:`mma_error_factor`).
     """
     if inputs.n_rows == 0:
         return 0.0
+    if vocab_chunk is None:
+        vocab_chunk = default_chunks(inputs.unembed.device)[1]
     h = inputs.hidden.to(inputs.unembed.dtype)
     if inputs.final_norm is not None:
         with torch.no_grad():
@@ -311,7 +358,9 @@ def logsumexp_error_bound(inputs: LensInputs, vocab_chunk: int = 8192) -> float:
     b = bias_abs_max(inputs.bias, 0, inputs.vocab_size)
     low = inputs.unembed.dtype if rank_free_low_precision(inputs) else None
     d = inputs.unembed.shape[1]
-    band = float(error_band(norms, w, d, b, inputs.softcap, low).max())
+    if factor is not None:
+        low = None
+    band = float(error_band(norms, w, d, b, inputs.softcap, low, factor=factor).max())
     n_chunks = inputs.vocab_size // max(1, vocab_chunk) + 4
     terms = min(vocab_chunk, inputs.vocab_size) + 4 * n_chunks
     scale = float(norms.max()) * w + b + 1

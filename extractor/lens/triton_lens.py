@@ -4,17 +4,22 @@ One program owns a block of rows and a contiguous share ("split") of the
 vocabulary tiles. Tiles never straddle a segment boundary (the host builds a
 tile table from the segment runs), so each tile updates one segment's state:
 
+* fast logits accumulated in fp32 in ``BK``-wide slices (the matrix unit's own
+  accumulation spans one slice), within a proven band of the exact ones
+  (:func:`~.exact.mma_error_factor`);
 * online max / sum-exp per segment, in fp32 registers [rows, segments];
-* exact rank counts: entries of the fp32 logit tile strictly above each
-  target's logit, the target's own column excluded;
-* a per-segment candidate buffer of the best ``KP`` logits, filled by
-  repeatedly taking the tile's row maxima only while some row still has a
-  value above its buffer's minimum (after the first tiles this is 0-2 passes).
+* rank counts: entries certainly above each target's exact logit (above its band),
+  the target's own column excluded; entries inside the band are written to one
+  buffer (an atomic counter hands out slots);
+* a per-segment candidate buffer of the best ``KP`` fast logits (``KP >= k + 4``),
+  filled by repeatedly taking the tile's row maxima only while some row still has a
+  value above its buffer's minimum.
 
-The host merges the splits (log-sum-exp of maxima/sums, top-k of candidate
-buffers, sums of counts). Logits are accumulated in fp32 from the compute-dtype
-GEMM, so no refinement pass is needed. Max-pooled word statistics run through
-the chunked torch engine on the pooled rows only.
+The host merges the splits (log-sum-exp of maxima/sums, sums of counts), decides the
+in-band entries in float64 with the same arithmetic as the targets (ties never push a
+rank down), recomputes the candidates exactly and certifies each top-k list like the
+torch engine; a row whose list cannot be certified is redone by the torch engine.
+Max-pooled word statistics run through the torch engine on the pooled rows only.
 
 Under ``TRITON_INTERPRET=1`` the same kernel runs on CPU tensors (fp32/fp16;
 the interpreter mishandles bf16), which is how CI checks its logic.
@@ -23,7 +28,7 @@ the interpreter mishandles bf16), which is how CI checks its logic.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -31,7 +36,17 @@ import triton.language as tl
 
 from .chunked import chunked_lens, normed_rows
 from .contract import LensError, LensInputs, LensResult, validate
-from .exact import target_logits
+from .exact import (
+    MMA_BLOCK_K,
+    bias_abs_max,
+    entry_logits,
+    error_band,
+    exact_order,
+    mma_error_factor,
+    target_logits,
+    thresholds,
+    unembed_norm_max,
+)
 
 #: A constexpr, not a plain global: compiled kernels may only read constexpr globals
 #: (the interpreter reads any global; only a real compile refuses a plain one).
@@ -40,7 +55,7 @@ NEG_INF = float("-inf")
 
 
 #: Tile sizes the launcher uses on CUDA (the AOT compile test builds exactly these).
-CUDA_BLOCKS = {"BM": 64, "BN": 128, "BK": 64}
+CUDA_BLOCKS = {"BM": 64, "BN": 128, "BK": MMA_BLOCK_K}
 #: Smaller tiles under TRITON_INTERPRET=1, where every program runs in Python.
 INTERPRETER_BLOCKS = {"BM": 16, "BN": 32, "BK": 16}
 
@@ -60,7 +75,8 @@ def _lens_tiles_kernel(
     W,  # [V, D] unembedding
     BIAS,  # [V] fp32 (or dummy)
     TGT_IDS,  # [N, T] int64 (-1 pads)
-    TGT_VALS,  # [N, T] fp32 exact target logits
+    TGT_LO,  # [N, T] fp32: below this an entry is certainly not above the exact target
+    TGT_HI,  # [N, T] fp32: above this an entry is certainly above it
     TILE_START,  # [n_tiles] int32
     TILE_STOP,  # [n_tiles] int32
     TILE_SEG,  # [n_tiles] int32
@@ -68,12 +84,18 @@ def _lens_tiles_kernel(
     OUT_SUM,  # [splits, N, SP] fp32
     OUT_CV,  # [splits, N, SP * KP] fp32
     OUT_CI,  # [splits, N, SP * KP] int64
-    OUT_CNT,  # [splits, N, SP * TP] int64
+    OUT_CNT,  # [splits, N, SP * TP] int32
+    AMB_COUNT,  # [1] int32: in-band entries found (may exceed AMB_CAP)
+    AMB_ROW,  # [AMB_CAP] int32 row of each in-band entry
+    AMB_COL,  # [AMB_CAP] int32 column
+    AMB_VAL,  # [AMB_CAP] fp32 its fast logit
+    AMB_CAP,
     N,
     D,
     n_tiles,
     tiles_per_split,
     softcap,
+    zero,  # 0.0, passed at run time (see the K-slice loop)
     T: tl.constexpr,
     TP: tl.constexpr,
     SP: tl.constexpr,
@@ -99,7 +121,7 @@ def _lens_tiles_kernel(
     l_state = tl.zeros((BM, SP), tl.float32)
     cand_v = tl.full((BM, SP * KP), KERNEL_NEG_INF, tl.float32)
     cand_i = tl.full((BM, SP * KP), -1, tl.int64)
-    counts = tl.zeros((BM, SP * TP), tl.int64)
+    counts = tl.zeros((BM, SP * TP), tl.int32)
 
     first = pid_s * tiles_per_split
     last = tl.minimum(first + tiles_per_split, n_tiles)
@@ -110,6 +132,9 @@ def _lens_tiles_kernel(
         cols = start + offs_n
         col_ok = cols < stop
 
+        # K-sliced: each BK-wide slice's dot starts from zero and is added in IEEE fp32, so
+        # the matrix unit's own (truncating) accumulation spans BK products, not D
+        # (exact.mma_error_factor: a band ~9x narrower at d = 576).
         acc = tl.zeros((BM, BN), tl.float32)
         for k0 in range(0, D, BK):
             ks = k0 + offs_k
@@ -123,8 +148,11 @@ def _lens_tiles_kernel(
                 mask=col_ok[:, None] & (ks[None, :] < D),
                 other=0.0,
             )
-            # IEEE fp32 products for fp32 inputs (Triton's default there is TF32).
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            # IEEE fp32 products for fp32 inputs (Triton's default there is TF32). The
+            # slice starts from a zero the compiler cannot see (``zero``, a runtime 0.0):
+            # from a constant zero it folds ``acc + dot`` back into one accumulation.
+            fresh = tl.full((BM, BN), zero, tl.float32)
+            acc += tl.dot(h, tl.trans(w), fresh, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(BIAS + cols, mask=col_ok, other=0.0)[None, :]
         if HAS_SOFTCAP:
@@ -141,13 +169,30 @@ def _lens_tiles_kernel(
         m_state = tl.where(in_seg, m_new[:, None], m_state)
         l_state = tl.where(in_seg, l_new[:, None], l_state)
 
-        # Exact ranks: entries strictly above each target, own column excluded.
+        # Ranks: entries certainly above each target (own column excluded) are counted;
+        # those inside its band are written out for the host to decide exactly.
+        near = tl.zeros((BM, BN), tl.int32)
         for j in tl.static_range(T):
             tid = tl.load(TGT_IDS + rows * T + j, mask=row_ok, other=-1)
-            tval = tl.load(TGT_VALS + rows * T + j, mask=row_ok, other=0.0)
-            above = (acc > tval[:, None]) & (cols[None, :] != tid[:, None]) & col_ok[None, :]
-            c = tl.sum(above.to(tl.int64), axis=1)
+            t_lo = tl.load(TGT_LO + rows * T + j, mask=row_ok, other=float("inf"))
+            t_hi = tl.load(TGT_HI + rows * T + j, mask=row_ok, other=float("inf"))
+            other = (cols[None, :] != tid[:, None]) & col_ok[None, :]
+            above = (acc > t_hi[:, None]) & other
+            c = tl.sum(above.to(tl.int32), axis=1)
             counts += tl.where(cnt_cols[None, :] == seg * TP + j, c[:, None], 0)
+            inside = (acc >= t_lo[:, None]) & (acc <= t_hi[:, None]) & other
+            near = tl.maximum(near, inside.to(tl.int32))
+        if T > 0:
+            row_near = tl.sum(near, axis=1)
+            n_near = tl.sum(row_near, axis=0)
+            if n_near > 0:
+                base = tl.atomic_add(AMB_COUNT, n_near)
+                slot = base + (tl.cumsum(row_near, axis=0) - row_near)[:, None]
+                slot += tl.cumsum(near, axis=1) - near
+                keep = (near > 0) & (slot < AMB_CAP)
+                tl.store(AMB_ROW + slot, rows[:, None] + 0 * offs_n[None, :], mask=keep)
+                tl.store(AMB_COL + slot, cols[None, :] + 0 * rows[:, None], mask=keep)
+                tl.store(AMB_VAL + slot, acc, mask=keep)
 
         # Candidates: insert the tile's best entries while they beat the buffer.
         in_buf = (cand_cols[None, :] // KP) == seg
@@ -205,17 +250,23 @@ def _tile_table(inputs: LensInputs, tile: int, device) -> tuple[torch.Tensor, ..
 def triton_lens(
     inputs: LensInputs,
     *,
-    row_chunk: int = 512,
-    vocab_chunk: int = 8192,
+    row_chunk: int | None = None,
+    vocab_chunk: int | None = None,
     block_m: int = CUDA_BLOCKS["BM"],
     block_n: int = CUDA_BLOCKS["BN"],
     block_k: int = CUDA_BLOCKS["BK"],
     splits: int | None = None,
     compile: bool = True,
+    refine: bool = True,
 ) -> LensResult:
     """The fused lens through the Triton kernel (CUDA, or the interpreter on CPU).
 
-    ``compile`` is passed to the torch engine that computes the pooled rows.
+    Exact like the torch engine (docs/lens.md): the kernel counts entries certainly above
+    each target and writes out those inside its proven band, which the host decides in
+    float64; top-k candidates are recomputed exactly and certified, and a row that cannot
+    be certified is redone by the torch engine. ``refine=False`` skips both (ranks only
+    as good as fp32; tests use it to show what the refinement is for). ``compile`` and the
+    chunk sizes go to the torch engine, which computes the pooled rows.
     """
     validate(inputs)
     device = inputs.unembed.device
@@ -226,21 +277,42 @@ def triton_lens(
         block_m, block_n, block_k = (INTERPRETER_BLOCKS[x] for x in ("BM", "BN", "BK"))
     n, d, k = inputs.n_rows, inputs.unembed.shape[1], inputs.k
     segments = inputs.resolved_segments()
-    names = segments.names
-    n_seg = len(names)
-    sp = _next_pow2(n_seg)
-    kp = _next_pow2(k)
     targets = inputs.resolved_targets().to(device).long().contiguous()
     t = targets.shape[1]
-    tp = _next_pow2(max(t, 1))
-
+    shape = _Shape(
+        n=n,
+        d=d,
+        t=t,
+        tp=_next_pow2(max(t, 1)),
+        sp=_next_pow2(len(segments.names)),
+        kp=_next_pow2(k + TOPK_MARGIN),
+        bm=block_m,
+        bn=block_n,
+        bk=block_k,
+    )
     h = normed_rows(inputs).contiguous()
-    t_vals = target_logits(h.double(), targets, inputs).float().contiguous()
-    shape = _Shape(n=n, d=d, t=t, tp=tp, sp=sp, kp=kp, bm=block_m, bn=block_n, bk=block_k)
-    outputs = _launch(inputs, h, targets, t_vals, shape, splits)
-    lse, seg_lse, cv, ci, counts = _merge_splits(*outputs, n_seg, t)
-    fields = _segment_results(names, k, targets, t_vals, lse, seg_lse, cv, ci, counts)
+    t64 = target_logits(h, targets, inputs)
+    band = (
+        _band(inputs, h, block_k) if refine else torch.zeros(n, dtype=torch.float64, device=device)
+    )
+    lo, hi = thresholds(t64, band)
+    out = _launch(inputs, h, targets, lo.contiguous(), hi.contiguous(), shape, splits)
+    lse, seg_lse, counts = _merge_splits(out, len(segments.names), t)
+    if refine:
+        counts += _resolve_band(inputs, h, targets, t64, lo, hi, out, segments)
+    seg_ids, seg_vals, certified = _certified_topk(inputs, h, out, band, len(segments.names))
+    fields = _segment_results(
+        segments.names, k, targets, t64, lse, seg_lse, seg_ids, seg_vals, counts
+    )
+    if refine:
+        _redo_rows(fields, inputs, h, torch.nonzero(~certified).flatten(), compile)
     return LensResult(**fields, **_pooled(inputs, row_chunk, vocab_chunk, compile))
+
+
+#: Candidate slots per segment and split beyond k: the host certifies top-k from them.
+TOPK_MARGIN = 4
+#: Room for in-band entries per row in the first launch (a second launch makes room for all).
+IN_BAND_PER_ROW = 64
 
 
 @dataclass(frozen=True)
@@ -259,9 +331,40 @@ class _Shape:
     bk: int
 
 
-def _launch(inputs: LensInputs, h, targets, t_vals, shape: _Shape, splits: int | None):
-    """Run the kernel over every (row block, vocabulary split); returns each split's
-    partial maxima, sums, top-k candidates (values, ids) and target counts."""
+@dataclass(frozen=True)
+class _KernelOut:
+    """Each split's partial maxima, sums, candidates (values, ids) and counts, and the
+    in-band entries (rows, columns, fast logits) of all splits."""
+
+    max: torch.Tensor  # [splits, N, SP]
+    sum: torch.Tensor  # [splits, N, SP]
+    cand_v: torch.Tensor  # [splits, N, SP * KP]
+    cand_i: torch.Tensor  # [splits, N, SP * KP]
+    counts: torch.Tensor  # [splits, N, SP * TP] int32
+    near_rows: torch.Tensor  # [E] int64
+    near_cols: torch.Tensor  # [E] int64
+    near_fast: torch.Tensor  # [E] fp32
+
+
+def _band(inputs: LensInputs, h: torch.Tensor, block_k: int) -> torch.Tensor:
+    """Per-row half-width of the kernel's fast logits around the exact ones (float64)."""
+    v, d = inputs.vocab_size, inputs.unembed.shape[1]
+    return error_band(
+        h.double().norm(dim=1),
+        unembed_norm_max(inputs.unembed, 0, v),
+        d,
+        bias_abs_max(inputs.bias, 0, v),
+        inputs.softcap,
+        factor=mma_error_factor(d, block_k),
+    )
+
+
+def _launch(inputs: LensInputs, h, targets, lo, hi, shape: _Shape, splits: int | None):
+    """Run the kernel over every (row block, vocabulary split): a :class:`_KernelOut`.
+
+    In-band entries go to one shared buffer through an atomic counter; if it overflows,
+    the kernel runs once more with room for every one it counted.
+    """
     device, w = inputs.unembed.device, inputs.unembed.contiguous()
     starts, stops, segs = _tile_table(inputs, shape.bn, device)
     n, n_tiles = shape.n, len(starts)
@@ -269,101 +372,198 @@ def _launch(inputs: LensInputs, h, targets, t_vals, shape: _Shape, splits: int |
     if splits is None:
         # Enough programs to fill the GPU, each still walking many tiles.
         splits = max(1, min(n_tiles, 4 * 132 // row_blocks)) if device.type == "cuda" else 2
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    splits = triton.cdiv(n_tiles, tiles_per_split)
+    tiles_per_split = triton.cdiv(max(n_tiles, 1), splits)
+    splits = triton.cdiv(max(n_tiles, 1), tiles_per_split)
     f32 = dict(dtype=torch.float32, device=device)
-    out_max = torch.full((splits, n, shape.sp), NEG_INF, **f32)
-    out_sum = torch.zeros((splits, n, shape.sp), **f32)
-    out_cv = torch.full((splits, n, shape.sp * shape.kp), NEG_INF, **f32)
-    out_ci = torch.full((splits, n, shape.sp * shape.kp), -1, dtype=torch.long, device=device)
-    out_cnt = torch.zeros((splits, n, shape.sp * shape.tp), dtype=torch.long, device=device)
-    bias = inputs.bias.float().contiguous() if inputs.bias is not None else out_sum
-    if n and n_tiles:
-        _lens_tiles_kernel[(row_blocks, splits)](
-            h,
-            w,
-            bias,
-            targets.clamp(min=-1),
-            t_vals,
-            starts,
-            stops,
-            segs,
-            out_max,
-            out_sum,
-            out_cv,
-            out_ci,
-            out_cnt,
-            n,
-            shape.d,
-            n_tiles,
-            tiles_per_split,
-            float(inputs.softcap or 1.0),
-            T=shape.t,
-            TP=shape.tp,
-            SP=shape.sp,
-            KP=shape.kp,
-            HAS_BIAS=inputs.bias is not None,
-            HAS_SOFTCAP=inputs.softcap is not None,
-            BM=shape.bm,
-            BN=shape.bn,
-            BK=shape.bk,
-            DOT_PRECISION="ieee",
+    i32 = dict(dtype=torch.int32, device=device)
+    bias = inputs.bias.float().contiguous() if inputs.bias is not None else torch.zeros(1, **f32)
+    cap = max(1, IN_BAND_PER_ROW * n)
+    while True:
+        out = _KernelOut(
+            max=torch.full((splits, n, shape.sp), NEG_INF, **f32),
+            sum=torch.zeros((splits, n, shape.sp), **f32),
+            cand_v=torch.full((splits, n, shape.sp * shape.kp), NEG_INF, **f32),
+            cand_i=torch.full(
+                (splits, n, shape.sp * shape.kp), -1, dtype=torch.long, device=device
+            ),
+            counts=torch.zeros((splits, n, shape.sp * shape.tp), **i32),
+            near_rows=torch.empty(cap, **i32),
+            near_cols=torch.empty(cap, **i32),
+            near_fast=torch.empty(cap, **f32),
         )
-    return out_max, out_sum, out_cv, out_ci, out_cnt
+        found = torch.zeros(1, **i32)
+        if n and n_tiles:
+            _lens_tiles_kernel[(row_blocks, splits)](
+                h,
+                w,
+                bias,
+                targets.clamp(min=-1),
+                lo,
+                hi,
+                starts,
+                stops,
+                segs,
+                out.max,
+                out.sum,
+                out.cand_v,
+                out.cand_i,
+                out.counts,
+                found,
+                out.near_rows,
+                out.near_cols,
+                out.near_fast,
+                cap,
+                n,
+                shape.d,
+                n_tiles,
+                tiles_per_split,
+                float(inputs.softcap or 1.0),
+                0.0,
+                T=shape.t,
+                TP=shape.tp,
+                SP=shape.sp,
+                KP=shape.kp,
+                HAS_BIAS=inputs.bias is not None,
+                HAS_SOFTCAP=inputs.softcap is not None,
+                BM=shape.bm,
+                BN=shape.bn,
+                BK=shape.bk,
+                DOT_PRECISION="ieee",
+            )
+        total = int(found)
+        if total <= cap:
+            return replace(
+                out,
+                near_rows=out.near_rows[:total].long(),
+                near_cols=out.near_cols[:total].long(),
+                near_fast=out.near_fast[:total],
+            )
+        cap = total
 
 
-def _merge_splits(out_max, out_sum, out_cv, out_ci, out_cnt, n_seg: int, t: int):
-    """The programs' partial results, one per vocabulary split, merged per row and segment:
-    (log-sum-exp, segment log-sum-exp, candidate values and ids [N, S, splits*KP], counts)."""
-    splits, n, sp = out_max.shape
-    kp = out_cv.shape[2] // sp
-    tp = out_cnt.shape[2] // sp
-    seg_max = out_max.amax(0)  # [N, SP]
+def _merge_splits(out: _KernelOut, n_seg: int, t: int):
+    """The splits' partial log-sum-exps and counts merged per row and segment:
+    (log-sum-exp [N], segment log-sum-exp [N, S], counts [N, S, T])."""
+    n, sp = out.max.shape[1:]
+    tp = out.counts.shape[2] // sp
+    seg_max = out.max.amax(0)  # [N, SP]
     safe = torch.where(torch.isfinite(seg_max), seg_max, 0)
-    seg_sum = (out_sum * torch.exp(out_max - safe)).nan_to_num(0.0).sum(0)
+    seg_sum = (out.sum * torch.exp(out.max - safe)).nan_to_num(0.0).sum(0)
     seg_lse = torch.where(torch.isfinite(seg_max), safe + torch.log(seg_sum), NEG_INF)[:, :n_seg]
     lse = torch.logsumexp(seg_lse, dim=1)
-    cv = out_cv.permute(1, 0, 2).reshape(n, splits, sp, kp).permute(0, 2, 1, 3).reshape(n, sp, -1)
-    ci = out_ci.permute(1, 0, 2).reshape(n, splits, sp, kp).permute(0, 2, 1, 3).reshape(n, sp, -1)
-    cv = torch.where(ci >= 0, cv, torch.full_like(cv, NEG_INF))
-    counts = out_cnt.sum(0).reshape(n, sp, tp)[:, :n_seg, :t]  # [N, S, T]
-    return lse, seg_lse, cv, ci, counts
+    counts = out.counts.long().sum(0).reshape(n, sp, tp)[:, :n_seg, :t]
+    return lse, seg_lse, counts
 
 
-def _segment_results(names, k: int, targets, t_vals, lse, seg_lse, cv, ci, counts) -> dict:
-    """Top-k per segment and overall, masses and ranks from the merged candidates."""
-    t = targets.shape[1]
-    result_seg_ids, result_seg_lp, seg_mass, seg_ranks = {}, {}, {}, {}
+def _resolve_band(inputs, h, targets, t64, lo, hi, out: _KernelOut, segments) -> torch.Tensor:
+    """Counts [N, S, T] of in-band entries whose exact logit is strictly above the target's.
+
+    Each entry is classified against each target of its row with the same fp32 fast
+    value and thresholds the kernel used, so nothing is counted twice or missed.
+    """
+    n, t = targets.shape
+    add = torch.zeros((n, len(segments.names), t), dtype=torch.long, device=h.device)
+    rows, cols, fast = out.near_rows, out.near_cols, out.near_fast
+    if not len(rows) or not t:
+        return add
+    exact = entry_logits(h, rows, cols, inputs)
+    fast = fast[:, None]
+    inside = (fast >= lo[rows]) & (fast <= hi[rows]) & (cols[:, None] != targets[rows])
+    e, j = torch.nonzero(inside & (exact[:, None] > t64[rows]), as_tuple=True)
+    seg = segments.index.to(h.device)[cols[e]]
+    add.index_put_((rows[e], seg, j), torch.ones_like(e), accumulate=True)
+    return add
+
+
+def _certified_topk(inputs, h, out: _KernelOut, band, n_seg: int):
+    """Each segment's exact top-k (ids, float64 values) from the splits' candidates, and
+    which rows are certified: every entry left out of a split's full candidate buffer has
+    a fast logit at most the buffer's lowest, so an exact value at most that plus the
+    band; the list stands when its k-th exact value is strictly above every such bound."""
+    splits, n, _ = out.cand_v.shape
+    sp, k = out.max.shape[2], inputs.k
+    kp = out.cand_v.shape[2] // sp
+    vals = out.cand_v.view(splits, n, sp, kp)[:, :, :n_seg]
+    ids = out.cand_i.view(splits, n, sp, kp)[:, :, :n_seg]
+    full = (ids >= 0).all(-1)  # [splits, N, S]
+    left = torch.where(full, vals.amin(-1), NEG_INF).amax(0).double()  # [N, S]
+    ids = ids.permute(1, 2, 0, 3).reshape(n, n_seg, splits * kp)
+    valid = ids >= 0
+    exact = torch.full(ids.shape, NEG_INF, dtype=torch.float64, device=h.device)
+    r, s, c = torch.nonzero(valid, as_tuple=True)
+    exact[r, s, c] = entry_logits(h, r, ids[r, s, c], inputs)
+    seg_ids, seg_vals = {}, {}
+    certified = torch.ones(n, dtype=torch.bool, device=h.device)
+    for seg in range(n_seg):
+        order = exact_order(exact[:, seg], ids[:, seg])[:, :k]
+        top_ids = ids[:, seg].gather(1, order)
+        top_vals = torch.where(top_ids >= 0, exact[:, seg].gather(1, order), NEG_INF)
+        if top_ids.shape[1] < k:
+            pad = k - top_ids.shape[1]
+            top_ids = torch.nn.functional.pad(top_ids, (0, pad), value=-1)
+            top_vals = torch.nn.functional.pad(top_vals, (0, pad), value=NEG_INF)
+        seg_ids[seg], seg_vals[seg] = top_ids, top_vals
+        kth = top_vals[:, k - 1]
+        certified &= ~full[:, :, seg].any(0) | (kth > left[:, seg] + band)
+    return seg_ids, seg_vals, certified
+
+
+def _segment_results(names, k: int, targets, t64, lse, seg_lse, seg_ids, seg_vals, counts) -> dict:
+    """The per-row result fields from exact per-segment top-k lists and exact counts."""
     pad = targets < 0
-    for s, name in enumerate(names):
-        vals = cv[:, s]
-        ids = ci[:, s]
-        # Real candidates first (a -inf logit still beats an empty slot), then by value.
-        rank_key = torch.where(ids >= 0, vals.double().nan_to_num(neginf=-1e29), -1e30)
-        top = rank_key.topk(k, dim=1).indices
-        seg_ids = torch.where(ids.gather(1, top) >= 0, ids.gather(1, top), -1)
-        seg_vals = torch.where(seg_ids >= 0, vals.gather(1, top), NEG_INF)
-        result_seg_ids[name] = seg_ids
-        result_seg_lp[name] = seg_vals - lse[:, None]
-        seg_mass[name] = seg_lse[:, s] - lse
-        seg_ranks[name] = torch.where(pad, -1, counts[:, s])
-    all_ids = torch.cat([result_seg_ids[name] for name in names], 1)
-    all_lp = torch.cat([result_seg_lp[name] for name in names], 1)
-    key = torch.where(all_ids >= 0, all_lp.double().nan_to_num(neginf=-1e29), -1e30)
-    top = key.topk(k, dim=1).indices
-    target_lp = torch.where(pad, float("nan"), t_vals - lse[:, None])
-    ranks = torch.where(pad, -1, counts.sum(1)) if t else targets.clone()
+    lse64 = lse.double()[:, None]
+    all_ids = torch.cat([seg_ids[s] for s in range(len(names))], 1)
+    all_vals = torch.cat([seg_vals[s] for s in range(len(names))], 1)
+    best = exact_order(all_vals, all_ids)[:, :k]
+    t = targets.shape[1]
     return dict(
-        topk_ids=all_ids.gather(1, top),
-        topk_logprobs=all_lp.gather(1, top),
-        segment_topk_ids=result_seg_ids,
-        segment_topk_logprobs=result_seg_lp,
+        topk_ids=all_ids.gather(1, best),
+        topk_logprobs=(all_vals.gather(1, best) - lse64).float(),
+        segment_topk_ids={name: seg_ids[s] for s, name in enumerate(names)},
+        segment_topk_logprobs={name: (seg_vals[s] - lse64).float() for s, name in enumerate(names)},
         logsumexp=lse,
-        segment_logmass=seg_mass,
-        target_logprobs=target_lp,
-        target_ranks=ranks,
-        target_segment_ranks=seg_ranks,
+        segment_logmass={name: seg_lse[:, s] - lse for s, name in enumerate(names)},
+        target_logprobs=torch.where(pad, float("nan"), (t64 - lse64).float()),
+        target_ranks=torch.where(pad, -1, counts.sum(1)) if t else targets.clone(),
+        target_segment_ranks={
+            name: torch.where(pad, -1, counts[:, s]) for s, name in enumerate(names)
+        },
     )
+
+
+ROW_FIELDS = ("topk_ids", "topk_logprobs", "logsumexp", "target_logprobs", "target_ranks")
+SEGMENT_FIELDS = (
+    "segment_topk_ids",
+    "segment_topk_logprobs",
+    "segment_logmass",
+    "target_segment_ranks",
+)
+
+
+def _redo_rows(fields: dict, inputs: LensInputs, h, redo: torch.Tensor, compile: bool) -> None:
+    """Rows whose top-k could not be certified, recomputed by the torch engine in place.
+
+    The engine gets the already-normed rows (no norm again: a projecting norm's last bits
+    depend on its batch)."""
+    if not len(redo):
+        return
+    sub = LensInputs(
+        hidden=h[redo],
+        unembed=inputs.unembed,
+        k=inputs.k,
+        bias=inputs.bias,
+        softcap=inputs.softcap,
+        segments=inputs.segments,
+        targets=None
+        if inputs.targets is None
+        else inputs.resolved_targets()[redo.to(inputs.targets.device)],
+    )
+    res = chunked_lens(sub, compile=compile)
+    for name in ROW_FIELDS:
+        fields[name][redo] = getattr(res, name).to(fields[name].dtype)
+    for name in SEGMENT_FIELDS:
+        for seg, tensor in fields[name].items():
+            tensor[redo] = getattr(res, name)[seg].to(tensor.dtype)
 
 
 def _pooled(inputs: LensInputs, row_chunk: int, vocab_chunk: int, compile: bool) -> dict:

@@ -1,0 +1,364 @@
+"""The lens on a CUDA GPU: exactness against float64, speed against cuBLAS, self-check cost.
+
+    python bench/gpu_lens.py                    # everything, ~3 minutes on one H100/H200
+    python bench/gpu_lens.py --only exact       # one part: exact|kernel|selfcheck|model|profile
+
+Needs a CUDA GPU (no CPU path: this is what CI cannot run). Parts:
+
+exact     Ranks and top-k ids of each engine (triton, torch) against the float64
+          reference, in bf16, fp16 and fp32, on SmolLM2-shaped random heads (d=576,
+          V=49,152, a 502-entry speech segment) with exact ties planted (pairs of
+          duplicate unembedding rows, one of each pair a target) and targets drawn
+          at exact ranks 0, 5, 8-12, 40 and 400. Prints wrong counts: all must be 0.
+kernel    Median times (triton.testing.do_bench, CUDA events) at 4096 rows, bf16, for
+          SmolLM2 and Qwen2.5 shapes: the bare cuBLAS bf16 GEMM of the same size
+          (the floor), the Triton kernel alone, the whole Triton engine and the whole
+          torch engine (top-10 overall and per segment, ranks of 12 targets per row,
+          pooled top-10 and ranks over groups of 8 rows), and the top-k-only calls.
+selfcheck The per-actor self-check (sample of 48 rows against float64) against one
+          4096-row lens call.
+model     A SmolLM2-shaped random Llama in bf16 (weights cannot travel; speed does not
+          depend on them): forward with every layer's hidden states, then the lens on
+          all 31 layers' rows, in tokens/s per engine.
+profile   torch.profiler's top operators for one 4096-row call of each engine.
+
+Every ratio compares numbers from this same run on this same GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+SHAPES = {"smollm2": (576, 49_152), "qwen2.5": (896, 152_167)}
+N_SPEECH = 502
+TARGETS, POOL, POOL_TARGETS, K = 12, 8, 4, 10
+RANKS_TO_DRAW = (0, 5, 8, 9, 10, 11, 12, 40, 400)
+
+
+def _segments(v: int):
+    from extractor.lens import VocabSegments
+
+    return VocabSegments.from_ranges(v, {"speech": [(v - N_SPEECH, v)]})
+
+
+def _problem(d: int, v: int, n: int, dtype, seed: int = 0, *, full: bool = True):
+    from extractor.lens import LensInputs
+
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(v, d, generator=gen) / d**0.5 * 4).to("cuda", dtype)
+    h = torch.randn(n, d, generator=gen).to("cuda", dtype)
+    if not full:
+        return LensInputs(hidden=h, unembed=w, k=K)
+    return LensInputs(
+        hidden=h,
+        unembed=w,
+        k=K,
+        segments=_segments(v),
+        targets=torch.randint(0, v, (n, TARGETS), generator=gen).cuda(),
+        pool_groups=(torch.arange(n) // POOL).cuda(),
+        pool_targets=torch.randint(
+            0, v, ((n + POOL - 1) // POOL, POOL_TARGETS), generator=gen
+        ).cuda(),
+    )
+
+
+def _tied_problem(dtype, seed: int, n: int = 256):
+    """SmolLM2-shaped head with duplicate rows planted; targets at exact ranks and on ties."""
+    from extractor.lens import LensInputs
+    from extractor.lens.exact import dense_logits
+
+    d, v = SHAPES["smollm2"]
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(v, d, generator=gen) / d**0.5 * 4
+    src = torch.randperm(v, generator=gen)[:4000]
+    w[src[2000:]] = w[src[:2000]]  # 2,000 exact ties
+    w = w.to("cuda", dtype)
+    h = torch.randn(n, d, generator=gen).to("cuda", dtype)
+    base = LensInputs(hidden=h, unembed=w, k=K, segments=_segments(v))
+    exact = dense_logits(h, base)
+    order = exact.argsort(dim=1, descending=True)
+    at_ranks = order[:, list(RANKS_TO_DRAW)]
+    tied = src[torch.randint(0, 4000, (n, 3), generator=gen)].cuda()
+    targets = torch.cat([at_ranks, tied], 1)
+    return LensInputs(
+        hidden=h,
+        unembed=w,
+        k=K,
+        segments=_segments(v),
+        targets=targets,
+        pool_groups=(torch.arange(n) // POOL).cuda(),
+        pool_targets=targets[::POOL, :POOL_TARGETS].contiguous(),
+    )
+
+
+def _wrong(got, ref) -> dict:
+    got = got.to("cpu")
+    out = {
+        "ranks": int((got.target_ranks != ref.target_ranks).sum()),
+        "topk_ids": int((got.topk_ids != ref.topk_ids).any(1).sum()),
+        "pooled_ranks": int((got.pooled_target_ranks != ref.pooled_target_ranks).sum()),
+    }
+    for name in ref.target_segment_ranks:
+        out[f"{name}_ranks"] = int(
+            (got.target_segment_ranks[name] != ref.target_segment_ranks[name]).sum()
+        )
+        out[f"{name}_topk"] = int(
+            (got.segment_topk_ids[name] != ref.segment_topk_ids[name]).any(1).sum()
+        )
+    out["lse_err"] = float((got.logsumexp.double() - ref.logsumexp).abs().max())
+    out["of_ranks"] = int(ref.target_ranks.numel())
+    return out
+
+
+def part_exact() -> list[dict]:
+    from extractor.lens import fused_logit_lens, reference_lens
+
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        inputs = _tied_problem(dtype, seed=1)
+        ref = reference_lens(inputs)
+        for engine in ("triton", "torch"):
+            try:
+                got = fused_logit_lens(**inputs.__dict__, backend=engine)
+                row = {"dtype": str(dtype).split(".")[1], "engine": engine, **_wrong(got, ref)}
+            except Exception as exc:  # report and go on: the other parts still run
+                row = {"dtype": str(dtype), "engine": engine, "error": repr(exc)[:300]}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def _bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def _kernel_row(shape: str, n: int) -> dict:
+    from extractor.lens import fused_logit_lens
+    from extractor.lens import triton_lens as tlens
+    from extractor.lens.chunked import normed_rows
+    from extractor.lens.exact import target_logits, thresholds
+
+    d, v = SHAPES[shape]
+    full = _problem(d, v, n, torch.bfloat16)
+    bare = _problem(d, v, n, torch.bfloat16, full=False)
+    h, w = full.hidden, full.unembed
+    targets = full.resolved_targets().long().contiguous()
+    hn = normed_rows(full).contiguous()
+    t64 = target_logits(hn, targets, full)
+    lo, hi = (x.contiguous() for x in thresholds(t64, tlens._band(full, hn, 64)))
+    names = full.resolved_segments().names
+
+    def shape_of(bm: int, bn: int, bk: int = 64):
+        return tlens._Shape(
+            n=n,
+            d=d,
+            t=targets.shape[1],
+            tp=tlens._next_pow2(targets.shape[1]),
+            sp=tlens._next_pow2(len(names)),
+            kp=tlens._next_pow2(K + tlens.TOPK_MARGIN),
+            bm=bm,
+            bn=bn,
+            bk=bk,
+        )
+
+    b = tlens.CUDA_BLOCKS
+    shp = shape_of(b["BM"], b["BN"])
+    timings = {
+        "cublas_bf16_gemm": lambda: h @ w.T,
+        "cublas_bf16_gemm_fp32_out": lambda: torch.mm(h, w.T, out_dtype=torch.float32),
+        "triton_kernel": lambda: tlens._launch(full, hn, targets, lo, hi, shp, None),
+        **{
+            f"triton_kernel_bm{bm}_bn{bn}": (
+                lambda bm=bm, bn=bn: tlens._launch(
+                    full, hn, targets, lo, hi, shape_of(bm, bn), None
+                )
+            )
+            for bm, bn in ((128, 128), (64, 64), (128, 64), (32, 128))
+        },
+        "triton_engine": lambda: fused_logit_lens(**full.__dict__, backend="triton"),
+        "torch_engine": lambda: fused_logit_lens(**full.__dict__, backend="torch"),
+        "triton_topk_only": lambda: fused_logit_lens(**bare.__dict__, backend="triton"),
+        "torch_topk_only": lambda: fused_logit_lens(**bare.__dict__, backend="torch"),
+    }
+    ms = {}
+    for name, fn in timings.items():
+        try:
+            ms[name] = _bench(fn)
+        except Exception as exc:
+            ms[name] = float("nan")
+            print(f"{shape} {name}: {exc!r}"[:400], flush=True)
+        print(json.dumps({"shape": shape, "rows": n, "method": name, "ms": ms[name]}), flush=True)
+    floor = ms["cublas_bf16_gemm"]
+    row = {"shape": shape, "rows": n, **{k: round(x, 3) for k, x in ms.items()}}
+    row["kernel_over_gemm"] = round(ms["triton_kernel"] / floor, 2)
+    row["triton_engine_over_gemm"] = round(ms["triton_engine"] / floor, 2)
+    row["torch_engine_over_triton_engine"] = round(ms["torch_engine"] / ms["triton_engine"], 2)
+    out = tlens._launch(full, hn, targets, lo, hi, shp, None)
+    row["in_band_entries_per_target"] = round(len(out.near_rows) / max(1, targets.numel()), 3)
+    return row
+
+
+def part_profile(n: int) -> dict:
+    """Where a 4096-row torch-engine call spends its GPU and host time (top operators)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from extractor.lens import fused_logit_lens
+
+    d, v = SHAPES["smollm2"]
+    full = _problem(d, v, n, torch.bfloat16)
+    tables = {}
+    for engine in ("torch", "triton"):
+        fused_logit_lens(**full.__dict__, backend=engine)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fused_logit_lens(**full.__dict__, backend=engine)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
+        print(f"== profile {engine}\n{table}", flush=True)
+        tables[engine] = table
+    return tables
+
+
+def part_kernel(n: int) -> list[dict]:
+    return [_kernel_row(shape, n) for shape in SHAPES]
+
+
+def part_selfcheck(n: int) -> dict:
+    from extractor.lens import fused_logit_lens
+    from extractor.lens.selfcheck import choose_engine
+
+    d, v = SHAPES["smollm2"]
+    full = _problem(d, v, n, torch.bfloat16)
+    engines = {
+        "torch": lambda x: fused_logit_lens(**x.__dict__, backend="torch"),
+        "triton": lambda x: fused_logit_lens(**x.__dict__, backend="triton"),
+    }
+    choose_engine(full, "triton", engines)  # warm (compiles)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    check = choose_engine(full, "triton", engines)
+    torch.cuda.synchronize()
+    check_s = time.perf_counter() - t0
+    call_ms = _bench(lambda: engines[check.engine](full))
+    return {
+        "selfcheck_s": round(check_s, 3),
+        "engine": check.engine,
+        "passed": check.passed,
+        "detail": check.detail,
+        "one_call_ms": round(call_ms, 3),
+        "selfcheck_over_call": round(check_s * 1000 / call_ms, 1),
+    }
+
+
+def part_model(batch: int, seq: int) -> list[dict]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from extractor.lens import fused_logit_lens
+
+    cfg = LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49_152 + N_SPEECH,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda")
+    w = model.lm_head.weight
+    v = w.shape[0]
+    segs = _segments(v)
+    rows = []
+    for engine in ("triton", "torch"):
+
+        @torch.no_grad()
+        def run(engine=engine):
+            out = model(input_ids=ids, output_hidden_states=True)
+            for layer in out.hidden_states:
+                flat = layer.reshape(-1, layer.shape[-1])
+                norm = None if layer is out.hidden_states[-1] else model.model.norm
+                fused_logit_lens(
+                    flat,
+                    norm,
+                    w,
+                    K,
+                    segments=segs,
+                    targets=ids.reshape(-1, 1),
+                    backend=engine,
+                )
+
+        ms = _bench(run)
+        with torch.no_grad():
+            fwd = _bench(lambda: model(input_ids=ids, output_hidden_states=True))
+        tokens = batch * seq
+        rows.append(
+            {
+                "engine": engine,
+                "tokens": tokens,
+                "layers": 31,
+                "ms": round(ms, 1),
+                "forward_ms": round(fwd, 1),
+                "tokens_per_s": round(tokens / ms * 1000),
+                "lens_rows_per_s": round(tokens * 31 / (ms - fwd) * 1000),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["exact", "kernel", "selfcheck", "model", "profile"])
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/gpu_lens.py needs a CUDA GPU")
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    results = {
+        "device": props.name,
+        "sms": props.multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+    }
+    print(json.dumps(results), flush=True)
+    parts = {
+        "exact": part_exact,
+        "kernel": lambda: part_kernel(args.rows),
+        "selfcheck": lambda: part_selfcheck(args.rows),
+        "model": lambda: part_model(8, 512),
+        "profile": lambda: part_profile(args.rows),
+    }
+    for name, fn in parts.items():
+        if args.only and name != args.only:
+            continue
+        t0 = time.perf_counter()
+        try:
+            results[name] = fn()
+        except Exception:
+            results[name] = {"error": traceback.format_exc()[-2000:]}
+            print(results[name]["error"], flush=True)
+        print(f"== {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
