@@ -69,9 +69,10 @@ class PromptSection:
 class LensSection:
     positions: str = "spoken_words"
     k: int = 10
-    #: auto (Triton on a CUDA device, else torch; both exact), torch, or triton; whichever
-    #: is asked is self-checked against float64 on each actor's device before its first
-    #: shard, falling back to torch on any disagreement.
+    #: auto (the torch engine: on an H200 it was also the faster one for the full lens,
+    #: bench/README.md), torch, or triton (CUDA; exact too); whichever is asked is
+    #: self-checked against float64 on each actor's device before its first shard,
+    #: falling back to torch on any disagreement.
     engine: str = "auto"
     #: Another checkpoint whose final norm and unembedding decode the hidden states
     #: (the text LM a speech-only model started from); ranks are then over its vocabulary.

@@ -55,7 +55,8 @@ NEG_INF = float("-inf")
 
 
 #: Tile sizes the launcher uses on CUDA (the AOT compile test builds exactly these).
-CUDA_BLOCKS = {"BM": 64, "BN": 128, "BK": MMA_BLOCK_K}
+#: BN 64 measured 1.5x faster than 128 on an H200 (bench/README.md, "The lens on a GPU").
+CUDA_BLOCKS = {"BM": 64, "BN": 64, "BK": MMA_BLOCK_K}
 #: Smaller tiles under TRITON_INTERPRET=1, where every program runs in Python.
 INTERPRETER_BLOCKS = {"BM": 16, "BN": 32, "BK": 16}
 

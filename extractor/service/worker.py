@@ -331,9 +331,7 @@ class ShardProcessor:
         against the float64 reference; a disagreement falls back to the torch engine.
         """
         if self.engine_check is None:
-            preferred = self.cfg.lens.engine
-            if preferred == "auto":
-                preferred = "triton" if inputs.unembed.device.type == "cuda" else "torch"
+            preferred = "torch" if self.cfg.lens.engine == "auto" else self.cfg.lens.engine
             self.engine_check = choose_engine(inputs, preferred, LENS_ENGINES)
         return LENS_ENGINES[self.engine_check.engine](inputs)
 
