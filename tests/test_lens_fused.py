@@ -301,3 +301,24 @@ def test_compiled_reduction_classifies_like_eager_with_padded_targets(targets):
         assert (
             torch.allclose(g, w, rtol=1e-6, atol=0) if g.is_floating_point() else torch.equal(g, w)
         )
+
+
+def test_exact_values_do_not_depend_on_how_many_are_asked():
+    """One fixed summation order (exact.ordered_sum): an entry's float64 value is the same
+    in a call of one entry as in a call of thousands, as a tie between a target and its
+    duplicate needs. (CUDA chose the order by the call's size before.)"""
+    from extractor.lens.exact import entry_logits
+
+    gen = torch.Generator().manual_seed(5)
+    inputs = LensInputs(
+        hidden=torch.randn(12, 256, generator=gen),
+        unembed=torch.randn(1500, 256, generator=gen),
+        k=5,
+    )
+    rows = torch.randint(0, 12, (3000,), generator=gen)
+    cols = torch.randint(0, 1500, (3000,), generator=gen)
+    together = entry_logits(inputs.hidden, rows, cols, inputs)
+    one_by_one = torch.cat(
+        [entry_logits(inputs.hidden, rows[i : i + 1], cols[i : i + 1], inputs) for i in range(40)]
+    )
+    assert torch.equal(together[:40], one_by_one)

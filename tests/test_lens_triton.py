@@ -111,12 +111,6 @@ def test_without_refinement_triton_ranks_are_wrong():
     assert triton_lens(inputs, refine=False).target_ranks.tolist() == [[0]]
 
 
-@pytest.mark.xfail(
-    CUDA,
-    strict=False,
-    reason="failed once on an H200 (2026-11-26) with its message cut off by the run's time "
-    "limit; passes in the interpreter at the CUDA block sizes; not yet diagnosed",
-)
 def test_uncertified_rows_are_redone_exactly(monkeypatch):
     """A band too wide to certify any top-k list (and putting every entry in band): every
     row is redone by the torch engine, every entry decided in float64, still exact."""

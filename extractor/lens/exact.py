@@ -144,6 +144,25 @@ def _nonzero_abs_range(x: torch.Tensor, rows: int = 4096) -> tuple[float, float]
     return lo, hi
 
 
+def ordered_sum(products: torch.Tensor) -> torch.Tensor:
+    """Float64 sums over the last axis in one fixed pairwise order, on any device and shape.
+
+    ``sum(-1, dtype=float64)`` lets the device choose the order: on CUDA it splits the
+    axis over more threads when fewer sums are asked (fp32 products carry 48 bits, so the
+    float64 sum rounds, and a target and its exact duplicate computed in calls of
+    different sizes could differ by an ulp, a tie broken). Adding neighbours, halving the
+    axis each time (zero-padded to a power of two), fixes the order by the width alone.
+    """
+    x = products.double()
+    width = x.shape[-1]
+    padded = 1 << max(0, (width - 1).bit_length())
+    if padded != width:
+        x = torch.nn.functional.pad(x, (0, padded - width))
+    while x.shape[-1] > 1:
+        x = x[..., 0::2] + x[..., 1::2]
+    return x[..., 0] if width else x.sum(-1)
+
+
 def entry_logits(
     h_rows: torch.Tensor,
     rows: torch.Tensor,
@@ -156,7 +175,7 @@ def entry_logits(
     ``h_rows`` [R, d] holds the normed rows in the model's dtype. One arithmetic for
     every exact value in the engine: products of bf16/fp16 values are exact in fp32
     (8 + 8 or 11 + 11 significant bits), fp32 ones in float64 (24 + 24 bits); each
-    sum then runs in float64, in the same order for every entry.
+    sum then runs in float64, in the same order for every entry (:func:`ordered_sum`).
     """
     wide = (
         torch.float32 if inputs.unembed.dtype in (torch.bfloat16, torch.float16) else torch.float64
@@ -167,7 +186,7 @@ def entry_logits(
     for a in range(0, len(rows), batch):
         b = min(a + batch, len(rows))
         w = inputs.unembed[cols[a:b]].to(wide)
-        out[a:b] = (w * h[rows[a:b]]).sum(-1, dtype=torch.float64)
+        out[a:b] = ordered_sum(w * h[rows[a:b]])
     return finish(out, cols, inputs)
 
 
@@ -186,7 +205,7 @@ def dense_logits(h_rows: torch.Tensor, inputs: LensInputs) -> torch.Tensor:
     step = max(1, (1 << 24) // max(1, r * h.shape[1]))  # ~64 MB of products at a time
     for c0 in range(0, v, step):
         w = inputs.unembed[c0 : c0 + step].to(wide)
-        out[:, c0 : c0 + step] = (h[:, None, :] * w[None]).sum(-1, dtype=torch.float64)
+        out[:, c0 : c0 + step] = ordered_sum(h[:, None, :] * w[None])
     cols = torch.arange(v, device=h.device)
     return finish(out, cols[None, :], inputs)
 
