@@ -9,6 +9,8 @@ bound (:func:`extractor.lens.selfcheck.lse_bound`).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -77,14 +79,8 @@ def _tied(dtype, n=24, d=256, v=1500, seed=7) -> LensInputs:
     """Model-like width, so fp32 accumulation really rounds; exact ties and targets at
     rank k planted (tests.lens_checks.plant_ties)."""
     inputs = _case(seed=seed, n=n, d=d, v=v, k=10, t=6, cuts=(1200, 1490), groups=5)
-    inputs = LensInputs(**{**inputs.__dict__, "final_norm": None})
-    inputs = LensInputs(
-        **{
-            **inputs.__dict__,
-            "hidden": (inputs.hidden.float() * 3).to(dtype),
-            "unembed": inputs.unembed.to(dtype),
-        }
-    )
+    hidden = (inputs.hidden.float() * 3).to(dtype)
+    inputs = replace(inputs, hidden=hidden, unembed=inputs.unembed.to(dtype), final_norm=None)
     return plant_ties(inputs, 3)
 
 

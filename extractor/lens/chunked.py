@@ -709,7 +709,7 @@ def _low_band(norms, w_max, d, b_max, softcap, dtype, row_max, row_min):
     return error_band(norms, w_max, d, b_max, softcap, dtype, torch.maximum(row_max, -row_min))
 
 
-def _best_of_segments(ids: list, vals: list, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def best_of_segments(ids: list, vals: list, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole vocabulary's exact top-k: the best k of the segments' exact top-k lists."""
     ids, vals = torch.cat(ids, 1), torch.cat(vals, 1)
     best = exact_order(vals, ids)[:, :k]
@@ -749,7 +749,7 @@ class _Outputs:
             self.seg_ranks[name][rows] = states[s].counts
             all_ids.append(ids)
             all_vals.append(vals)
-        ids, vals = _best_of_segments(all_ids, all_vals, k)
+        ids, vals = best_of_segments(all_ids, all_vals, k)
         self.topk_ids[rows] = ids
         self.topk_lp[rows] = (vals - lse[:, None].double()).float()
         finite = torch.isfinite(scope.t64)
@@ -766,7 +766,7 @@ class _Outputs:
             self.p_seg_ranks[name][g_ids] = states[s].counts
             all_ids.append(ids)
             all_vals.append(vals)
-        ids, vals = _best_of_segments(all_ids, all_vals, k)
+        ids, vals = best_of_segments(all_ids, all_vals, k)
         self.p_ids[g_ids] = ids
         self.p_vals[g_ids] = vals.float()
 

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked import chunked_lens, normed_rows
+from .chunked import best_of_segments, chunked_lens, normed_rows
 from .contract import LensError, LensInputs, LensResult, validate
 from .exact import (
     MMA_BLOCK_K,
@@ -513,13 +513,12 @@ def _segment_results(names, k: int, targets, t64, lse, seg_lse, seg_ids, seg_val
     """The per-row result fields from exact per-segment top-k lists and exact counts."""
     pad = targets < 0
     lse64 = lse.double()[:, None]
-    all_ids = torch.cat([seg_ids[s] for s in range(len(names))], 1)
-    all_vals = torch.cat([seg_vals[s] for s in range(len(names))], 1)
-    best = exact_order(all_vals, all_ids)[:, :k]
+    segs = range(len(names))
+    top_ids, top_vals = best_of_segments([seg_ids[s] for s in segs], [seg_vals[s] for s in segs], k)
     t = targets.shape[1]
     return dict(
-        topk_ids=all_ids.gather(1, best),
-        topk_logprobs=(all_vals.gather(1, best) - lse64).float(),
+        topk_ids=top_ids,
+        topk_logprobs=(top_vals - lse64).float(),
         segment_topk_ids={name: seg_ids[s] for s, name in enumerate(names)},
         segment_topk_logprobs={name: (seg_vals[s] - lse64).float() for s, name in enumerate(names)},
         logsumexp=lse,
@@ -548,17 +547,8 @@ def _redo_rows(fields: dict, inputs: LensInputs, h, redo: torch.Tensor, compile:
     depend on its batch)."""
     if not len(redo):
         return
-    sub = LensInputs(
-        hidden=h[redo],
-        unembed=inputs.unembed,
-        k=inputs.k,
-        bias=inputs.bias,
-        softcap=inputs.softcap,
-        segments=inputs.segments,
-        targets=None
-        if inputs.targets is None
-        else inputs.resolved_targets()[redo.to(inputs.targets.device)],
-    )
+    cut = inputs.rows(redo.to(inputs.hidden.device))
+    sub = replace(cut, hidden=h[redo], final_norm=None, pool_groups=None, pool_targets=None)
     res = chunked_lens(sub, compile=compile)
     for name in ROW_FIELDS:
         fields[name][redo] = getattr(res, name).to(fields[name].dtype)
@@ -585,6 +575,6 @@ def _pooled(inputs: LensInputs, row_chunk: int, vocab_chunk: int, compile: bool)
     )
     sub = inputs.rows(keep, with_targets=False)
     if sub.pool_targets is None:
-        sub = LensInputs(**{**sub.__dict__, "pool_targets": inputs.resolved_pool_targets()})
+        sub = replace(sub, pool_targets=inputs.resolved_pool_targets())
     res = chunked_lens(sub, row_chunk=row_chunk, vocab_chunk=vocab_chunk, compile=compile)
     return {name: getattr(res, name) for name in fields}
