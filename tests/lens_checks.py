@@ -39,8 +39,9 @@ def _same_topk(ids, vals, want_ids, want_vals, what: str, value_tol: float) -> N
     assert torch.equal(torch.isinf(vals[real]), torch.isinf(want_vals[real])), what
     fin = real & torch.isfinite(want_vals)
     err = (vals[fin] - want_vals[fin]).abs()
-    # One fp32 rounding of the exact value, plus the log-sum-exp error for log-probs.
-    allowed = want_vals[fin].abs() * 2**-23 + value_tol
+    # One fp32 rounding of the exact value (absolute below fp32's normal range: half
+    # its smallest subnormal step, 2^-150), plus the log-sum-exp error for log-probs.
+    allowed = want_vals[fin].abs() * 2**-23 + 2.0**-150 + value_tol
     assert bool((err <= allowed).all()), f"{what}: value off by {float(err.max())}"
 
 
@@ -69,6 +70,21 @@ def plant_ties(inputs: LensInputs, seed: int) -> LensInputs:
         tg[:, :cols] = near_k[:, :cols].to(tg.device)
         out = LensInputs(**{**out.__dict__, "targets": tg})
     return out
+
+
+def tiny_case(dtype: torch.dtype, scale: float, device: str = "cpu") -> LensInputs:
+    """Hidden states and unembedding rows of magnitude ``scale``: below 2^-63 their
+    products fall under fp32's normal range, where rounding is absolute, not relative."""
+    gen = torch.Generator().manual_seed(0)
+    n, d, v = 16, 64, 400
+    return LensInputs(
+        hidden=(torch.randn(n, d, generator=gen) * scale).to(device, dtype),
+        unembed=(torch.randn(v, d, generator=gen) * scale).to(device, dtype),
+        k=5,
+        targets=torch.randint(0, v, (n, 6), generator=gen),
+        pool_groups=torch.arange(n) // 4,
+        pool_targets=torch.randint(0, v, (n // 4, 2), generator=gen),
+    )
 
 
 def check_exact(

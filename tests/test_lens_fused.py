@@ -21,7 +21,7 @@ from extractor.lens import (
 from extractor.lens.chunked import chunked_lens, row_chunks
 from extractor.lens.exact import round_down_f32, round_up_f32
 
-from .lens_checks import check_exact, plant_ties
+from .lens_checks import check_exact, plant_ties, tiny_case
 
 
 @st.composite
@@ -242,6 +242,16 @@ def test_tiny_unembedding_rows_keep_a_band(dtype):
     w[0, 0] = w[0, 128] = w[0, 256] = s  # exact logit 2^-80; a fast fp32 sum gives 0
     w[1, 128] = s / 2  # the target, 2^-81
     inputs = LensInputs(hidden=h.to(dtype), unembed=w.to(dtype), k=1, targets=torch.tensor([[1]]))
+    check_exact(inputs, chunked_lens(inputs))
+
+
+@pytest.mark.parametrize("scale", [2.0**-60, 2.0**-70, 2.0**-75])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_hidden_states_below_fp32s_normal_range_stay_exact(dtype, scale):
+    """Products under 2^-126 round absolutely (or flush to zero): the band takes that in,
+    and exact values multiply them in float64 (both were missing: 4 to 96 ranks of 96
+    wrong at 2^-70 and 2^-75)."""
+    inputs = tiny_case(dtype, scale)
     check_exact(inputs, chunked_lens(inputs))
 
 

@@ -18,7 +18,7 @@ from extractor.lens import LensInputs, VocabSegments, fused_logit_lens
 from extractor.lens.selfcheck import lse_bound
 from extractor.lens.triton_lens import triton_lens
 
-from .lens_checks import check_exact, plant_ties
+from .lens_checks import check_exact, plant_ties, tiny_case
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -139,6 +139,13 @@ def test_an_overflowing_in_band_buffer_relaunches(monkeypatch):
     inputs = _tied(torch.float32, n=12, seed=9)
     _check(inputs, fused_logit_lens(**inputs.__dict__, backend="triton"))
     assert len(launches) == 2
+
+
+@pytest.mark.parametrize("scale", [2.0**-70, 2.0**-75])
+def test_triton_stays_exact_below_fp32s_normal_range(scale):
+    """Products under 2^-126: absolute rounding (or flushing) is inside the band."""
+    inputs = tiny_case(torch.float32, scale, DEVICE)
+    _check(inputs, fused_logit_lens(**inputs.__dict__, backend="triton"))
 
 
 def test_triton_and_torch_engines_agree():

@@ -26,6 +26,9 @@ from .contract import LensInputs
 
 #: Unit roundoff of fp32, the accumulator of every fast GEMM.
 U32 = 2.0**-24
+#: fp32's smallest normal number: below it products and sums lose absolute, not relative,
+#: precision, or are flushed to zero (tensor cores, AMX, oneDNN's DAZ/FTZ modes).
+TINY32 = 2.0**-126
 #: Entries per batch of exact dot products (bounds the [E, d] float64 temporaries); a GPU
 #: takes 32x more per batch, where each batch's launches, not its arithmetic, set the time.
 ENTRY_BATCH = 2048
@@ -169,18 +172,19 @@ def entry_logits(
     rows: torch.Tensor,
     cols: torch.Tensor,
     inputs: LensInputs,
-    wide: torch.dtype = torch.float64,
+    wide: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Exact float64 logits of the entries ``(rows[e], cols[e])``: [E].
 
     ``h_rows`` [R, d] holds the normed rows in the model's dtype. One arithmetic for
     every exact value in the engine: products of bf16/fp16 values are exact in fp32
-    (8 + 8 or 11 + 11 significant bits), fp32 ones in float64 (24 + 24 bits); each
-    sum then runs in float64, in the same order for every entry (:func:`ordered_sum`).
+    (8 + 8 or 11 + 11 significant bits) while they stay in its normal range, fp32 ones
+    in float64 (24 + 24 bits); each sum then runs in float64, in the same order for
+    every entry (:func:`ordered_sum`). ``wide``: :func:`product_dtype` of these rows (or
+    of a call's rows, a superset), decided here when None.
     """
-    wide = (
-        torch.float32 if inputs.unembed.dtype in (torch.bfloat16, torch.float16) else torch.float64
-    )
+    if wide is None or inputs.unembed.dtype not in OUTPUT_ROUNDING:
+        wide = product_dtype(h_rows, inputs.unembed)
     h = h_rows.to(wide)
     out = torch.empty(len(rows), dtype=torch.float64, device=h_rows.device)
     batch = CUDA_ENTRY_BATCH if h_rows.device.type == "cuda" else ENTRY_BATCH
@@ -224,7 +228,7 @@ def target_logits(
     h_rows: torch.Tensor,
     ids: torch.Tensor,
     inputs: LensInputs,
-    wide: torch.dtype = torch.float64,
+    wide: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Exact logits [R, T] of ``ids`` [R, T]; pads (-1) give +inf (never above anything)."""
     r, t = ids.shape
@@ -275,7 +279,7 @@ def error_band(
     scale = row_norms * w_norm_max
     if factor is None:
         factor = gemm_error_factor(d) if output_dtype is None else gamma(d)
-    band = factor * scale
+    band = factor * scale + underflow_error(d, row_norms, w_norm_max)
     if output_dtype is not None:
         top = scale * (1 + factor) if output_max is None else output_max.double()
         band = band + OUTPUT_ROUNDING[output_dtype] * (1 + 2**-6) * top + 2.0**-24
@@ -287,6 +291,19 @@ def error_band(
         # add a few ulp of max(c, |x / c|) each: 16 ulp of (c + |x|) covers them.
         band = band + 16 * U32 * (softcap + scale + bias_max)
     return band
+
+
+def underflow_error(d: int, row_norms: torch.Tensor, w_norm_max: float) -> torch.Tensor:
+    """What fp32's lower range can add to ``|fast - exact|``, beyond the relative bound.
+
+    A product or sum below :data:`TINY32` loses up to ``TINY32`` (flushed to zero, or
+    rounded to a subnormal): ``2 (d + 2)`` such operations with the bias and soft-cap. An
+    input below it flushed to zero (DAZ) drops ``|h_i w_i| < TINY32 (|h_i| + |w_i|)`` per
+    term, at most ``TINY32 sqrt(d) (||h|| + ||w||)`` in all. Negligible for real logits;
+    without it, hidden states of 2^-70 gave wrong ranks.
+    """
+    terms = 2 * (d + 2) + d**0.5 * (row_norms + w_norm_max)
+    return TINY32 * terms * (1 + 2**-10)
 
 
 def round_up_f32(x64: torch.Tensor) -> torch.Tensor:

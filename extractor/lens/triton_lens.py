@@ -43,6 +43,7 @@ from .exact import (
     error_band,
     exact_order,
     mma_error_factor,
+    product_dtype,
     target_logits,
     thresholds,
     unembed_norm_max,
@@ -292,7 +293,8 @@ def triton_lens(
         bk=block_k,
     )
     h = normed_rows(inputs).contiguous()
-    t64 = target_logits(h, targets, inputs)
+    wide = product_dtype(h, inputs.unembed)
+    t64 = target_logits(h, targets, inputs, wide)
     band = (
         _band(inputs, h, block_k) if refine else torch.zeros(n, dtype=torch.float64, device=device)
     )
@@ -300,8 +302,8 @@ def triton_lens(
     out = _launch(inputs, h, targets, lo.contiguous(), hi.contiguous(), shape, splits)
     lse, seg_lse, counts = _merge_splits(out, len(segments.names), t)
     if refine:
-        counts += _resolve_band(inputs, h, targets, t64, lo, hi, out, segments)
-    seg_ids, seg_vals, certified = _certified_topk(inputs, h, out, band, len(segments.names))
+        counts += _resolve_band(inputs, h, wide, targets, t64, lo, hi, out, segments)
+    seg_ids, seg_vals, certified = _certified_topk(inputs, h, wide, out, band, len(segments.names))
     fields = _segment_results(
         segments.names, k, targets, t64, lse, seg_lse, seg_ids, seg_vals, counts
     )
@@ -456,7 +458,7 @@ def _merge_splits(out: _KernelOut, n_seg: int, t: int):
     return lse, seg_lse, counts
 
 
-def _resolve_band(inputs, h, targets, t64, lo, hi, out: _KernelOut, segments) -> torch.Tensor:
+def _resolve_band(inputs, h, wide, targets, t64, lo, hi, out: _KernelOut, segments) -> torch.Tensor:
     """Counts [N, S, T] of in-band entries whose exact logit is strictly above the target's.
 
     Each entry is classified against each target of its row with the same fp32 fast
@@ -467,7 +469,7 @@ def _resolve_band(inputs, h, targets, t64, lo, hi, out: _KernelOut, segments) ->
     rows, cols, fast = out.near_rows, out.near_cols, out.near_fast
     if not len(rows) or not t:
         return add
-    exact = entry_logits(h, rows, cols, inputs)
+    exact = entry_logits(h, rows, cols, inputs, wide)
     fast = fast[:, None]
     inside = (fast >= lo[rows]) & (fast <= hi[rows]) & (cols[:, None] != targets[rows])
     e, j = torch.nonzero(inside & (exact[:, None] > t64[rows]), as_tuple=True)
@@ -476,7 +478,7 @@ def _resolve_band(inputs, h, targets, t64, lo, hi, out: _KernelOut, segments) ->
     return add
 
 
-def _certified_topk(inputs, h, out: _KernelOut, band, n_seg: int):
+def _certified_topk(inputs, h, wide, out: _KernelOut, band, n_seg: int):
     """Each segment's exact top-k (ids, float64 values) from the splits' candidates, and
     which rows are certified: every entry left out of a split's full candidate buffer has
     a fast logit at most the buffer's lowest, so an exact value at most that plus the
@@ -492,7 +494,7 @@ def _certified_topk(inputs, h, out: _KernelOut, band, n_seg: int):
     valid = ids >= 0
     exact = torch.full(ids.shape, NEG_INF, dtype=torch.float64, device=h.device)
     r, s, c = torch.nonzero(valid, as_tuple=True)
-    exact[r, s, c] = entry_logits(h, r, ids[r, s, c], inputs)
+    exact[r, s, c] = entry_logits(h, r, ids[r, s, c], inputs, wide)
     seg_ids, seg_vals = {}, {}
     certified = torch.ones(n, dtype=torch.bool, device=h.device)
     for seg in range(n_seg):
