@@ -1,7 +1,7 @@
 """The lens on a CUDA GPU: exactness against float64, speed against cuBLAS, self-check cost.
 
     python bench/gpu_lens.py                    # everything, ~3 minutes on one H100/H200
-    python bench/gpu_lens.py --only exact       # one part: exact|kernel|selfcheck|model|profile
+    python bench/gpu_lens.py --only exact       # one part (exact, entry, kernel, ...)
 
 Needs a CUDA GPU (no CPU path: this is what CI cannot run). Parts:
 
@@ -10,11 +10,16 @@ exact     Ranks and top-k ids of each engine (triton, torch) against the float64
           V=49,152, a 502-entry speech segment) with exact ties planted (pairs of
           duplicate unembedding rows, one of each pair a target) and targets drawn
           at exact ranks 0, 5, 8-12, 40 and 400. Prints wrong counts: all must be 0.
+entry     Exact values of 65,536 random entries (d = 576, bf16 and fp32): torch's ops
+          (gather, products, the fixed-order float64 sum) against the one-launch
+          Triton kernel of extractor/lens/triton_exact.py; both must agree bit for bit.
 kernel    Median times (triton.testing.do_bench, CUDA events) at 4096 rows, bf16, for
           SmolLM2 and Qwen2.5 shapes: the bare cuBLAS bf16 GEMM of the same size
           (the floor), the Triton kernel alone, the whole Triton engine and the whole
           torch engine (top-10 overall and per segment, ranks of 12 targets per row,
-          pooled top-10 and ranks over groups of 8 rows), and the top-k-only calls.
+          pooled top-10 and ranks over groups of 8 rows), and the top-k-only calls;
+          a sweep of the kernel's tiles, warps and pipeline stages; the torch engine
+          with its exact values from torch's ops (the baseline of the entry kernel).
 selfcheck The per-actor self-check (sample of 48 rows against float64) against one
           4096-row lens call.
 model     A SmolLM2-shaped random Llama in bf16 (weights cannot travel; speed does not
@@ -143,6 +148,46 @@ def _bench(fn) -> float:
     return do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
+def _with_torch_dots(fn):
+    """``fn()`` with exact values from torch's ops instead of the Triton kernel (the
+    baseline for :mod:`extractor.lens.triton_exact`, in the same run)."""
+    from extractor.lens import exact
+
+    cuda_dots = exact.entry_dots_cuda
+    exact.entry_dots_cuda = exact.entry_dots_torch
+    try:
+        return fn()
+    finally:
+        exact.entry_dots_cuda = cuda_dots
+
+
+def part_entry(e: int = 65_536) -> list[dict]:
+    """Exact values of ``e`` random entries at d = 576: torch's ops against the kernel."""
+    from extractor.lens.exact import entry_dots_torch
+    from extractor.lens.triton_exact import entry_dots
+
+    d, v = SHAPES["smollm2"]
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for dtype, wide in ((torch.bfloat16, torch.float32), (torch.float32, torch.float64)):
+        h = torch.randn(4096, d, generator=gen).to("cuda", dtype)
+        w = torch.randn(v, d, generator=gen).to("cuda", dtype)
+        rows = torch.randint(0, 4096, (e,), generator=gen).cuda()
+        cols = torch.randint(0, v, (e,), generator=gen).cuda()
+        args = (h, w, rows, cols, wide)
+        row = {
+            "dtype": str(dtype),
+            "entries": e,
+            "bitwise_equal": torch.equal(entry_dots(*args), entry_dots_torch(*args)),
+            "torch_ms": _bench(lambda a=args: entry_dots_torch(*a)),
+            "triton_ms": _bench(lambda a=args: entry_dots(*a)),
+        }
+        row["speedup"] = round(row["torch_ms"] / row["triton_ms"], 2)
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
 def _kernel_row(shape: str, n: int) -> dict:
     from extractor.lens import fused_logit_lens
     from extractor.lens import triton_lens as tlens
@@ -159,7 +204,7 @@ def _kernel_row(shape: str, n: int) -> dict:
     lo, hi = (x.contiguous() for x in thresholds(t64, tlens._band(full, hn, 64)))
     names = full.resolved_segments().names
 
-    def shape_of(bm: int, bn: int, bk: int = 64):
+    def shape_of(bm: int, bn: int, bk: int = 64, warps: int = 4, stages: int = 3):
         return tlens._Shape(
             n=n,
             d=d,
@@ -170,6 +215,8 @@ def _kernel_row(shape: str, n: int) -> dict:
             bm=bm,
             bn=bn,
             bk=bk,
+            warps=warps,
+            stages=stages,
         )
 
     b = tlens.CUDA_BLOCKS
@@ -184,10 +231,28 @@ def _kernel_row(shape: str, n: int) -> dict:
                     full, hn, targets, lo, hi, shape_of(bm, bn), None
                 )
             )
-            for bm, bn in ((128, 128), (64, 64), (128, 64), (32, 128))
+            for bm, bn in ((128, 128), (128, 64), (32, 128), (32, 64))
+        },
+        **{
+            f"triton_kernel_bm{bm}_bn{bn}_w{warps}_s{stages}": (
+                lambda c=(bm, bn, 64, warps, stages): tlens._launch(
+                    full, hn, targets, lo, hi, shape_of(*c), None
+                )
+            )
+            for bm, bn, warps, stages in (
+                (64, 64, 8, 3),
+                (64, 64, 4, 2),
+                (64, 64, 4, 4),
+                (64, 64, 2, 3),
+                (128, 64, 8, 3),
+                (64, 128, 8, 3),
+            )
         },
         "triton_engine": lambda: fused_logit_lens(**full.__dict__, backend="triton"),
         "torch_engine": lambda: fused_logit_lens(**full.__dict__, backend="torch"),
+        "torch_engine_torch_dots": lambda: _with_torch_dots(
+            lambda: fused_logit_lens(**full.__dict__, backend="torch")
+        ),
         "triton_topk_only": lambda: fused_logit_lens(**bare.__dict__, backend="triton"),
         "torch_topk_only": lambda: fused_logit_lens(**bare.__dict__, backend="torch"),
     }
@@ -225,8 +290,10 @@ def part_profile(n: int) -> dict:
             fused_logit_lens(**full.__dict__, backend=engine)
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
-        print(f"== profile {engine}\n{table}", flush=True)
+        gpu = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14)
+        print(f"== profile {engine}\n{table}\n{gpu}", flush=True)
         tables[engine] = table
+        tables[f"{engine}_by_gpu_time"] = gpu
     return tables
 
 
@@ -322,7 +389,9 @@ def part_model(batch: int, seq: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["exact", "kernel", "selfcheck", "model", "profile"])
+    parser.add_argument(
+        "--only", choices=["exact", "entry", "kernel", "selfcheck", "model", "profile"]
+    )
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
@@ -340,6 +409,7 @@ def main() -> None:
     print(json.dumps(results), flush=True)
     parts = {
         "exact": part_exact,
+        "entry": part_entry,
         "kernel": lambda: part_kernel(args.rows),
         "selfcheck": lambda: part_selfcheck(args.rows),
         "model": lambda: part_model(8, 512),

@@ -148,6 +148,36 @@ def test_triton_stays_exact_below_fp32s_normal_range(scale):
     _check(inputs, fused_logit_lens(**inputs.__dict__, backend="triton"))
 
 
+_GPU_ONLY = pytest.mark.skipif(not CUDA, reason="the interpreter garbles bf16")
+
+
+@pytest.mark.parametrize("d", [1, 3, 7, 64, 129, 576])
+@pytest.mark.parametrize(
+    "dtype,wide",
+    [
+        (torch.float32, torch.float64),
+        (torch.float16, torch.float32),
+        (torch.float16, torch.float64),
+        pytest.param(torch.bfloat16, torch.float32, marks=_GPU_ONLY),
+    ],
+    ids=str,
+)
+def test_exact_dots_kernel_sums_in_ordered_sums_order(d, dtype, wide):
+    """The CUDA kernel for exact values gives torch's values bit for bit (a target and its
+    duplicate must tie whichever computes them). Magnitudes over six decades make the
+    float64 sums of fp32 products round, so another order differs (31 of 33 at d = 576)."""
+    from extractor.lens.exact import entry_dots_torch
+    from extractor.lens.triton_exact import entry_dots
+
+    gen = torch.Generator().manual_seed(d)
+    h = (torch.randn(7, d, generator=gen) * torch.logspace(-3, 3, d)).to(DEVICE, dtype)
+    w = (torch.randn(50, d, generator=gen) * 3).to(DEVICE, dtype)
+    rows = torch.randint(0, 7, (333,), generator=gen).to(DEVICE)
+    cols = torch.randint(0, 50, (333,), generator=gen).to(DEVICE)
+    want = entry_dots_torch(h, w, rows, cols, wide)
+    assert torch.equal(entry_dots(h, w, rows, cols, wide), want)
+
+
 def test_triton_and_torch_engines_agree():
     inputs = _case(**CASES["softcap-and-masked-vocab"])
     a = fused_logit_lens(**inputs.__dict__, backend="triton").to("cpu")

@@ -1,4 +1,4 @@
-"""Ahead-of-time compile of the lens kernel for one GPU target (run as a script).
+"""Ahead-of-time compile of the lens kernels for real GPU targets (run as a script).
 
 Runs in its own process without TRITON_INTERPRET: the interpreter patches
 Triton's builder globally, and a real compile must not see that.
@@ -65,17 +65,50 @@ def compile_lens_kernel(arch: int, dtype: str, stage: str = "cubin"):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm[stage]
 
 
+def compile_entry_kernel(arch: int, dtype: str, stage: str = "cubin"):
+    """The exact-values kernel (:mod:`extractor.lens.triton_exact`) at d = 576."""
+    from extractor.lens import triton_exact
+
+    kernel = triton_exact._entry_dots_kernel
+    signature = {
+        "H": POINTER[dtype],
+        "W": POINTER[dtype],
+        "ROWS": "*i64",
+        "COLS": "*i64",
+        "OUT": "*fp64",
+        "E": "i32",
+        "D": "i32",
+        "stride_h": "i32",
+        "stride_w": "i32",
+    }
+    dp = 1024
+    constexprs = {
+        "DP": dp,
+        "LEVELS": 10,
+        "BE": triton_exact.PROGRAM_PRODUCTS // dp,
+        "WIDE64": dtype == "fp32",
+    }
+    ordered = {name: signature.get(name, "constexpr") for name in kernel.arg_names}
+    if set(ordered) != set(signature) | set(constexprs):
+        raise SystemExit(f"kernel arguments changed: {sorted(ordered)}")
+    src = ASTSource(fn=kernel, signature=ordered, constexprs=constexprs)
+    options = {"enable_fp_fusion": False}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm[stage]
+
+
 ARCHS = (80, 90)
+KERNELS = {"lens": compile_lens_kernel, "entry": compile_entry_kernel}
 
 
 if __name__ == "__main__":
     failed = 0
-    for arch in ARCHS:
-        for dtype in POINTER:
-            try:
-                cubin = compile_lens_kernel(arch, dtype)
-                print(f"ok sm_{arch} {dtype}: {len(cubin)} bytes of cubin")
-            except Exception as exc:
-                failed += 1
-                print(f"FAILED sm_{arch} {dtype}: {type(exc).__name__}: {exc}")
+    for name, compile_kernel in KERNELS.items():
+        for arch in ARCHS:
+            for dtype in POINTER:
+                try:
+                    cubin = compile_kernel(arch, dtype)
+                    print(f"ok sm_{arch} {dtype} {name}: {len(cubin)} bytes of cubin")
+                except Exception as exc:
+                    failed += 1
+                    print(f"FAILED sm_{arch} {dtype} {name}: {type(exc).__name__}: {exc}")
     sys.exit(1 if failed else 0)

@@ -18,6 +18,7 @@ is certainly above or certainly not above the exact value ``t``.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -184,14 +185,48 @@ def entry_logits(
     """
     if wide is None or inputs.unembed.dtype not in OUTPUT_ROUNDING:
         wide = product_dtype(h_rows, inputs.unembed)
+    dots = entry_dots_cuda if h_rows.is_cuda and inputs.unembed.is_cuda else entry_dots_torch
+    return finish(dots(h_rows, inputs.unembed, rows, cols, wide), cols, inputs)
+
+
+def entry_dots_torch(
+    h_rows: torch.Tensor,
+    unembed: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    wide: torch.dtype,
+) -> torch.Tensor:
+    """:func:`entry_logits`' dot products [E] in torch, in batches of [E, d] products."""
     h = h_rows.to(wide)
     out = torch.empty(len(rows), dtype=torch.float64, device=h_rows.device)
     batch = CUDA_ENTRY_BATCH if h_rows.device.type == "cuda" else ENTRY_BATCH
     for a in range(0, len(rows), batch):
         b = min(a + batch, len(rows))
-        w = inputs.unembed[cols[a:b]].to(wide)
+        w = unembed[cols[a:b]].to(wide)
         out[a:b] = ordered_sum(w * h[rows[a:b]])
-    return finish(out, cols, inputs)
+    return out
+
+
+_KERNEL_FAILED = False
+
+
+def entry_dots_cuda(h_rows, unembed, rows, cols, wide) -> torch.Tensor:
+    """The same values from one Triton launch (:mod:`.triton_exact`): torch's ops made a
+    GPU call host-bound. Without Triton, or if its compile fails (one warning), torch's."""
+    global _KERNEL_FAILED
+    if not _KERNEL_FAILED:
+        try:
+            from .triton_exact import entry_dots
+
+            return entry_dots(h_rows, unembed, rows, cols, wide)
+        except Exception as exc:  # no Triton or no compile: the same values, slower
+            _KERNEL_FAILED = True
+            warnings.warn(
+                f"the Triton kernel for exact lens values failed ({type(exc).__name__}: "
+                f"{exc}); using torch's ops",
+                stacklevel=2,
+            )
+    return entry_dots_torch(h_rows, unembed, rows, cols, wide)
 
 
 def dense_logits(h_rows: torch.Tensor, inputs: LensInputs) -> torch.Tensor:

@@ -332,6 +332,8 @@ class _Shape:
     bm: int
     bn: int
     bk: int
+    warps: int = 4  # Triton's defaults; bench/gpu_lens.py sweeps them
+    stages: int = 3
 
 
 @dataclass(frozen=True)
@@ -432,6 +434,8 @@ def _launch(inputs: LensInputs, h, targets, lo, hi, shape: _Shape, splits: int |
                 BN=shape.bn,
                 BK=shape.bk,
                 DOT_PRECISION="ieee",
+                num_warps=shape.warps,
+                num_stages=shape.stages,
             )
         total = int(found)
         if total <= cap:
