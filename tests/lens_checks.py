@@ -81,9 +81,9 @@ def tiny_case(dtype: torch.dtype, scale: float, device: str = "cpu") -> LensInpu
         hidden=(torch.randn(n, d, generator=gen) * scale).to(device, dtype),
         unembed=(torch.randn(v, d, generator=gen) * scale).to(device, dtype),
         k=5,
-        targets=torch.randint(0, v, (n, 6), generator=gen),
-        pool_groups=torch.arange(n) // 4,
-        pool_targets=torch.randint(0, v, (n // 4, 2), generator=gen),
+        targets=torch.randint(0, v, (n, 6), generator=gen).to(device),
+        pool_groups=(torch.arange(n) // 4).to(device),
+        pool_targets=torch.randint(0, v, (n // 4, 2), generator=gen).to(device),
     )
 
 

@@ -185,7 +185,10 @@ def entry_logits(
     """
     if wide is None or inputs.unembed.dtype not in OUTPUT_ROUNDING:
         wide = product_dtype(h_rows, inputs.unembed)
-    dots = entry_dots_cuda if h_rows.is_cuda and inputs.unembed.is_cuda else entry_dots_torch
+    # The Triton kernel only for float64 products: on an H200 it was 5x faster than torch's
+    # ops there, but 28x slower for fp32 products of bf16 values (bench/README.md).
+    on_cuda = h_rows.is_cuda and inputs.unembed.is_cuda
+    dots = entry_dots_cuda if on_cuda and wide == torch.float64 else entry_dots_torch
     return finish(dots(h_rows, inputs.unembed, rows, cols, wide), cols, inputs)
 
 

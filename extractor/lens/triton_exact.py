@@ -12,6 +12,11 @@ and sums the products by halving: element ``2j`` plus element ``2j + 1``, ``log2
 times. That is ``ordered_sum``'s order: its zero appended at a level of odd width is one
 of these trailing zeros, and ``x + 0 == x``. ``enable_fp_fusion=False`` keeps every
 product and sum its own IEEE operation.
+
+Measured on an H200 (bench/README.md, 65,536 entries at d = 576, same run): 0.17 ms
+against torch's 0.87 ms for float64 products (fp32 models), bit for bit; but 20.5 ms
+against 0.74 ms for fp32 products of bf16 values, a cause not yet found. So
+:func:`~.exact.entry_logits` calls it only for float64 products.
 """
 
 from __future__ import annotations
