@@ -336,11 +336,12 @@ def underflow_error(d: int, row_norms: torch.Tensor, w_norm_max: float) -> torch
     A product or sum below :data:`TINY32` loses up to ``TINY32`` (flushed to zero, or
     rounded to a subnormal): ``2 (d + 2)`` such operations with the bias and soft-cap. An
     input below it flushed to zero (DAZ) drops ``|h_i w_i| < TINY32 (|h_i| + |w_i|)`` per
-    term, at most ``TINY32 sqrt(d) (||h|| + ||w||)`` in all. Negligible for real logits;
-    without it, hidden states of 2^-70 gave wrong ranks.
+    term, at most ``TINY32 sqrt(d) (||h|| + ||w||)`` in all. Later roundings grow each
+    loss by at most ``1 + gamma_d``. Negligible for real logits; without it, hidden
+    states of 2^-70 gave wrong ranks.
     """
     terms = 2 * (d + 2) + d**0.5 * (row_norms + w_norm_max)
-    return TINY32 * terms * (1 + 2**-10)
+    return TINY32 * terms * (1 + gamma(d)) * (1 + 2**-10)
 
 
 def round_up_f32(x64: torch.Tensor) -> torch.Tensor:
