@@ -57,12 +57,7 @@ def compile_lens_kernel(arch: int, dtype: str, stage: str = "cubin"):
         "DOT_PRECISION": "ieee",
         **triton_lens.CUDA_BLOCKS,
     }
-    # ASTSource binds the signature by position: list it in the kernel's own order.
-    ordered = {name: signature.get(name, "constexpr") for name in kernel.arg_names}
-    if set(ordered) != set(signature) | set(constexprs):
-        raise SystemExit(f"kernel arguments changed: {sorted(ordered)}")
-    src = ASTSource(fn=kernel, signature=ordered, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm[stage]
+    return _compile(kernel, signature, constexprs, arch, stage)
 
 
 def compile_entry_kernel(arch: int, dtype: str, stage: str = "cubin"):
@@ -88,12 +83,18 @@ def compile_entry_kernel(arch: int, dtype: str, stage: str = "cubin"):
         "BE": triton_exact.PROGRAM_PRODUCTS // dp,
         "WIDE64": dtype == "fp32",
     }
+    return _compile(kernel, signature, constexprs, arch, stage, {"enable_fp_fusion": False})
+
+
+def _compile(kernel, signature: dict, constexprs: dict, arch: int, stage: str, options=None):
+    """One kernel built for ``sm_<arch>``; its ``stage`` ("cubin", "ptx", "ttgir", ...)."""
+    # ASTSource binds the signature by position: list it in the kernel's own order.
     ordered = {name: signature.get(name, "constexpr") for name in kernel.arg_names}
     if set(ordered) != set(signature) | set(constexprs):
         raise SystemExit(f"kernel arguments changed: {sorted(ordered)}")
     src = ASTSource(fn=kernel, signature=ordered, constexprs=constexprs)
-    options = {"enable_fp_fusion": False}
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm[stage]
+    target = GPUTarget("cuda", arch, 32)
+    return triton.compile(src, target=target, options=options or {}).asm[stage]
 
 
 ARCHS = (80, 90)

@@ -183,7 +183,7 @@ def entry_logits(
     every entry (:func:`ordered_sum`). ``wide``: :func:`product_dtype` of these rows (or
     of a call's rows, a superset), decided here when None.
     """
-    if wide is None or inputs.unembed.dtype not in OUTPUT_ROUNDING:
+    if wide is None:
         wide = product_dtype(h_rows, inputs.unembed)
     # The Triton kernel only for float64 products: on an H200 it was 5x faster than torch's
     # ops there, but 28x slower for fp32 products of bf16 values (bench/README.md).
