@@ -13,6 +13,8 @@ exact     Ranks and top-k ids of each engine (triton, torch) against the float64
 entry     Exact values of 65,536 random entries (d = 576, bf16 and fp32): torch's ops
           (gather, products, the fixed-order float64 sum) against the one-launch
           Triton kernel of extractor/lens/triton_exact.py; both must agree bit for bit.
+          The compiled kernels' registers and spills (their TTGIR and PTX under
+          $OUT/entry_asm when $OUT is set); the torch engine with either at 4096 rows.
 kernel    Median times (triton.testing.do_bench, CUDA events) at 4096 rows, bf16, for
           SmolLM2 and Qwen2.5 shapes: the bare cuBLAS bf16 GEMM of the same size
           (the floor), the Triton kernel alone, the whole Triton engine and the whole
@@ -161,8 +163,31 @@ def _with_torch_dots(fn):
         exact.entry_dots_cuda = cuda_dots
 
 
+def _compiled_entry_kernels() -> list[dict]:
+    """Registers and spills of every compiled exact-values kernel (Triton's JIT cache), and
+    their TTGIR/PTX under $OUT/entry_asm when $OUT is set: what the GPU really runs."""
+    import os
+
+    from extractor.lens import triton_exact
+
+    out, asm_dir = [], os.environ.get("OUT")
+    for cache in getattr(triton_exact._entry_dots_kernel, "device_caches", {}).values():
+        for key, kernel in cache[0].items():
+            meta = {"key": str(key)[-160:], "n_regs": kernel.n_regs, "n_spills": kernel.n_spills}
+            out.append(meta)
+            if asm_dir:
+                folder = Path(asm_dir) / "entry_asm"
+                folder.mkdir(exist_ok=True)
+                for stage in ("ttgir", "ptx"):
+                    (folder / f"kernel{len(out)}.{stage}").write_text(kernel.asm[stage])
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def part_entry(e: int = 65_536) -> list[dict]:
-    """Exact values of ``e`` random entries at d = 576: torch's ops against the kernel."""
+    """Exact values of ``e`` random entries at d = 576: torch's ops against the kernel; the
+    kernel's registers and spills; then the torch engine with either."""
+    from extractor.lens import fused_logit_lens
     from extractor.lens.exact import entry_dots_torch
     from extractor.lens.triton_exact import entry_dots
 
@@ -174,15 +199,31 @@ def part_entry(e: int = 65_536) -> list[dict]:
         w = torch.randn(v, d, generator=gen).to("cuda", dtype)
         rows = torch.randint(0, 4096, (e,), generator=gen).cuda()
         cols = torch.randint(0, v, (e,), generator=gen).cuda()
-        args = (h, w, rows, cols, wide)
         row = {
             "dtype": str(dtype),
+            "torch_products": str(wide),
             "entries": e,
-            "bitwise_equal": torch.equal(entry_dots(*args), entry_dots_torch(*args)),
-            "torch_ms": _bench(lambda a=args: entry_dots_torch(*a)),
-            "triton_ms": _bench(lambda a=args: entry_dots(*a)),
+            "bitwise_equal": torch.equal(
+                entry_dots(h, w, rows, cols), entry_dots_torch(h, w, rows, cols, wide)
+            ),
+            "torch_ms": _bench(lambda a=(h, w, rows, cols, wide): entry_dots_torch(*a)),
+            "triton_ms": _bench(lambda a=(h, w, rows, cols): entry_dots(*a)),
         }
         row["speedup"] = round(row["torch_ms"] / row["triton_ms"], 2)
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    out.append({"compiled": _compiled_entry_kernels()})
+    for dtype in (torch.bfloat16, torch.float32):
+        full = _problem(d, v, 4096, dtype)
+
+        def engine(inputs=full):
+            return fused_logit_lens(**inputs.__dict__, backend="torch")
+
+        row = {
+            "dtype": str(dtype),
+            "torch_engine_ms": _bench(engine),
+            "torch_engine_torch_dots_ms": _bench(lambda: _with_torch_dots(engine)),
+        }
         print(json.dumps(row), flush=True)
         out.append(row)
     return out

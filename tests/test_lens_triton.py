@@ -163,9 +163,10 @@ _GPU_ONLY = pytest.mark.skipif(not CUDA, reason="the interpreter garbles bf16")
     ids=str,
 )
 def test_exact_dots_kernel_sums_in_ordered_sums_order(d, dtype, wide):
-    """The CUDA kernel for exact values gives torch's values bit for bit (a target and its
-    duplicate must tie whichever computes them). Magnitudes over six decades make the
-    float64 sums of fp32 products round, so another order differs (31 of 33 at d = 576)."""
+    """The CUDA kernel for exact values gives torch's values bit for bit, in each product
+    dtype torch uses (a target and its duplicate must tie whichever computes them).
+    Magnitudes over six decades make the float64 sums of fp32 products round, so another
+    order differs (31 of 33 at d = 576)."""
     from extractor.lens.exact import entry_dots_torch
     from extractor.lens.triton_exact import entry_dots
 
@@ -175,7 +176,7 @@ def test_exact_dots_kernel_sums_in_ordered_sums_order(d, dtype, wide):
     rows = torch.randint(0, 7, (333,), generator=gen).to(DEVICE)
     cols = torch.randint(0, 50, (333,), generator=gen).to(DEVICE)
     want = entry_dots_torch(h, w, rows, cols, wide)
-    assert torch.equal(entry_dots(h, w, rows, cols, wide), want)
+    assert torch.equal(entry_dots(h, w, rows, cols), want)
 
 
 def test_triton_and_torch_engines_agree():

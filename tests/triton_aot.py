@@ -81,7 +81,6 @@ def compile_entry_kernel(arch: int, dtype: str, stage: str = "cubin"):
         "DP": dp,
         "LEVELS": 10,
         "BE": triton_exact.PROGRAM_PRODUCTS // dp,
-        "WIDE64": dtype == "fp32",
     }
     return _compile(kernel, signature, constexprs, arch, stage, {"enable_fp_fusion": False})
 

@@ -185,11 +185,11 @@ def entry_logits(
     """
     if wide is None:
         wide = product_dtype(h_rows, inputs.unembed)
-    # The Triton kernel only for float64 products: on an H200 it was 5x faster than torch's
-    # ops there, but 28x slower for fp32 products of bf16 values (bench/README.md).
-    on_cuda = h_rows.is_cuda and inputs.unembed.is_cuda
-    dots = entry_dots_cuda if on_cuda and wide == torch.float64 else entry_dots_torch
-    return finish(dots(h_rows, inputs.unembed, rows, cols, wide), cols, inputs)
+    if h_rows.is_cuda and inputs.unembed.is_cuda:
+        dots = entry_dots_cuda(h_rows, inputs.unembed, rows, cols, wide)
+    else:
+        dots = entry_dots_torch(h_rows, inputs.unembed, rows, cols, wide)
+    return finish(dots, cols, inputs)
 
 
 def entry_dots_torch(
@@ -221,7 +221,7 @@ def entry_dots_cuda(h_rows, unembed, rows, cols, wide) -> torch.Tensor:
         try:
             from .triton_exact import entry_dots
 
-            return entry_dots(h_rows, unembed, rows, cols, wide)
+            return entry_dots(h_rows, unembed, rows, cols)
         except Exception as exc:  # no Triton or no compile: the same values, slower
             _KERNEL_FAILED = True
             warnings.warn(

@@ -13,10 +13,10 @@ times. That is ``ordered_sum``'s order: its zero appended at a level of odd widt
 of these trailing zeros, and ``x + 0 == x``. ``enable_fp_fusion=False`` keeps every
 product and sum its own IEEE operation.
 
-Measured on an H200 (bench/README.md, 65,536 entries at d = 576, same run): 0.17 ms
-against torch's 0.87 ms for float64 products (fp32 models), bit for bit; but 20.5 ms
-against 0.74 ms for fp32 products of bf16 values, a cause not yet found. So
-:func:`~.exact.entry_logits` calls it only for float64 products.
+Its products are always float64. Where ``wide`` is fp32 the fp32 products are exact, so
+they equal the float64 ones and the sums are the same. An fp32 product path made Triton
+3.6 put a whole 1,024-wide row in each thread (2,806 spilled registers on an H200): 20.5 ms
+against torch's 0.74 ms, where float64 products take 0.088 ms (bench/README.md).
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ def _entry_dots_kernel(
     DP: tl.constexpr,
     LEVELS: tl.constexpr,
     BE: tl.constexpr,
-    WIDE64: tl.constexpr,
 ):
     e = tl.program_id(0) * BE + tl.arange(0, BE)
     live = e < E
@@ -54,10 +53,7 @@ def _entry_dots_kernel(
     mask = live[:, None] & (k < D)[None, :]
     h = tl.load(H + r[:, None] * stride_h + k[None, :], mask=mask, other=0.0)
     w = tl.load(W + c[:, None] * stride_w + k[None, :], mask=mask, other=0.0)
-    if WIDE64:
-        p = h.to(tl.float64) * w.to(tl.float64)
-    else:
-        p = (h.to(tl.float32) * w.to(tl.float32)).to(tl.float64)
+    p = h.to(tl.float64) * w.to(tl.float64)
     for level in tl.static_range(LEVELS):
         pairs = tl.reshape(p, (BE, DP >> (level + 1), 2))
         even, odd = tl.split(pairs)
@@ -66,9 +62,10 @@ def _entry_dots_kernel(
 
 
 def entry_dots(
-    h: torch.Tensor, unembed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, wide
+    h: torch.Tensor, unembed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
 ) -> torch.Tensor:
-    """Float64 ``sum_i h[rows[e], i] * unembed[cols[e], i]`` [E], in ``ordered_sum``'s order."""
+    """Float64 ``sum_i h[rows[e], i] * unembed[cols[e], i]`` [E], in ``ordered_sum``'s order,
+    from exact products: :func:`~.exact.entry_dots_torch`'s values in any ``wide`` it uses."""
     e, d = len(rows), h.shape[1]
     out = torch.empty(e, dtype=torch.float64, device=h.device)
     if e == 0:
@@ -89,7 +86,6 @@ def entry_dots(
         DP=dp,
         LEVELS=dp.bit_length() - 1,
         BE=be,
-        WIDE64=wide == torch.float64,
         enable_fp_fusion=False,
     )
     return out
