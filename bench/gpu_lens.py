@@ -22,6 +22,9 @@ kernel    Median times (triton.testing.do_bench, CUDA events) at 4096 rows, bf16
           pooled top-10 and ranks over groups of 8 rows), and the top-k-only calls;
           a sweep of the kernel's tiles, warps and pipeline stages; the torch engine
           with its exact values from torch's ops (the baseline of the entry kernel).
+chunks    The torch engine's (row_chunk, vocab_chunk) on a 16,384-row problem: ms and
+          peak memory per pair against 4,096 x 16,384 in the same run, ranks and top-k
+          ids against its (must be equal), and the default this GPU gets.
 selfcheck The per-actor self-check (sample of 48 rows against float64) against one
           4096-row lens call.
 model     A SmolLM2-shaped random Llama in bf16 (weights cannot travel; speed does not
@@ -369,6 +372,43 @@ def part_selfcheck(n: int) -> dict:
     }
 
 
+#: (row_chunk, vocab_chunk) pairs for the torch engine on a GPU; the first is the default.
+CHUNK_SWEEP = ((4096, 16384), (8192, 16384), (16384, 16384), (8192, 49152))
+
+
+def part_chunks(n: int = 16_384) -> list[dict]:
+    """The torch engine's block sizes on a GPU: ms per ``n``-row call (SmolLM2 shape, bf16,
+    everything asked), each pair against the first (4,096 x 16,384) in the same run, and its
+    ranks and top-k ids against the first's (exact: they must not move). The engine's host
+    syncs are per block, so larger blocks mean fewer of them, at more memory."""
+    from extractor.lens import fused_logit_lens
+    from extractor.lens.exact import default_chunks
+
+    print(json.dumps({"default_chunks": default_chunks("cuda")}), flush=True)
+
+    d, v = SHAPES["smollm2"]
+    full = _problem(d, v, n, torch.bfloat16)
+    out, first = [], None
+    for rows, vocab in CHUNK_SWEEP:
+        torch.cuda.reset_peak_memory_stats()
+
+        def call(r=rows, c=vocab):
+            return fused_logit_lens(**full.__dict__, backend="torch", row_chunk=r, vocab_chunk=c)
+
+        row = {"rows": n, "row_chunk": rows, "vocab_chunk": vocab, "ms": _bench(call)}
+        row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        row["over_first"] = round(row["ms"] / out[0]["ms"], 3) if out else 1.0
+        # Exact at any block size: every rank and top-k id as at the first pair's.
+        got = call()
+        first = got if first is None else first
+        row["wrong_vs_first"] = {
+            k: v for k, v in _wrong(got, first.to("cpu")).items() if k != "lse_err"
+        }
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
 def part_model(batch: int, seq: int) -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -431,7 +471,8 @@ def part_model(batch: int, seq: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--only", choices=["exact", "entry", "kernel", "selfcheck", "model", "profile"]
+        "--only",
+        choices=["exact", "entry", "kernel", "chunks", "selfcheck", "model", "profile"],
     )
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -452,6 +493,7 @@ def main() -> None:
         "exact": part_exact,
         "entry": part_entry,
         "kernel": lambda: part_kernel(args.rows),
+        "chunks": part_chunks,
         "selfcheck": lambda: part_selfcheck(args.rows),
         "model": lambda: part_model(8, 512),
         "profile": lambda: part_profile(args.rows),

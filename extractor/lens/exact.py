@@ -37,15 +37,46 @@ CUDA_ENTRY_BATCH = 32 * ENTRY_BATCH
 
 
 #: Block sizes (rows, vocabulary entries) by device type. A CPU keeps [512 x 8192] fp32
-#: blocks (16 MB, near its caches); a GPU takes [4096 x 16384] (256 MB), where each block's
-#: few dozen launches and host syncs, not its arithmetic, set the time: at the CPU's sizes
-#: an H200 spent 290 ms on a 4096-row call whose GEMM takes under 1 ms (bench/README.md).
+#: blocks (16 MB, near its caches). On a GPU each block's few dozen launches and host syncs,
+#: not its arithmetic, set the time: at the CPU's sizes an H200 spent 290 ms on a 4096-row
+#: call whose GEMM takes under 1 ms. There the row chunk grows with the device's memory
+#: (:func:`cuda_row_chunk`); this is the smallest.
 CHUNKS = {"cpu": (512, 8192), "cuda": (4096, 16384)}
+
+#: Row chunks a GPU may take, largest first. On an H200 a 16,384-row call took 0.55x the
+#: time at 16,384 rows per block as at 4,096 (0.73x at 8,192), at 3.6 GB peak against 1.2
+#: (bench/README.md).
+CUDA_ROW_CHUNKS = (16384, 8192, 4096)
+
+#: Bytes a GPU block needs per entry, with margin: that run peaked at 3.6 GB for
+#: [16,384 x 16,384] blocks (about 13 bytes per entry: two fp32 buffers, the band mask,
+#: the compiled pass's temporaries).
+CUDA_BLOCK_BYTES_PER_ENTRY = 16
+
+#: Share of the device's memory one block may take: the model, every layer's hidden
+#: states and the caller's own tensors live there too.
+CUDA_BLOCK_MEMORY_SHARE = 1 / 16
+
+
+def cuda_row_chunk(total_memory: int, vocab_chunk: int) -> int:
+    """The largest of :data:`CUDA_ROW_CHUNKS` whose block fits the memory share: 16,384
+    rows on 80 GB and larger GPUs, 8,192 on 40 GB, 4,096 on 24 GB and below."""
+    budget = total_memory * CUDA_BLOCK_MEMORY_SHARE
+    for rows in CUDA_ROW_CHUNKS:
+        if rows * vocab_chunk * CUDA_BLOCK_BYTES_PER_ENTRY <= budget:
+            return rows
+    return CUDA_ROW_CHUNKS[-1]
 
 
 def default_chunks(device: torch.device | str) -> tuple[int, int]:
-    """(row_chunk, vocab_chunk) for a device: :data:`CHUNKS`, the CPU's for any other."""
-    return CHUNKS.get(torch.device(device).type, CHUNKS["cpu"])
+    """(row_chunk, vocab_chunk) for a device: :data:`CHUNKS`, the CPU's for any other
+    type; on CUDA the row chunk by the device's memory (:func:`cuda_row_chunk`)."""
+    device = torch.device(device)
+    rows, vocab = CHUNKS.get(device.type, CHUNKS["cpu"])
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        rows = cuda_row_chunk(total, vocab)
+    return rows, vocab
 
 
 #: Width of the K-blocks of the fast GEMM (see :func:`gemm_error_factor`).
