@@ -174,15 +174,18 @@ def _compiled_entry_kernels() -> list[dict]:
     from extractor.lens import triton_exact
 
     out, asm_dir = [], os.environ.get("OUT")
-    for cache in getattr(triton_exact._entry_dots_kernel, "device_caches", {}).values():
-        for key, kernel in cache[0].items():
-            meta = {"key": str(key)[-160:], "n_regs": kernel.n_regs, "n_spills": kernel.n_spills}
-            out.append(meta)
-            if asm_dir:
-                folder = Path(asm_dir) / "entry_asm"
-                folder.mkdir(exist_ok=True)
-                for stage in ("ttgir", "ptx"):
-                    (folder / f"kernel{len(out)}.{stage}").write_text(kernel.asm[stage])
+    try:  # Triton's cache layout is not a public API: report, never fail the part
+        for cache in getattr(triton_exact._entry_dots_kernel, "device_caches", {}).values():
+            for key, kernel in cache[0].items():
+                meta = {"key": str(key)[-160:], "n_regs": kernel.n_regs}
+                out.append({**meta, "n_spills": kernel.n_spills})
+                if asm_dir:
+                    folder = Path(asm_dir) / "entry_asm"
+                    folder.mkdir(exist_ok=True)
+                    for stage in ("ttgir", "ptx"):
+                        (folder / f"kernel{len(out)}.{stage}").write_text(kernel.asm[stage])
+    except Exception as exc:
+        out.append({"error": repr(exc)[:300]})
     print(json.dumps(out), flush=True)
     return out
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,13 +18,15 @@ from extractor.lens import (
     LensShapeError,
     NonFiniteHiddenError,
     VocabSegments,
+    chunked,
     fused_logit_lens,
 )
-from extractor.lens.chunked import chunked_lens, row_chunks
+from extractor.lens.chunked import _band_spans, chunked_lens, row_chunks
 from extractor.lens.exact import (
     CHUNKS,
     cuda_row_chunk,
     default_chunks,
+    product_dtype,
     round_down_f32,
     round_up_f32,
 )
@@ -170,14 +174,74 @@ def test_row_chunks_never_split_a_group():
     "gib,rows", [(141, 16384), (79.6, 16384), (39.4, 8192), (23.6, 4096), (15.8, 4096), (4, 4096)]
 )
 def test_gpu_row_chunk_follows_the_devices_memory(gib, rows):
-    """H200/H100 take the 16,384-row blocks that measured 1.8x faster; a 24 GB card,
-    whose model and hidden states need the room, keeps 4,096 (the reported totals)."""
+    """An H200 measured 16,384-row blocks 2.2x faster than 4,096 (H100-sized cards get
+    them by the same rule, unmeasured); a 24 GB card, whose model and hidden states need
+    the room, keeps 4,096 (the totals as the cards report them)."""
     vocab = CHUNKS["cuda"][1]
     assert cuda_row_chunk(int(gib * 2**30), vocab) == rows
 
 
-def test_cpu_chunks_stay_cache_sized():
+def test_default_chunks_size_a_gpus_rows_by_its_memory_and_the_vocab_chunk(monkeypatch):
+    """The CUDA branch, run on a CPU: the device's reported memory sets the rows, for the
+    caller's vocabulary chunk when it gives one (a wide chunk must not get wide rows too)."""
+    props = type("Props", (), {"total_memory": 80 * 2**30})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    assert default_chunks("cuda") == (16384, 16384)
+    assert default_chunks("cuda:0", 151_936) == (4096, 151_936)
     assert default_chunks("cpu") == CHUNKS["cpu"] == (512, 8192)
+
+
+def test_band_spans_bound_the_entries_resolved_at_once():
+    near = torch.zeros(9, 10)
+    for row, count in enumerate([3, 0, 10, 4, 4, 1, 0, 7, 2]):
+        near[row, :count] = 1.0
+    spans = _band_spans(near, limit=8)
+    assert spans[0][0] == 0 and spans[-1][1] == 9
+    assert all(a == b for (_, a), (b, _) in itertools.pairwise(spans))  # contiguous
+    for a, b in spans:
+        assert int(near[a:b].count_nonzero()) <= 8 or b - a == 1  # a wide row alone
+    assert _band_spans(near, limit=100) == [(0, 9)]
+    assert _band_spans(torch.zeros(4, 5), limit=8) == []
+
+
+def test_rows_whose_whole_block_is_in_band_are_resolved_in_batches(monkeypatch):
+    """Zero rows tie every entry with their targets, and rows of magnitude 2^-70 sit under
+    fp32's normal range where the band is absolute: the whole block is in band. Batches of
+    500 of its 16 x 400 entries give the exact ranks."""
+    inputs = tiny_case(torch.bfloat16, 2.0**-70)
+    hidden = inputs.hidden.clone()
+    hidden[::2] = 0
+    inputs = replace(inputs, hidden=hidden)
+    spans = []
+    monkeypatch.setattr(chunked, "BAND_BATCH", 500)
+    real = chunked._band_spans
+    monkeypatch.setattr(chunked, "_band_spans", lambda *a: spans.append(real(*a)) or spans[-1])
+    got = chunked_lens(inputs, row_chunk=16, vocab_chunk=400)
+    assert max(len(s) for s in spans) > 1
+    check_exact(inputs, got, 400)
+    assert torch.equal(got.target_ranks[::2], torch.zeros_like(got.target_ranks[::2]))
+
+
+def test_rows_the_model_dtype_cannot_hold_are_a_named_error():
+    """fp32 rows beyond fp16's 65,504 become inf in an fp16 head: named, not NaN ranks."""
+    h = torch.randn(5, 8)
+    h[2] *= 1e6
+    with pytest.raises(NonFiniteHiddenError, match=r"float16 .* row 2"):
+        fused_logit_lens(h, None, torch.randn(30, 8).half(), 3)
+
+
+def test_a_nan_unembedding_is_a_named_error():
+    w = torch.randn(30, 8)
+    w[4, 2] = math.nan
+    with pytest.raises(LensRangeError, match="NaN or inf"):
+        chunked_lens(LensInputs(hidden=torch.randn(3, 8), unembed=w, k=2))
+
+
+def test_a_nan_row_makes_products_float64():
+    """Python's max() drops a NaN: the range scan must not, or fp32 products of huge
+    values would overflow where float64 ones do not (the CUDA kernel's)."""
+    h = torch.tensor([[math.nan, 1.0], [2.0**100, 1.0]]).bfloat16()
+    assert product_dtype(h, torch.tensor([[2.0**100, 1.0]]).bfloat16()) == torch.float64
 
 
 def test_pooled_is_max_over_the_group():

@@ -167,7 +167,7 @@ def test_exact_dots_kernel_sums_in_ordered_sums_order(d, dtype, wide):
     dtype torch uses (a target and its duplicate must tie whichever computes them).
     Magnitudes over six decades make the float64 sums of fp32 products round, so another
     order differs (31 of 33 at d = 576)."""
-    from extractor.lens.exact import entry_dots_torch
+    from extractor.lens.exact import entry_dots_torch, product_dtype
     from extractor.lens.triton_exact import entry_dots
 
     gen = torch.Generator().manual_seed(d)
@@ -175,6 +175,8 @@ def test_exact_dots_kernel_sums_in_ordered_sums_order(d, dtype, wide):
     w = (torch.randn(50, d, generator=gen) * 3).to(DEVICE, dtype)
     rows = torch.randint(0, 7, (333,), generator=gen).to(DEVICE)
     cols = torch.randint(0, 50, (333,), generator=gen).to(DEVICE)
+    if wide == torch.float32:  # fp32 products are exact here: the kernel's premise
+        assert product_dtype(h, w) == torch.float32
     want = entry_dots_torch(h, w, rows, cols, wide)
     assert torch.equal(entry_dots(h, w, rows, cols), want)
 

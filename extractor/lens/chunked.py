@@ -25,6 +25,7 @@ segment's state. Nothing larger than [row-chunk x vocab-chunk] logits exists.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,7 +33,14 @@ from functools import partial
 
 import torch
 
-from .contract import LensInputs, LensRangeError, LensResult, check_width, validate
+from .contract import (
+    LensInputs,
+    LensRangeError,
+    LensResult,
+    NonFiniteHiddenError,
+    check_width,
+    validate,
+)
 from .exact import (
     K_BLOCK,
     bias_abs_max,
@@ -400,17 +408,39 @@ def _merge_topk(vals, ids, new_vals, new_ids, kk: int):
     return top, ids.gather(1, where)
 
 
+#: In-band entries resolved at a time. Each carries its row's [T] thresholds and exact
+#: targets, and a degenerate row (all zero after the norm) puts its whole block in the
+#: band: 16,384 such rows of a GPU block would otherwise need tens of GB at once.
+BAND_BATCH = 1 << 20
+
+
+def _band_spans(near: torch.Tensor, limit: int) -> list[tuple[int, int]]:
+    """Row spans of ``near`` holding at most ``limit`` in-band entries each (a row wider
+    than ``limit`` alone excepted): one span, and one count, in the common case."""
+    total = int(near.count_nonzero())
+    if total <= limit:
+        return [(0, len(near))] if total else []
+    ends = near.count_nonzero(dim=1).cumsum(0).tolist()
+    spans, start, before = [], 0, 0
+    for i, upto in enumerate(ends):
+        if upto - before > limit and i > start:
+            spans.append((start, i))
+            start, before = i, ends[i - 1]
+    spans.append((start, len(near)))
+    return spans
+
+
 def _resolve_band(scope, st, near, values, logits, band, lo, hi, c0) -> None:
     """Count, exactly, the in-band entries strictly above each target."""
     if near.shape[1] == 0:
         return
-    g_e, c_e = near.nonzero(as_tuple=True)
-    if not len(g_e):
-        return
-    fast = values[g_e, c_e].unsqueeze(1)
-    exact = scope.exact(g_e, c_e + c0, lambda r, c: logits[r, c - c0], band).unsqueeze(1)
-    inside = (fast >= lo[g_e]) & (fast <= hi[g_e])
-    st.counts.index_add_(0, g_e, (inside & (exact > scope.t64[g_e])).long())
+    for a, b in _band_spans(near, BAND_BATCH):
+        g_e, c_e = near[a:b].nonzero(as_tuple=True)
+        g_e = g_e + a
+        fast = values[g_e, c_e].unsqueeze(1)
+        exact = scope.exact(g_e, c_e + c0, lambda r, c: logits[r, c - c0], band).unsqueeze(1)
+        inside = (fast >= lo[g_e]) & (fast <= hi[g_e])
+        st.counts.index_add_(0, g_e, (inside & (exact > scope.t64[g_e])).long())
 
 
 def _update(scope, st, logits, band, c0, kk, compile) -> tuple[torch.Tensor, torch.Tensor]:
@@ -555,7 +585,8 @@ def chunked_lens(
     """Fused final-norm + unembedding + exact ranks/top-k/masses, chunked (see module doc).
 
     Runs on whatever device ``inputs.unembed`` lives on. ``margin`` extra candidates
-    per segment make a rescan rare; chunk sizes default by device (:data:`CHUNKS`);
+    per segment make a rescan rare; chunk sizes default by device
+    (:func:`~.exact.default_chunks`: on CUDA the row chunk by the device's memory);
     ``compile`` fuses the per-chunk reduction
     through torch.compile (the same classification either way; a compiler that fails
     falls back to eager with a warning). ``refine=False`` skips the
@@ -563,9 +594,8 @@ def chunked_lens(
     (tests use it to show that the refinement is what makes them exact).
     """
     validate(inputs)
-    rows_default, vocab_default = default_chunks(inputs.unembed.device)
+    rows_default, vocab_chunk = default_chunks(inputs.unembed.device, vocab_chunk)
     row_chunk = row_chunk or rows_default
-    vocab_chunk = vocab_chunk or vocab_default
     with ieee_fp32_matmul():
         return _run(inputs, row_chunk, vocab_chunk, margin, compile, refine)
 
@@ -578,7 +608,16 @@ def normed_rows(inputs: LensInputs) -> torch.Tensor:
     if inputs.final_norm is not None:
         h = inputs.final_norm(h)
         check_width(h, inputs.unembed)
-    return h.to(inputs.unembed.dtype)
+    h = h.to(inputs.unembed.dtype)
+    if h.numel() and not bool(torch.isfinite(h).all()):
+        # Finite hidden states can still overflow the model's dtype (fp16 stops at 65,504)
+        # or its norm: every exact value would be NaN, and ranks meaningless.
+        bad = torch.nonzero(~torch.isfinite(h).all(dim=1)).flatten()
+        raise NonFiniteHiddenError(
+            f"{bad.numel()} of {len(h)} rows hold NaN/inf once cast to {inputs.unembed.dtype} "
+            f"and through the final norm (first: row {int(bad[0])})"
+        )
+    return h
 
 
 def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
@@ -666,6 +705,8 @@ def _reach(normed: torch.Tensor, w_max: list[float]) -> float:
     if not len(normed):
         return 0.0
     reach = float(normed.double().norm(dim=1).max()) * max(w_max, default=0.0)
+    if not math.isfinite(reach):  # the rows are finite (normed_rows): W is not
+        raise LensRangeError("the unembedding holds NaN or inf: its logits are not defined")
     if reach >= 2.0**120:
         raise LensRangeError(
             f"logits may reach {reach:.3g}, beyond what fp32 accumulation holds exactly "

@@ -43,9 +43,9 @@ CUDA_ENTRY_BATCH = 32 * ENTRY_BATCH
 #: (:func:`cuda_row_chunk`); this is the smallest.
 CHUNKS = {"cpu": (512, 8192), "cuda": (4096, 16384)}
 
-#: Row chunks a GPU may take, largest first. On an H200 a 16,384-row call took 0.55x the
-#: time at 16,384 rows per block as at 4,096 (0.73x at 8,192), at 3.6 GB peak against 1.2
-#: (bench/README.md).
+#: Row chunks a GPU may take, largest first. On an H200 a 16,384-row call took 0.46x the
+#: time at 16,384 rows per block as at 4,096 (0.56x at 8,192), at 3.7 GB peak against 1.2
+#: (bench/README.md, the second of two runs; the first gave 0.55x and 0.73x).
 CUDA_ROW_CHUNKS = (16384, 8192, 4096)
 
 #: Bytes a GPU block needs per entry, with margin: that run peaked at 3.6 GB for
@@ -59,8 +59,9 @@ CUDA_BLOCK_MEMORY_SHARE = 1 / 16
 
 
 def cuda_row_chunk(total_memory: int, vocab_chunk: int) -> int:
-    """The largest of :data:`CUDA_ROW_CHUNKS` whose block fits the memory share: 16,384
-    rows on 80 GB and larger GPUs, 8,192 on 40 GB, 4,096 on 24 GB and below."""
+    """The largest of :data:`CUDA_ROW_CHUNKS` whose block fits the memory share: at the
+    default vocabulary chunk, 16,384 rows from 64 GiB (80 GB cards and larger), 8,192 from
+    32 GiB (40-48 GB), else 4,096 (a 32 GB card included)."""
     budget = total_memory * CUDA_BLOCK_MEMORY_SHARE
     for rows in CUDA_ROW_CHUNKS:
         if rows * vocab_chunk * CUDA_BLOCK_BYTES_PER_ENTRY <= budget:
@@ -68,11 +69,13 @@ def cuda_row_chunk(total_memory: int, vocab_chunk: int) -> int:
     return CUDA_ROW_CHUNKS[-1]
 
 
-def default_chunks(device: torch.device | str) -> tuple[int, int]:
+def default_chunks(device: torch.device | str, vocab_chunk: int | None = None) -> tuple[int, int]:
     """(row_chunk, vocab_chunk) for a device: :data:`CHUNKS`, the CPU's for any other
-    type; on CUDA the row chunk by the device's memory (:func:`cuda_row_chunk`)."""
+    type; on CUDA the row chunk by the device's memory for ``vocab_chunk`` (the caller's,
+    or the default) (:func:`cuda_row_chunk`)."""
     device = torch.device(device)
     rows, vocab = CHUNKS.get(device.type, CHUNKS["cpu"])
+    vocab = vocab_chunk or vocab
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         rows = cuda_row_chunk(total, vocab)
@@ -172,7 +175,9 @@ def _nonzero_abs_range(x: torch.Tensor, rows: int = 4096) -> tuple[float, float]
     lo, hi = float("inf"), 0.0
     for a in range(0, len(x), rows):
         block = x[a : a + rows].abs()
-        hi = max(hi, float(block.amax()))
+        top = float(block.amax())
+        # A NaN counts as +inf (float64 products): Python's max() would drop it.
+        hi = max(hi, top if top == top else float("inf"))
         # Zeros as +inf, not a masked copy: 7x faster on a CPU (no compaction).
         lo = min(lo, float(torch.where(block > 0, block, torch.inf).amin()))
     return lo, hi
