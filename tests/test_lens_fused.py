@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import replace
 
@@ -21,7 +20,7 @@ from extractor.lens import (
     chunked,
     fused_logit_lens,
 )
-from extractor.lens.chunked import _band_spans, chunked_lens, row_chunks
+from extractor.lens.chunked import chunked_lens, row_chunks
 from extractor.lens.exact import (
     CHUNKS,
     cuda_row_chunk,
@@ -191,19 +190,6 @@ def test_default_chunks_size_a_gpus_rows_by_its_memory_and_the_vocab_chunk(monke
     assert default_chunks("cpu") == CHUNKS["cpu"] == (512, 8192)
 
 
-def test_band_spans_bound_the_entries_resolved_at_once():
-    near = torch.zeros(9, 10)
-    for row, count in enumerate([3, 0, 10, 4, 4, 1, 0, 7, 2]):
-        near[row, :count] = 1.0
-    spans = _band_spans(near, limit=8)
-    assert spans[0][0] == 0 and spans[-1][1] == 9
-    assert all(a == b for (_, a), (b, _) in itertools.pairwise(spans))  # contiguous
-    for a, b in spans:
-        assert int(near[a:b].count_nonzero()) <= 8 or b - a == 1  # a wide row alone
-    assert _band_spans(near, limit=100) == [(0, 9)]
-    assert _band_spans(torch.zeros(4, 5), limit=8) == []
-
-
 def test_rows_whose_whole_block_is_in_band_are_resolved_in_batches(monkeypatch):
     """Zero rows tie every entry with their targets, and rows of magnitude 2^-70 sit under
     fp32's normal range where the band is absolute: the whole block is in band. Batches of
@@ -212,12 +198,14 @@ def test_rows_whose_whole_block_is_in_band_are_resolved_in_batches(monkeypatch):
     hidden = inputs.hidden.clone()
     hidden[::2] = 0
     inputs = replace(inputs, hidden=hidden)
-    spans = []
+    batches = []
     monkeypatch.setattr(chunked, "BAND_BATCH", 500)
-    real = chunked._band_spans
-    monkeypatch.setattr(chunked, "_band_spans", lambda *a: spans.append(real(*a)) or spans[-1])
+    real = chunked.entry_logits
+    monkeypatch.setattr(
+        chunked, "entry_logits", lambda h, r, *a: batches.append(len(r)) or real(h, r, *a)
+    )
     got = chunked_lens(inputs, row_chunk=16, vocab_chunk=400)
-    assert max(len(s) for s in spans) > 1
+    assert batches.count(500) >= 12  # the block's 6,400 in-band entries, 500 at a time
     check_exact(inputs, got, 400)
     assert torch.equal(got.target_ranks[::2], torch.zeros_like(got.target_ranks[::2]))
 

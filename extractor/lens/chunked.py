@@ -410,33 +410,18 @@ def _merge_topk(vals, ids, new_vals, new_ids, kk: int):
 
 #: In-band entries resolved at a time. Each carries its row's [T] thresholds and exact
 #: targets, and a degenerate row (all zero after the norm) puts its whole block in the
-#: band: 16,384 such rows of a GPU block would otherwise need tens of GB at once.
+#: band: 16,384 such rows of a GPU block would otherwise need tens of GB at once. (The
+#: indices themselves, 16 bytes an entry, stay within what the block already takes.)
 BAND_BATCH = 1 << 20
-
-
-def _band_spans(near: torch.Tensor, limit: int) -> list[tuple[int, int]]:
-    """Row spans of ``near`` holding at most ``limit`` in-band entries each (a row wider
-    than ``limit`` alone excepted): one span, and one count, in the common case."""
-    total = int(near.count_nonzero())
-    if total <= limit:
-        return [(0, len(near))] if total else []
-    ends = near.count_nonzero(dim=1).cumsum(0).tolist()
-    spans, start, before = [], 0, 0
-    for i, upto in enumerate(ends):
-        if upto - before > limit and i > start:
-            spans.append((start, i))
-            start, before = i, ends[i - 1]
-    spans.append((start, len(near)))
-    return spans
 
 
 def _resolve_band(scope, st, near, values, logits, band, lo, hi, c0) -> None:
     """Count, exactly, the in-band entries strictly above each target."""
     if near.shape[1] == 0:
         return
-    for a, b in _band_spans(near, BAND_BATCH):
-        g_e, c_e = near[a:b].nonzero(as_tuple=True)
-        g_e = g_e + a
+    g_all, c_all = near.nonzero(as_tuple=True)
+    for a in range(0, len(g_all), BAND_BATCH):
+        g_e, c_e = g_all[a : a + BAND_BATCH], c_all[a : a + BAND_BATCH]
         fast = values[g_e, c_e].unsqueeze(1)
         exact = scope.exact(g_e, c_e + c0, lambda r, c: logits[r, c - c0], band).unsqueeze(1)
         inside = (fast >= lo[g_e]) & (fast <= hi[g_e])
