@@ -65,7 +65,8 @@ def entry_dots(
     h: torch.Tensor, unembed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
 ) -> torch.Tensor:
     """Float64 ``sum_i h[rows[e], i] * unembed[cols[e], i]`` [E], in ``ordered_sum``'s order,
-    from exact products: :func:`~.exact.entry_dots_torch`'s values in any ``wide`` it uses."""
+    from exact products: :func:`~.exact.entry_dots_torch`'s values bit for bit, in the
+    ``wide`` that :func:`~.exact.product_dtype` chooses (its products are exact too)."""
     e, d = len(rows), h.shape[1]
     out = torch.empty(e, dtype=torch.float64, device=h.device)
     if e == 0:
