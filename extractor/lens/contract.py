@@ -267,10 +267,15 @@ def validate(inputs: LensInputs) -> None:
         if inputs.pool_targets.ndim != 2:
             raise LensShapeError("pool_targets must be [G, Tp]")
         _check_ids(inputs.pool_targets, v, "pool_targets")
-    if h.numel() and not bool(torch.isfinite(h).all()):
-        bad = torch.nonzero(~torch.isfinite(h).all(dim=1)).flatten()
+    check_finite(h, "hidden states hold")
+
+
+def check_finite(rows: torch.Tensor, what: str) -> None:
+    """:class:`NonFiniteHiddenError` naming how many of ``rows`` hold NaN/inf, and the first."""
+    if rows.numel() and not bool(torch.isfinite(rows).all()):
+        bad = torch.nonzero(~torch.isfinite(rows).all(dim=1)).flatten()
         raise NonFiniteHiddenError(
-            f"hidden states hold NaN/inf in {bad.numel()} of {n} rows (first: row {int(bad[0])})"
+            f"{what} NaN/inf in {bad.numel()} of {len(rows)} rows (first: row {int(bad[0])})"
         )
 
 

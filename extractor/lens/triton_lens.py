@@ -563,7 +563,9 @@ def _redo_rows(fields: dict, inputs: LensInputs, h, redo: torch.Tensor, compile:
             tensor[redo] = getattr(res, name)[seg].to(tensor.dtype)
 
 
-def _pooled(inputs: LensInputs, row_chunk: int, vocab_chunk: int, compile: bool) -> dict:
+def _pooled(
+    inputs: LensInputs, row_chunk: int | None, vocab_chunk: int | None, compile: bool
+) -> dict:
     """Max-pooled statistics, from the chunked engine on the pooled rows only."""
     fields = (
         "pooled_topk_ids",
