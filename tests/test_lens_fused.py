@@ -404,3 +404,53 @@ def test_exact_values_do_not_depend_on_how_many_are_asked():
         [entry_logits(inputs.hidden, rows[i : i + 1], cols[i : i + 1], inputs) for i in range(40)]
     )
     assert torch.equal(together[:40], one_by_one)
+
+
+def test_a_candidate_two_bands_below_the_kth_is_still_resolved_exactly():
+    """The pruning rule at its edge: fast logits anywhere inside the band.
+
+    Exact logits 10, 8 and 8.5 (h = [1], W = [[10], [8], [8.5]]: exact in fp32), seen as
+    fast logits 10, 9 (8 + band) and 7.5 (8.5 - band) with a band of 1. The k = 2 best
+    are 10 and 8.5, though 8.5's fast logit is 1.5 bands below the 2nd fast one: a rule of
+    one band would have left it unresolved and ranked it below 8.
+    """
+    from extractor.lens.chunked import _candidate_exact, _row_scope, _SegmentState
+    from extractor.lens.exact import exact_order
+
+    h = torch.tensor([[1.0]])
+    inputs = LensInputs(hidden=h, unembed=torch.tensor([[10.0], [8.0], [8.5]]), k=2)
+    scope = _row_scope(inputs, h, torch.empty((1, 0), dtype=torch.float64), torch.float64)
+    state = _SegmentState(
+        counts=torch.zeros((1, 0), dtype=torch.long),
+        cand_vals=torch.tensor([[10.0, 9.0, 7.5]]),
+        cand_ids=torch.tensor([[0, 1, 2]]),
+        band=torch.tensor([1.0], dtype=torch.float64),
+    )
+    values = _candidate_exact(scope, state)
+    assert values.tolist() == [[10.0, 8.0, 8.5]]
+    best = state.cand_ids.gather(1, exact_order(values, state.cand_ids)[:, :2])
+    assert best.tolist() == [[0, 2]]
+
+
+def test_candidates_far_below_the_kth_skip_float64(monkeypatch):
+    """Well-separated logits: only the k best of the k + 4 candidates get float64 values,
+    and the result is still the float64 reference's."""
+    gen = torch.Generator().manual_seed(11)
+    n, d, v, k = 16, 8, 512, 3
+    # Logits spread over hundreds of units, bands of ~1e-4: no candidate near the k-th.
+    inputs = LensInputs(
+        hidden=torch.randn(n, d, generator=gen) * 10,
+        unembed=torch.randn(v, d, generator=gen) * 10,
+        k=k,
+    )
+    resolved = []
+    real = chunked.entry_logits
+
+    def counting(h_rows, rows, cols, *args, **kwargs):
+        resolved.append(len(rows))
+        return real(h_rows, rows, cols, *args, **kwargs)
+
+    monkeypatch.setattr(chunked, "entry_logits", counting)
+    check_exact(inputs, chunked_lens(inputs))
+    candidates = n * (k + 4)
+    assert n * k <= sum(resolved) < candidates

@@ -279,13 +279,13 @@ def block_topk(
     """
     rows, n_blocks = block_max.shape
     if n_blocks == 0 or k * TOPK_BLOCK >= logits.shape[1]:
-        return logits.topk(k, dim=1)
-    best_blocks = block_max.topk(k, dim=1).indices  # [R, k]
+        return logits.topk(k, dim=1, sorted=False)
+    best_blocks = block_max.topk(k, dim=1, sorted=False).indices  # [R, k]
     cols = (
         best_blocks.unsqueeze(2) * TOPK_BLOCK + torch.arange(TOPK_BLOCK, device=logits.device)
     ).reshape(rows, -1)
     values = logits.gather(1, cols)
-    top, where = values.topk(k, dim=1)
+    top, where = values.topk(k, dim=1, sorted=False)
     return top, cols.gather(1, where)
 
 
@@ -377,15 +377,32 @@ class _SegmentState:
     cand_ids: torch.Tensor  # [G, <=kk]
     band: torch.Tensor  # [G] float64, the widest band of the segment's chunks
     seen: int = 0  # vocabulary entries walked
-    cand_exact: torch.Tensor | None = None  # exact values of the final candidates
+    cand_exact: torch.Tensor | None = None  # the final candidates' values (_candidate_exact)
+    every_exact: bool = False  # whether cand_exact is exact for every candidate
 
 
-def _candidate_exact(scope: _Scope, st: _SegmentState) -> torch.Tensor:
-    """Exact values [G, width] of a segment's final candidates (computed once)."""
-    if st.cand_exact is None:
-        g, width = st.cand_ids.shape
-        groups = torch.arange(g, device=st.cand_ids.device).repeat_interleave(width)
-        st.cand_exact = scope.exact(groups, st.cand_ids.reshape(-1)).view(g, width)
+def _candidate_exact(scope: _Scope, st: _SegmentState, every: bool = False) -> torch.Tensor:
+    """Values [G, width] of a segment's final candidates (computed once): exact wherever
+    a candidate can still be among the k best, its fast logit elsewhere; exact for every
+    candidate with ``every`` (the rank-free log-sum-exp swaps all their terms).
+
+    A candidate whose fast logit lies more than two bands below the k-th largest fast
+    logit among the candidates is strictly beaten by those k: its exact value is at most
+    ``fast + band``, theirs at least ``kth - band``. Its exact value can change neither
+    the top-k nor its order, and its fast value still sorts below those k.
+    """
+    if st.cand_exact is None or (every and not st.every_exact):
+        fast = st.cand_vals.double()
+        k = scope.inputs.k
+        if every or fast.shape[1] <= k:
+            needed = torch.ones_like(fast, dtype=torch.bool)
+        else:
+            kth = fast.topk(k, dim=1).values[:, -1]
+            needed = fast >= (kth - 2 * st.band)[:, None]
+        groups, slots = needed.nonzero(as_tuple=True)
+        values = fast.clone()
+        values[groups, slots] = scope.exact(groups, st.cand_ids[groups, slots])
+        st.cand_exact, st.every_exact = values, every or bool(needed.all())
     return st.cand_exact
 
 
@@ -404,7 +421,7 @@ def _merge_topk(vals, ids, new_vals, new_ids, kk: int):
     ids = torch.cat([ids, new_ids], dim=1)
     if vals.shape[1] <= kk:
         return vals, ids
-    top, where = vals.topk(kk, dim=1)
+    top, where = vals.topk(kk, dim=1, sorted=False)
     return top, ids.gather(1, where)
 
 
@@ -713,7 +730,7 @@ def _exact_candidate_terms(scope, states, lse_max, lse_sum, seg_lse) -> torch.Te
     for s, st in enumerate(states[0]):
         if st.seen == 0 or st.cand_ids.shape[1] == 0:
             continue
-        exact = _candidate_exact(scope, st)
+        exact = _candidate_exact(scope, st, every=True)
         m = lse_max[s]
         safe = torch.where(torch.isfinite(m), m, 0).double()[:, None]
         approx = torch.exp(st.cand_vals.double() - safe).sum(1)
