@@ -30,6 +30,9 @@ selfcheck The per-actor self-check (sample of 48 rows against float64) against o
 model     A SmolLM2-shaped random Llama in bf16 (weights cannot travel; speed does not
           depend on them): forward with every layer's hidden states, then the lens on
           all 31 layers' rows, in tokens/s per engine.
+worker    The worker's real call: all 31 layers of 4,096 positions in one call, 4 targets
+          a position, speech positions pooled per word; per engine seconds, peak memory
+          and the self-check's cost, and the engines' ranks and ids against each other.
 profile   torch.profiler's top operators for one 4096-row call of each engine.
 
 Every ratio compares numbers from this same run on this same GPU.
@@ -412,15 +415,14 @@ def part_chunks(n: int = 16_384) -> list[dict]:
     return out
 
 
-def part_model(batch: int, seq: int) -> list[dict]:
+def _smollm2_model(device: str = "cuda", dtype=torch.bfloat16, layers: int = 30):
+    """A SmolLM2-shaped random Llama (weights cannot travel; speed does not depend on them)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from extractor.lens import fused_logit_lens
 
     cfg = LlamaConfig(
         hidden_size=576,
         intermediate_size=1536,
-        num_hidden_layers=30,
+        num_hidden_layers=layers,
         num_attention_heads=9,
         num_key_value_heads=3,
         vocab_size=49_152 + N_SPEECH,
@@ -428,8 +430,14 @@ def part_model(batch: int, seq: int) -> list[dict]:
         max_position_embeddings=2048,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda")
+    return LlamaForCausalLM(cfg).to(device, dtype).eval()
+
+
+def part_model(batch: int, seq: int) -> list[dict]:
+    from extractor.lens import fused_logit_lens
+
+    model = _smollm2_model()
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
     w = model.lm_head.weight
     v = w.shape[0]
     segs = _segments(v)
@@ -471,11 +479,109 @@ def part_model(batch: int, seq: int) -> list[dict]:
     return rows
 
 
+#: The worker's call (extractor/service/worker.py): per position the current, next and
+#: control word's token and the next token (4 targets, -1 outside words); speech positions
+#: of spoken words pooled per word (~8 unit positions a word at 25 units/s) with the three
+#: word targets per group; every layer's rows in one call, layer-major.
+WORKER_TARGETS, WORKER_POOL_TARGETS, WORD_POSITIONS = 4, 3, 8
+
+
+def worker_inputs(hidden: torch.Tensor, w: torch.Tensor, final_norm, seed: int = 0):
+    """LensInputs shaped like one worker call over ``hidden`` [layers, positions, d]."""
+    from extractor.lens import LensInputs
+
+    layers, positions, _ = hidden.shape
+    v = w.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, v, (positions, WORKER_TARGETS), generator=gen)
+    in_word = torch.rand(positions, generator=gen) < 0.8
+    targets[~in_word, :3] = -1
+    # Half the positions are speech units of spoken words: groups of WORD_POSITIONS,
+    # numbered densely, then per layer (as rows.pooled_groups does).
+    word = torch.arange(positions) // WORD_POSITIONS
+    spoken = (word % 2 == 0) & in_word
+    _, dense = torch.unique(word[spoken], return_inverse=True)
+    per_layer = int(dense.max()) + 1 if len(dense) else 0
+    group = torch.full((positions,), -1)
+    group[spoken] = dense
+    layer = torch.arange(layers).repeat_interleave(positions)
+    tiled = group.repeat(layers)
+    pool_groups = torch.where(tiled >= 0, layer * per_layer + tiled, -1)
+    pool_targets = torch.randint(0, v, (layers * per_layer, WORKER_POOL_TARGETS), generator=gen)
+    device = w.device
+    return LensInputs(
+        hidden=hidden.reshape(-1, hidden.shape[-1]),
+        unembed=w,
+        k=K,
+        final_norm=final_norm,
+        segments=_segments(v),
+        targets=targets.repeat(layers, 1).to(device),
+        pool_groups=pool_groups.to(device),
+        pool_targets=pool_targets.to(device),
+    )
+
+
+def part_worker(batch: int = 8, seq: int = 512, device: str = "cuda", dtype=torch.bfloat16):
+    """The engines on the worker's real call shape: what ``lens.engine: auto`` should pick.
+
+    Hidden states of a SmolLM2-shaped random Llama (``batch x seq`` positions, 31 layers),
+    the worker's targets and pooling (:func:`worker_inputs`), one call per engine: seconds
+    (best of 3), peak memory, the self-check's seconds on these rows, and every rank and
+    top-k id of the Triton engine against the torch engine's (both exact: 0 must differ).
+    """
+    from extractor.lens import fused_logit_lens
+    from extractor.lens.selfcheck import choose_engine
+
+    model = _smollm2_model(device, dtype)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+    with torch.no_grad():
+        states = model(input_ids=ids, output_hidden_states=True).hidden_states
+    hidden = torch.stack(states).flatten(1, 2)  # [layers, positions, d]
+    inputs = worker_inputs(hidden, model.lm_head.weight.detach(), model.model.norm)
+    engines = {
+        e: (lambda x, e=e: fused_logit_lens(**x.__dict__, backend=e)) for e in ("torch", "triton")
+    }
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    out, results = [], {}
+    for engine, run in engines.items():
+        run(inputs)  # compile, warm
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds = []
+        for _ in range(3):
+            sync()
+            t0 = time.perf_counter()
+            results[engine] = run(inputs)
+            sync()
+            seconds.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        check = choose_engine(inputs, engine, engines)
+        sync()
+        row = {
+            "engine": engine,
+            "rows": inputs.n_rows,
+            "pooled_groups": int(inputs.pool_targets.shape[0]),
+            "s": round(min(seconds), 3),
+            "lens_rows_per_s": round(inputs.n_rows / min(seconds)),
+            "selfcheck_s": round(time.perf_counter() - t0, 3),
+            "selfcheck_passed": check.passed,
+        }
+        if device == "cuda":
+            row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    out[1]["over_torch"] = round(out[1]["s"] / out[0]["s"], 3)
+    wrong = _wrong(results["triton"], results["torch"].to("cpu"))
+    out.append({"triton_vs_torch": {k: v for k, v in wrong.items() if k != "lse_err"}})
+    print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--only",
-        choices=["exact", "entry", "kernel", "chunks", "selfcheck", "model", "profile"],
+        choices=["exact", "entry", "kernel", "chunks", "selfcheck", "model", "worker", "profile"],
     )
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -499,6 +605,7 @@ def main() -> None:
         "chunks": part_chunks,
         "selfcheck": lambda: part_selfcheck(args.rows),
         "model": lambda: part_model(8, 512),
+        "worker": part_worker,
         "profile": lambda: part_profile(args.rows),
     }
     for name, fn in parts.items():
