@@ -289,15 +289,14 @@ def block_topk(
     return top, cols.gather(1, where)
 
 
-def _segment_max(data: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Max over consecutive row groups of the given lengths: [sum(lengths), C] -> [G, C].
+def _segment_max(data: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Max over consecutive row groups of the given sizes: [sum(sizes), C] -> [G, C].
 
     Groups come sorted by size (see :func:`row_chunks`), so each run of equal-sized
     groups reduces as one strided view; ``segment_reduce`` was ~5x slower.
     """
-    if len(lengths) == len(data):
+    if len(sizes) == len(data):
         return data
-    sizes = lengths.tolist()
     out = torch.empty((len(sizes), *data.shape[1:]), dtype=data.dtype, device=data.device)
     g = row = 0
     while g < len(sizes):
@@ -327,14 +326,22 @@ class _Scope:
     first: int  # first row of the scope in the chunk
     singletons: bool
     wide: torch.dtype = torch.float64  # where products are exact (exact.product_dtype)
+    #: ``lens`` on the host, read once: every chunk pools with it, and reading a GPU
+    #: tensor is a host sync (three a chunk before).
+    sizes: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.sizes is None:
+            self.sizes = [1] * self.n if self.singletons else self.lens.tolist()
 
     @property
     def n(self) -> int:
         return int(self.starts.numel())
 
     def pool(self, logits: torch.Tensor) -> torch.Tensor:
-        rows = logits[self.first : self.first + int(self.lens.sum())]
-        return rows if self.singletons else _segment_max(rows, self.lens)
+        if self.singletons:
+            return logits[self.first : self.first + self.n]
+        return _segment_max(logits[self.first : self.first + sum(self.sizes)], self.sizes)
 
     def exact(
         self,
@@ -561,15 +568,17 @@ def _pooled_scope(inputs, h, groups, pool_targets, wide) -> tuple[_Scope, torch.
     local = torch.repeat_interleave(torch.arange(len(g_ids), device=h.device), g_len)
     ptg = pool_targets[g_ids]
     t_rows = target_logits(h[first:], ptg[local], inputs, wide)
+    sizes = g_len.tolist()
     scope = _Scope(
         wide=wide,
         inputs=inputs,
         h=h,
         starts=first + torch.cumsum(g_len, 0) - g_len,
         lens=g_len,
-        t64=_segment_max(t_rows, g_len) if len(g_ids) else t_rows[:0],
+        t64=_segment_max(t_rows, sizes) if sizes else t_rows[:0],
         first=first,
         singletons=False,
+        sizes=sizes,
     )
     return scope, g_ids
 
@@ -676,7 +685,7 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
             for scope, st in zip(scopes, states, strict=True):
                 scope_band = band
                 if isinstance(band, torch.Tensor) and not scope.singletons:
-                    scope_band = _segment_max(band[scope.first :, None], scope.lens)[:, 0]
+                    scope_band = _segment_max(band[scope.first :, None], scope.sizes)[:, 0]
                 if not refine:
                     scope_band = torch.zeros(scope.n, dtype=torch.float64, device=device)
                 m, se = _update(scope, st[s], logits, scope_band, c0, kk, compile)
