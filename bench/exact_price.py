@@ -2,10 +2,13 @@
 
     python bench/exact_price.py                       # SmolLM2 and Qwen2.5 shapes, 4096 rows
     python bench/exact_price.py --baseline caaeff2 --rows 1024 --shapes smollm2
+    python bench/exact_price.py --shapes smollm2 --data smollm2    # SmolLM2-135M's rows
 
-Checks the baseline revision out into a temporary git worktree and runs the
-kernel measurements of bench/lens.py from both trees, alternating, each in a
-fresh subprocess, best of 3 (bf16 weights): ``fused`` (top-10 overall and per
+Checks the baseline revision out into a temporary git worktree and runs this
+tree's bench/lens.py kernel measurements against each tree's engine (the same
+measuring code for both), alternating, each in a fresh subprocess, best of 3
+(bf16 weights; random rows and head, or SmolLM2-135M's real ones with
+``--data smollm2``): ``fused`` (top-10 overall and per
 segment, log-sum-exp, masses, ranks of 12 targets per row, pooled top-10 +
 ranks over groups of 8 rows) and ``fused-topk`` (top-10 only, what the
 explorer asks). Prints the ratio exact / baseline per method and shape.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,11 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASELINE = "caaeff2"
 
 
-def measure(tree: Path, shape: str, rows: int, method: str) -> float:
+def measure(tree: Path, shape: str, rows: int, method: str, data: str) -> float:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     script = str(tree / "bench" / "lens.py")
     out = subprocess.run(
-        [sys.executable, script, "--worker", "kernel", method, shape, str(rows)],
+        [sys.executable, script, "--worker", "kernel", method, shape, str(rows), data],
         cwd=tree,
         env=env,
         check=True,
@@ -51,6 +55,7 @@ def main() -> None:
         default=["fused", "fused-topk"],
         help="fused: the whole contract (ranks of 12 targets, pooling); fused-topk: top-10 only",
     )
+    parser.add_argument("--data", choices=["random", "smollm2"], default="random")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "baseline"
@@ -59,16 +64,18 @@ def main() -> None:
             check=True,
             capture_output=True,
         )
+        for name in ("lens.py", "harness.py"):  # one measuring code for both engines
+            shutil.copy(ROOT / "bench" / name, old / "bench" / name)
         try:
             print(
-                f"| method | shape | rows | baseline {args.baseline} s | exact s "
-                "| exact / baseline |"
+                f"| method | shape ({args.data} rows) | rows | baseline {args.baseline} s "
+                "| exact s | exact / baseline |"
             )
             print("| --- | --- | --- | --- | --- | --- |")
             for method in args.methods:
                 for shape in args.shapes:
-                    base = measure(old, shape, args.rows, method)
-                    exact = measure(ROOT, shape, args.rows, method)
+                    base = measure(old, shape, args.rows, method, args.data)
+                    exact = measure(ROOT, shape, args.rows, method, args.data)
                     print(
                         f"| {method} | {shape} | {args.rows} | {base:.3f} | {exact:.3f} "
                         f"| {exact / base:.2f} |",

@@ -2,6 +2,7 @@
 
     python bench/lens.py                     # everything (~10 minutes on 2 cores)
     python bench/lens.py --rows 1024 --skip-e2e
+    python bench/lens.py --skip-e2e --shapes smollm2 --data smollm2   # real rows and head
 
 Part 1, kernel level, at SmolLM2 (d=576, V=49,152) and Qwen2.5 (d=896,
 V=152,167) shapes, bf16 weights:
@@ -37,27 +38,54 @@ N_SPEECH = 502  # a SIMS-like speech segment at the end of the vocabulary
 TARGETS, POOL, POOL_TARGETS, K = 12, 8, 4, 10
 
 
-def kernel_worker(method: str, shape: str, rows: int) -> dict:
+def smollm2_rows(n: int):
+    """(rows [n, 576], final norm, unembedding) of SmolLM2-135M in bf16: ``n`` rows drawn
+    (seed 0) from every layer's hidden states over :data:`PARAGRAPH`'s first 512 tokens
+    (15,872 rows; repeated when more are asked). Real rows differ from random ones where
+    exactness costs: how many candidates and entries fall inside the band."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from extractor.models import capture_layers, load_causal_lm, model_parts
+    from extractor.models.smollm2 import ensure_smollm2
+
+    path = ensure_smollm2()
+    ids = AutoTokenizer.from_pretrained(path)(PARAGRAPH * 40, return_tensors="pt").input_ids
+    parts = model_parts(load_causal_lm(path, dtype=torch.bfloat16))
+    ids = ids[:, :512]
+    hidden = capture_layers(parts, ids, torch.ones_like(ids, dtype=torch.bool)).flatten(0, 1)
+    pick = torch.randperm(len(hidden), generator=torch.Generator().manual_seed(0))
+    pick = pick.repeat(-(-n // len(hidden)))[:n]
+    return hidden[pick].clone(), parts.final_norm, parts.unembed.detach()
+
+
+def kernel_worker(method: str, shape: str, rows: int, data: str = "random") -> dict:
     import torch
 
     from extractor.lens import VocabSegments, fused_logit_lens
 
     torch.manual_seed(0)
     d, v = SHAPES[shape]
-    w = (torch.randn(v, d) / d**0.5 * 4).bfloat16()
+    norm, real = None, None
+    if data == "smollm2":
+        if shape != "smollm2":
+            raise SystemExit("--data smollm2 needs --shapes smollm2")
+        real, norm, w = smollm2_rows(rows)
+    else:
+        w = (torch.randn(v, d) / d**0.5 * 4).bfloat16()
     segments = VocabSegments.from_ranges(v, {"speech": [(v - N_SPEECH, v)]})
 
     def make(n: int):
-        h = torch.randn(n, d).bfloat16()
+        h = torch.randn(n, d).bfloat16() if real is None or n > len(real) else real[:n]
         targets = torch.randint(0, v, (n, TARGETS))
         groups = torch.arange(n) // POOL
         pool_targets = torch.randint(0, v, ((n + POOL - 1) // POOL, POOL_TARGETS))
         if method == "floor":
-            return lambda: h @ w.T
+            return lambda: h @ w.T  # the bare GEMM (no norm), whatever the data
         if method == "fused":
             return lambda: fused_logit_lens(
                 h,
-                None,
+                norm,
                 w,
                 K,
                 segments=segments,
@@ -66,9 +94,10 @@ def kernel_worker(method: str, shape: str, rows: int) -> dict:
                 pool_targets=pool_targets,
             )
         if method == "fused-topk":
-            return lambda: fused_logit_lens(h, None, w, K)
+            return lambda: fused_logit_lens(h, norm, w, K)
+        normed = h if norm is None else norm(h)
         if method == "naive":
-            return lambda: torch.log_softmax((h @ w.T).float(), dim=-1).topk(K, dim=-1)
+            return lambda: torch.log_softmax((normed @ w.T).float(), dim=-1).topk(K, dim=-1)
         raise SystemExit(f"unknown method {method}")
 
     make(8)()  # compile and initialise on a tiny input, so it cannot hide the real peak
@@ -151,12 +180,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--skip-kernel", action="store_true")
+    parser.add_argument(
+        "--data",
+        choices=["random", "smollm2"],
+        default="random",
+        help="kernel part: random rows and head, or SmolLM2-135M's (--shapes smollm2)",
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         kind, method, *rest = args.worker
         if kind == "kernel":
-            result = kernel_worker(method, rest[0], int(rest[1]))
+            result = kernel_worker(method, rest[0], int(rest[1]), *rest[2:])
         else:
             result = e2e_worker(method, int(rest[0]))
         print(json.dumps(result))
@@ -168,7 +203,7 @@ def main() -> None:
         for shape in args.shapes:
             for rows in args.rows:
                 res = {
-                    m: run_worker(script, "kernel", m, shape, str(rows))
+                    m: run_worker(script, "kernel", m, shape, str(rows), args.data)
                     for m in ("floor", "fused", "fused-topk", "naive")
                 }
                 floor, naive = res["floor"], res["naive"]
