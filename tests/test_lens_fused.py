@@ -225,6 +225,15 @@ def test_a_nan_unembedding_is_a_named_error():
         chunked_lens(LensInputs(hidden=torch.randn(3, 8), unembed=w, k=2))
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_nan_or_positive_inf_bias_is_a_named_error(bad):
+    bias = torch.zeros(20)
+    bias[[3, 7]] = bad
+    inputs = LensInputs(hidden=torch.randn(3, 4), unembed=torch.randn(20, 4), k=2, bias=bias)
+    with pytest.raises(LensRangeError, match="bias holds NaN or \\+inf at 2 entries"):
+        chunked_lens(inputs)
+
+
 def test_a_nan_row_makes_products_float64():
     """Python's max() drops a NaN: the range scan must not, or fp32 products of huge
     values would overflow where float64 ones do not (the CUDA kernel's)."""
@@ -431,6 +440,16 @@ def test_a_candidate_two_bands_below_the_kth_is_still_resolved_exactly():
     best = state.cand_ids.gather(1, exact_order(values, state.cand_ids)[:, :2])
     assert best.tolist() == [[0, 2]]
 
+    # At exactly two bands below, an exact tie for the k-th place: the candidate must be
+    # resolved (the rule is >=), and the lower id wins the tie.
+    w = torch.tensor([[10.0], [8.0], [8.0]])
+    tie = replace(inputs, unembed=w)
+    scope = _row_scope(tie, h, torch.empty((1, 0), dtype=torch.float64), torch.float64)
+    state = replace(state, cand_vals=torch.tensor([[10.0, 7.0, 9.0]]), cand_exact=None)
+    values = _candidate_exact(scope, state)
+    best = state.cand_ids.gather(1, exact_order(values, state.cand_ids)[:, :2])
+    assert best.tolist() == [[0, 1]]
+
 
 def test_candidates_far_below_the_kth_skip_float64(monkeypatch):
     """Well-separated logits: only the k best of the k + 4 candidates get float64 values,
@@ -451,6 +470,6 @@ def test_candidates_far_below_the_kth_skip_float64(monkeypatch):
         return real(h_rows, rows, cols, *args, **kwargs)
 
     monkeypatch.setattr(chunked, "entry_logits", counting)
-    check_exact(inputs, chunked_lens(inputs))
+    check_exact(inputs, chunked_lens(inputs, compile=False))
     candidates = n * (k + 4)
     assert n * k <= sum(resolved) < candidates

@@ -10,8 +10,9 @@ How it stays exact without [N x V] logits (definitions in docs/lens.md):
   than the band is counted outright; one inside the band is recomputed with
   :func:`~.exact.entry_logits` (the same float64 arithmetic as the target) and
   counted only if strictly greater. Ties therefore never push a rank down.
-* Top-k: the best ``k + margin`` (margin 4) fast logits per segment are kept as candidates
-  and recomputed exactly. The list is *certified* when the k-th exact value
+* Top-k: the best ``k + margin`` (margin 4) fast logits per segment are kept as candidates;
+  those that can still be among the k best (fast logit within two bands of the k-th best)
+  are recomputed exactly. The list is *certified* when the k-th exact value
   beats every fast logit left out by more than the band; a row (or pooled
   group) that is not certified has its segment rescanned for every entry that
   could still reach the k-th value. Ties are broken by the lower id.

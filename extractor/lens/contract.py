@@ -237,6 +237,15 @@ def validate(inputs: LensInputs) -> None:
         raise LensKError(f"k={inputs.k} is larger than the vocabulary ({v} entries)")
     if inputs.bias is not None and tuple(inputs.bias.shape) != (v,):
         raise LensShapeError(f"bias must be [{v}], got {tuple(inputs.bias.shape)}")
+    if inputs.bias is not None:
+        # -inf masks an entry (it is never ranked above anything); NaN and +inf leave the
+        # logits undefined, and the engines returned pads for such rows' top-k.
+        bad = torch.nonzero(torch.isnan(inputs.bias) | (inputs.bias == float("inf"))).flatten()
+        if bad.numel():
+            raise LensRangeError(
+                f"the bias holds NaN or +inf at {bad.numel()} entries (first: id {int(bad[0])}); "
+                "-inf masks an entry, other values must be finite"
+            )
     if inputs.softcap is not None and not inputs.softcap > 0:
         raise LensShapeError(f"softcap must be positive, got {inputs.softcap}")
     if inputs.segments is not None and inputs.segments.vocab_size != v:
