@@ -127,6 +127,14 @@ def _wrong(got, ref) -> dict:
         out[f"{name}_topk"] = int(
             (got.segment_topk_ids[name] != ref.segment_topk_ids[name]).any(1).sum()
         )
+    out["pooled_topk_ids"] = int((got.pooled_topk_ids != ref.pooled_topk_ids).any(1).sum())
+    for name in ref.pooled_target_segment_ranks:
+        out[f"pooled_{name}_ranks"] = int(
+            (got.pooled_target_segment_ranks[name] != ref.pooled_target_segment_ranks[name]).sum()
+        )
+        out[f"pooled_{name}_topk"] = int(
+            (got.pooled_segment_topk_ids[name] != ref.pooled_segment_topk_ids[name]).any(1).sum()
+        )
     out["lse_err"] = float((got.logsumexp.double() - ref.logsumexp).abs().max())
     out["of_ranks"] = int(ref.target_ranks.numel())
     return out
@@ -524,56 +532,60 @@ def worker_inputs(hidden: torch.Tensor, w: torch.Tensor, final_norm, seed: int =
 def part_worker(batch: int = 8, seq: int = 512, device: str = "cuda", dtype=torch.bfloat16):
     """The engines on the worker's real call shape: what ``lens.engine: auto`` should pick.
 
-    Hidden states of a SmolLM2-shaped random Llama (``batch x seq`` positions, 31 layers),
-    the worker's targets and pooling (:func:`worker_inputs`), one call per engine: seconds
-    (best of 3), peak memory, the self-check's seconds on these rows, and every rank and
-    top-k id of the Triton engine against the torch engine's (both exact: 0 must differ).
+    Every layer's residual stream as the worker captures it (``capture_layers``: block
+    outputs, the final norm left to the lens) of a SmolLM2-shaped random Llama over
+    ``batch x seq`` positions, the worker's targets and pooling (:func:`worker_inputs`),
+    one call per engine: seconds (best of 3), peak memory of the calls, the self-check's
+    seconds on these rows (may include a compile for its sample), and the Triton engine's
+    ranks and top-k ids, pooled ones included, against the torch engine's (both exact:
+    0 must differ).
     """
     from extractor.lens import fused_logit_lens
     from extractor.lens.selfcheck import choose_engine
+    from extractor.models import capture_layers, model_parts
 
     model = _smollm2_model(device, dtype)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+    parts = model_parts(model)
     with torch.no_grad():
-        states = model(input_ids=ids, output_hidden_states=True).hidden_states
-    hidden = torch.stack(states).flatten(1, 2)  # [layers, positions, d]
-    inputs = worker_inputs(hidden, model.lm_head.weight.detach(), model.model.norm)
+        hidden = capture_layers(parts, ids, torch.ones_like(ids, dtype=torch.bool))
+    inputs = worker_inputs(hidden, parts.unembed.detach(), parts.final_norm)
     engines = {
         e: (lambda x, e=e: fused_logit_lens(**x.__dict__, backend=e)) for e in ("torch", "triton")
     }
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     out, results = [], {}
     for engine, run in engines.items():
-        run(inputs)  # compile, warm
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        seconds = []
-        for _ in range(3):
-            sync()
+        row = {"engine": engine, "rows": inputs.n_rows, "groups": len(inputs.pool_targets)}
+        try:
+            run(inputs)  # compile, warm
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            seconds = []
+            for _ in range(3):
+                sync()
+                t0 = time.perf_counter()
+                results[engine] = run(inputs)
+                sync()
+                seconds.append(time.perf_counter() - t0)
+            row["s"] = round(min(seconds), 3)
+            row["lens_rows_per_s"] = round(inputs.n_rows / min(seconds))
+            if device == "cuda":
+                row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             t0 = time.perf_counter()
-            results[engine] = run(inputs)
+            check = choose_engine(inputs, engine, engines)
             sync()
-            seconds.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        check = choose_engine(inputs, engine, engines)
-        sync()
-        row = {
-            "engine": engine,
-            "rows": inputs.n_rows,
-            "pooled_groups": int(inputs.pool_targets.shape[0]),
-            "s": round(min(seconds), 3),
-            "lens_rows_per_s": round(inputs.n_rows / min(seconds)),
-            "selfcheck_s": round(time.perf_counter() - t0, 3),
-            "selfcheck_passed": check.passed,
-        }
-        if device == "cuda":
-            row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            row["selfcheck_s"] = round(time.perf_counter() - t0, 3)
+            row["selfcheck_passed"] = check.passed
+        except Exception:  # one engine failing must not lose the other's numbers
+            row["error"] = traceback.format_exc()[-1500:]
         out.append(row)
         print(json.dumps(row), flush=True)
-    out[1]["over_torch"] = round(out[1]["s"] / out[0]["s"], 3)
-    wrong = _wrong(results["triton"], results["torch"].to("cpu"))
-    out.append({"triton_vs_torch": {k: v for k, v in wrong.items() if k != "lse_err"}})
-    print(json.dumps(out[-1]), flush=True)
+    if len(results) == 2:
+        out[1]["over_torch"] = round(out[1]["s"] / out[0]["s"], 3)
+        wrong = _wrong(results["triton"], results["torch"].to("cpu"))
+        out.append({"triton_vs_torch": {k: v for k, v in wrong.items() if k != "lse_err"}})
+        print(json.dumps(out[-1]), flush=True)
     return out
 
 
