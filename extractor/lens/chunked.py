@@ -410,7 +410,8 @@ def _candidate_exact(scope: _Scope, st: _SegmentState, every: bool = False) -> t
         groups, slots = needed.nonzero(as_tuple=True)
         values = fast.clone()
         values[groups, slots] = scope.exact(groups, st.cand_ids[groups, slots])
-        st.cand_exact, st.every_exact = values, every or bool(needed.all())
+        # Not ``needed.all()``: on a GPU that read is a host sync.
+        st.cand_exact, st.every_exact = values, every or fast.shape[1] <= k
     return st.cand_exact
 
 
