@@ -271,6 +271,9 @@ def test_norm_is_applied_once():
         ({"targets": torch.tensor([[25], [0], [1]])}, LensShapeError),
         ({"targets": torch.zeros(2, 1, dtype=torch.long)}, LensShapeError),
         ({"bias": torch.zeros(19)}, LensShapeError),
+        ({"softcap": 0.0}, LensShapeError),
+        ({"softcap": math.inf}, LensShapeError),
+        ({"softcap": math.nan}, LensShapeError),
         (
             {"pool_groups": torch.tensor([0, 1, 2]), "pool_targets": torch.zeros(1, 1).long()},
             LensShapeError,

@@ -246,8 +246,9 @@ def validate(inputs: LensInputs) -> None:
                 f"the bias holds NaN or +inf at {bad.numel()} entries (first: id {int(bad[0])}); "
                 "-inf masks an entry, other values must be finite"
             )
-    if inputs.softcap is not None and not inputs.softcap > 0:
-        raise LensShapeError(f"softcap must be positive, got {inputs.softcap}")
+    if inputs.softcap is not None and not 0 < inputs.softcap < float("inf"):
+        # inf * tanh(x / inf) is NaN: an infinite cap is no cap, so pass None for that.
+        raise LensShapeError(f"softcap must be positive and finite, got {inputs.softcap}")
     if inputs.segments is not None and inputs.segments.vocab_size != v:
         raise LensShapeError(
             f"segments cover {inputs.segments.vocab_size} tokens but the vocabulary has {v}"
