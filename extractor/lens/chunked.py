@@ -396,26 +396,32 @@ class _SegmentState:
 def _candidate_exact(scope: _Scope, st: _SegmentState, every: bool = False) -> torch.Tensor:
     """Values [G, width] of a segment's final candidates (computed once): exact wherever
     a candidate can still be among the k best, its fast logit elsewhere; exact for every
-    candidate with ``every`` (the rank-free log-sum-exp swaps all their terms).
+    candidate with ``every`` (the rank-free log-sum-exp swaps all their terms), and on a
+    GPU.
 
     A candidate whose fast logit lies more than two bands below the k-th largest fast
     logit among the candidates is strictly beaten by those k: its exact value is at most
     ``fast + band``, theirs at least ``kth - band``. Its exact value can change neither
-    the top-k nor its order, and its fast value still sorts below those k.
+    the top-k nor its order, and its fast value still sorts below those k. A GPU skips
+    this pruning: finding the candidates to keep is a host sync (about a millisecond of
+    waiting in the last GPU profile), and their float64 values are one launch of the
+    exact-values kernel (~0.06 ms) either way.
     """
-    if st.cand_exact is None or (every and not st.every_exact):
-        fast = st.cand_vals.double()
-        k = scope.inputs.k
-        if every or fast.shape[1] <= k:
-            needed = torch.ones_like(fast, dtype=torch.bool)
-        else:
-            kth = fast.topk(k, dim=1).values[:, -1]
-            needed = fast >= (kth - 2 * st.band)[:, None]
-        groups, slots = needed.nonzero(as_tuple=True)
-        values = fast.clone()
-        values[groups, slots] = scope.exact(groups, st.cand_ids[groups, slots])
-        # Not ``needed.all()``: on a GPU that read is a host sync.
-        st.cand_exact, st.every_exact = values, every or fast.shape[1] <= k
+    if st.cand_exact is not None and (st.every_exact or not every):
+        return st.cand_exact
+    fast = st.cand_vals.double()
+    g, width = fast.shape
+    k = scope.inputs.k
+    if every or width <= k or fast.is_cuda:
+        groups = torch.arange(g, device=fast.device).repeat_interleave(width)
+        st.cand_exact = scope.exact(groups, st.cand_ids.reshape(-1)).view(g, width)
+        st.every_exact = True
+        return st.cand_exact
+    kth = fast.topk(k, dim=1).values[:, -1]
+    groups, slots = (fast >= (kth - 2 * st.band)[:, None]).nonzero(as_tuple=True)
+    values = fast.clone()
+    values[groups, slots] = scope.exact(groups, st.cand_ids[groups, slots])
+    st.cand_exact, st.every_exact = values, False
     return st.cand_exact
 
 
