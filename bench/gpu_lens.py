@@ -386,7 +386,8 @@ def part_selfcheck(n: int) -> dict:
     }
 
 
-#: (row_chunk, vocab_chunk) pairs for the torch engine on a GPU; the first is the default.
+#: (row_chunk, vocab_chunk) pairs for the torch engine on a GPU; the first (the former
+#: default, before rows grew with the device's memory) is the baseline of the others.
 CHUNK_SWEEP = ((4096, 16384), (8192, 16384), (16384, 16384), (8192, 49152))
 
 

@@ -327,13 +327,13 @@ class _Scope:
     first: int  # first row of the scope in the chunk
     singletons: bool
     wide: torch.dtype = torch.float64  # where products are exact (exact.product_dtype)
-    #: ``lens`` on the host, read once: every chunk pools with it, and reading a GPU
-    #: tensor is a host sync (three a chunk before).
+    #: A pooled scope's ``lens`` on the host, read once: every chunk pools with it, and
+    #: reading a GPU tensor is a host sync (three a chunk before). Unused for singletons.
     sizes: list[int] | None = None
 
     def __post_init__(self) -> None:
-        if self.sizes is None:
-            self.sizes = [1] * self.n if self.singletons else self.lens.tolist()
+        if self.sizes is None and not self.singletons:
+            self.sizes = self.lens.tolist()
 
     @property
     def n(self) -> int:
