@@ -26,8 +26,9 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis import metrics, schema
+from analysis.index import read_commits
 from analysis.storage import resolve
-from analysis.store import open_store, read_commits
+from analysis.store import open_store
 from extractor.store import StoreWriter
 
 N_LAYERS = 24

@@ -225,8 +225,8 @@ def test_missing_store_and_newer_schema(tmp_path, store):
 def test_files_read_back_identically_with_pyarrow_duckdb_and_fastparquet(store, con):
     import fastparquet
 
+    from analysis.index import read_commits
     from analysis.storage import resolve
-    from analysis.store import read_commits
 
     fs, root = resolve(store.uri)
     files = [f"{root}/{f}" for c in read_commits(fs, root) for f in c.files.get("lens", [])]

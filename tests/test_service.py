@@ -12,8 +12,9 @@ import pytest
 import torch
 import yaml
 
+from analysis.index import read_commits
 from analysis.storage import resolve
-from analysis.store import open_store, read_commits
+from analysis.store import open_store
 from extractor.config import parse_config
 from extractor.service.driver import run_extraction
 from extractor.store.faults import CRASH_ENV

@@ -281,7 +281,7 @@ def test_exclusive_publish_on_a_mount_without_hard_links(tmp_path, monkeypatch):
 def test_a_marker_removed_after_listing_is_skipped(tmp_path):
     import pyarrow.fs as pafs
 
-    from analysis.store import load_commit
+    from analysis.index import load_commit
 
     assert (
         load_commit(pafs.LocalFileSystem(), str(tmp_path / "_commits/x/shard-00001.json")) is None

@@ -166,3 +166,17 @@ def test_write_bytes_publishes_all_or_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["marker.json"]  # no .partial left
     write_bytes(pafs.LocalFileSystem(), str(tmp_path / "ok.json"), b'{"a": 1}')
     assert (tmp_path / "ok.json").read_bytes() == b'{"a": 1}'
+
+
+def test_the_write_path_needs_no_duckdb():
+    """A GPU worker's image carries torch and pyarrow; DuckDB is for readers only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['duckdb'] = None\n"
+        "import extractor.service.worker, extractor.models, extractor.lens, analysis\n"
+        "from analysis import storage, schema, index\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

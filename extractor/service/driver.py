@@ -378,7 +378,7 @@ def _pipelined(processor: ShardProcessor, todo: dict, depth: int):
 
 def _count_failures(store: StoreWriter, run_id: str) -> int:
     """Failure rows of the run, counted from commit markers and shard failure records."""
-    from analysis.store import read_index, read_shard_failures
+    from analysis.index import read_index, read_shard_failures
 
     index = read_index(store.fs, store.root, [run_id])
     committed = sum(c.rows.get("failures", 0) for c in index.commits)

@@ -26,18 +26,18 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from analysis import schema
-from analysis.storage import list_files, resolve, with_retries, write_bytes
-from analysis.store import (
+from analysis.index import (
     Commit,
     Compaction,
     CorruptCompactionWarning,
     check_store,
     marker_fields,
-    open_store,
     parse_compaction,
     read_compactions,
     read_index,
 )
+from analysis.storage import list_files, resolve, with_retries, write_bytes
+from analysis.store import open_store
 
 from .faults import crash_point
 

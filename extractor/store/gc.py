@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 
 from analysis import schema
+from analysis.index import StoreIndex, check_store, read_index
 from analysis.storage import PARTIAL_SUFFIX, list_files, resolve, with_retries
-from analysis.store import StoreIndex, check_store, open_store, read_index
+from analysis.store import open_store
 
 from .writer import journal_files
 

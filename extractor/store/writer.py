@@ -31,6 +31,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from analysis import schema
+from analysis.index import (
+    Commit,
+    Compaction,
+    load_commit,
+    marker_fields,
+    read_compactions,
+    read_index,
+)
 from analysis.storage import (
     PARTIAL_SUFFIX,
     exists,
@@ -39,14 +47,6 @@ from analysis.storage import (
     resolve,
     with_retries,
     write_bytes,
-)
-from analysis.store import (
-    Commit,
-    Compaction,
-    load_commit,
-    marker_fields,
-    read_compactions,
-    read_index,
 )
 
 from .faults import crash_point
