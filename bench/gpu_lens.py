@@ -142,14 +142,18 @@ def _wrong(got, ref) -> dict:
 
 def part_exact() -> list[dict]:
     from extractor.lens import fused_logit_lens, reference_lens
+    from extractor.lens.triton_lens import KERNEL_MODES, triton_lens
 
     rows = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         inputs = _tied_problem(dtype, seed=1)
         ref = reference_lens(inputs)
-        for engine in ("triton", "torch"):
+        engines = {"torch": lambda x: fused_logit_lens(**x.__dict__, backend="torch")}
+        for mode, kw in KERNEL_MODES.items():
+            engines[f"triton-{mode}"] = lambda x, kw=kw: triton_lens(x, **kw)
+        for engine, run in engines.items():
             try:
-                got = fused_logit_lens(**inputs.__dict__, backend=engine)
+                got = run(inputs)
                 row = {"dtype": str(dtype).split(".")[1], "engine": engine, **_wrong(got, ref)}
             except Exception as exc:  # report and go on: the other parts still run
                 row = {"dtype": str(dtype), "engine": engine, "error": repr(exc)[:300]}
@@ -247,6 +251,10 @@ def part_entry(e: int = 65_536) -> list[dict]:
 
 
 def _kernel_row(shape: str, n: int) -> dict:
+    """One shape: cuBLAS's bare GEMM (the floor), the Triton kernel alone and the Triton
+    engine in each of its modes (``triton_lens.KERNEL_MODES``), and the torch engine; ms
+    per ``n``-row call, in one run. Block sizes were swept in earlier sessions
+    (bench/README.md): the defaults stand."""
     from extractor.lens import fused_logit_lens
     from extractor.lens import triton_lens as tlens
     from extractor.lens.chunked import normed_rows
@@ -259,61 +267,37 @@ def _kernel_row(shape: str, n: int) -> dict:
     targets = full.resolved_targets().long().contiguous()
     hn = normed_rows(full).contiguous()
     t64 = target_logits(hn, targets, full)
-    lo, hi = (x.contiguous() for x in thresholds(t64, tlens._band(full, hn, 64)))
     names = full.resolved_segments().names
+    b = tlens.CUDA_BLOCKS
 
-    def shape_of(bm: int, bn: int, bk: int = 64, warps: int = 4, stages: int = 3):
-        return tlens._Shape(
+    def kernel_call(candidates: str):
+        """The kernel alone, with its mode's shape."""
+        band = tlens._band(full, hn, b["BK"])
+        lo, hi = (x.contiguous() for x in thresholds(t64, band))
+        shp = tlens._Shape(
             n=n,
             d=d,
             t=targets.shape[1],
             tp=tlens._next_pow2(targets.shape[1]),
             sp=tlens._next_pow2(len(names)),
             kp=tlens._next_pow2(K + tlens.TOPK_MARGIN),
-            bm=bm,
-            bn=bn,
-            bk=bk,
-            warps=warps,
-            stages=stages,
+            bm=b["BM"],
+            bn=b["BN"],
+            bk=b["BK"],
+            group=tlens.CANDIDATE_GROUP if candidates == "groups" else 0,
         )
+        return lambda: tlens._launch(full, hn, targets, lo, hi, shp, None)
 
-    b = tlens.CUDA_BLOCKS
-    shp = shape_of(b["BM"], b["BN"])
     timings = {
         "cublas_bf16_gemm": lambda: h @ w.T,
         "cublas_bf16_gemm_fp32_out": lambda: torch.mm(h, w.T, out_dtype=torch.float32),
-        "triton_kernel": lambda: tlens._launch(full, hn, targets, lo, hi, shp, None),
-        **{
-            f"triton_kernel_bm{bm}_bn{bn}": (
-                lambda bm=bm, bn=bn: tlens._launch(
-                    full, hn, targets, lo, hi, shape_of(bm, bn), None
-                )
-            )
-            for bm, bn in ((128, 128), (128, 64), (32, 128), (32, 64))
-        },
-        **{
-            f"triton_kernel_bm{bm}_bn{bn}_w{warps}_s{stages}": (
-                lambda c=(bm, bn, 64, warps, stages): tlens._launch(
-                    full, hn, targets, lo, hi, shape_of(*c), None
-                )
-            )
-            for bm, bn, warps, stages in (
-                (64, 64, 8, 3),
-                (64, 64, 4, 2),
-                (64, 64, 4, 4),
-                (64, 64, 2, 3),
-                (128, 64, 8, 3),
-                (64, 128, 8, 3),
-            )
-        },
-        "triton_engine": lambda: fused_logit_lens(**full.__dict__, backend="triton"),
         "torch_engine": lambda: fused_logit_lens(**full.__dict__, backend="torch"),
-        "torch_engine_torch_dots": lambda: _with_torch_dots(
-            lambda: fused_logit_lens(**full.__dict__, backend="torch")
-        ),
-        "triton_topk_only": lambda: fused_logit_lens(**bare.__dict__, backend="triton"),
         "torch_topk_only": lambda: fused_logit_lens(**bare.__dict__, backend="torch"),
     }
+    for mode, kw in tlens.KERNEL_MODES.items():
+        timings[f"kernel_{mode}"] = kernel_call(**kw)
+        timings[f"engine_{mode}"] = lambda kw=kw: tlens.triton_lens(full, **kw)
+        timings[f"topk_only_{mode}"] = lambda kw=kw: tlens.triton_lens(bare, **kw)
     ms = {}
     for name, fn in timings.items():
         try:
@@ -324,11 +308,13 @@ def _kernel_row(shape: str, n: int) -> dict:
         print(json.dumps({"shape": shape, "rows": n, "method": name, "ms": ms[name]}), flush=True)
     floor = ms["cublas_bf16_gemm"]
     row = {"shape": shape, "rows": n, **{k: round(x, 3) for k, x in ms.items()}}
-    row["kernel_over_gemm"] = round(ms["triton_kernel"] / floor, 2)
-    row["triton_engine_over_gemm"] = round(ms["triton_engine"] / floor, 2)
-    row["torch_engine_over_triton_engine"] = round(ms["torch_engine"] / ms["triton_engine"], 2)
-    out = tlens._launch(full, hn, targets, lo, hi, shp, None)
-    row["in_band_entries_per_target"] = round(len(out.near_rows) / max(1, targets.numel()), 3)
+    for mode, kw in tlens.KERNEL_MODES.items():
+        row[f"kernel_{mode}_over_gemm"] = round(ms[f"kernel_{mode}"] / floor, 2)
+        row[f"engine_{mode}_over_torch_engine"] = round(
+            ms[f"engine_{mode}"] / ms["torch_engine"], 3
+        )
+        out = kernel_call(**kw)()
+        row[f"in_band_per_target_{mode}"] = round(len(out.near_rows) / max(1, targets.numel()), 3)
     return row
 
 
@@ -543,6 +529,7 @@ def part_worker(batch: int = 8, seq: int = 512, device: str = "cuda", dtype=torc
     """
     from extractor.lens import fused_logit_lens
     from extractor.lens.selfcheck import choose_engine
+    from extractor.lens.triton_lens import KERNEL_MODES, triton_lens
     from extractor.models import capture_layers, model_parts
 
     model = _smollm2_model(device, dtype)
@@ -554,6 +541,9 @@ def part_worker(batch: int = 8, seq: int = 512, device: str = "cuda", dtype=torc
     engines = {
         e: (lambda x, e=e: fused_logit_lens(**x.__dict__, backend=e)) for e in ("torch", "triton")
     }
+    for width in (16, 8):  # the Triton engine's column-group candidates
+        kw = {**KERNEL_MODES["groups"], "group_width": width}
+        engines[f"triton-groups{width}"] = lambda x, kw=kw: triton_lens(x, **kw)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     out, results = [], {}
     for engine, run in engines.items():
@@ -573,20 +563,24 @@ def part_worker(batch: int = 8, seq: int = 512, device: str = "cuda", dtype=torc
             row["lens_rows_per_s"] = round(inputs.n_rows / min(seconds))
             if device == "cuda":
                 row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            t0 = time.perf_counter()
-            check = choose_engine(inputs, engine, engines)
-            sync()
-            row["selfcheck_s"] = round(time.perf_counter() - t0, 3)
-            row["selfcheck_passed"] = check.passed
+            if engine in ("torch", "triton"):  # the engines a worker may choose today
+                t0 = time.perf_counter()
+                check = choose_engine(inputs, engine, engines)
+                sync()
+                row["selfcheck_s"] = round(time.perf_counter() - t0, 3)
+                row["selfcheck_passed"] = check.passed
         except Exception:  # one engine failing must not lose the other's numbers
             row["error"] = traceback.format_exc()[-1500:]
         out.append(row)
         print(json.dumps(row), flush=True)
-    if len(results) == 2:
-        out[1]["over_torch"] = round(out[1]["s"] / out[0]["s"], 3)
-        wrong = _wrong(results["triton"], results["torch"].to("cpu"))
-        out.append({"triton_vs_torch": {k: v for k, v in wrong.items() if k != "lse_err"}})
-        print(json.dumps(out[-1]), flush=True)
+    if "torch" in results:
+        ref = results["torch"].to("cpu")
+        for row in out[1:]:
+            if row["engine"] in results:
+                row["over_torch"] = round(row["s"] / out[0]["s"], 3)
+                wrong = _wrong(results[row["engine"]], ref)
+                row["vs_torch"] = {k: v for k, v in wrong.items() if k != "lse_err"}
+                print(json.dumps({row["engine"]: row["vs_torch"]}), flush=True)
     return out
 
 

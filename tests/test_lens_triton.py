@@ -16,6 +16,7 @@ import torch
 
 from extractor.lens import LensInputs, VocabSegments, fused_logit_lens
 from extractor.lens.selfcheck import lse_bound
+from extractor.lens.triton_lens import KERNEL_MODES as MODES
 from extractor.lens.triton_lens import triton_lens
 
 from .lens_checks import check_exact, plant_ties, tiny_case
@@ -64,10 +65,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_triton_fp32_is_exact(name):
+def test_triton_fp32_is_exact(name, mode):
     inputs = _case(**CASES[name])
-    _check(inputs, fused_logit_lens(**inputs.__dict__, backend="triton"))
+    _check(inputs, triton_lens(inputs, **MODES[mode]))
 
 
 def test_triton_fp16_is_exact():
@@ -84,10 +86,27 @@ def _tied(dtype, n=24, d=256, v=1500, seed=7) -> LensInputs:
     return plant_ties(inputs, 3)
 
 
+@pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_triton_exact_with_planted_ties(dtype):
+def test_triton_exact_with_planted_ties(dtype, mode):
     inputs = _tied(dtype)
-    _check(inputs, fused_logit_lens(**inputs.__dict__, backend="triton"))
+    _check(inputs, triton_lens(inputs, **MODES[mode]))
+
+
+def test_column_groups_certify_without_the_torch_engine(monkeypatch):
+    """Group candidates must settle well-separated rows themselves: were every list left
+    uncertified, results would still be exact (the torch engine redoes such rows), only
+    slow. Here no row is redone, and the lists still equal the reference's."""
+    import extractor.lens.triton_lens as tl
+
+    redone = []
+    real = tl.chunked_lens
+    monkeypatch.setattr(
+        tl, "chunked_lens", lambda sub, **kw: redone.append(sub.n_rows) or real(sub, **kw)
+    )
+    inputs = _case(**CASES["odd-vocab-segments"])
+    _check(inputs, triton_lens(inputs, candidates="groups"))
+    assert redone == [int((inputs.pool_groups >= 0).sum())]  # the pooled rows only
 
 
 def test_without_refinement_triton_ranks_are_wrong():
@@ -192,18 +211,20 @@ def test_triton_and_torch_engines_agree():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="bf16 Triton needs a real GPU (the interpreter garbles bf16)")
-def test_triton_bf16_on_gpu_is_exact():
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_triton_bf16_on_gpu_is_exact(mode):
     inputs = _case(
         seed=5, n=300, d=576, v=4099, k=10, t=6, cuts=(3500, 4001), groups=40, dtype=torch.bfloat16
     )
-    _check(inputs, fused_logit_lens(**inputs.__dict__, backend="triton"))
+    _check(inputs, triton_lens(inputs, **MODES[mode]))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="bf16 Triton needs a real GPU (the interpreter garbles bf16)")
-def test_triton_bf16_on_gpu_exact_with_planted_ties():
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_triton_bf16_on_gpu_exact_with_planted_ties(mode):
     inputs = _tied(torch.bfloat16, n=64, d=576, v=8192)
-    _check(inputs, fused_logit_lens(**inputs.__dict__, backend="triton"))
+    _check(inputs, triton_lens(inputs, **MODES[mode]))
 
 
 @pytest.mark.parametrize("compile", [True, False])

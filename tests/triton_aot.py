@@ -18,7 +18,9 @@ from extractor.lens import triton_lens
 POINTER = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 
-def compile_lens_kernel(arch: int, dtype: str, stage: str = "cubin"):
+def compile_lens_kernel(arch: int, dtype: str, stage: str = "cubin", **variant):
+    """The lens kernel at the CUDA block sizes; ``variant``: other constexprs (the
+    default: candidate buffers, what ``triton_lens`` runs by default)."""
     kernel = triton_lens._lens_tiles_kernel
     signature = {
         "H": POINTER[dtype],
@@ -35,6 +37,7 @@ def compile_lens_kernel(arch: int, dtype: str, stage: str = "cubin"):
         "OUT_CV": "*fp32",
         "OUT_CI": "*i64",
         "OUT_CNT": "*i32",
+        "OUT_GMAX": "*fp32",
         "AMB_COUNT": "*i32",
         "AMB_ROW": "*i32",
         "AMB_COL": "*i32",
@@ -55,7 +58,9 @@ def compile_lens_kernel(arch: int, dtype: str, stage: str = "cubin"):
         "HAS_BIAS": True,
         "HAS_SOFTCAP": True,
         "DOT_PRECISION": "ieee",
+        "GROUP": 0,
         **triton_lens.CUDA_BLOCKS,
+        **variant,
     }
     return _compile(kernel, signature, constexprs, arch, stage)
 
@@ -97,7 +102,13 @@ def _compile(kernel, signature: dict, constexprs: dict, arch: int, stage: str, o
 
 
 ARCHS = (80, 90)
-KERNELS = {"lens": compile_lens_kernel, "entry": compile_entry_kernel}
+KERNELS = {
+    "lens": compile_lens_kernel,
+    "lens-groups": lambda arch, dtype: compile_lens_kernel(
+        arch, dtype, GROUP=triton_lens.CANDIDATE_GROUP
+    ),
+    "entry": compile_entry_kernel,
+}
 
 
 if __name__ == "__main__":

@@ -60,6 +60,12 @@ NEG_INF = float("-inf")
 CUDA_BLOCKS = {"BM": 64, "BN": 64, "BK": MMA_BLOCK_K}
 #: Smaller tiles under TRITON_INTERPRET=1, where every program runs in Python.
 INTERPRETER_BLOCKS = {"BM": 16, "BN": 32, "BK": 16}
+#: Column-group width of the kernel's "groups" candidates (:func:`triton_lens`): 8 was 10%
+#: faster than 16 at the worker's call on an H200 (bench/README.md).
+CANDIDATE_GROUP = 8
+#: The kernel's ways to find top-k candidates and to add its dot products: every one is
+#: exact (tests/test_lens_triton.py); bench/gpu_lens.py times them on a GPU.
+KERNEL_MODES = {"buffer": {"candidates": "buffer"}, "groups": {"candidates": "groups"}}
 
 
 def _next_pow2(n: int) -> int:
@@ -87,6 +93,7 @@ def _lens_tiles_kernel(
     OUT_CV,  # [splits, N, SP * KP] fp32
     OUT_CI,  # [splits, N, SP * KP] int64
     OUT_CNT,  # [splits, N, SP * TP] int32
+    OUT_GMAX,  # [N, n_tiles * (BN // GROUP)] fp32: column groups' maxima (GROUP > 0)
     AMB_COUNT,  # [1] int32: in-band entries found (may exceed AMB_CAP)
     AMB_ROW,  # [AMB_CAP] int32 row of each in-band entry
     AMB_COL,  # [AMB_CAP] int32 column
@@ -107,6 +114,7 @@ def _lens_tiles_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    GROUP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -136,7 +144,8 @@ def _lens_tiles_kernel(
 
         # K-sliced: each BK-wide slice's dot starts from zero and is added in IEEE fp32, so
         # the matrix unit's own (truncating) accumulation spans BK products, not D
-        # (exact.mma_error_factor: a band ~9x narrower at d = 576).
+        # (exact.mma_error_factor: a band ~9x narrower at d = 576). One chained accumulation
+        # measured no faster on an H200 and put 9x more entries in band (bench/README.md).
         acc = tl.zeros((BM, BN), tl.float32)
         for k0 in range(0, D, BK):
             ks = k0 + offs_k
@@ -196,44 +205,54 @@ def _lens_tiles_kernel(
                 tl.store(AMB_COL + slot, cols[None, :] + 0 * rows[:, None], mask=keep)
                 tl.store(AMB_VAL + slot, acc, mask=keep)
 
-        # Candidates: insert the tile's best entries while they beat the buffer.
-        in_buf = (cand_cols[None, :] // KP) == seg
-        alive = col_ok[None, :] & row_ok[:, None]
-        buf_min = tl.min(tl.where(in_buf, cand_v, float("inf")), axis=1)
-        buf_pos = tl.argmin(tl.where(in_buf, cand_v, float("inf")), axis=1)
-        free_slot = tl.max(tl.where(in_buf & (cand_i < 0), 1, 0), axis=1) > 0
-        work = tl.where(alive, acc, KERNEL_NEG_INF)
-        best = tl.max(work, axis=1)
-        has_alive = tl.max(alive.to(tl.int32), axis=1) > 0
-        want = has_alive & ((best > buf_min) | free_slot)
-        go = tl.max(want.to(tl.int32), axis=0)
-        while go > 0:
-            arg = tl.argmax(tl.where(alive, work, KERNEL_NEG_INF), axis=1)
-            # With every live value at -inf argmax may land on a dead column: pick the
-            # first live one instead, so -inf logits still fill a small segment's slots.
-            first_alive = tl.argmax(alive.to(tl.int32), axis=1)
-            arg = tl.where(best == KERNEL_NEG_INF, first_alive, arg)
-            free_pos = tl.argmax(tl.where(in_buf & (cand_i < 0), 1, 0), axis=1)
-            pos = tl.where(free_slot, free_pos, buf_pos)
-            hit = (cand_cols[None, :] == pos[:, None]) & want[:, None]
-            cand_v = tl.where(hit, best[:, None], cand_v)
-            cand_i = tl.where(hit, (start + arg).to(tl.int64)[:, None], cand_i)
-            taken = (offs_n[None, :] == arg[:, None]) & want[:, None]
-            alive = alive & ~taken
-            work = tl.where(alive, work, KERNEL_NEG_INF)
+        if GROUP > 0:
+            # Candidates as column groups' maxima: the host picks the best groups.
+            gmax = tl.max(tl.reshape(acc, (BM, BN // GROUP, GROUP)), axis=2)
+            gcols = t * (BN // GROUP) + tl.arange(0, BN // GROUP)
+            gbase = rows.to(tl.int64) * n_tiles * (BN // GROUP)
+            tl.store(OUT_GMAX + gbase[:, None] + gcols[None, :], gmax, mask=row_ok[:, None])
+        else:
+            # Candidates: insert the tile's best entries while they beat the buffer.
+            in_buf = (cand_cols[None, :] // KP) == seg
+            alive = col_ok[None, :] & row_ok[:, None]
             buf_min = tl.min(tl.where(in_buf, cand_v, float("inf")), axis=1)
             buf_pos = tl.argmin(tl.where(in_buf, cand_v, float("inf")), axis=1)
             free_slot = tl.max(tl.where(in_buf & (cand_i < 0), 1, 0), axis=1) > 0
+            work = tl.where(alive, acc, KERNEL_NEG_INF)
             best = tl.max(work, axis=1)
             has_alive = tl.max(alive.to(tl.int32), axis=1) > 0
             want = has_alive & ((best > buf_min) | free_slot)
             go = tl.max(want.to(tl.int32), axis=0)
+            while go > 0:
+                arg = tl.argmax(tl.where(alive, work, KERNEL_NEG_INF), axis=1)
+                # With every live value at -inf argmax may land on a dead column: pick the
+                # first live one instead, so -inf logits still fill a small segment's slots.
+                first_alive = tl.argmax(alive.to(tl.int32), axis=1)
+                arg = tl.where(best == KERNEL_NEG_INF, first_alive, arg)
+                free_pos = tl.argmax(tl.where(in_buf & (cand_i < 0), 1, 0), axis=1)
+                pos = tl.where(free_slot, free_pos, buf_pos)
+                hit = (cand_cols[None, :] == pos[:, None]) & want[:, None]
+                cand_v = tl.where(hit, best[:, None], cand_v)
+                cand_i = tl.where(hit, (start + arg).to(tl.int64)[:, None], cand_i)
+                taken = (offs_n[None, :] == arg[:, None]) & want[:, None]
+                alive = alive & ~taken
+                work = tl.where(alive, work, KERNEL_NEG_INF)
+                buf_min = tl.min(tl.where(in_buf, cand_v, float("inf")), axis=1)
+                buf_pos = tl.argmin(tl.where(in_buf, cand_v, float("inf")), axis=1)
+                free_slot = tl.max(tl.where(in_buf & (cand_i < 0), 1, 0), axis=1) > 0
+                best = tl.max(work, axis=1)
+                has_alive = tl.max(alive.to(tl.int32), axis=1) > 0
+                want = has_alive & ((best > buf_min) | free_slot)
+                go = tl.max(want.to(tl.int32), axis=0)
 
     base = pid_s * N + rows
     tl.store(OUT_MAX + base[:, None] * SP + seg_cols[None, :], m_state, mask=row_ok[:, None])
     tl.store(OUT_SUM + base[:, None] * SP + seg_cols[None, :], l_state, mask=row_ok[:, None])
-    tl.store(OUT_CV + base[:, None] * (SP * KP) + cand_cols[None, :], cand_v, mask=row_ok[:, None])
-    tl.store(OUT_CI + base[:, None] * (SP * KP) + cand_cols[None, :], cand_i, mask=row_ok[:, None])
+    if GROUP == 0:
+        cv_at = OUT_CV + base[:, None] * (SP * KP) + cand_cols[None, :]
+        tl.store(cv_at, cand_v, mask=row_ok[:, None])
+        ci_at = OUT_CI + base[:, None] * (SP * KP) + cand_cols[None, :]
+        tl.store(ci_at, cand_i, mask=row_ok[:, None])
     tl.store(OUT_CNT + base[:, None] * (SP * TP) + cnt_cols[None, :], counts, mask=row_ok[:, None])
 
 
@@ -260,6 +279,8 @@ def triton_lens(
     splits: int | None = None,
     compile: bool = True,
     refine: bool = True,
+    candidates: str = "buffer",
+    group_width: int | None = None,
 ) -> LensResult:
     """The fused lens through the Triton kernel (CUDA, or the interpreter on CPU).
 
@@ -269,7 +290,16 @@ def triton_lens(
     be certified is redone by the torch engine. ``refine=False`` skips both (ranks only
     as good as fp32; tests use it to show what the refinement is for). ``compile`` and the
     chunk sizes go to the torch engine, which computes the pooled rows.
+
+    Two ways to find top-k candidates, both exact: ``"buffer"``, each program keeps its
+    best ``k + 4`` fast logits per segment (an insertion loop in the kernel); ``"groups"``,
+    the kernel writes each column group's maximum and the host recomputes the best groups
+    exactly (bench/README.md compares them on an H200). ``group_width``: columns per group
+    (a power of two dividing the tile; default :data:`CANDIDATE_GROUP`): narrower groups,
+    more maxima written, fewer entries recomputed.
     """
+    if candidates not in ("buffer", "groups"):
+        raise ValueError(f"candidates must be 'buffer' or 'groups', not {candidates!r}")
     validate(inputs)
     device = inputs.unembed.device
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -277,6 +307,9 @@ def triton_lens(
         raise LensError("the Triton lens needs CUDA tensors (or TRITON_INTERPRET=1)")
     if interpret:
         block_m, block_n, block_k = (INTERPRETER_BLOCKS[x] for x in ("BM", "BN", "BK"))
+    group = (group_width or CANDIDATE_GROUP) if candidates == "groups" else 0
+    if group and (block_n % group or group & (group - 1)):
+        raise ValueError(f"group_width {group} must be a power of two dividing {block_n}")
     n, d, k = inputs.n_rows, inputs.unembed.shape[1], inputs.k
     segments = inputs.resolved_segments()
     targets = inputs.resolved_targets().to(device).long().contiguous()
@@ -291,6 +324,7 @@ def triton_lens(
         bm=block_m,
         bn=block_n,
         bk=block_k,
+        group=group,
     )
     h = normed_rows(inputs).contiguous()
     wide = product_dtype(h, inputs.unembed)
@@ -303,7 +337,8 @@ def triton_lens(
     lse, seg_lse, counts = _merge_splits(out, len(segments.names), t)
     if refine:
         counts += _resolve_band(inputs, h, wide, targets, t64, lo, hi, out, segments)
-    seg_ids, seg_vals, certified = _certified_topk(inputs, h, wide, out, band, len(segments.names))
+    certify = _certified_groups if group else _certified_topk
+    seg_ids, seg_vals, certified = certify(inputs, h, wide, out, band, len(segments.names))
     fields = _segment_results(
         segments.names, k, targets, t64, lse, seg_lse, seg_ids, seg_vals, counts
     )
@@ -332,6 +367,7 @@ class _Shape:
     bm: int
     bn: int
     bk: int
+    group: int = 0  # > 0: column groups' maxima instead of candidate buffers
     warps: int = 4  # Triton's defaults; bench/gpu_lens.py sweeps them
     stages: int = 3
 
@@ -349,6 +385,8 @@ class _KernelOut:
     near_rows: torch.Tensor  # [E] int64
     near_cols: torch.Tensor  # [E] int64
     near_fast: torch.Tensor  # [E] fp32
+    gmax: torch.Tensor | None = None  # [N, groups] fp32 (group mode)
+    groups: tuple[torch.Tensor, ...] = ()  # each group's first column, length, segment (CPU)
 
 
 def _band(inputs: LensInputs, h: torch.Tensor, block_k: int) -> torch.Tensor:
@@ -383,18 +421,21 @@ def _launch(inputs: LensInputs, h, targets, lo, hi, shape: _Shape, splits: int |
     i32 = dict(dtype=torch.int32, device=device)
     bias = inputs.bias.float().contiguous() if inputs.bias is not None else torch.zeros(1, **f32)
     cap = max(1, IN_BAND_PER_ROW * n)
+    # Group mode keeps no candidate buffers (the kernel never touches these then).
+    cands = (splits, n, shape.sp * shape.kp) if not shape.group else (1, 1, 1)
+    per_tile = shape.bn // shape.group if shape.group else 0
     while True:
         out = _KernelOut(
             max=torch.full((splits, n, shape.sp), NEG_INF, **f32),
             sum=torch.zeros((splits, n, shape.sp), **f32),
-            cand_v=torch.full((splits, n, shape.sp * shape.kp), NEG_INF, **f32),
-            cand_i=torch.full(
-                (splits, n, shape.sp * shape.kp), -1, dtype=torch.long, device=device
-            ),
+            cand_v=torch.full(cands, NEG_INF, **f32),
+            cand_i=torch.full(cands, -1, dtype=torch.long, device=device),
             counts=torch.zeros((splits, n, shape.sp * shape.tp), **i32),
             near_rows=torch.empty(cap, **i32),
             near_cols=torch.empty(cap, **i32),
             near_fast=torch.empty(cap, **f32),
+            gmax=torch.empty((n, n_tiles * per_tile) if per_tile else (1,), **f32),
+            groups=_group_table(inputs, shape.bn, shape.group) if per_tile else (),
         )
         found = torch.zeros(1, **i32)
         if n and n_tiles:
@@ -413,6 +454,7 @@ def _launch(inputs: LensInputs, h, targets, lo, hi, shape: _Shape, splits: int |
                 out.cand_v,
                 out.cand_i,
                 out.counts,
+                out.gmax,
                 found,
                 out.near_rows,
                 out.near_cols,
@@ -433,6 +475,7 @@ def _launch(inputs: LensInputs, h, targets, lo, hi, shape: _Shape, splits: int |
                 BM=shape.bm,
                 BN=shape.bn,
                 BK=shape.bk,
+                GROUP=shape.group,
                 DOT_PRECISION="ieee",
                 num_warps=shape.warps,
                 num_stages=shape.stages,
@@ -512,6 +555,59 @@ def _certified_topk(inputs, h, wide, out: _KernelOut, band, n_seg: int):
         seg_ids[seg], seg_vals[seg] = top_ids, top_vals
         kth = top_vals[:, k - 1]
         certified &= ~full[:, :, seg].any(0) | (kth > left[:, seg] + band)
+    return seg_ids, seg_vals, certified
+
+
+def _group_table(inputs: LensInputs, tile: int, group: int) -> tuple[torch.Tensor, ...]:
+    """Each column group's first column, length (0 past its tile's end) and segment, in
+    the order the kernel writes their maxima (CPU tensors: the host plans with them)."""
+    starts, stops, segs = (x.long() for x in _tile_table(inputs, tile, "cpu"))
+    first = (starts[:, None] + torch.arange(0, tile, group)).flatten()
+    length = (stops.repeat_interleave(tile // group) - first).clamp(0, group)
+    return first, length, segs.repeat_interleave(tile // group)
+
+
+def _certified_groups(inputs, h, wide, out: _KernelOut, band, n_seg: int):
+    """Each segment's exact top-k from the best column groups, and which rows are certified.
+
+    The ``k + 4`` groups with the largest fast maxima are recomputed exactly; every other
+    entry has a fast logit at most the next group's maximum, so an exact value at most that
+    plus the band: the list stands when its k-th exact value is strictly above that bound
+    (or when every group of the segment was taken).
+    """
+    n, k, device = out.gmax.shape[0], inputs.k, h.device
+    first, length, seg_of = out.groups
+    group = int(length.max()) if len(length) else 1  # host tensors: no sync
+    within = torch.arange(group, device=device)
+    seg_ids, seg_vals = {}, {}
+    certified = torch.ones(n, dtype=torch.bool, device=device)
+    for seg in range(n_seg):
+        cols = torch.nonzero((seg_of == seg) & (length > 0)).flatten()
+        take = min(k + TOPK_MARGIN, len(cols))
+        if not take:
+            seg_ids[seg] = torch.full((n, k), -1, dtype=torch.long, device=device)
+            seg_vals[seg] = torch.full((n, k), NEG_INF, dtype=torch.float64, device=device)
+            continue
+        fast, pos = out.gmax[:, cols.to(device)].topk(min(take + 1, len(cols)), dim=1)
+        sel = pos[:, :take]
+        start = first[cols].to(device)[sel][..., None]  # [N, take, 1]
+        valid = (within < length[cols].to(device)[sel][..., None]).reshape(n, -1)
+        ids = (start + within).reshape(n, -1)
+        rows = torch.arange(n, device=device).repeat_interleave(ids.shape[1])
+        safe = torch.where(valid, ids, start[:, 0])  # a real column in every slot
+        exact = entry_logits(h, rows, safe.flatten(), inputs, wide)
+        ids = torch.where(valid, ids, -1)
+        exact = torch.where(valid, exact.view(n, -1), NEG_INF)
+        order = exact_order(exact, ids)[:, :k]
+        top_ids, top_vals = ids.gather(1, order), exact.gather(1, order)
+        top_vals = torch.where(top_ids >= 0, top_vals, NEG_INF)
+        if top_ids.shape[1] < k:
+            pad = k - top_ids.shape[1]
+            top_ids = torch.nn.functional.pad(top_ids, (0, pad), value=-1)
+            top_vals = torch.nn.functional.pad(top_vals, (0, pad), value=NEG_INF)
+        seg_ids[seg], seg_vals[seg] = top_ids, top_vals
+        if len(cols) > take:
+            certified &= top_vals[:, k - 1] > fast[:, take].double() + band
     return seg_ids, seg_vals, certified
 
 
