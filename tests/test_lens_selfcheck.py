@@ -63,3 +63,16 @@ def test_the_sample_keeps_only_the_pool_groups_its_rows_touch():
     whole, cut = reference_lens(full), reference_lens(probe)
     assert torch.equal(cut.pooled_target_ranks[:2], whole.pooled_target_ranks[:2])
     assert torch.equal(cut.pooled_topk_ids[:2], whole.pooled_topk_ids[:2])
+
+
+def test_auto_runs_triton_on_cuda_and_torch_elsewhere(monkeypatch):
+    """What ``lens.engine: auto`` asks the self-check to try (bench/README.md has the
+    H200 measurement behind Triton on CUDA); a machine without Triton gets torch."""
+    import importlib.util
+
+    from extractor.lens import auto_engine
+
+    assert auto_engine("cpu") == "torch"
+    assert auto_engine(torch.device("cuda", 0)) == "triton"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert auto_engine("cuda") == "torch"

@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from extractor.config import RunConfig
-from extractor.lens import LensInputs, LensResult, fused_logit_lens
+from extractor.lens import LensInputs, LensResult, auto_engine, fused_logit_lens
 from extractor.lens.selfcheck import SelfCheck, choose_engine
 from extractor.models import capture_layers, load_causal_lm, model_parts
 from extractor.models.head import HeadMismatchError, foreign_head, hidden_size, own_head
@@ -331,7 +331,8 @@ class ShardProcessor:
         against the float64 reference; a disagreement falls back to the torch engine.
         """
         if self.engine_check is None:
-            preferred = "torch" if self.cfg.lens.engine == "auto" else self.cfg.lens.engine
+            engine = self.cfg.lens.engine
+            preferred = auto_engine(self.device) if engine == "auto" else engine
             self.engine_check = choose_engine(inputs, preferred, LENS_ENGINES)
         return LENS_ENGINES[self.engine_check.engine](inputs)
 
