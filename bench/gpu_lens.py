@@ -516,6 +516,52 @@ def worker_inputs(hidden: torch.Tensor, w: torch.Tensor, final_norm, seed: int =
     )
 
 
+def _worker_call(batch: int, seq: int, device: str, dtype):
+    """The lens inputs of one worker call over a SmolLM2-shaped random Llama's layers."""
+    from extractor.models import capture_layers, model_parts
+
+    model = _smollm2_model(device, dtype)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+    parts = model_parts(model)
+    with torch.no_grad():
+        hidden = capture_layers(parts, ids, torch.ones_like(ids, dtype=torch.bool))
+    return worker_inputs(hidden, parts.unembed.detach(), parts.final_norm)
+
+
+def part_profile_worker(batch: int = 8, seq: int = 512) -> dict:
+    """Where the Triton engine spends the worker's call (what ``auto`` runs on CUDA): its
+    pooled rows (the torch engine, on the pooled rows only) timed alone against the whole
+    call, then a profile of the whole call by GPU and by host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from extractor.lens import triton_lens as tlens
+
+    inputs = _worker_call(batch, seq, "cuda", torch.bfloat16)
+    calls = {
+        "whole_s": lambda: tlens.triton_lens(inputs),
+        "pooled_rows_s": lambda: tlens._pooled(inputs, None, None, True),
+    }
+    out = {}
+    for name, fn in calls.items():
+        fn()
+        seconds = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - t0)
+        out[name] = round(min(seconds), 4)
+    print(json.dumps(out), flush=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        tlens.triton_lens(inputs)
+        torch.cuda.synchronize()
+    for sort in ("self_cuda_time_total", "self_cpu_time_total"):
+        out[sort] = prof.key_averages().table(sort_by=sort, row_limit=16)
+        print(out[sort], flush=True)
+    return out
+
+
 def part_worker(batch: int = 8, seq: int = 512, device: str = "cuda", dtype=torch.bfloat16):
     """The engines on the worker's real call shape: what ``lens.engine: auto`` should pick.
 
@@ -530,14 +576,8 @@ def part_worker(batch: int = 8, seq: int = 512, device: str = "cuda", dtype=torc
     from extractor.lens import fused_logit_lens
     from extractor.lens.selfcheck import choose_engine
     from extractor.lens.triton_lens import KERNEL_MODES, triton_lens
-    from extractor.models import capture_layers, model_parts
 
-    model = _smollm2_model(device, dtype)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
-    parts = model_parts(model)
-    with torch.no_grad():
-        hidden = capture_layers(parts, ids, torch.ones_like(ids, dtype=torch.bool))
-    inputs = worker_inputs(hidden, parts.unembed.detach(), parts.final_norm)
+    inputs = _worker_call(batch, seq, device, dtype)
     engines = {
         e: (lambda x, e=e: fused_logit_lens(**x.__dict__, backend=e)) for e in ("torch", "triton")
     }
@@ -588,7 +628,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--only",
-        choices=["exact", "entry", "kernel", "chunks", "selfcheck", "model", "worker", "profile"],
+        choices=[
+            "exact",
+            "entry",
+            "kernel",
+            "chunks",
+            "selfcheck",
+            "model",
+            "worker",
+            "profile",
+            "profile-worker",
+        ],
     )
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -614,6 +664,7 @@ def main() -> None:
         "model": lambda: part_model(8, 512),
         "worker": part_worker,
         "profile": lambda: part_profile(args.rows),
+        "profile-worker": part_profile_worker,
     }
     for name, fn in parts.items():
         if args.only and name != args.only:
