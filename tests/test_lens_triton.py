@@ -93,6 +93,19 @@ def test_triton_exact_with_planted_ties(dtype, mode):
     _check(inputs, triton_lens(inputs, **MODES[mode]))
 
 
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_segments_of_several_runs_and_zero_rows(mode):
+    """Segments scattered over the vocabulary (the kernel's tiles follow their runs; group
+    candidates read each run of maxima separately) and a call without rows."""
+    inputs = _case(**CASES["odd-vocab-segments"])
+    v = inputs.unembed.shape[0]
+    runs = {"speech": [(5, 20), (60, 61), (120, 160)], "marker": [(30, 50), (170, v)]}
+    inputs = replace(inputs, segments=VocabSegments.from_ranges(v, runs))
+    _check(inputs, triton_lens(inputs, **MODES[mode]))
+    empty = triton_lens(inputs.rows(torch.arange(0, device=DEVICE)), **MODES[mode])
+    assert empty.topk_ids.shape == (0, inputs.k)
+
+
 def test_column_groups_certify_without_the_torch_engine(monkeypatch):
     """Group candidates must settle well-separated rows themselves: were every list left
     uncertified, results would still be exact (the torch engine redoes such rows), only

@@ -27,6 +27,7 @@ the interpreter mishandles bf16), which is how CI checks its logic.
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, replace
 
@@ -63,8 +64,8 @@ INTERPRETER_BLOCKS = {"BM": 16, "BN": 32, "BK": 16}
 #: Column-group width of the kernel's "groups" candidates (:func:`triton_lens`): 8 was 10%
 #: faster than 16 at the worker's call on an H200 (bench/README.md).
 CANDIDATE_GROUP = 8
-#: The kernel's ways to find top-k candidates and to add its dot products: every one is
-#: exact (tests/test_lens_triton.py); bench/gpu_lens.py times them on a GPU.
+#: The kernel's two ways to find top-k candidates: both exact (tests/test_lens_triton.py);
+#: bench/gpu_lens.py times them on a GPU.
 KERNEL_MODES = {"buffer": {"candidates": "buffer"}, "groups": {"candidates": "groups"}}
 
 
@@ -133,6 +134,9 @@ def _lens_tiles_kernel(
     cand_i = tl.full((BM, SP * KP), -1, tl.int64)
     counts = tl.zeros((BM, SP * TP), tl.int32)
 
+    # int64 row and column offsets: a worker's call can hold N x d >= 2^31 elements (33
+    # layers x 16k positions x d = 4096), where int32 offsets would wrap and read garbage.
+    h_rows = H + rows.to(tl.int64)[:, None] * D
     first = pid_s * tiles_per_split
     last = tl.minimum(first + tiles_per_split, n_tiles)
     for t in range(first, last):
@@ -141,6 +145,7 @@ def _lens_tiles_kernel(
         seg = tl.load(TILE_SEG + t)
         cols = start + offs_n
         col_ok = cols < stop
+        w_cols = W + cols.to(tl.int64)[:, None] * D
 
         # K-sliced: each BK-wide slice's dot starts from zero and is added in IEEE fp32, so
         # the matrix unit's own (truncating) accumulation spans BK products, not D
@@ -150,12 +155,12 @@ def _lens_tiles_kernel(
         for k0 in range(0, D, BK):
             ks = k0 + offs_k
             h = tl.load(
-                H + rows[:, None] * D + ks[None, :],
+                h_rows + ks[None, :],
                 mask=row_ok[:, None] & (ks[None, :] < D),
                 other=0.0,
             )
             w = tl.load(
-                W + cols[:, None] * D + ks[None, :],
+                w_cols + ks[None, :],
                 mask=col_ok[:, None] & (ks[None, :] < D),
                 other=0.0,
             )
@@ -548,10 +553,7 @@ def _certified_topk(inputs, h, wide, out: _KernelOut, band, n_seg: int):
         order = exact_order(exact[:, seg], ids[:, seg])[:, :k]
         top_ids = ids[:, seg].gather(1, order)
         top_vals = torch.where(top_ids >= 0, exact[:, seg].gather(1, order), NEG_INF)
-        if top_ids.shape[1] < k:
-            pad = k - top_ids.shape[1]
-            top_ids = torch.nn.functional.pad(top_ids, (0, pad), value=-1)
-            top_vals = torch.nn.functional.pad(top_vals, (0, pad), value=NEG_INF)
+        top_ids, top_vals = _pad_to_k(top_ids, top_vals, k)
         seg_ids[seg], seg_vals[seg] = top_ids, top_vals
         kth = top_vals[:, k - 1]
         certified &= ~full[:, :, seg].any(0) | (kth > left[:, seg] + band)
@@ -579,19 +581,24 @@ def _certified_groups(inputs, h, wide, out: _KernelOut, band, n_seg: int):
     first, length, seg_of = out.groups
     group = int(length.max()) if len(length) else 1  # host tensors: no sync
     within = torch.arange(group, device=device)
+    first, length = first.to(device), length.to(device)
+    runs = _column_runs(seg_of)
     seg_ids, seg_vals = {}, {}
     certified = torch.ones(n, dtype=torch.bool, device=device)
     for seg in range(n_seg):
-        cols = torch.nonzero((seg_of == seg) & (length > 0)).flatten()
-        take = min(k + TOPK_MARGIN, len(cols))
-        if not take:
-            seg_ids[seg] = torch.full((n, k), -1, dtype=torch.long, device=device)
-            seg_vals[seg] = torch.full((n, k), NEG_INF, dtype=torch.float64, device=device)
+        total = sum(b - a for a, b in runs.get(seg, []))
+        take = min(k + TOPK_MARGIN, total)
+        if not take or not n:
+            seg_ids[seg], seg_vals[seg] = _pad_to_k(
+                torch.empty((n, 0), dtype=torch.long, device=device),
+                torch.empty((n, 0), dtype=torch.float64, device=device),
+                k,
+            )
             continue
-        fast, pos = out.gmax[:, cols.to(device)].topk(min(take + 1, len(cols)), dim=1)
-        sel = pos[:, :take]
-        start = first[cols].to(device)[sel][..., None]  # [N, take, 1]
-        valid = (within < length[cols].to(device)[sel][..., None]).reshape(n, -1)
+        fast, pos = _best_groups(out.gmax, runs[seg], take + 1)
+        sel = pos[:, :take]  # the groups' columns in gmax
+        start = first[sel][..., None]  # [N, take, 1]
+        valid = (within < length[sel][..., None]).reshape(n, -1)
         ids = (start + within).reshape(n, -1)
         rows = torch.arange(n, device=device).repeat_interleave(ids.shape[1])
         safe = torch.where(valid, ids, start[:, 0])  # a real column in every slot
@@ -601,14 +608,47 @@ def _certified_groups(inputs, h, wide, out: _KernelOut, band, n_seg: int):
         order = exact_order(exact, ids)[:, :k]
         top_ids, top_vals = ids.gather(1, order), exact.gather(1, order)
         top_vals = torch.where(top_ids >= 0, top_vals, NEG_INF)
-        if top_ids.shape[1] < k:
-            pad = k - top_ids.shape[1]
-            top_ids = torch.nn.functional.pad(top_ids, (0, pad), value=-1)
-            top_vals = torch.nn.functional.pad(top_vals, (0, pad), value=NEG_INF)
-        seg_ids[seg], seg_vals[seg] = top_ids, top_vals
-        if len(cols) > take:
-            certified &= top_vals[:, k - 1] > fast[:, take].double() + band
+        seg_ids[seg], seg_vals[seg] = _pad_to_k(top_ids, top_vals, k)
+        if total > take:
+            certified &= seg_vals[seg][:, k - 1] > fast[:, take].double() + band
     return seg_ids, seg_vals, certified
+
+
+def _column_runs(seg_of: torch.Tensor) -> dict[int, list[tuple[int, int]]]:
+    """Each segment's runs of consecutive group columns (tiles follow the segment runs)."""
+    change = (torch.nonzero(seg_of[1:] != seg_of[:-1]).flatten() + 1).tolist()
+    bounds = [0, *change, len(seg_of)]
+    runs: dict[int, list[tuple[int, int]]] = {}
+    for a, b in itertools.pairwise(bounds):
+        if b > a:
+            runs.setdefault(int(seg_of[a]), []).append((a, b))
+    return runs
+
+
+def _best_groups(gmax: torch.Tensor, runs: list[tuple[int, int]], m: int):
+    """The ``m`` largest group maxima over ``runs`` of columns and their columns, each run
+    read through a slice (no copy of the maxima), sorted descending."""
+    values, columns = [], []
+    for a, b in runs:
+        v, p = gmax[:, a:b].topk(min(m, b - a), dim=1)
+        values.append(v)
+        columns.append(p + a)
+    values, columns = torch.cat(values, 1), torch.cat(columns, 1)
+    if len(runs) > 1:
+        values, order = values.topk(min(m, values.shape[1]), dim=1)
+        columns = columns.gather(1, order)
+    return values, columns
+
+
+def _pad_to_k(ids: torch.Tensor, vals: torch.Tensor, k: int):
+    """A segment's top list padded to ``k`` slots (id -1, value -inf) when it holds fewer."""
+    if ids.shape[1] >= k:
+        return ids, vals
+    pad = k - ids.shape[1]
+    return (
+        torch.nn.functional.pad(ids, (0, pad), value=-1),
+        torch.nn.functional.pad(vals, (0, pad), value=NEG_INF),
+    )
 
 
 def _segment_results(names, k: int, targets, t64, lse, seg_lse, seg_ids, seg_vals, counts) -> dict:
