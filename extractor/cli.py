@@ -195,7 +195,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:
-    from analysis.store import StoreError
+    from analysis.index import StoreError
 
     from .store.compact import CompactionError, compact_store
 
@@ -610,10 +610,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except Exception as exc:
         # Named errors of the package carry what and where; show them without a traceback.
-        from analysis.metrics import MetricError
-        from analysis.store import StoreError
+        # MetricError only where the metrics were loaded: importing them needs DuckDB, which
+        # a GPU worker's image may lack, and would hide the real error behind that one.
+        from analysis.index import StoreError
 
-        if isinstance(exc, StoreError | MetricError):
+        named = (StoreError,)
+        if "analysis.metrics" in sys.modules:
+            named += (sys.modules["analysis.metrics"].MetricError,)
+        if isinstance(exc, named):
             print(f"slm-lens {args.command}: {exc}", file=sys.stderr)
             return 2
         raise

@@ -169,7 +169,8 @@ def test_write_bytes_publishes_all_or_nothing(tmp_path):
 
 
 def test_the_write_path_needs_no_duckdb():
-    """A GPU worker's image carries torch and pyarrow; DuckDB is for readers only."""
+    """A GPU worker's image carries torch and pyarrow; DuckDB is for readers only. The
+    CLI's handler of named errors must not need it either (it would hide the real error)."""
     import subprocess
     import sys
 
@@ -177,6 +178,11 @@ def test_the_write_path_needs_no_duckdb():
         "import sys; sys.modules['duckdb'] = None\n"
         "import extractor.service.worker, extractor.models, extractor.lens, analysis\n"
         "from analysis import storage, schema, index\n"
+        "from extractor import cli\n"
+        "def fail(args): raise index.StoreError('no store at s3://gone')\n"
+        "cli._cmd_extract = fail\n"
+        "sys.exit(cli.main(['extract', 'run.yaml']))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 2, done.stderr
+    assert "slm-lens extract: no store at s3://gone" in done.stderr
