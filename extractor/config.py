@@ -69,8 +69,8 @@ class PromptSection:
 class LensSection:
     positions: str = "spoken_words"
     k: int = 10
-    #: auto (the torch engine: on an H200 it was also the faster one for the full lens,
-    #: bench/README.md), torch, or triton (CUDA; exact too); whichever is asked is
+    #: auto (Triton on CUDA, torch elsewhere: lens.auto_engine), torch, or triton (CUDA;
+    #: exact too); whichever is asked is
     #: self-checked against float64 on each actor's device before its first shard,
     #: falling back to torch on any disagreement.
     engine: str = "auto"

@@ -35,6 +35,9 @@ def explore_prompt(model, tokenizer, prompt: str, k: int = 5) -> list[LayerPredi
         k,
         bias=parts.bias,
         softcap=parts.softcap,
+        # A few rows: the torch engine, exact on any device, with no kernel to compile and
+        # no self-check to run (``auto`` would pick Triton on CUDA, unchecked here).
+        backend="torch",
     )
     out = []
     for layer in range(layers):
