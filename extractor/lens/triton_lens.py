@@ -13,7 +13,8 @@ tile table from the segment runs), so each tile updates one segment's state:
   buffer (an atomic counter hands out slots);
 * a per-segment candidate buffer of the best ``KP`` fast logits (``KP >= k + 4``),
   filled by repeatedly taking the tile's row maxima only while some row still has a
-  value above its buffer's minimum.
+  value above its buffer's minimum; or, with ``GROUP > 0``, no buffer: the maximum of
+  every ``GROUP`` columns is written out, and the host recomputes the best groups.
 
 The host merges the splits (log-sum-exp of maxima/sums, sums of counts), decides the
 in-band entries in float64 with the same arithmetic as the targets (ties never push a
