@@ -106,6 +106,32 @@ def test_segments_of_several_runs_and_zero_rows(mode):
     assert empty.topk_ids.shape == (0, inputs.k)
 
 
+def test_column_groups_with_a_masked_segment_and_a_scattered_one(monkeypatch):
+    """Groups past a tile's end are empty (max -inf). A segment masked whole by a -inf bias
+    ties its real groups with empty ones, and an empty group's first column may lie past the
+    vocabulary: still exact, no out-of-range read. A two-entry segment spread over two
+    tiles (more groups than k + 4, nearly all empty) is certified by taking every non-empty
+    group: no row redone."""
+    import extractor.lens.triton_lens as tl
+
+    inputs = _case(**{**CASES["odd-vocab-segments"], "k": 3})
+    v = inputs.unembed.shape[0]
+    bias = torch.zeros(v, device=DEVICE)
+    bias[160:] = float("-inf")
+    runs = {"speech": [(120, 160)], "marker": [(160, v)], "scattered": [(40, 41), (150, 151)]}
+    masked = replace(inputs, bias=bias, segments=VocabSegments.from_ranges(v, runs))
+    _check(masked, triton_lens(masked, candidates="groups"))
+
+    redone = []
+    real = tl.chunked_lens
+    monkeypatch.setattr(
+        tl, "chunked_lens", lambda sub, **kw: redone.append(sub.n_rows) or real(sub, **kw)
+    )
+    scattered = replace(masked, bias=None)
+    _check(scattered, triton_lens(scattered, candidates="groups"))
+    assert redone == [int((scattered.pool_groups >= 0).sum())]  # the pooled rows only
+
+
 def test_column_groups_certify_without_the_torch_engine(monkeypatch):
     """Group candidates must settle well-separated rows themselves: were every list left
     uncertified, results would still be exact (the torch engine redoes such rows), only

@@ -576,20 +576,22 @@ def _certified_groups(inputs, h, wide, out: _KernelOut, band, n_seg: int):
     The ``k + 4`` groups with the largest fast maxima are recomputed exactly; every other
     entry has a fast logit at most the next group's maximum, so an exact value at most that
     plus the band: the list stands when its k-th exact value is strictly above that bound
-    (or when every group of the segment was taken).
+    (or when every non-empty group of the segment was taken).
     """
     n, k, device = out.gmax.shape[0], inputs.k, h.device
     first, length, seg_of = out.groups
     group = int(length.max()) if len(length) else 1  # host tensors: no sync
     within = torch.arange(group, device=device)
+    real = length > 0  # groups past their tile's end are empty (max -inf, no entries)
     first, length = first.to(device), length.to(device)
     runs = _column_runs(seg_of)
     seg_ids, seg_vals = {}, {}
     certified = torch.ones(n, dtype=torch.bool, device=device)
     for seg in range(n_seg):
         total = sum(b - a for a, b in runs.get(seg, []))
+        nonempty = sum(int(real[a:b].sum()) for a, b in runs.get(seg, []))
         take = min(k + TOPK_MARGIN, total)
-        if not take or not n:
+        if not nonempty or not n:
             seg_ids[seg], seg_vals[seg] = _pad_to_k(
                 torch.empty((n, 0), dtype=torch.long, device=device),
                 torch.empty((n, 0), dtype=torch.float64, device=device),
@@ -602,7 +604,9 @@ def _certified_groups(inputs, h, wide, out: _KernelOut, band, n_seg: int):
         valid = (within < length[sel][..., None]).reshape(n, -1)
         ids = (start + within).reshape(n, -1)
         rows = torch.arange(n, device=device).repeat_interleave(ids.shape[1])
-        safe = torch.where(valid, ids, start[:, 0])  # a real column in every slot
+        # A real column in every slot: a taken group may be empty (tied at -inf), and its
+        # first column may lie past the vocabulary.
+        safe = torch.where(valid, ids, 0)
         exact = entry_logits(h, rows, safe.flatten(), inputs, wide)
         ids = torch.where(valid, ids, -1)
         exact = torch.where(valid, exact.view(n, -1), NEG_INF)
@@ -611,7 +615,10 @@ def _certified_groups(inputs, h, wide, out: _KernelOut, band, n_seg: int):
         top_vals = torch.where(top_ids >= 0, top_vals, NEG_INF)
         seg_ids[seg], seg_vals[seg] = _pad_to_k(top_ids, top_vals, k)
         if total > take:
-            certified &= seg_vals[seg][:, k - 1] > fast[:, take].double() + band
+            # Certain when every non-empty group was taken (a segment of few entries over
+            # many tiles), else when nothing left out can reach the k-th value.
+            every = (length[sel] > 0).sum(1) == nonempty
+            certified &= every | (seg_vals[seg][:, k - 1] > fast[:, take].double() + band)
     return seg_ids, seg_vals, certified
 
 
