@@ -160,7 +160,8 @@ def low_precision_logits(
     """Fast logits from one GEMM in the model's dtype (output rounded to it), for calls
     that ask no ranks, and each row's largest |GEMM output|. Without bias, soft-cap or
     pooled rows they are the GEMM output itself, in the model's dtype (an fp32 copy cost
-    ~9% of the end-to-end time), and the max is None: the pass finds it for free.
+    5-9% of the end-to-end time, bench/README.md), and the max is None: the pass finds it
+    for free.
     Otherwise fp32."""
     x = h @ inputs.unembed[c0:c1].T
     if not need_max and inputs.bias is None and inputs.softcap is None:
