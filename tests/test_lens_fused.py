@@ -18,6 +18,7 @@ from extractor.lens import (
     NonFiniteHiddenError,
     VocabSegments,
     chunked,
+    exact,
     fused_logit_lens,
 )
 from extractor.lens.chunked import chunked_lens, row_chunks
@@ -25,7 +26,6 @@ from extractor.lens.exact import (
     CHUNKS,
     cuda_row_chunk,
     default_chunks,
-    product_dtype,
     round_down_f32,
     round_up_f32,
 )
@@ -144,6 +144,29 @@ def test_exact_at_model_width(dtype):
     check_exact(inputs, got, 512)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [64, 576, 896, 3584])
+def test_the_fast_gemm_stays_inside_its_band(d, dtype):
+    """|fast - exact| <= band for every entry, on rows built to make fp32 accumulation err:
+    a few massive activations (as real residual streams have) over many small terms, and
+    unembedding rows that cancel them."""
+    gen = torch.Generator().manual_seed(d)
+    h = torch.randn(32, d, generator=gen)
+    h[:, :3] *= 300
+    w = torch.randn(2048, d, generator=gen) / d**0.5
+    w[:1024, :3] = -h[torch.arange(1024) % 32, :3].sign() * w[:1024, :3].abs() * 0.02
+    h, w = h.to(dtype), w.to(dtype)
+    inputs = LensInputs(hidden=h, unembed=w, k=1)
+    with chunked.ieee_fp32_matmul():
+        fast = chunked.chunk_logits(h.float(), 0, len(w), inputs)
+    want = h.double() @ w.double().T
+    norms = h.double().norm(dim=1)
+    w_max = float(w.double().norm(dim=1).max())
+    band = exact.error_band(norms, w_max, d, 0.0, None)
+    err = (fast.double() - want).abs()
+    assert bool((err <= band[:, None]).all()), float((err / band[:, None]).max())
+
+
 def test_without_refinement_ranks_are_wrong():
     """The refinement is what makes ranks exact: switched off, planted ties break them."""
     inputs = _wide_case(torch.bfloat16)
@@ -234,11 +257,18 @@ def test_a_nan_or_positive_inf_bias_is_a_named_error(bad):
         chunked_lens(inputs)
 
 
-def test_a_nan_row_makes_products_float64():
-    """Python's max() drops a NaN: the range scan must not, or fp32 products of huge
-    values would overflow where float64 ones do not (the CUDA kernel's)."""
-    h = torch.tensor([[math.nan, 1.0], [2.0**100, 1.0]]).bfloat16()
-    assert product_dtype(h, torch.tensor([[2.0**100, 1.0]]).bfloat16()) == torch.float64
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_exact_values_multiply_beyond_fp32s_range(dtype):
+    """Exact values multiply in float64: products that overflow fp32 (2^200) or fall below
+    its range (2^-160) stay exact, on every row, in every dtype."""
+    big, tiny = (2.0**100, 2.0**-80) if dtype != torch.float16 else (2.0**15, 2.0**-14)
+    h = torch.tensor([[big, 1.0], [tiny, 0.0], [1.0, 3.0]]).to(dtype)
+    w = torch.tensor([[big, 0.0], [tiny, 0.0], [2.0, 5.0]]).to(dtype)
+    inputs = LensInputs(hidden=h, unembed=w, k=1)
+    rows, cols = torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 2, 0])
+    got = exact.entry_logits(h, rows, cols, inputs)
+    want = torch.tensor([big * big, tiny * tiny, 17.0, big], dtype=torch.float64)
+    assert torch.equal(got, want)
 
 
 def test_pooled_is_max_over_the_group():
@@ -454,7 +484,7 @@ def test_a_candidate_two_bands_below_the_kth_is_still_resolved_exactly():
 
     h = torch.tensor([[1.0]])
     inputs = LensInputs(hidden=h, unembed=torch.tensor([[10.0], [8.0], [8.5]]), k=2)
-    scope = _row_scope(inputs, h, torch.empty((1, 0), dtype=torch.float64), torch.float64)
+    scope = _row_scope(inputs, h, torch.empty((1, 0), dtype=torch.float64))
     state = _SegmentState(
         counts=torch.zeros((1, 0), dtype=torch.long),
         cand_vals=torch.tensor([[10.0, 9.0, 7.5]]),
@@ -470,7 +500,7 @@ def test_a_candidate_two_bands_below_the_kth_is_still_resolved_exactly():
     # resolved (the rule is >=), and the lower id wins the tie.
     w = torch.tensor([[10.0], [8.0], [8.0]])
     tie = replace(inputs, unembed=w)
-    scope = _row_scope(tie, h, torch.empty((1, 0), dtype=torch.float64), torch.float64)
+    scope = _row_scope(tie, h, torch.empty((1, 0), dtype=torch.float64))
     state = replace(state, cand_vals=torch.tensor([[10.0, 7.0, 9.0]]), cand_exact=None)
     values = _candidate_exact(scope, state)
     best = state.cand_ids.gather(1, exact_order(values, state.cand_ids)[:, :2])

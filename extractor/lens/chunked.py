@@ -49,7 +49,6 @@ from .exact import (
     entry_logits,
     error_band,
     exact_order,
-    product_dtype,
     rank_free_low_precision,
     round_down_f32,
     target_logits,
@@ -333,7 +332,6 @@ class _Scope:
     t64: torch.Tensor
     first: int  # first row of the scope in the chunk
     singletons: bool
-    wide: torch.dtype = torch.float64  # where products are exact (exact.product_dtype)
     #: A pooled scope's ``lens`` on the host, read once: every chunk pools with it, and
     #: reading a GPU tensor is a host sync (three a chunk before). Unused for singletons.
     sizes: list[int] | None = None
@@ -365,7 +363,7 @@ class _Scope:
         hold the exact maximum, and are skipped.
         """
         if self.singletons:
-            return entry_logits(self.h, self.starts[groups], cols, self.inputs, self.wide)
+            return entry_logits(self.h, self.starts[groups], cols, self.inputs)
         lens = self.lens[groups]
         offsets = torch.cumsum(lens, 0) - lens
         # One host read of the total: each repeat_interleave told its output size does not
@@ -382,7 +380,7 @@ class _Scope:
             best = best.scatter_reduce(0, owner, row_fast, "amax")
             keep = row_fast >= best[owner] - 2 * band[groups][owner]
             rows, entry_cols, owner = rows[keep], entry_cols[keep], owner[keep]
-        vals = entry_logits(self.h, rows, entry_cols, self.inputs, self.wide)
+        vals = entry_logits(self.h, rows, entry_cols, self.inputs)
         out = torch.full((len(groups),), NEG_INF, dtype=torch.float64, device=vals.device)
         return out.scatter_reduce(0, owner, vals, "amax")
 
@@ -540,7 +538,6 @@ def _rescan_topk(scope, groups, kth, band, seg_chunks, h32):
         t64=scope.t64[groups],
         first=0,
         singletons=scope.singletons,
-        wide=scope.wide,
     )
     found_g, found_c, found_v = [], [], []
     for c0, c1, _ in seg_chunks:
@@ -565,10 +562,9 @@ def _rescan_topk(scope, groups, kth, band, seg_chunks, h32):
     return ids.gather(1, order), vals.gather(1, order)
 
 
-def _row_scope(inputs, h, t64, wide) -> _Scope:
+def _row_scope(inputs, h, t64) -> _Scope:
     r = len(h)
     return _Scope(
-        wide=wide,
         inputs=inputs,
         h=h,
         starts=torch.arange(r, device=h.device),
@@ -579,17 +575,16 @@ def _row_scope(inputs, h, t64, wide) -> _Scope:
     )
 
 
-def _pooled_scope(inputs, h, groups, pool_targets, wide) -> tuple[_Scope, torch.Tensor]:
+def _pooled_scope(inputs, h, groups, pool_targets) -> tuple[_Scope, torch.Tensor]:
     """The chunk's pooled rows (a contiguous suffix, see :func:`row_chunks`) as a scope."""
     r = len(h)
     first = r - int((groups >= 0).sum())
     g_ids, g_len = torch.unique_consecutive(groups[first:], return_counts=True)
     local = torch.repeat_interleave(torch.arange(len(g_ids), device=h.device), g_len)
     ptg = pool_targets[g_ids]
-    t_rows = target_logits(h[first:], ptg[local], inputs, wide)
+    t_rows = target_logits(h[first:], ptg[local], inputs)
     sizes = g_len.tolist()
     scope = _Scope(
-        wide=wide,
         inputs=inputs,
         h=h,
         starts=first + torch.cumsum(g_len, 0) - g_len,
@@ -651,7 +646,6 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
     n, k, v, d = inputs.n_rows, inputs.k, inputs.vocab_size, inputs.unembed.shape[1]
     names = inputs.resolved_segments().names
     normed = normed_rows(inputs)
-    wide = product_dtype(normed, inputs.unembed)
     w_max = [
         unembed_norm_max(inputs.unembed, c0, c1) for c0, c1, _ in vocab_chunks(inputs, vocab_chunk)
     ]
@@ -680,10 +674,10 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
         h = normed[rows]
         h32 = h.float()
         norms = h.double().norm(dim=1)
-        scopes = [_row_scope(inputs, h, target_logits(h, targets[rows], inputs, wide), wide)]
+        scopes = [_row_scope(inputs, h, target_logits(h, targets[rows], inputs))]
         g_ids = None
         if bool((groups[rows] >= 0).any()):
-            pooled, g_ids = _pooled_scope(inputs, h, groups[rows], pool_targets, wide)
+            pooled, g_ids = _pooled_scope(inputs, h, groups[rows], pool_targets)
             scopes.append(pooled)
         states = [[_new_state(sc, device) for _ in names] for sc in scopes]
         lse_max = torch.full((len(names), len(rows)), NEG_INF, dtype=torch.float32, device=device)

@@ -1,8 +1,8 @@
 """Exact dot products of chosen (row, column) entries in one Triton launch, for CUDA.
 
-:func:`~.exact.entry_logits` defines every exact value in the lens: products that are
-exact in ``wide`` (fp32 for bf16/fp16 inputs in fp32's normal range, float64 otherwise),
-summed in float64 in one fixed pairwise order (:func:`~.exact.ordered_sum`). In torch
+:func:`~.exact.entry_logits` defines every exact value in the lens: float64 products
+(exact for every model dtype), summed in float64 in one fixed pairwise order
+(:func:`~.exact.ordered_sum`). In torch
 that is a gather, a product and log2(d) passes over [E, d] float64 temporaries: some
 twenty launches per batch, which on a GPU made the torch engine host-bound (bench/README.md).
 
@@ -13,8 +13,8 @@ times. That is ``ordered_sum``'s order: its zero appended at a level of odd widt
 of these trailing zeros, and ``x + 0 == x``. ``enable_fp_fusion=False`` keeps every
 product and sum its own IEEE operation.
 
-Its products are always float64. Where ``wide`` is fp32 the fp32 products are exact, so
-they equal the float64 ones and the sums are the same. An fp32 product path made Triton
+Its products are float64 like torch's. An fp32 product path (exact for bf16/fp16 inputs in
+fp32's normal range, so the same values) made Triton
 3.6 put a whole 1,024-wide row in each thread (2,806 spilled registers on an H200): 20.5 ms
 against torch's 0.74 ms, where float64 products take 0.088 ms (bench/README.md).
 """
@@ -65,8 +65,7 @@ def entry_dots(
     h: torch.Tensor, unembed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
 ) -> torch.Tensor:
     """Float64 ``sum_i h[rows[e], i] * unembed[cols[e], i]`` [E], in ``ordered_sum``'s order,
-    from exact products: :func:`~.exact.entry_dots_torch`'s values bit for bit, in the
-    ``wide`` that :func:`~.exact.product_dtype` chooses (its products are exact too)."""
+    from exact products: :func:`~.exact.entry_dots_torch`'s values bit for bit."""
     e, d = len(rows), h.shape[1]
     out = torch.empty(e, dtype=torch.float64, device=h.device)
     if e == 0:

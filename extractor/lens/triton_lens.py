@@ -45,7 +45,6 @@ from .exact import (
     error_band,
     exact_order,
     mma_error_factor,
-    product_dtype,
     target_logits,
     thresholds,
     unembed_norm_max,
@@ -333,8 +332,7 @@ def triton_lens(
         group=group,
     )
     h = normed_rows(inputs).contiguous()
-    wide = product_dtype(h, inputs.unembed)
-    t64 = target_logits(h, targets, inputs, wide)
+    t64 = target_logits(h, targets, inputs)
     band = (
         _band(inputs, h, block_k) if refine else torch.zeros(n, dtype=torch.float64, device=device)
     )
@@ -342,9 +340,9 @@ def triton_lens(
     out = _launch(inputs, h, targets, lo.contiguous(), hi.contiguous(), shape, splits)
     lse, seg_lse, counts = _merge_splits(out, len(segments.names), t)
     if refine:
-        counts += _resolve_band(inputs, h, wide, targets, t64, lo, hi, out, segments)
+        counts += _resolve_band(inputs, h, targets, t64, lo, hi, out, segments)
     certify = _certified_groups if group else _certified_topk
-    seg_ids, seg_vals, certified = certify(inputs, h, wide, out, band, len(segments.names))
+    seg_ids, seg_vals, certified = certify(inputs, h, out, band, len(segments.names))
     fields = _segment_results(
         segments.names, k, targets, t64, lse, seg_lse, seg_ids, seg_vals, counts
     )
@@ -511,7 +509,7 @@ def _merge_splits(out: _KernelOut, n_seg: int, t: int):
     return lse, seg_lse, counts
 
 
-def _resolve_band(inputs, h, wide, targets, t64, lo, hi, out: _KernelOut, segments) -> torch.Tensor:
+def _resolve_band(inputs, h, targets, t64, lo, hi, out: _KernelOut, segments) -> torch.Tensor:
     """Counts [N, S, T] of in-band entries whose exact logit is strictly above the target's.
 
     Each entry is classified against each target of its row with the same fp32 fast
@@ -522,7 +520,7 @@ def _resolve_band(inputs, h, wide, targets, t64, lo, hi, out: _KernelOut, segmen
     rows, cols, fast = out.near_rows, out.near_cols, out.near_fast
     if not len(rows) or not t:
         return add
-    exact = entry_logits(h, rows, cols, inputs, wide)
+    exact = entry_logits(h, rows, cols, inputs)
     fast = fast[:, None]
     inside = (fast >= lo[rows]) & (fast <= hi[rows]) & (cols[:, None] != targets[rows])
     e, j = torch.nonzero(inside & (exact[:, None] > t64[rows]), as_tuple=True)
@@ -531,7 +529,7 @@ def _resolve_band(inputs, h, wide, targets, t64, lo, hi, out: _KernelOut, segmen
     return add
 
 
-def _certified_topk(inputs, h, wide, out: _KernelOut, band, n_seg: int):
+def _certified_topk(inputs, h, out: _KernelOut, band, n_seg: int):
     """Each segment's exact top-k (ids, float64 values) from the splits' candidates, and
     which rows are certified: every entry left out of a split's full candidate buffer has
     a fast logit at most the buffer's lowest, so an exact value at most that plus the
@@ -547,7 +545,7 @@ def _certified_topk(inputs, h, wide, out: _KernelOut, band, n_seg: int):
     valid = ids >= 0
     exact = torch.full(ids.shape, NEG_INF, dtype=torch.float64, device=h.device)
     r, s, c = torch.nonzero(valid, as_tuple=True)
-    exact[r, s, c] = entry_logits(h, r, ids[r, s, c], inputs, wide)
+    exact[r, s, c] = entry_logits(h, r, ids[r, s, c], inputs)
     seg_ids, seg_vals = {}, {}
     certified = torch.ones(n, dtype=torch.bool, device=h.device)
     for seg in range(n_seg):
@@ -570,7 +568,7 @@ def _group_table(inputs: LensInputs, tile: int, group: int) -> tuple[torch.Tenso
     return first, length, segs.repeat_interleave(tile // group)
 
 
-def _certified_groups(inputs, h, wide, out: _KernelOut, band, n_seg: int):
+def _certified_groups(inputs, h, out: _KernelOut, band, n_seg: int):
     """Each segment's exact top-k from the best column groups, and which rows are certified.
 
     The ``k + 4`` groups with the largest fast maxima are recomputed exactly; every other
@@ -607,7 +605,7 @@ def _certified_groups(inputs, h, wide, out: _KernelOut, band, n_seg: int):
         # A real column in every slot: a taken group may be empty (tied at -inf), and its
         # first column may lie past the vocabulary.
         safe = torch.where(valid, ids, 0)
-        exact = entry_logits(h, rows, safe.flatten(), inputs, wide)
+        exact = entry_logits(h, rows, safe.flatten(), inputs)
         ids = torch.where(valid, ids, -1)
         exact = torch.where(valid, exact.view(n, -1), NEG_INF)
         order = exact_order(exact, ids)[:, :k]
