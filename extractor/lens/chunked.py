@@ -111,18 +111,21 @@ def ieee_fp32_matmul() -> Iterator[None]:
 
 
 class Scratch:
-    """Two reusable [rows x vocab-chunk] fp32 buffers: fresh 16 MB blocks per chunk
-    cost page faults that rivalled the GEMM itself."""
+    """Reusable [rows x vocab-chunk] buffers, one a slot, for a whole call: fresh 16 MB
+    blocks per chunk cost page faults that rivalled the GEMM itself."""
 
     def __init__(self) -> None:
         self._flat: list[torch.Tensor] = []
 
-    def get(self, i: int, rows: int, cols: int, device) -> torch.Tensor:
+    def get(
+        self, i: int, rows: int, cols: int, device, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         while len(self._flat) <= i:
-            self._flat.append(torch.empty(0, dtype=torch.float32, device=device))
-        if self._flat[i].numel() < rows * cols:
-            self._flat[i] = torch.empty(rows * cols, dtype=torch.float32, device=device)
-        return self._flat[i][: rows * cols].view(rows, cols)
+            self._flat.append(torch.empty(0, dtype=dtype, device=device))
+        flat = self._flat[i]
+        if flat.numel() < rows * cols or flat.dtype != dtype or flat.device != torch.device(device):
+            self._flat[i] = flat = torch.empty(rows * cols, dtype=dtype, device=device)
+        return flat[: rows * cols].view(rows, cols)
 
 
 def chunk_logits(
@@ -162,7 +165,7 @@ def low_precision_logits(
     5-9% of the end-to-end time, bench/README.md), and the max is None: the pass finds it
     for free.
     Otherwise fp32."""
-    x = h @ inputs.unembed[c0:c1].T
+    x = torch.mm(h, inputs.unembed[c0:c1].T, out=scratch.get(2, len(h), c1 - c0, h.device, h.dtype))
     if not need_max and inputs.bias is None and inputs.softcap is None:
         # The GEMM output itself, no fp32 copy: the pass upcasts inside (sums in fp32),
         # and its own row max/min give max |x| (see _update).
@@ -669,6 +672,7 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
     order = order.to(device)
     out = _Outputs(n, k, targets.shape, n_groups, pool_targets.shape, names, device)
 
+    scratch = Scratch()
     for a, b in spans:
         rows = order[a:b]
         h = normed[rows]
@@ -682,7 +686,6 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
         states = [[_new_state(sc, device) for _ in names] for sc in scopes]
         lse_max = torch.full((len(names), len(rows)), NEG_INF, dtype=torch.float32, device=device)
         lse_sum = torch.zeros((len(names), len(rows)), dtype=torch.float32, device=device)
-        scratch = Scratch()
         for i, (c0, c1, s) in enumerate(chunks):
             if low:
                 # With pooled rows too, each row's max |x| is needed before the pass.
