@@ -529,3 +529,21 @@ def test_candidates_far_below_the_kth_skip_float64(monkeypatch):
     check_exact(inputs, chunked_lens(inputs, compile=False))
     candidates = n * (k + 4)
     assert n * k <= sum(resolved) < candidates
+
+
+@pytest.mark.parametrize("width,k", [(8192, 18), (640, 3), (640, 10), (100, 4)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_block_topk_finds_the_k_largest_values(width, k, dtype):
+    """Only the k blocks with the largest maxima are searched: the values found are still
+    the k largest of each row (bf16 draws tie often), and each column holds its value."""
+    from extractor.lens.chunked import TOPK_BLOCK, block_topk
+
+    gen = torch.Generator().manual_seed(width + k)
+    logits = torch.randn(37, width, generator=gen).to(dtype)
+    n_blocks = width // TOPK_BLOCK if width % TOPK_BLOCK == 0 else 0
+    block_max = logits.view(37, n_blocks, -1).amax(-1) if n_blocks else logits[:, :0]
+    top, cols = block_topk(logits, block_max, k)
+    want = logits.topk(k, dim=1).values
+    assert torch.equal(top.sort(dim=1, descending=True).values, want)
+    assert torch.equal(logits.gather(1, cols), top)
+    assert bool((cols.sort(dim=1).values.diff(dim=1) > 0).all())  # k distinct entries
