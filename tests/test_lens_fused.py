@@ -260,7 +260,8 @@ def test_a_nan_or_positive_inf_bias_is_a_named_error(bad):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_exact_values_multiply_beyond_fp32s_range(dtype):
     """Exact values multiply in float64: products that overflow fp32 (2^200) or fall below
-    its range (2^-160) stay exact, on every row, in every dtype."""
+    its range (2^-160) stay exact (fp32 products would give inf and 0). fp16 products
+    cannot leave fp32's range; there the test checks exactness only."""
     big, tiny = (2.0**100, 2.0**-80) if dtype != torch.float16 else (2.0**15, 2.0**-14)
     h = torch.tensor([[big, 1.0], [tiny, 0.0], [1.0, 3.0]]).to(dtype)
     w = torch.tensor([[big, 0.0], [tiny, 0.0], [2.0, 5.0]]).to(dtype)
@@ -531,11 +532,12 @@ def test_candidates_far_below_the_kth_skip_float64(monkeypatch):
     assert n * k <= sum(resolved) < candidates
 
 
-@pytest.mark.parametrize("width,k", [(8192, 18), (640, 3), (640, 10), (100, 4)])
+@pytest.mark.parametrize("width,k", [(8192, 18), (640, 3), (1280, 10), (640, 10), (100, 4)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_block_topk_finds_the_k_largest_values(width, k, dtype):
     """Only the k blocks with the largest maxima are searched: the values found are still
-    the k largest of each row (bf16 draws tie often), and each column holds its value."""
+    the k largest of each row (bf16 draws tie often), and each column holds its value.
+    (640, 10) and (100, 4) take the plain top-k: k blocks cover the row, or no whole block."""
     from extractor.lens.chunked import TOPK_BLOCK, block_topk
 
     gen = torch.Generator().manual_seed(width + k)

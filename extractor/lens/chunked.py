@@ -122,8 +122,8 @@ class Scratch:
     ) -> torch.Tensor:
         while len(self._flat) <= i:
             self._flat.append(torch.empty(0, dtype=dtype, device=device))
-        flat = self._flat[i]
-        if flat.numel() < rows * cols or flat.dtype != dtype or flat.device != torch.device(device):
+        flat = self._flat[i]  # a call runs on one device
+        if flat.numel() < rows * cols or flat.dtype != dtype:
             self._flat[i] = flat = torch.empty(rows * cols, dtype=dtype, device=device)
         return flat[: rows * cols].view(rows, cols)
 
@@ -164,7 +164,7 @@ def low_precision_logits(
     pooled rows they are the GEMM output itself, in the model's dtype (an fp32 copy cost
     5-9% of the end-to-end time, bench/README.md), and the max is None: the pass finds it
     for free.
-    Otherwise fp32."""
+    Otherwise fp32. Either lives in ``scratch``, valid until the next call."""
     x = torch.mm(h, inputs.unembed[c0:c1].T, out=scratch.get(2, len(h), c1 - c0, h.device, h.dtype))
     if not need_max and inputs.bias is None and inputs.softcap is None:
         # The GEMM output itself, no fp32 copy: the pass upcasts inside (sums in fp32),
@@ -285,7 +285,9 @@ def block_topk(
 
     Every entry left out is <= the k-th value returned (each of a row's k best
     entries sits in a block whose maximum is at least that entry), which is all
-    the certification in :func:`chunked_lens` relies on.
+    the certification in :func:`chunked_lens` relies on. ``block_max`` [R, n] holds the
+    maxima of ``n`` whole blocks covering the row (``logits.shape[1] == n * TOPK_BLOCK``,
+    as :func:`chunk_stats` returns them), or n = 0 for a plain top-k.
     """
     rows, n_blocks = block_max.shape
     if n_blocks == 0 or k * TOPK_BLOCK >= logits.shape[1]:

@@ -178,9 +178,11 @@ def entry_logits(
     """Exact float64 logits of the entries ``(rows[e], cols[e])``: [E].
 
     ``h_rows`` [R, d] holds the normed rows in the model's dtype. One arithmetic for
-    every exact value in the engine: products in float64, exact for every model dtype
-    (at most 24 + 24 significant bits, and no product of fp32 values leaves float64's
-    range), each sum in float64 in the same order for every entry (:func:`ordered_sum`).
+    every exact value in the engine: products in float64, exact for bf16, fp16 and fp32
+    models (at most 24 + 24 significant bits, and no product of fp32 values leaves
+    float64's range; a float64 head's products round, the same way in every engine and
+    the reference), each sum in float64 in the same order for every entry
+    (:func:`ordered_sum`).
     """
     if h_rows.is_cuda and inputs.unembed.is_cuda:
         dots = entry_dots_cuda(h_rows, inputs.unembed, rows, cols)
