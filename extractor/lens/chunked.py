@@ -44,6 +44,7 @@ from .contract import (
 )
 from .exact import (
     K_BLOCK,
+    _memo,
     bias_abs_max,
     default_chunks,
     entry_logits,
@@ -54,6 +55,7 @@ from .exact import (
     target_logits,
     thresholds,
     unembed_norm_max,
+    unembed_row_norms,
 )
 
 NEG_INF = float("-inf")
@@ -68,6 +70,63 @@ def vocab_chunks(inputs: LensInputs, vocab_chunk: int) -> list[tuple[int, int, i
         for c0 in range(start, stop, vocab_chunk):
             chunks.append((c0, min(stop, c0 + vocab_chunk), seg))
     return chunks
+
+
+@dataclass(frozen=True)
+class ColumnOrder:
+    """Which vocabulary entry each column of a chunk's logits holds.
+
+    The identity (``ids`` None), or, for calls that ask ranks, each segment run's entries
+    sorted by ``||W[j]||`` (:func:`norm_sorted_columns`): a chunk's band scales with its
+    largest row norm, so chunks of similar norms put fewer entries in band (on
+    SmolLM2-135M's rows with random targets, 5.6 instead of 9.3 a target;
+    bench/README.md). ``at`` is the inverse: the column of each entry.
+    """
+
+    ids: torch.Tensor | None = None
+    at: torch.Tensor | None = None
+
+    def vocab(self, cols: torch.Tensor) -> torch.Tensor:
+        """Vocabulary ids of columns (positions in the sorted vocabulary)."""
+        return cols if self.ids is None else self.ids[cols]
+
+    def column(self, ids: torch.Tensor) -> torch.Tensor:
+        """Columns of vocabulary ids."""
+        return ids if self.at is None else self.at[ids]
+
+    def rows(self, x: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+        """``x``'s rows (W or its bias) for columns ``[c0, c1)``: a slice, or a gather."""
+        return x[c0:c1] if self.ids is None else x.index_select(0, self.ids[c0:c1])
+
+    def norm_max(self, unembed: torch.Tensor, c0: int, c1: int) -> float:
+        """An upper bound of the chunk's largest ``||W[j]||``."""
+        if self.ids is None or c1 <= c0:
+            return unembed_norm_max(unembed, c0, c1)
+        return float(unembed_row_norms(unembed)[self.ids[c0:c1]].max())
+
+    def bias_max(self, bias: torch.Tensor | None, c0: int, c1: int) -> float:
+        """The chunk's largest finite |bias| (0 without a bias)."""
+        if bias is None or self.ids is None:
+            return bias_abs_max(bias, c0, c1)
+        return bias_abs_max(self.rows(bias, c0, c1), 0, c1 - c0)
+
+
+def norm_sorted_columns(inputs: LensInputs) -> ColumnOrder:
+    """Each segment run's entries sorted by row norm (stable), remembered per W and runs."""
+    runs = tuple(inputs.resolved_segments().runs())
+
+    def build() -> ColumnOrder:
+        norms = unembed_row_norms(inputs.unembed)
+        ids = torch.arange(inputs.vocab_size, device=norms.device)
+        for start, stop, _ in runs:
+            order = torch.argsort(norms[start:stop], stable=True)
+            ids[start:stop] = order + start
+        at = torch.empty_like(ids)
+        at[ids] = torch.arange(len(ids), device=ids.device)
+        device = inputs.unembed.device
+        return ColumnOrder(ids.to(device), at.to(device))
+
+    return _memo(inputs.unembed, ("sorted columns", runs), build)
 
 
 def row_chunks(groups: torch.Tensor, row_chunk: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -129,7 +188,12 @@ class Scratch:
 
 
 def chunk_logits(
-    h32: torch.Tensor, c0: int, c1: int, inputs: LensInputs, scratch: Scratch | None = None
+    h32: torch.Tensor,
+    c0: int,
+    c1: int,
+    inputs: LensInputs,
+    scratch: Scratch | None = None,
+    columns: ColumnOrder | None = None,
 ) -> torch.Tensor:
     """Fast logits [R, c1 - c0]: fp32 GEMM of exact fp32 copies, then bias and soft-cap in fp32.
 
@@ -137,11 +201,12 @@ def chunk_logits(
     products are added in fp32: ~10% more time than one GEMM, an error band 4.4x
     narrower at d=576 and 23x at d=3584 (:func:`~.exact.gemm_error_factor`), so that
     many fewer entries need float64. The result lives in ``scratch`` (valid until the
-    next call) when one is given.
+    next call) when one is given. ``columns``: which entries columns ``[c0, c1)`` are.
     """
     scratch = scratch or Scratch()
+    columns = columns or ColumnOrder()
     rows, width = len(h32), c1 - c0
-    w = inputs.unembed[c0:c1].float()
+    w = columns.rows(inputs.unembed, c0, c1).float()
     logits = scratch.get(0, rows, width, h32.device)
     torch.mm(h32[:, :K_BLOCK], w[:, :K_BLOCK].T, out=logits)
     if h32.shape[1] > K_BLOCK:
@@ -150,7 +215,7 @@ def chunk_logits(
             torch.mm(h32[:, k0 : k0 + K_BLOCK], w[:, k0 : k0 + K_BLOCK].T, out=part)
             logits += part
     if inputs.bias is not None:
-        logits += inputs.bias[c0:c1].float()
+        logits += columns.rows(inputs.bias, c0, c1).float()
     if inputs.softcap is not None:
         logits.div_(inputs.softcap).tanh_().mul_(inputs.softcap)
     return logits
@@ -338,6 +403,7 @@ class _Scope:
     t64: torch.Tensor
     first: int  # first row of the scope in the chunk
     singletons: bool
+    columns: ColumnOrder = ColumnOrder()  # the vocabulary entry of each logit column
     #: A pooled scope's ``lens`` on the host, read once: every chunk pools with it, and
     #: reading a GPU tensor is a host sync (three a chunk before). Unused for singletons.
     sizes: list[int] | None = None
@@ -470,9 +536,15 @@ def _resolve_band(scope, st, near, values, logits, band, lo, hi, c0) -> None:
     for a in range(0, len(g_all), BAND_BATCH):
         g_e, c_e = g_all[a : a + BAND_BATCH], c_all[a : a + BAND_BATCH]
         fast = values[g_e, c_e].unsqueeze(1)
-        exact = scope.exact(g_e, c_e + c0, lambda r, c: logits[r, c - c0], band).unsqueeze(1)
+        fast_of = partial(_fast_of, logits, scope.columns, c0)
+        exact = scope.exact(g_e, scope.columns.vocab(c_e + c0), fast_of, band).unsqueeze(1)
         inside = (fast >= lo[g_e]) & (fast <= hi[g_e])
         st.counts.index_add_(0, g_e, (inside & (exact > scope.t64[g_e])).long())
+
+
+def _fast_of(logits, columns: ColumnOrder, c0: int, rows, ids) -> torch.Tensor:
+    """The fast logits of entries ``(rows, ids)`` in a chunk starting at column ``c0``."""
+    return logits[rows, columns.column(ids) - c0]
 
 
 def _update(scope, st, logits, band, c0, kk, compile) -> tuple[torch.Tensor, torch.Tensor]:
@@ -492,7 +564,9 @@ def _update(scope, st, logits, band, c0, kk, compile) -> tuple[torch.Tensor, tor
     _resolve_band(scope, st, near, values, logits, band, lo, hi, c0)
     width = values.shape[1]
     top_v, top_i = block_topk(values, blocks, min(kk, width))
-    st.cand_vals, st.cand_ids = _merge_topk(st.cand_vals, st.cand_ids, top_v, top_i + c0, kk)
+    st.cand_vals, st.cand_ids = _merge_topk(
+        st.cand_vals, st.cand_ids, top_v, scope.columns.vocab(top_i + c0), kk
+    )
     st.band = torch.maximum(st.band, band)
     st.seen += width
     return row_max, sumexp
@@ -544,14 +618,16 @@ def _rescan_topk(scope, groups, kth, band, seg_chunks, h32):
         t64=scope.t64[groups],
         first=0,
         singletons=scope.singletons,
+        columns=scope.columns,
     )
     found_g, found_c, found_v = [], [], []
     for c0, c1, _ in seg_chunks:
-        logits = chunk_logits(h32[rows], c0, c1, scope.inputs)
+        logits = chunk_logits(h32[rows], c0, c1, scope.inputs, columns=scope.columns)
         g_e, c_e = (local.pool(logits) >= lo).nonzero(as_tuple=True)
+        ids = scope.columns.vocab(c_e + c0)
         found_g.append(g_e)
-        found_c.append(c_e + c0)
-        found_v.append(local.exact(g_e, c_e + c0, lambda r, c, x=logits, o=c0: x[r, c - o], band))
+        found_c.append(ids)
+        found_v.append(local.exact(g_e, ids, partial(_fast_of, logits, scope.columns, c0), band))
     g_all, c_all, v_all = torch.cat(found_g), torch.cat(found_c), torch.cat(found_v)
     n = len(groups)
     # Pack each group's entries into one row of a [n, width] table.
@@ -568,7 +644,7 @@ def _rescan_topk(scope, groups, kth, band, seg_chunks, h32):
     return ids.gather(1, order), vals.gather(1, order)
 
 
-def _row_scope(inputs, h, t64) -> _Scope:
+def _row_scope(inputs, h, t64, columns: ColumnOrder = ColumnOrder()) -> _Scope:
     r = len(h)
     return _Scope(
         inputs=inputs,
@@ -578,10 +654,13 @@ def _row_scope(inputs, h, t64) -> _Scope:
         t64=t64,
         first=0,
         singletons=True,
+        columns=columns,
     )
 
 
-def _pooled_scope(inputs, h, groups, pool_targets) -> tuple[_Scope, torch.Tensor]:
+def _pooled_scope(
+    inputs, h, groups, pool_targets, columns: ColumnOrder = ColumnOrder()
+) -> tuple[_Scope, torch.Tensor]:
     """The chunk's pooled rows (a contiguous suffix, see :func:`row_chunks`) as a scope."""
     r = len(h)
     first = r - int((groups >= 0).sum())
@@ -599,6 +678,7 @@ def _pooled_scope(inputs, h, groups, pool_targets) -> tuple[_Scope, torch.Tensor
         first=first,
         singletons=False,
         sizes=sizes,
+        columns=columns,
     )
     return scope, g_ids
 
@@ -670,7 +750,12 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
     )
     chunks = vocab_chunks(inputs, vocab_chunk)
     by_segment = {s: [c for c in chunks if c[2] == s] for s in range(len(names))}
-    b_max = [bias_abs_max(inputs.bias, c0, c1) for c0, c1, _ in chunks]
+    # Ranks: chunks of similar row norms (narrower bands). Rank-free calls' bands are set
+    # by the output rounding, not ||W[j]||, and their GEMM would pay for the gathers.
+    columns = ColumnOrder() if low else norm_sorted_columns(inputs)
+    if columns.ids is not None:
+        w_max = [columns.norm_max(inputs.unembed, c0, c1) for c0, c1, _ in chunks]
+    b_max = [columns.bias_max(inputs.bias, c0, c1) for c0, c1, _ in chunks]
     order, spans = row_chunks(groups.cpu(), row_chunk)
     order = order.to(device)
     out = _Outputs(n, k, targets.shape, n_groups, pool_targets.shape, names, device)
@@ -681,10 +766,10 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
         h = normed[rows]
         h32 = h.float()
         norms = h.double().norm(dim=1)
-        scopes = [_row_scope(inputs, h, target_logits(h, targets[rows], inputs))]
+        scopes = [_row_scope(inputs, h, target_logits(h, targets[rows], inputs), columns)]
         g_ids = None
         if bool((groups[rows] >= 0).any()):
-            pooled, g_ids = _pooled_scope(inputs, h, groups[rows], pool_targets)
+            pooled, g_ids = _pooled_scope(inputs, h, groups[rows], pool_targets, columns)
             scopes.append(pooled)
         states = [[_new_state(sc, device) for _ in names] for sc in scopes]
         lse_max = torch.full((len(names), len(rows)), NEG_INF, dtype=torch.float32, device=device)
@@ -699,7 +784,7 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
                 if out_max is not None:
                     band = error_band(norms, w_max[i], d, b_max[i], inputs.softcap, dtype, out_max)
             else:
-                logits = chunk_logits(h32, c0, c1, inputs, scratch)
+                logits = chunk_logits(h32, c0, c1, inputs, scratch, columns)
                 band = error_band(norms, w_max[i], d, b_max[i], inputs.softcap)
             for scope, st in zip(scopes, states, strict=True):
                 scope_band = band

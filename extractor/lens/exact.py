@@ -379,11 +379,22 @@ def unembed_norm_max(unembed: torch.Tensor, start: int, stop: int) -> float:
 
 
 def _norm_max(rows: torch.Tensor) -> float:
+    return float(_row_norms(rows).max())
+
+
+def unembed_row_norms(unembed: torch.Tensor) -> torch.Tensor:
+    """Upper bounds [V] (float64) of every ``||W[j]||`` (remembered per W)."""
+    return _memo(unembed, ("row norms",), lambda: _row_norms(unembed))
+
+
+def _row_norms(rows: torch.Tensor) -> torch.Tensor:
+    """Upper bounds of each row's norm: scaled by its largest |entry| first, so tiny or
+    huge rows neither underflow nor overflow fp32; the fp32 rounding is covered by the
+    inflation."""
     w = rows.float()
     scale = w.abs().amax(dim=1)
     safe = torch.where(scale > 0, scale, 1.0)
-    norms = (w / safe[:, None]).norm(dim=1).double() * scale.double()
-    return float(norms.max()) * (1 + 2**-10)
+    return (w / safe[:, None]).norm(dim=1).double() * scale.double() * (1 + 2**-10)
 
 
 def bias_abs_max(bias: torch.Tensor | None, start: int, stop: int) -> float:
