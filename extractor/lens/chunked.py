@@ -532,7 +532,8 @@ def _resolve_band(scope, st, near, values, logits, band, lo, hi, c0) -> None:
     """Count, exactly, the in-band entries strictly above each target."""
     if near.shape[1] == 0:
         return
-    g_all, c_all = near.nonzero(as_tuple=True)
+    # The pass's fp32 1/0 mask, scanned as bool: 1.6 + 0.5 against 2.8 ms a 512 x 8,192 block.
+    g_all, c_all = near.bool().nonzero(as_tuple=True)
     for a in range(0, len(g_all), BAND_BATCH):
         g_e, c_e = g_all[a : a + BAND_BATCH], c_all[a : a + BAND_BATCH]
         fast = values[g_e, c_e].unsqueeze(1)
