@@ -590,3 +590,27 @@ def test_rank_calls_chunk_the_vocabulary_by_row_norm(monkeypatch):
     plain_run = chunked_lens(inputs, row_chunk=8, vocab_chunk=512)
     check_exact(inputs, plain_run, 512)
     assert sorted_in_band < 0.75 * sum(in_band), (sorted_in_band, sum(in_band))
+
+
+def test_the_memo_forgets_unembeddings_that_are_gone():
+    """Facts remembered per W (norms, the sorted column order: [V]-sized, on W's device)
+    leave with their W, not only when the memo fills up."""
+    import gc
+
+    w = torch.randn(300, 8)
+    exact.unembed_row_norms(w)
+    slot = next(s for s in exact._MEMO if s[0] == id(w) and s[1] == "row norms")
+    del w
+    gc.collect()
+    exact.unembed_row_norms(torch.randn(5, 8))
+    assert slot not in exact._MEMO
+
+
+def test_row_norms_are_upper_bounds_in_blocks():
+    """Computed a block of rows at a time, still an upper bound of every row's norm, for
+    tiny and huge rows alike."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(1000, 16, generator=gen) * torch.logspace(-30, 30, 1000)[:, None]
+    norms = exact._row_norms(w, block=64)
+    want = w.double().norm(dim=1)
+    assert bool((norms >= want).all()) and bool((norms <= want * (1 + 2**-9)).all())

@@ -20,7 +20,9 @@ How it stays exact without [N x V] logits (definitions in docs/lens.md):
   their error is at most the band plus the fp32 summation error.
 
 Vocabulary chunks never straddle a segment boundary, so each block updates one
-segment's state. Nothing larger than [row-chunk x vocab-chunk] logits exists.
+segment's state. Calls that ask ranks walk each segment run in order of the
+unembedding-row norm (:class:`ColumnOrder`): a chunk's band scales with its largest
+row norm. Nothing larger than [row-chunk x vocab-chunk] logits exists.
 """
 
 from __future__ import annotations
@@ -64,7 +66,10 @@ TOPK_BLOCK = 64
 
 
 def vocab_chunks(inputs: LensInputs, vocab_chunk: int) -> list[tuple[int, int, int]]:
-    """(start, stop, segment) chunks of at most ``vocab_chunk`` inside one segment run."""
+    """(start, stop, segment) chunks of at most ``vocab_chunk`` inside one segment run.
+
+    Column ranges: with a :class:`ColumnOrder` (calls that ask ranks) columns ``[start,
+    stop)`` hold the entries ``ids[start:stop]`` of the same run, not ids start..stop."""
     chunks = []
     for start, stop, seg in inputs.resolved_segments().runs():
         for c0 in range(start, stop, vocab_chunk):
@@ -85,6 +90,8 @@ class ColumnOrder:
 
     ids: torch.Tensor | None = None
     at: torch.Tensor | None = None
+    #: ``||W[ids[c]]||`` bounds on the host: a chunk's maximum without a device sync.
+    norms: torch.Tensor | None = None
 
     def vocab(self, cols: torch.Tensor) -> torch.Tensor:
         """Vocabulary ids of columns (positions in the sorted vocabulary)."""
@@ -102,7 +109,7 @@ class ColumnOrder:
         """An upper bound of the chunk's largest ``||W[j]||``."""
         if self.ids is None or c1 <= c0:
             return unembed_norm_max(unembed, c0, c1)
-        return float(unembed_row_norms(unembed)[self.ids[c0:c1]].max())
+        return float(self.norms[c0:c1].max())
 
     def bias_max(self, bias: torch.Tensor | None, c0: int, c1: int) -> float:
         """The chunk's largest finite |bias| (0 without a bias)."""
@@ -124,7 +131,7 @@ def norm_sorted_columns(inputs: LensInputs) -> ColumnOrder:
         at = torch.empty_like(ids)
         at[ids] = torch.arange(len(ids), device=ids.device)
         device = inputs.unembed.device
-        return ColumnOrder(ids.to(device), at.to(device))
+        return ColumnOrder(ids.to(device), at.to(device), norms[ids].cpu())
 
     return _memo(inputs.unembed, ("sorted columns", runs), build)
 

@@ -143,6 +143,9 @@ def _memo(tensor: torch.Tensor, key: tuple, compute):
     if cached is not None and cached[0]() is tensor and cached[1] == tensor._version:
         return cached[2]
     value = compute()
+    # Entries of tensors that no longer exist go first: some hold [V]-sized device tensors.
+    for dead in [s for s, entry in _MEMO.items() if entry[0]() is None]:
+        del _MEMO[dead]
     if len(_MEMO) > 4096:
         _MEMO.clear()
     _MEMO[slot] = (weakref.ref(tensor), tensor._version, value)
@@ -387,14 +390,17 @@ def unembed_row_norms(unembed: torch.Tensor) -> torch.Tensor:
     return _memo(unembed, ("row norms",), lambda: _row_norms(unembed))
 
 
-def _row_norms(rows: torch.Tensor) -> torch.Tensor:
+def _row_norms(rows: torch.Tensor, block: int = 8192) -> torch.Tensor:
     """Upper bounds of each row's norm: scaled by its largest |entry| first, so tiny or
     huge rows neither underflow nor overflow fp32; the fp32 rounding is covered by the
-    inflation."""
-    w = rows.float()
-    scale = w.abs().amax(dim=1)
-    safe = torch.where(scale > 0, scale, 1.0)
-    return (w / safe[:, None]).norm(dim=1).double() * scale.double() * (1 + 2**-10)
+    inflation. A block of rows at a time: fp32 copies of a whole W would cost GBs."""
+    out = torch.empty(len(rows), dtype=torch.float64, device=rows.device)
+    for a in range(0, len(rows), block):
+        w = rows[a : a + block].float()
+        scale = w.abs().amax(dim=1)
+        safe = torch.where(scale > 0, scale, 1.0)
+        out[a : a + block] = (w / safe[:, None]).norm(dim=1).double() * scale.double()
+    return out * (1 + 2**-10)
 
 
 def bias_abs_max(bias: torch.Tensor | None, start: int, stop: int) -> float:
