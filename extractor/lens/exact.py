@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -133,9 +135,10 @@ def gamma(d: int) -> float:
 
 
 _MEMO: dict[tuple, tuple] = {}
+T = TypeVar("T")
 
 
-def _memo(tensor: torch.Tensor, key: tuple, compute):
+def remembered(tensor: torch.Tensor, key: tuple, compute: Callable[[], T]) -> T:
     """``compute()`` remembered while ``tensor`` is the same, unchanged object (identity and
     version counter): facts about an actor's W are computed once, not on every call."""
     slot = (id(tensor), *key)
@@ -378,7 +381,7 @@ def unembed_norm_max(unembed: torch.Tensor, start: int, stop: int) -> float:
     """
     if stop <= start:
         return 0.0
-    return _memo(unembed, ("norm", start, stop), lambda: _norm_max(unembed[start:stop]))
+    return remembered(unembed, ("norm", start, stop), lambda: _norm_max(unembed[start:stop]))
 
 
 def _norm_max(rows: torch.Tensor) -> float:
@@ -387,7 +390,7 @@ def _norm_max(rows: torch.Tensor) -> float:
 
 def unembed_row_norms(unembed: torch.Tensor) -> torch.Tensor:
     """Upper bounds [V] (float64) of every ``||W[j]||`` (remembered per W)."""
-    return _memo(unembed, ("row norms",), lambda: _row_norms(unembed))
+    return remembered(unembed, ("row norms",), lambda: _row_norms(unembed))
 
 
 def _row_norms(rows: torch.Tensor, block: int = 8192) -> torch.Tensor:
