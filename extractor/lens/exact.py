@@ -374,18 +374,13 @@ def thresholds(t64: torch.Tensor, band: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def unembed_norm_max(unembed: torch.Tensor, start: int, stop: int) -> float:
-    """An upper bound of ``max ||W[j]||`` over ``[start, stop)`` (remembered per W).
-
-    Scaled by each row's largest |entry| first, so tiny or huge rows neither
-    underflow nor overflow fp32; the fp32 rounding is covered by the inflation.
-    """
+    """An upper bound of ``max ||W[j]||`` over ``[start, stop)`` (remembered per W), from
+    :func:`unembed_row_norms`."""
     if stop <= start:
         return 0.0
-    return remembered(unembed, ("norm", start, stop), lambda: _norm_max(unembed[start:stop]))
-
-
-def _norm_max(rows: torch.Tensor) -> float:
-    return float(_row_norms(rows).max())
+    return remembered(
+        unembed, ("norm", start, stop), lambda: float(unembed_row_norms(unembed)[start:stop].max())
+    )
 
 
 def unembed_row_norms(unembed: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Exact dot products of chosen (row, column) entries in one Triton launch, for CUDA.
 
 :func:`~.exact.entry_logits` defines every exact value in the lens: float64 products
-(exact for every model dtype), summed in float64 in one fixed pairwise order
+(exact for bf16, fp16 and fp32 models), summed in float64 in one fixed pairwise order
 (:func:`~.exact.ordered_sum`). In torch
 that is a gather, a product and log2(d) passes over [E, d] float64 temporaries: some
 twenty launches per batch, which on a GPU made the torch engine host-bound (bench/README.md).
