@@ -193,14 +193,15 @@ def entry_logits(
     if h_rows.is_cuda and inputs.unembed.is_cuda:
         dots = entry_dots_cuda(h_rows, inputs.unembed, rows, cols)
     else:
-        dots = entry_dots_torch(h_rows, inputs.unembed, rows, cols)
+        dots = entry_dots_cpu(h_rows, inputs.unembed, rows, cols)
     return finish(dots, cols, inputs)
 
 
 def entry_dots_torch(
     h_rows: torch.Tensor, unembed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
 ) -> torch.Tensor:
-    """:func:`entry_logits`' dot products [E] in torch, in batches of [E, d] products.
+    """:func:`entry_logits`' dot products [E] in torch, in batches of [E, d] products: the
+    definition the compiled kernels match bit for bit, and their fallback.
 
     ``index_select`` gathers, and products formed in float64 straight from the model's
     dtype: 1.5x faster than indexing and fp32 products copied to float64 (bench/README.md).
@@ -216,26 +217,55 @@ def entry_dots_torch(
     return out
 
 
-_KERNEL_FAILED = False
+#: Compiled kernels that failed to build in this process (each warned once).
+_FAILED_KERNELS: set[str] = set()
+
+
+def _compiled_or_torch(name: str, kernel: Callable[[], torch.Tensor], failures, *args):
+    """``kernel()``, or torch's ops (the same values, slower) once it has failed to build:
+    one warning a process."""
+    if name not in _FAILED_KERNELS:
+        try:
+            return kernel()
+        except failures as exc:
+            _FAILED_KERNELS.add(name)
+            warnings.warn(
+                f"the {name} for exact lens values failed ({type(exc).__name__}: {exc}); "
+                "using torch's ops",
+                stacklevel=3,
+            )
+    return entry_dots_torch(*args)
 
 
 def entry_dots_cuda(h_rows, unembed, rows, cols) -> torch.Tensor:
     """The same values from one Triton launch (:mod:`.triton_exact`): torch's ops made a
     GPU call host-bound. Without Triton, or if its compile fails (one warning), torch's."""
-    global _KERNEL_FAILED
-    if not _KERNEL_FAILED:
-        try:
-            from .triton_exact import entry_dots
 
-            return entry_dots(h_rows, unembed, rows, cols)
-        except Exception as exc:  # no Triton or no compile: the same values, slower
-            _KERNEL_FAILED = True
-            warnings.warn(
-                f"the Triton kernel for exact lens values failed ({type(exc).__name__}: "
-                f"{exc}); using torch's ops",
-                stacklevel=2,
-            )
-    return entry_dots_torch(h_rows, unembed, rows, cols)
+    def kernel() -> torch.Tensor:
+        from .triton_exact import entry_dots
+
+        return entry_dots(h_rows, unembed, rows, cols)
+
+    # Triton's failures to import or compile come in many types.
+    return _compiled_or_torch("Triton kernel", kernel, Exception, h_rows, unembed, rows, cols)
+
+
+def entry_dots_cpu(h_rows, unembed, rows, cols) -> torch.Tensor:
+    """The same values from one compiled C loop (:mod:`.cpu_exact`): 3x to 6x faster than
+    torch's ops (bench/README.md). Without a C compiler (one warning), torch's."""
+    from . import cpu_exact
+
+    if not cpu_exact.supports(h_rows, unembed):
+        return entry_dots_torch(h_rows, unembed, rows, cols)
+    return _compiled_or_torch(
+        "C loop",
+        lambda: cpu_exact.entry_dots(h_rows, unembed, rows, cols),
+        (cpu_exact.KernelUnavailable, OSError),
+        h_rows,
+        unembed,
+        rows,
+        cols,
+    )
 
 
 def dense_logits(h_rows: torch.Tensor, inputs: LensInputs) -> torch.Tensor:

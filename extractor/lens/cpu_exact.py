@@ -1,0 +1,262 @@
+"""Exact dot products of chosen (row, column) entries on the CPU, in one compiled loop.
+
+:func:`~.exact.entry_logits` defines every exact value in the lens: float64 products
+(exact for bf16, fp16 and fp32 models), summed in float64 in one fixed pairwise order
+(:func:`~.exact.ordered_sum`). In torch that is a gather, a float64 conversion, a product
+and log2(d) halvings over [E, d] float64 temporaries: memory traffic of about 18 KB an
+entry at d = 576, and 1 to 2.5 us an entry on the development machine (bench/README.md).
+
+This loop computes the same values bit for bit, one entry at a time in a buffer that
+stays in the cache: convert the two rows to float64 (exact), multiply, then halve the
+buffer (element ``2j`` plus element ``2j + 1``, the odd one out plus ``0.0``) exactly as
+``ordered_sum`` does. It is C, compiled once per machine with the system's C compiler
+(``$CC``, else ``cc``) and loaded through :mod:`ctypes`, which releases the GIL, so the
+entries are split over torch's CPU threads. ``-ffp-contract=off`` and no fast-math keep
+every product and sum its own IEEE operation. Without a compiler the caller falls back
+to torch's ops (:func:`~.exact.entry_dots_torch`): the same values, slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+
+/* Each conversion is exact: every bf16, fp16 and fp32 value is a float64 value. */
+static double from_bf16(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return (double)f;
+}
+
+static double from_f16(uint16_t x) {
+    /* The bits moved into fp32's fields (sign too), then scaled by 2^112: exact for normal
+       and subnormal halves alike, and without a branch on the sign (a random sign
+       mispredicted half the time: 3 us an entry). fp16's inf and NaN are set apart. */
+    uint32_t u = ((uint32_t)(x & 0x8000u) << 16) | ((uint32_t)(x & 0x7fffu) << 13);
+    float f;
+    memcpy(&f, &u, sizeof f);
+    f *= 0x1p112f;
+    if ((x & 0x7c00u) == 0x7c00u) f = (x & 0x3ffu) ? NAN : ((x >> 15) ? -INFINITY : INFINITY);
+    return (double)f;
+}
+
+/* Row `row` of `base` (dtype: 0 float64, 1 float32, 2 bfloat16, 3 float16) as float64. */
+static void load(const void *base, int dtype, int64_t row, int64_t stride, int64_t d,
+                 double *out) {
+    int64_t i;
+    switch (dtype) {
+    case 0: memcpy(out, (const double *)base + row * stride, (size_t)d * sizeof(double)); break;
+    case 1: { const float *p = (const float *)base + row * stride;
+              for (i = 0; i < d; i++) out[i] = (double)p[i]; } break;
+    case 2: { const uint16_t *p = (const uint16_t *)base + row * stride;
+              for (i = 0; i < d; i++) out[i] = from_bf16(p[i]); } break;
+    default: { const uint16_t *p = (const uint16_t *)base + row * stride;
+               for (i = 0; i < d; i++) out[i] = from_f16(p[i]); } break;
+    }
+}
+
+/* out[e] = sum_i h[rows[e], i] * w[cols[e], i] in ordered_sum's order. Entries come
+   sorted by row (the lens asks them so): a row is converted once for its run. Returns 0,
+   or -1 when out of memory. */
+int entry_dots(const void *h, int64_t h_stride, const void *w, int64_t w_stride,
+               int dtype, int64_t d, const int64_t *rows, const int64_t *cols, int64_t n,
+               double *out) {
+    double *buf = malloc((size_t)(3 * d + 2) * sizeof(double));
+    if (!buf) return -1;
+    double *hrow = buf, *a = buf + d, *b = buf + 2 * d + 1;
+    int64_t last = -1, e, i;
+    for (e = 0; e < n; e++) {
+        if (rows[e] != last) {
+            load(h, dtype, rows[e], h_stride, d, hrow);
+            last = rows[e];
+        }
+        load(w, dtype, cols[e], w_stride, d, a);
+        if (d < 2) {  /* ordered_sum of one product is the product; of none, zero */
+            out[e] = d ? hrow[0] * a[0] : 0.0;
+            continue;
+        }
+        /* The first halving fused with the products: (h0 w0) + (h1 w1), each rounded. */
+        int64_t half = d / 2;
+        for (i = 0; i < half; i++) {
+            double p0 = hrow[2 * i] * a[2 * i], p1 = hrow[2 * i + 1] * a[2 * i + 1];
+            b[i] = p0 + p1;
+        }
+        if (d & 1) b[half] = hrow[d - 1] * a[d - 1] + 0.0;
+        double *x = b, *y = a;
+        int64_t width = half + (d & 1);
+        while (width > 1) {
+            half = width / 2;
+            for (i = 0; i < half; i++) y[i] = x[2 * i] + x[2 * i + 1];
+            if (width & 1) y[half] = x[width - 1] + 0.0;
+            width = half + (width & 1);
+            double *t = x; x = y; y = t;
+        }
+        out[e] = x[0];
+    }
+    free(buf);
+    return 0;
+}
+"""
+
+#: Flags that fix the arithmetic: no contraction into FMAs, no reassociation.
+CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math")
+DTYPES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_pool: ThreadPoolExecutor | None = None
+
+
+class KernelUnavailable(RuntimeError):
+    """No C compiler, or the compile failed: the caller uses torch's ops instead."""
+
+
+def compiler() -> str:
+    """The C compiler: ``$CC``, else ``cc``, ``gcc`` or ``clang`` on the PATH."""
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    raise KernelUnavailable("no C compiler found ($CC, cc, gcc or clang)")
+
+
+def _cache_dir() -> Path:
+    """``$SLM_LENS_CACHE/kernels`` (or ~/.cache/slm-lens/kernels); a private temporary
+    directory where that is not writable."""
+    root = Path(os.environ.get("SLM_LENS_CACHE", Path.home() / ".cache" / "slm-lens"))
+    path = root / "kernels"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="slm-lens-kernels-"))
+
+
+def build() -> Path:
+    """Compile the loop into a shared library, once per source, flags, compiler and
+    machine (a cache shared over NFS by x86 and ARM nodes keeps one of each)."""
+    cc = compiler()
+    key = hashlib.sha256(
+        "\0".join([SOURCE, *CFLAGS, cc, platform.machine(), platform.system()]).encode()
+    ).hexdigest()[:16]
+    directory = _cache_dir()
+    target = directory / f"entry_dots-{key}.so"
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        src = Path(tmp) / "entry_dots.c"
+        src.write_text(SOURCE)
+        out = Path(tmp) / target.name
+        done = subprocess.run(
+            [cc, *CFLAGS, "-o", str(out), str(src)], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise KernelUnavailable(f"{cc} failed to compile the exact-dots loop: {done.stderr}")
+        os.replace(out, target)  # atomic: a concurrent process sees all of it or none
+    return target
+
+
+def library() -> ctypes.CDLL:
+    """The compiled loop, built and loaded on first use (thread-safe)."""
+    global _library
+    with _lock:
+        if _library is None:
+            lib = ctypes.CDLL(str(build()))
+            fn = lib.entry_dots
+            fn.restype = ctypes.c_int
+            p, i64 = ctypes.c_void_p, ctypes.c_int64
+            fn.argtypes = [p, i64, p, i64, ctypes.c_int, i64, p, p, i64, p]
+            _library = lib
+    return _library
+
+
+def _threads() -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1))
+    return _pool
+
+
+#: Entries below which one thread does all the work (a split costs more than it saves).
+SPLIT_ENTRIES = 4096
+
+
+def supports(h: torch.Tensor, unembed: torch.Tensor) -> bool:
+    """Whether the loop takes these operands: CPU tensors of one dtype it converts."""
+    return (
+        h.device.type == unembed.device.type == "cpu"
+        and h.dtype == unembed.dtype
+        and h.dtype in DTYPES
+    )
+
+
+def entry_dots(
+    h: torch.Tensor, unembed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """Float64 ``sum_i h[rows[e], i] * unembed[cols[e], i]`` [E] in ``ordered_sum``'s order:
+    :func:`~.exact.entry_dots_torch`'s values bit for bit.
+
+    ``h`` and ``unembed`` are CPU tensors of one dtype (float64, float32, bfloat16 or
+    float16); ``rows`` and ``cols`` index them (checked: the loop reads raw memory).
+    Raises :class:`KernelUnavailable` when the loop cannot be built.
+    """
+    if not supports(h, unembed):
+        raise TypeError(
+            f"entry_dots takes CPU tensors of one dtype in {list(DTYPES)}, not "
+            f"{h.dtype} on {h.device} and {unembed.dtype} on {unembed.device}"
+        )
+    e, d = len(rows), h.shape[1]
+    out = torch.empty(e, dtype=torch.float64)
+    if e == 0:
+        return out
+    lib = library()
+    h = h if h.stride(1) == 1 else h.contiguous()
+    unembed = unembed if unembed.stride(1) == 1 else unembed.contiguous()
+    rows, cols = rows.cpu().contiguous().long(), cols.cpu().contiguous().long()
+    for name, idx, bound in (("row", rows, len(h)), ("column", cols, len(unembed))):
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= bound:
+            raise IndexError(f"{name} index {lo if lo < 0 else hi} out of range [0, {bound})")
+    parts = max(1, min(torch.get_num_threads(), e // SPLIT_ENTRIES))
+    step = -(-e // parts)
+
+    def run(a: int) -> int:
+        b = min(e, a + step)
+        return lib.entry_dots(
+            h.data_ptr(),
+            h.stride(0),
+            unembed.data_ptr(),
+            unembed.stride(0),
+            DTYPES[h.dtype],
+            d,
+            rows.data_ptr() + 8 * a,
+            cols.data_ptr() + 8 * a,
+            b - a,
+            out.data_ptr() + 8 * a,
+        )
+
+    starts = range(0, e, step)
+    codes = list(_threads().map(run, starts)) if parts > 1 else [run(0)]
+    if any(codes):
+        raise MemoryError("the exact-dots loop could not allocate its row buffers")
+    return out

@@ -1,0 +1,104 @@
+"""The compiled CPU loop for exact values: torch's arithmetic bit for bit, or torch itself."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from extractor.lens import cpu_exact, exact
+from extractor.lens.contract import LensInputs
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+
+
+def _operands(dtype, d, gen, rows=7, vocab=300):
+    """Rows and unembedding rows that reach every corner of the arithmetic: signed zeros,
+    subnormals of each dtype, huge and tiny magnitudes side by side (sums that round in
+    float64), and cancellation."""
+    h = torch.randn(rows, d, generator=gen, dtype=torch.float64)
+    w = torch.randn(vocab, d, generator=gen, dtype=torch.float64)
+    h[0] = -0.0  # products -0.0 and +0.0: ordered_sum's "+ 0.0" decides the zero's sign
+    w[1, : max(1, d // 2)] = 0.0
+    h[1] *= 2.0 ** torch.randint(-40, 40, (d,), generator=gen).double()
+    w[2] *= 2.0 ** torch.randint(-60, 60, (d,), generator=gen).double()
+    w[3] = -w[4]  # cancelling rows
+    tiny = torch.finfo(dtype).smallest_normal
+    h[2] = tiny * torch.randn(d, generator=gen, dtype=torch.float64) / 3  # subnormals
+    return h.to(dtype), w.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 6, 64, 576, 577])
+def test_the_loop_equals_torchs_ordered_sum_bit_for_bit(dtype, d):
+    gen = torch.Generator().manual_seed(d)
+    h, w = _operands(dtype, d, gen)
+    rows = torch.randint(0, len(h), (999,), generator=gen)  # unsorted: the row cache misses
+    cols = torch.randint(0, len(w), (999,), generator=gen)
+    rows[:25] = torch.arange(25) // 5  # every pair of the special rows
+    cols[:25] = torch.arange(25) % 5
+    want = exact.entry_dots_torch(h, w, rows, cols)
+    got = cpu_exact.entry_dots(h, w, rows, cols)
+    # Bit for bit, signs of zero included.
+    assert torch.equal(got.view(torch.int64), want.view(torch.int64))
+
+
+def test_strided_operands_and_split_calls_give_the_same_bits():
+    """A W with a row stride (a slice of a wider one) and h with an offset, over enough
+    entries that the call is split between threads."""
+    gen = torch.Generator().manual_seed(1)
+    wide = torch.randn(500, 80, generator=gen).bfloat16()
+    w = wide[:, :64]
+    h = torch.randn(20, 64, generator=gen).bfloat16()[3:]
+    e = 4 * cpu_exact.SPLIT_ENTRIES + 3
+    rows = torch.randint(0, len(h), (e,), generator=gen).sort().values
+    cols = torch.randint(0, len(w), (e,), generator=gen)
+    want = exact.entry_dots_torch(h, w.contiguous(), rows, cols)
+    with torch.inference_mode():
+        got = cpu_exact.entry_dots(h, w, rows, cols)
+    assert torch.equal(got, want)
+
+
+def test_indices_out_of_range_are_refused_not_read():
+    h = torch.randn(4, 8).bfloat16()
+    w = torch.randn(10, 8).bfloat16()
+    with pytest.raises(IndexError, match=r"column index 10 out of range \[0, 10\)"):
+        cpu_exact.entry_dots(h, w, torch.tensor([0]), torch.tensor([10]))
+    with pytest.raises(IndexError, match="row index -1"):
+        cpu_exact.entry_dots(h, w, torch.tensor([-1]), torch.tensor([0]))
+    with pytest.raises(TypeError, match="one dtype"):
+        cpu_exact.entry_dots(h, w.float(), torch.tensor([0]), torch.tensor([0]))
+
+
+def test_without_a_compiler_the_lens_warns_once_and_uses_torch(monkeypatch, tmp_path):
+    """No C compiler: the same values from torch's ops, one warning a process."""
+    monkeypatch.setattr(cpu_exact, "_library", None)
+    monkeypatch.setattr(exact, "_FAILED_KERNELS", set())
+    monkeypatch.setenv("SLM_LENS_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing to find
+    monkeypatch.delenv("CC", raising=False)
+    gen = torch.Generator().manual_seed(2)
+    inputs = LensInputs(
+        hidden=torch.randn(3, 16, generator=gen), unembed=torch.randn(50, 16, generator=gen), k=3
+    )
+    rows, cols = torch.tensor([0, 1, 2]), torch.tensor([5, 6, 7])
+    with pytest.warns(UserWarning, match="C loop for exact lens values failed.*no C compiler"):
+        first = exact.entry_logits(inputs.hidden, rows, cols, inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = exact.entry_logits(inputs.hidden, rows, cols, inputs)
+    want = exact.entry_dots_torch(inputs.hidden, inputs.unembed, rows, cols)
+    assert torch.equal(first, want) and torch.equal(second, want)
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_a_failing_compiler_says_what_it_printed(monkeypatch, tmp_path):
+    script = tmp_path / "broken-cc"
+    script.write_text("#!/bin/sh\necho 'cc1: out of disk' >&2\nexit 1\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("CC", str(script))
+    monkeypatch.setenv("SLM_LENS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(cpu_exact.KernelUnavailable, match="out of disk"):
+        cpu_exact.build()
+    assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-written is kept
