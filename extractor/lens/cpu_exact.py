@@ -198,7 +198,7 @@ def _threads() -> ThreadPoolExecutor:
 
 
 #: Entries below which one thread does all the work (a split costs more than it saves).
-SPLIT_ENTRIES = 4096
+SPLIT_ENTRIES = 512
 
 
 def supports(h: torch.Tensor, unembed: torch.Tensor) -> bool:
