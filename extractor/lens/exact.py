@@ -21,6 +21,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable
+from functools import partial
 from typing import TypeVar
 
 import torch
@@ -221,20 +222,24 @@ def entry_dots_torch(
 _FAILED_KERNELS: set[str] = set()
 
 
-def _compiled_or_torch(name: str, kernel: Callable[[], torch.Tensor], failures, *args):
-    """``kernel()``, or torch's ops (the same values, slower) once it has failed to build:
-    one warning a process."""
+def compiled_or(
+    name: str,
+    kernel: Callable[[], T],
+    fallback: Callable[[], T],
+    failures: type[BaseException] | tuple[type[BaseException], ...],
+) -> T:
+    """``kernel()``, or ``fallback()`` (torch's ops: the same results, slower) once the
+    kernel has failed to build with one of ``failures``: one warning a process."""
     if name not in _FAILED_KERNELS:
         try:
             return kernel()
         except failures as exc:
             _FAILED_KERNELS.add(name)
             warnings.warn(
-                f"the {name} for exact lens values failed ({type(exc).__name__}: {exc}); "
-                "using torch's ops",
+                f"the {name} failed ({type(exc).__name__}: {exc}); using torch's ops",
                 stacklevel=3,
             )
-    return entry_dots_torch(*args)
+    return fallback()
 
 
 def entry_dots_cuda(h_rows, unembed, rows, cols) -> torch.Tensor:
@@ -247,24 +252,27 @@ def entry_dots_cuda(h_rows, unembed, rows, cols) -> torch.Tensor:
         return entry_dots(h_rows, unembed, rows, cols)
 
     # Triton's failures to import or compile come in many types.
-    return _compiled_or_torch("Triton kernel", kernel, Exception, h_rows, unembed, rows, cols)
+    return compiled_or(
+        "Triton kernel for exact lens values",
+        kernel,
+        partial(entry_dots_torch, h_rows, unembed, rows, cols),
+        Exception,
+    )
 
 
 def entry_dots_cpu(h_rows, unembed, rows, cols) -> torch.Tensor:
-    """The same values from one compiled C loop (:mod:`.cpu_exact`): 3x to 6x faster than
-    torch's ops (bench/README.md). Without a C compiler (one warning), torch's."""
+    """The same values from one compiled C loop (:mod:`.cpu_exact`): 3x to 6x faster
+    than torch's ops (bench/README.md). Without a C compiler (one warning), torch's."""
     from . import cpu_exact
 
+    fallback = partial(entry_dots_torch, h_rows, unembed, rows, cols)
     if not cpu_exact.supports(h_rows, unembed):
-        return entry_dots_torch(h_rows, unembed, rows, cols)
-    return _compiled_or_torch(
-        "C loop",
+        return fallback()
+    return compiled_or(
+        "C loop for exact lens values",
         lambda: cpu_exact.entry_dots(h_rows, unembed, rows, cols),
+        fallback,
         (cpu_exact.KernelUnavailable, OSError),
-        h_rows,
-        unembed,
-        rows,
-        cols,
     )
 
 
