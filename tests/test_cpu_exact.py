@@ -13,6 +13,19 @@ from extractor.lens.contract import LensInputs
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 
 
+def _has_compiler() -> bool:
+    try:
+        cpu_exact.compiler()
+    except cpu_exact.KernelUnavailable:
+        return False
+    return True
+
+
+#: Tests of the compiled loop itself need a C compiler (CI has one: torch.compile needs it
+#: too); without one the lens uses torch's ops, which the fallback tests below cover.
+needs_compiler = pytest.mark.skipif(not _has_compiler(), reason="no C compiler on this machine")
+
+
 def _operands(dtype, d, gen, rows=7, vocab=300):
     """Rows and unembedding rows that reach every corner of the arithmetic: signed zeros,
     subnormals of each dtype, huge and tiny magnitudes side by side (sums that round in
@@ -29,6 +42,7 @@ def _operands(dtype, d, gen, rows=7, vocab=300):
     return h.to(dtype), w.to(dtype)
 
 
+@needs_compiler
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [1, 2, 3, 5, 6, 64, 576, 577])
 def test_the_loop_equals_torchs_ordered_sum_bit_for_bit(dtype, d):
@@ -44,6 +58,7 @@ def test_the_loop_equals_torchs_ordered_sum_bit_for_bit(dtype, d):
     assert torch.equal(got.view(torch.int64), want.view(torch.int64))
 
 
+@needs_compiler
 def test_strided_operands_and_split_calls_give_the_same_bits():
     """A W with a row stride (a slice of a wider one) and h with an offset, over enough
     entries that the call is split between threads."""
@@ -60,6 +75,7 @@ def test_strided_operands_and_split_calls_give_the_same_bits():
     assert torch.equal(got, want)
 
 
+@needs_compiler
 def test_indices_out_of_range_are_refused_not_read():
     h = torch.randn(4, 8).bfloat16()
     w = torch.randn(10, 8).bfloat16()
@@ -102,3 +118,32 @@ def test_a_failing_compiler_says_what_it_printed(monkeypatch, tmp_path):
     with pytest.raises(cpu_exact.KernelUnavailable, match="out of disk"):
         cpu_exact.build()
     assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-written is kept
+
+
+def _dots_in_a_forked_child(queue, h, rows, want) -> None:
+    # Only the loop runs here: torch's own OpenMP ops can hang in a child forked after the
+    # parent used them (a libgomp limit, not this code's).
+    queue.put(bool(torch.equal(cpu_exact.entry_dots(h, h, rows, rows), want)))
+
+
+@needs_compiler
+def test_a_forked_child_gets_threads_of_its_own():
+    """A child forked after the parent split a call inherits the pool object but not its
+    threads: work sent there would never run. The child makes its own pool."""
+    import multiprocessing
+
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(8, 32, generator=gen).bfloat16()
+    rows = torch.randint(0, 8, (4 * cpu_exact.SPLIT_ENTRIES,), generator=gen)
+    want = cpu_exact.entry_dots(h, h, rows, rows)  # split: the parent's pool now exists
+    assert torch.get_num_threads() > 1 or pytest.skip("one thread: no pool to inherit")
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_dots_in_a_forked_child, args=(queue, h, rows, want))
+    child.start()
+    child.join(timeout=120)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive, "the forked child hung on the parent's thread pool"
+    assert child.exitcode == 0 and queue.get(timeout=5)

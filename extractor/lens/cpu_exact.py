@@ -122,7 +122,9 @@ DTYPES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
-_pool: ThreadPoolExecutor | None = None
+#: The worker threads and the process that made them: a forked child inherits the pool
+#: object but not its threads, and work sent to it would never run.
+_pool: tuple[int, ThreadPoolExecutor] | None = None
 
 
 class KernelUnavailable(RuntimeError):
@@ -190,11 +192,12 @@ def library() -> ctypes.CDLL:
 
 
 def _threads() -> ThreadPoolExecutor:
+    """This process's pool (a new one after a fork)."""
     global _pool
     with _lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1))
-    return _pool
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)))
+    return _pool[1]
 
 
 #: Entries below which one thread does all the work (a split costs more than it saves).
