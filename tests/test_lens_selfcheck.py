@@ -51,6 +51,34 @@ def test_a_disagreeing_engine_falls_back_with_a_warning(fault):
     assert check.telemetry()["self_check"] == "failed"
 
 
+@pytest.mark.filterwarnings("ignore:lens engine .triton. disagrees")
+@pytest.mark.parametrize("preferred", ["torch", "triton"])
+def test_a_disagreeing_exact_values_kernel_is_turned_off(monkeypatch, preferred):
+    """The torch engine's exact values come from the C loop on a CPU (a Triton kernel on
+    CUDA). Made to disagree, the self-check turns the compiled kernels off for the process
+    and keeps the torch engine on torch's ops, which it checks again first."""
+    from extractor.lens import cpu_exact, exact
+    from extractor.lens.reference import reference_lens
+
+    monkeypatch.setattr(exact, "_FAILED_KERNELS", set())
+    loop = cpu_exact.entry_dots
+    monkeypatch.setattr(cpu_exact, "entry_dots", lambda *a: -loop(*a))
+
+    def broken_triton(inputs):
+        raise RuntimeError("no kernel for this device")
+
+    engines = {"torch": _torch, "triton": broken_triton}
+    with pytest.warns(UserWarning, match="kernels are now off: with torch's ops it agrees"):
+        check = choose_engine(_inputs(), preferred, engines)
+    assert check.engine == "torch" and check.tried == preferred and not check.passed
+    assert "torch with torch's ops: agrees" in check.detail
+    assert not exact.compiled_kernels_enabled()
+    inputs = _inputs()
+    got, want = _torch(inputs), reference_lens(inputs)
+    assert torch.equal(got.target_ranks, want.target_ranks)
+    assert torch.equal(got.topk_ids, want.topk_ids)
+
+
 def test_the_sample_keeps_only_the_pool_groups_its_rows_touch():
     from extractor.lens.reference import reference_lens
     from extractor.lens.selfcheck import sample

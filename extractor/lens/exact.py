@@ -218,8 +218,22 @@ def entry_dots_torch(
     return out
 
 
-#: Compiled kernels that failed to build in this process (each warned once).
+#: Compiled kernels that failed to build in this process (each warned once), or that the
+#: self-check found disagreeing with the reference (:func:`disable_compiled_kernels`).
 _FAILED_KERNELS: set[str] = set()
+TRITON_DOTS = "Triton kernel for exact lens values"
+C_DOTS = "C loop for exact lens values"
+
+
+def compiled_kernels_enabled() -> bool:
+    """Whether any compiled kernel for exact values may still run in this process."""
+    return not {TRITON_DOTS, C_DOTS} <= _FAILED_KERNELS
+
+
+def disable_compiled_kernels() -> None:
+    """Exact values from torch's ops only, from now on in this process: what the
+    self-check falls back to when the engine disagrees with the reference on its device."""
+    _FAILED_KERNELS.update({TRITON_DOTS, C_DOTS})
 
 
 def compiled_or(
@@ -253,7 +267,7 @@ def entry_dots_cuda(h_rows, unembed, rows, cols) -> torch.Tensor:
 
     # Triton's failures to import or compile come in many types.
     return compiled_or(
-        "Triton kernel for exact lens values",
+        TRITON_DOTS,
         kernel,
         partial(entry_dots_torch, h_rows, unembed, rows, cols),
         Exception,
@@ -269,7 +283,7 @@ def entry_dots_cpu(h_rows, unembed, rows, cols) -> torch.Tensor:
     if not cpu_exact.supports(h_rows, unembed):
         return fallback()
     return compiled_or(
-        "C loop for exact lens values",
+        C_DOTS,
         lambda: cpu_exact.entry_dots(h_rows, unembed, rows, cols),
         fallback,
         (cpu_exact.KernelUnavailable, OSError),

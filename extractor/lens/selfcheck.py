@@ -16,7 +16,12 @@ from dataclasses import dataclass, replace
 import torch
 
 from .contract import LensInputs, LensResult
-from .exact import logsumexp_error_bound, mma_error_factor
+from .exact import (
+    compiled_kernels_enabled,
+    disable_compiled_kernels,
+    logsumexp_error_bound,
+    mma_error_factor,
+)
 from .reference import reference_lens
 
 #: Rows of the first shard that the self-check runs (the reference materialises [rows x V]).
@@ -74,11 +79,15 @@ def lse_bound(engine: str, inputs: LensInputs) -> float:
 
 
 def compare(
-    inputs: LensInputs, got: LensResult, bound: float | None = None
+    inputs: LensInputs,
+    got: LensResult,
+    bound: float | None = None,
+    ref: LensResult | None = None,
 ) -> tuple[bool, float, str]:
-    """(agrees, worst log-sum-exp error, first disagreement) against :func:`reference_lens`;
-    ``bound``: the log-sum-exp error allowed (default: the torch engine's)."""
-    ref = reference_lens(inputs)
+    """(agrees, worst log-sum-exp error, first disagreement) against :func:`reference_lens`
+    (``ref``, when already computed); ``bound``: the log-sum-exp error allowed (default: the
+    torch engine's)."""
+    ref = reference_lens(inputs) if ref is None else ref
     got = got.to("cpu")
     exact_fields = [
         ("target_ranks", got.target_ranks, ref.target_ranks),
@@ -114,17 +123,43 @@ def compare(
 def choose_engine(
     inputs: LensInputs, preferred: str, engines: dict[str, Engine], fallback: str = "torch"
 ) -> SelfCheck:
-    """Run ``preferred`` on a sample of ``inputs``; keep it if it agrees, else ``fallback``."""
+    """Run ``preferred`` on a sample of ``inputs``; keep it if it agrees, else ``fallback``.
+
+    The fallback is checked too, on the same sample. Its exact values come from compiled
+    kernels (the C loop on a CPU, a Triton kernel on CUDA); if it disagrees, they are
+    turned off for the process (:func:`~.exact.disable_compiled_kernels`) and it is checked
+    again with torch's ops, which the reference shares. The result says what was kept.
+    """
     probe = sample(inputs)
-    try:
-        ok, worst, detail = compare(probe, engines[preferred](probe), lse_bound(preferred, probe))
-    except Exception as exc:  # an engine that cannot even run here is a failed check
-        ok, worst, detail = False, float("nan"), f"{type(exc).__name__}: {exc}"
-    if ok or preferred == fallback:
+    ref = reference_lens(probe)
+
+    def check(name: str) -> tuple[bool, float, str]:
+        try:
+            return compare(probe, engines[name](probe), lse_bound(name, probe), ref)
+        except Exception as exc:  # an engine that cannot even run here is a failed check
+            return False, float("nan"), f"{type(exc).__name__}: {exc}"
+
+    ok, worst, detail = check(preferred)
+    if ok:
         return SelfCheck(preferred, preferred, ok, worst, detail)
-    warnings.warn(
-        f"lens engine {preferred!r} disagrees with the float64 reference on this device "
-        f"({detail}); using the {fallback!r} engine",
-        stacklevel=2,
-    )
+    if preferred != fallback:
+        warnings.warn(
+            f"lens engine {preferred!r} disagrees with the float64 reference on this device "
+            f"({detail}); using the {fallback!r} engine",
+            stacklevel=2,
+        )
+        fallback_ok, _, fallback_detail = check(fallback)
+    else:
+        fallback_ok, fallback_detail = ok, detail
+    if not fallback_ok and compiled_kernels_enabled():
+        disable_compiled_kernels()
+        fallback_ok, _, plain = check(fallback)
+        warnings.warn(
+            f"lens engine {fallback!r} disagrees with the float64 reference on this device "
+            f"({fallback_detail}); its compiled exact-value kernels are now off: with "
+            f"torch's ops it {'agrees' if fallback_ok else 'still disagrees (' + plain + ')'}",
+            stacklevel=2,
+        )
+        detail += f"; {fallback} with compiled kernels: {fallback_detail}"
+        detail += f"; {fallback} with torch's ops: {'agrees' if fallback_ok else plain}"
     return SelfCheck(fallback, preferred, False, worst, detail)
