@@ -85,6 +85,16 @@ def test_indices_out_of_range_are_refused_not_read():
         cpu_exact.entry_dots(h, w, torch.tensor([-1]), torch.tensor([0]))
     with pytest.raises(TypeError, match="one dtype"):
         cpu_exact.entry_dots(h, w.float(), torch.tensor([0]), torch.tensor([0]))
+    # Shapes the loop would read past: refused, never run (a wider h read beyond W's rows).
+    zero = torch.tensor([0])
+    with pytest.raises(ValueError, match=r"h \[R, d\] and unembed \[V, d\]"):
+        cpu_exact.entry_dots(torch.ones(1, 1 << 20).bfloat16(), w, zero, zero)
+    with pytest.raises(ValueError, match="rows must be a 1-D integer tensor"):
+        cpu_exact.entry_dots(h, w, torch.zeros(2, 2, dtype=torch.long), zero)
+    with pytest.raises(ValueError, match="cols must be a 1-D integer tensor"):
+        cpu_exact.entry_dots(h, w, zero, torch.tensor([0.7]))
+    with pytest.raises(ValueError, match="2 rows against 1 cols"):
+        cpu_exact.entry_dots(h, w, torch.tensor([0, 1]), zero)
 
 
 def test_without_a_compiler_the_lens_warns_once_and_uses_torch(monkeypatch, tmp_path):
@@ -147,3 +157,59 @@ def test_a_forked_child_gets_threads_of_its_own():
         child.kill()
     assert not alive, "the forked child hung on the parent's thread pool"
     assert child.exitcode == 0 and queue.get(timeout=5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_subnormals_are_exact_when_the_caller_flushes_them(dtype):
+    """A thread that flushes subnormals (``torch.set_flush_denormal``, or any library
+    built with -ffast-math) read an fp16 subnormal as 0 in the loop, and small calls (on
+    the caller's thread) disagreed with split ones (on the pool's). The loop now runs with
+    subnormals on, so every call gives the exact value."""
+    tiny = torch.finfo(dtype).smallest_normal / 4  # a subnormal of the dtype
+    h = torch.full((1, 4), tiny, dtype=dtype)
+    w = torch.ones(1, 4, dtype=dtype)
+    want = exact.entry_dots_torch(h, w, torch.tensor([0]), torch.tensor([0]))
+    assert float(want) == 4 * float(torch.tensor(tiny, dtype=dtype))
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        one = cpu_exact.entry_dots(h, w, torch.tensor([0]), torch.tensor([0]))
+        many = torch.zeros(4 * cpu_exact.SPLIT_ENTRIES, dtype=torch.long)
+        split = cpu_exact.entry_dots(h, w, many, many)
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(one, want) and bool((split == want).all())
+
+
+def test_cc_may_be_a_command_with_words(monkeypatch, tmp_path):
+    """``CC="ccache gcc"``-style values are split like a shell would; a $CC that is not
+    found says so instead of quietly using another compiler."""
+    monkeypatch.setenv("SLM_LENS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-here -O1")
+    with pytest.raises(cpu_exact.KernelUnavailable, match="'no-such-compiler-here' is not found"):
+        cpu_exact.compiler()
+    if not _has_compiler_on_path():
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("CC", "env cc")
+    assert cpu_exact.compiler() == ["env", "cc"]
+    assert cpu_exact.build().exists()
+
+
+def _has_compiler_on_path() -> bool:
+    import shutil
+
+    return shutil.which("cc") is not None and shutil.which("env") is not None
+
+
+@needs_compiler
+def test_a_cached_library_that_does_not_load_is_rebuilt(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLM_LENS_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_exact, "_library", None)
+    built = cpu_exact.build()
+    built.write_bytes(b"\x7fELF truncated")
+    h = torch.randn(2, 8).bfloat16()
+    rows = torch.tensor([0, 1])
+    got = cpu_exact.entry_dots(h, h, rows, rows)
+    assert torch.equal(got, exact.entry_dots_torch(h, h, rows, rows))
+    assert built.stat().st_size > 1000

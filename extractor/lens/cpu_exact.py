@@ -3,17 +3,20 @@
 :func:`~.exact.entry_logits` defines every exact value in the lens: float64 products
 (exact for bf16, fp16 and fp32 models), summed in float64 in one fixed pairwise order
 (:func:`~.exact.ordered_sum`). In torch that is a gather, a float64 conversion, a product
-and log2(d) halvings over [E, d] float64 temporaries: memory traffic of about 18 KB an
-entry at d = 576, and 1 to 2.5 us an entry on the development machine (bench/README.md).
+and log2(d) halvings over [E, d] float64 temporaries: about 18 KB of memory traffic an
+entry at d = 576, 1.2 to 2.3 us an entry on the development machine, against 0.3 to 0.5 us
+for this loop (``bench/exact_values.py``; bench/README.md, "Stop 19").
 
-This loop computes the same values bit for bit, one entry at a time in a buffer that
-stays in the cache: convert the two rows to float64 (exact), multiply, then halve the
-buffer (element ``2j`` plus element ``2j + 1``, the odd one out plus ``0.0``) exactly as
-``ordered_sum`` does. It is C, compiled once per machine with the system's C compiler
-(``$CC``, else ``cc``) and loaded through :mod:`ctypes`, which releases the GIL, so the
-entries are split over torch's CPU threads. ``-ffp-contract=off`` and no fast-math keep
-every product and sum its own IEEE operation. Without a compiler the caller falls back
-to torch's ops (:func:`~.exact.entry_dots_torch`): the same values, slower.
+The loop computes the same values bit for bit (NaN payloads aside: the lens refuses
+non-finite rows and weights), one entry at a time in a buffer that stays in the cache:
+convert the two rows to float64 (exact), multiply, then halve the buffer (element ``2j``
+plus element ``2j + 1``, the odd one out plus ``0.0``) exactly as ``ordered_sum`` does.
+``-ffp-contract=off`` and no fast-math keep every product and sum its own IEEE operation,
+and the loop turns off the thread's flush-to-zero modes while it runs, so a subnormal
+input is never read as zero. It is C, compiled once per machine with the system's C
+compiler (``$CC``, else ``cc``) and loaded through :mod:`ctypes`, which releases the GIL,
+so the entries are split over torch's CPU threads. Without a compiler the caller falls
+back to torch's ops (:func:`~.exact.entry_dots_torch`): the same values, slower.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -38,7 +42,37 @@ SOURCE = r"""
 #include <math.h>
 
 
-/* Each conversion is exact: every bf16, fp16 and fp32 value is a float64 value. */
+/* Subnormals stay subnormals whatever the calling thread's mode: a thread that flushes
+   them to zero (DAZ/FTZ: torch.set_flush_denormal, or any library built with -ffast-math)
+   would read an fp16 subnormal as 0 here, and the pool's threads (which copy the mode of
+   the thread that made them) could disagree with the caller. The loop clears the flags on
+   entry and restores them on exit. */
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+typedef unsigned int fp_mode;
+static fp_mode ieee_mode(void) {
+    fp_mode saved = _mm_getcsr();
+    _mm_setcsr(saved & ~(0x8040u));  /* FTZ (bit 15) and DAZ (bit 6) off */
+    return saved;
+}
+static void restore_mode(fp_mode saved) { _mm_setcsr(saved); }
+#elif defined(__aarch64__)
+typedef uint64_t fp_mode;
+static fp_mode ieee_mode(void) {
+    fp_mode saved;
+    __asm__ volatile("mrs %0, fpcr" : "=r"(saved));
+    __asm__ volatile("msr fpcr, %0" : : "r"(saved & ~(1ull << 24)));  /* FZ off */
+    return saved;
+}
+static void restore_mode(fp_mode saved) { __asm__ volatile("msr fpcr, %0" : : "r"(saved)); }
+#else
+typedef int fp_mode;
+static fp_mode ieee_mode(void) { return 0; }
+static void restore_mode(fp_mode saved) { (void)saved; }
+#endif
+
+/* Each conversion is exact: every bf16, fp16 and fp32 value is a float64 value. NaN
+   payloads are not kept (the lens refuses non-finite rows and weights). */
 static double from_bf16(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
     float f;
@@ -73,14 +107,15 @@ static void load(const void *base, int dtype, int64_t row, int64_t stride, int64
     }
 }
 
-/* out[e] = sum_i h[rows[e], i] * w[cols[e], i] in ordered_sum's order. Entries come
-   sorted by row (the lens asks them so): a row is converted once for its run. Returns 0,
+/* out[e] = sum_i h[rows[e], i] * w[cols[e], i] in ordered_sum's order. A row is converted
+   once for each run of entries on it (the lens asks entries mostly sorted by row). Returns 0,
    or -1 when out of memory. */
 int entry_dots(const void *h, int64_t h_stride, const void *w, int64_t w_stride,
                int dtype, int64_t d, const int64_t *rows, const int64_t *cols, int64_t n,
                double *out) {
     double *buf = malloc((size_t)(3 * d + 2) * sizeof(double));
     if (!buf) return -1;
+    fp_mode saved = ieee_mode();
     double *hrow = buf, *a = buf + d, *b = buf + 2 * d + 1;
     int64_t last = -1, e, i;
     for (e = 0; e < n; e++) {
@@ -111,6 +146,7 @@ int entry_dots(const void *h, int64_t h_stride, const void *w, int64_t w_stride,
         }
         out[e] = x[0];
     }
+    restore_mode(saved);
     free(buf);
     return 0;
 }
@@ -121,6 +157,16 @@ CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast
 DTYPES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 
 _lock = threading.Lock()
+
+
+def _fresh_lock() -> None:
+    """A forked child gets a free lock: the parent's may have been held by another thread."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_lock)
 _library: ctypes.CDLL | None = None
 #: The worker threads and the process that made them: a forked child inherits the pool
 #: object but not its threads, and work sent to it would never run.
@@ -131,58 +177,95 @@ class KernelUnavailable(RuntimeError):
     """No C compiler, or the compile failed: the caller uses torch's ops instead."""
 
 
-def compiler() -> str:
-    """The C compiler: ``$CC``, else ``cc``, ``gcc`` or ``clang`` on the PATH."""
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
+def compiler() -> list[str]:
+    """The C compiler's command: ``$CC`` (split like a shell would: ``ccache gcc`` works),
+    else ``cc``, ``gcc`` or ``clang`` on the PATH."""
+    chosen = os.environ.get("CC", "").strip()
+    if chosen:
+        command = shlex.split(chosen)
+        if not shutil.which(command[0]):
+            raise KernelUnavailable(f"$CC is {chosen!r}, and {command[0]!r} is not found")
+        return command
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return [name]
     raise KernelUnavailable("no C compiler found ($CC, cc, gcc or clang)")
 
 
+def _version(command: list[str]) -> str:
+    """The compiler's ``--version`` banner: an upgraded compiler builds afresh."""
+    try:
+        done = subprocess.run(
+            [*command, "--version"], capture_output=True, text=True, check=False, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KernelUnavailable(f"{shlex.join(command)} --version failed: {exc}") from exc
+    return done.stdout
+
+
 def _cache_dir() -> Path:
-    """``$SLM_LENS_CACHE/kernels`` (or ~/.cache/slm-lens/kernels); a private temporary
-    directory where that is not writable."""
-    root = Path(os.environ.get("SLM_LENS_CACHE", Path.home() / ".cache" / "slm-lens"))
-    path = root / "kernels"
+    """``$SLM_LENS_CACHE/kernels`` (or ~/.cache/slm-lens/kernels); where that cannot be
+    written, one private directory per user under the system's temporary directory."""
+    root = os.environ.get("SLM_LENS_CACHE", "").strip()
+    path = Path(root or Path.home() / ".cache" / "slm-lens") / "kernels"
     try:
         path.mkdir(parents=True, exist_ok=True)
         if os.access(path, os.W_OK):
             return path
     except OSError:
         pass
-    return Path(tempfile.mkdtemp(prefix="slm-lens-kernels-"))
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    path = Path(tempfile.gettempdir()) / f"slm-lens-kernels-{uid}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
 
 
-def build() -> Path:
-    """Compile the loop into a shared library, once per source, flags, compiler and
-    machine (a cache shared over NFS by x86 and ARM nodes keeps one of each)."""
-    cc = compiler()
+def build(rebuild: bool = False) -> Path:
+    """Compile the loop into a shared library, once per source, flags, compiler (and its
+    version) and machine: a cache shared over NFS by x86 and ARM nodes keeps one of each.
+    ``rebuild``: replace a cached library that would not load."""
+    command = compiler()
     key = hashlib.sha256(
-        "\0".join([SOURCE, *CFLAGS, cc, platform.machine(), platform.system()]).encode()
+        "\0".join(
+            [SOURCE, *CFLAGS, *command, _version(command), platform.machine(), platform.system()]
+        ).encode()
     ).hexdigest()[:16]
     directory = _cache_dir()
     target = directory / f"entry_dots-{key}.so"
-    if target.exists():
+    if target.exists() and not rebuild:
         return target
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         src = Path(tmp) / "entry_dots.c"
         src.write_text(SOURCE)
         out = Path(tmp) / target.name
-        done = subprocess.run(
-            [cc, *CFLAGS, "-o", str(out), str(src)], capture_output=True, text=True, check=False
-        )
-        if done.returncode != 0:
-            raise KernelUnavailable(f"{cc} failed to compile the exact-dots loop: {done.stderr}")
+        try:
+            done = subprocess.run(
+                [*command, *CFLAGS, "-o", str(out), str(src)],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=600,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise KernelUnavailable(f"{shlex.join(command)} could not run: {exc}") from exc
+        if done.returncode != 0 or not out.exists():
+            raise KernelUnavailable(
+                f"{shlex.join(command)} failed to compile the exact-dots loop: {done.stderr}"
+            )
         os.replace(out, target)  # atomic: a concurrent process sees all of it or none
     return target
 
 
 def library() -> ctypes.CDLL:
-    """The compiled loop, built and loaded on first use (thread-safe)."""
+    """The compiled loop, built and loaded on first use (thread-safe). A cached library
+    that does not load (truncated, or from an incompatible build) is rebuilt once."""
     global _library
     with _lock:
         if _library is None:
-            lib = ctypes.CDLL(str(build()))
+            try:
+                lib = ctypes.CDLL(str(build()))
+            except OSError:
+                lib = ctypes.CDLL(str(build(rebuild=True)))
             fn = lib.entry_dots
             fn.restype = ctypes.c_int
             p, i64 = ctypes.c_void_p, ctypes.c_int64
@@ -228,6 +311,19 @@ def entry_dots(
             f"entry_dots takes CPU tensors of one dtype in {list(DTYPES)}, not "
             f"{h.dtype} on {h.device} and {unembed.dtype} on {unembed.device}"
         )
+    # The loop reads raw memory: every shape it relies on is checked first.
+    if h.dim() != 2 or unembed.dim() != 2 or h.shape[1] != unembed.shape[1]:
+        raise ValueError(
+            f"entry_dots takes h [R, d] and unembed [V, d], not {list(h.shape)} and "
+            f"{list(unembed.shape)}"
+        )
+    for name, idx in (("rows", rows), ("cols", cols)):
+        if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+            raise ValueError(
+                f"{name} must be a 1-D integer tensor, not {idx.dtype} {list(idx.shape)}"
+            )
+    if len(rows) != len(cols):
+        raise ValueError(f"{len(rows)} rows against {len(cols)} cols")
     e, d = len(rows), h.shape[1]
     out = torch.empty(e, dtype=torch.float64)
     if e == 0:
