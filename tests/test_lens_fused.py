@@ -339,9 +339,42 @@ def test_rank_free_calls_use_model_dtype_logits_and_stay_exact(dtype, monkeypatc
     inputs = LensInputs(
         **{**wide.__dict__, "targets": None, "pool_targets": None, "pool_groups": None}
     )
-    got = chunked_lens(inputs, row_chunk=16, vocab_chunk=512)
+    got = chunked_lens(inputs, row_chunk=16, vocab_chunk=512, low_precision=True)
     assert calls, "the rank-free path did not run"
     check_exact(inputs, got, 512)
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_rank_free_calls_take_the_gemm_this_cpu_runs_faster(pays, monkeypatch):
+    """Without AMX a bf16 GEMM can be slower than the fp32 one: left to itself
+    (``low_precision=None``) the engine takes the one measured faster, exact either way."""
+    import extractor.lens.chunked as chunked
+
+    wide = _wide_case(torch.bfloat16)
+    inputs = LensInputs(
+        **{**wide.__dict__, "targets": None, "pool_targets": None, "pool_groups": None}
+    )
+    monkeypatch.setitem(chunked._GEMM_CHOICE, (torch.bfloat16, inputs.unembed.shape[1]), pays)
+    calls = []
+    real = chunked.low_precision_logits
+    monkeypatch.setattr(
+        chunked, "low_precision_logits", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    got = chunked_lens(inputs, row_chunk=16, vocab_chunk=512)
+    assert bool(calls) == pays
+    check_exact(inputs, got, 512)
+
+
+def test_the_gemm_choice_is_measured_once_per_dtype_and_width(monkeypatch):
+    import extractor.lens.chunked as chunked
+
+    monkeypatch.setattr(chunked, "_GEMM_CHOICE", {})
+    w = torch.randn(100, 96).bfloat16()
+    first = chunked.low_precision_gemm_pays(w)
+    assert isinstance(first, bool) and {(torch.bfloat16, 96): first} == chunked._GEMM_CHOICE
+    monkeypatch.setattr(chunked, "_best_time", lambda fn: pytest.fail("measured twice"))
+    assert chunked.low_precision_gemm_pays(torch.randn(7, 96).bfloat16()) == first
+    assert chunked.low_precision_gemm_pays(w.float()) is False  # fp32 has no cheaper GEMM
 
 
 # Found by an independent review (each failed before its fix).
@@ -380,7 +413,7 @@ def test_rank_free_fp16_never_certifies_an_overflowed_gemm(sign):
     w[0, 0] = 256.0 * sign  # a logit of about +-65536
     w[50, 0] = 252.0 * sign
     inputs = LensInputs(hidden=h.half(), unembed=w.half(), k=2)
-    check_exact(inputs, chunked_lens(inputs))
+    check_exact(inputs, chunked_lens(inputs, low_precision=True))
 
 
 def test_norm_runs_on_the_model_dtype_and_once_for_all_rows():

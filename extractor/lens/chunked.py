@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -700,6 +701,7 @@ def chunked_lens(
     margin: int = 4,
     compile: bool = True,
     refine: bool = True,
+    low_precision: bool | None = None,
 ) -> LensResult:
     """Fused final-norm + unembedding + exact ranks/top-k/masses, chunked (see module doc).
 
@@ -711,12 +713,61 @@ def chunked_lens(
     falls back to eager with a warning). ``refine=False`` skips the
     exact recomputation of in-band entries: ranks are then only as good as fp32
     (tests use it to show that the refinement is what makes them exact).
+    ``low_precision``: whether a rank-free bf16/fp16 call takes its fast logits from one
+    GEMM in the model's dtype (True) or the fp32 one (False); None, where that GEMM is the
+    faster on this device (:func:`low_precision_gemm_pays`). Exact either way.
     """
     validate(inputs)
     rows_default, vocab_chunk = default_chunks(inputs.unembed.device, vocab_chunk)
     row_chunk = row_chunk or rows_default
+    if low_precision is None:
+        low_precision = low_precision_gemm_pays(inputs.unembed)
     with ieee_fp32_matmul():
-        return _run(inputs, row_chunk, vocab_chunk, margin, compile, refine)
+        return _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, low_precision)
+
+
+#: What :func:`low_precision_gemm_pays` measured, by (dtype, width), on this machine's CPU.
+_GEMM_CHOICE: dict[tuple[torch.dtype, int], bool] = {}
+
+
+def low_precision_gemm_pays(unembed: torch.Tensor) -> bool:
+    """Whether a GEMM in the model's dtype (bf16/fp16) beats the K-sliced fp32 GEMM here.
+
+    On a GPU, and on CPUs with AMX, it is several times faster (7x on the development
+    machine). Without AMX it can be slower: with oneDNN held to AVX-512 + bf16
+    (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``) a bf16 block took 24 ms against 16 ms in
+    fp32, and the rank-free path got 10% faster on fp32 (bench/README.md). So a CPU times
+    both once per process, dtype and width, on a [512 x 2,048] block (a few ms).
+    """
+    dtype, d = unembed.dtype, unembed.shape[1]
+    if unembed.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return unembed.device.type != "cpu"
+    if (dtype, d) not in _GEMM_CHOICE:
+        gen = torch.Generator().manual_seed(0)
+        h = torch.randn(512, d, generator=gen).to(dtype)
+        w = torch.randn(2048, d, generator=gen).to(dtype)
+        h32, w32, out = h.float(), w.float(), torch.empty(512, 2048)
+
+        def sliced() -> None:
+            for k0 in range(0, d, K_BLOCK):
+                torch.mm(h32[:, k0 : k0 + K_BLOCK], w32[:, k0 : k0 + K_BLOCK].T, out=out)
+
+        def low() -> None:
+            torch.mm(h, w.T)
+
+        with ieee_fp32_matmul():
+            _GEMM_CHOICE[dtype, d] = _best_time(low) < _best_time(sliced)
+    return _GEMM_CHOICE[dtype, d]
+
+
+def _best_time(fn: Callable[[], None], repeats: int = 3) -> float:
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def normed_rows(inputs: LensInputs) -> torch.Tensor:
@@ -734,7 +785,7 @@ def normed_rows(inputs: LensInputs) -> torch.Tensor:
     return h
 
 
-def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
+def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, low_precision) -> LensResult:
     device = inputs.unembed.device
     dtype = inputs.unembed.dtype
     n, k, v, d = inputs.n_rows, inputs.k, inputs.vocab_size, inputs.unembed.shape[1]
@@ -746,7 +797,7 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine) -> LensResult:
     ]
     reach = _reach(normed, w_max)
     limit = {torch.float16: 2.0**14, torch.bfloat16: 2.0**120}.get(dtype, 0.0)
-    low = rank_free_low_precision(inputs) and reach < limit
+    low = low_precision and rank_free_low_precision(inputs) and reach < limit
     # Low-precision logits have a wider band: more candidates keep rescans rare.
     kk = min(k + (2 * margin if low else margin), v)
     targets = inputs.resolved_targets().to(device).long()
