@@ -375,6 +375,10 @@ def test_the_gemm_choice_is_measured_once_per_dtype_and_width(monkeypatch):
     monkeypatch.setattr(chunked, "_best_time", lambda fn: pytest.fail("measured twice"))
     assert chunked.low_precision_gemm_pays(torch.randn(7, 96).bfloat16()) == first
     assert chunked.low_precision_gemm_pays(w.float()) is False  # fp32 has no cheaper GEMM
+    monkeypatch.setattr(chunked, "_GEMM_CHOICE", {})
+    ranked = LensInputs(hidden=torch.randn(3, 96), unembed=w, k=2, targets=torch.tensor([[1]] * 3))
+    chunked_lens(ranked)
+    assert chunked._GEMM_CHOICE == {}, "a call that asks ranks timed a GEMM it cannot take"
 
 
 # Found by an independent review (each failed before its fix).

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from extractor.lens import LensInputs, VocabSegments, fused_logit_lens
+from extractor.lens.contract import LensRangeError
 from extractor.lens.selfcheck import choose_engine
 
 
@@ -55,8 +56,8 @@ def test_a_disagreeing_engine_falls_back_with_a_warning(fault):
 @pytest.mark.parametrize("preferred", ["torch", "triton"])
 def test_a_disagreeing_exact_values_kernel_is_turned_off(monkeypatch, preferred):
     """The torch engine's exact values come from the C loop on a CPU (a Triton kernel on
-    CUDA). Made to disagree, the self-check turns the compiled kernels off for the process
-    and keeps the torch engine on torch's ops, which it checks again first."""
+    CUDA). Made to disagree, the self-check turns that kernel off for the process and keeps
+    the torch engine on torch's ops, which it checks again first."""
     from extractor.lens import cpu_exact, exact
     from extractor.lens.reference import reference_lens
 
@@ -68,15 +69,37 @@ def test_a_disagreeing_exact_values_kernel_is_turned_off(monkeypatch, preferred)
         raise RuntimeError("no kernel for this device")
 
     engines = {"torch": _torch, "triton": broken_triton}
-    with pytest.warns(UserWarning, match="kernels are now off: with torch's ops it agrees"):
+    with pytest.warns(UserWarning, match="kernel off, torch's ops agree"):
         check = choose_engine(_inputs(), preferred, engines)
     assert check.engine == "torch" and check.tried == preferred and not check.passed
-    assert "torch with torch's ops: agrees" in check.detail
-    assert not exact.compiled_kernels_enabled()
+    assert "C loop for exact lens values" in check.detail
+    assert not exact.kernel_enabled(exact.C_DOTS)
     inputs = _inputs()
     got, want = _torch(inputs), reference_lens(inputs)
     assert torch.equal(got.target_ranks, want.target_ranks)
     assert torch.equal(got.topk_ids, want.topk_ids)
+
+
+def test_a_kernel_that_is_not_the_cause_stays_on(monkeypatch):
+    """The fallback wrong on torch's ops too, or unable to run at all: the kernel is not
+    to blame and stays on; the disagreement is warned about and recorded."""
+    from extractor.lens import exact
+
+    monkeypatch.setattr(exact, "_FAILED_KERNELS", set())
+
+    def wrong(inputs):
+        res = _torch(inputs)
+        res.topk_ids = res.topk_ids.flip(1)
+        return res
+
+    def cannot(inputs):
+        raise LensRangeError("logits may reach 1e40")
+
+    for engine, says in ((wrong, "on torch's ops too"), (cannot, "LensRangeError")):
+        with pytest.warns(UserWarning, match=f"'torch' disagrees .*{says}"):
+            check = choose_engine(_inputs(), "torch", {"torch": engine})
+        assert check.engine == "torch" and not check.passed and says in check.detail
+        assert exact.kernel_enabled(exact.C_DOTS)
 
 
 def test_the_sample_keeps_only_the_pool_groups_its_rows_touch():

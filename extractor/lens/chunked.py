@@ -720,8 +720,8 @@ def chunked_lens(
     validate(inputs)
     rows_default, vocab_chunk = default_chunks(inputs.unembed.device, vocab_chunk)
     row_chunk = row_chunk or rows_default
-    if low_precision is None:
-        low_precision = low_precision_gemm_pays(inputs.unembed)
+    if low_precision is None:  # timed only by calls that could take it
+        low_precision = rank_free_low_precision(inputs) and low_precision_gemm_pays(inputs.unembed)
     with ieee_fp32_matmul():
         return _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, low_precision)
 
@@ -736,8 +736,11 @@ def low_precision_gemm_pays(unembed: torch.Tensor) -> bool:
     On a GPU, and on CPUs with AMX, it is several times faster (7x on the development
     machine). Without AMX it can be slower: with oneDNN held to AVX-512 + bf16
     (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``) a bf16 block took 24 ms against 16 ms in
-    fp32, and the rank-free path got 10% faster on fp32 (bench/README.md). So a CPU times
-    both once per process, dtype and width, on a [512 x 2,048] block (a few ms).
+    fp32, and the end-to-end bench got 13% faster on fp32 (bench/README.md). So a CPU times
+    both once per process, dtype and width, on a [512 x 2,048] block: each path's GEMM with
+    the copies and adds it makes per chunk (0.1 to 0.6 s in all on 2 cores). The pass
+    reads half the bytes of model-dtype logits, which the timing leaves out: a close call
+    goes to fp32.
     """
     dtype, d = unembed.dtype, unembed.shape[1]
     if unembed.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
@@ -746,11 +749,14 @@ def low_precision_gemm_pays(unembed: torch.Tensor) -> bool:
         gen = torch.Generator().manual_seed(0)
         h = torch.randn(512, d, generator=gen).to(dtype)
         w = torch.randn(2048, d, generator=gen).to(dtype)
-        h32, w32, out = h.float(), w.float(), torch.empty(512, 2048)
+        h32, out, part = h.float(), torch.empty(512, 2048), torch.empty(512, 2048)
 
-        def sliced() -> None:
-            for k0 in range(0, d, K_BLOCK):
-                torch.mm(h32[:, k0 : k0 + K_BLOCK], w32[:, k0 : k0 + K_BLOCK].T, out=out)
+        def sliced() -> None:  # as chunk_logits: an fp32 copy of W, sliced GEMMs, adds
+            w32 = w.float()
+            torch.mm(h32[:, :K_BLOCK], w32[:, :K_BLOCK].T, out=out)
+            for k0 in range(K_BLOCK, d, K_BLOCK):
+                torch.mm(h32[:, k0 : k0 + K_BLOCK], w32[:, k0 : k0 + K_BLOCK].T, out=part)
+                out.add_(part)
 
         def low() -> None:
             torch.mm(h, w.T)

@@ -219,21 +219,31 @@ def entry_dots_torch(
 
 
 #: Compiled kernels that failed to build in this process (each warned once), or that the
-#: self-check found disagreeing with the reference (:func:`disable_compiled_kernels`).
+#: self-check found disagreeing with the reference (:func:`set_kernel_enabled`).
 _FAILED_KERNELS: set[str] = set()
 TRITON_DOTS = "Triton kernel for exact lens values"
 C_DOTS = "C loop for exact lens values"
 
 
-def compiled_kernels_enabled() -> bool:
-    """Whether any compiled kernel for exact values may still run in this process."""
-    return not {TRITON_DOTS, C_DOTS} <= _FAILED_KERNELS
+def exact_values_kernel(device: torch.device | str) -> str:
+    """The compiled kernel that computes exact values on ``device``'s type."""
+    return TRITON_DOTS if torch.device(device).type == "cuda" else C_DOTS
 
 
-def disable_compiled_kernels() -> None:
-    """Exact values from torch's ops only, from now on in this process: what the
-    self-check falls back to when the engine disagrees with the reference on its device."""
-    _FAILED_KERNELS.update({TRITON_DOTS, C_DOTS})
+def kernel_enabled(name: str) -> bool:
+    """Whether ``name`` may run in this process (it has neither failed to build nor been
+    turned off)."""
+    return name not in _FAILED_KERNELS
+
+
+def set_kernel_enabled(name: str, enabled: bool) -> None:
+    """Turn a compiled kernel off (exact values from torch's ops from then on, in this
+    process) or back on: what the self-check does when the engine disagrees with the
+    reference on its device."""
+    if enabled:
+        _FAILED_KERNELS.discard(name)
+    else:
+        _FAILED_KERNELS.add(name)
 
 
 def compiled_or(

@@ -17,10 +17,11 @@ import torch
 
 from .contract import LensInputs, LensResult
 from .exact import (
-    compiled_kernels_enabled,
-    disable_compiled_kernels,
+    exact_values_kernel,
+    kernel_enabled,
     logsumexp_error_bound,
     mma_error_factor,
+    set_kernel_enabled,
 )
 from .reference import reference_lens
 
@@ -125,21 +126,24 @@ def choose_engine(
 ) -> SelfCheck:
     """Run ``preferred`` on a sample of ``inputs``; keep it if it agrees, else ``fallback``.
 
-    The fallback is checked too, on the same sample. Its exact values come from compiled
-    kernels (the C loop on a CPU, a Triton kernel on CUDA); if it disagrees, they are
-    turned off for the process (:func:`~.exact.disable_compiled_kernels`) and it is checked
-    again with torch's ops, which the reference shares. The result says what was kept.
+    The fallback is checked too, on the same sample, and a disagreement warns. Its exact
+    values come from a compiled kernel (the C loop on a CPU, a Triton kernel on CUDA): if
+    it returned numbers that disagree, that kernel is turned off for the process and the
+    fallback checked again on torch's ops, which the reference shares; if those disagree
+    too, the kernel was not the cause and is turned back on. The result says what was kept.
     """
     probe = sample(inputs)
     ref = reference_lens(probe)
 
-    def check(name: str) -> tuple[bool, float, str]:
+    def check(name: str) -> tuple[bool, float, str, bool]:
+        """(agrees, worst lse error, detail, whether the engine returned numbers)."""
         try:
-            return compare(probe, engines[name](probe), lse_bound(name, probe), ref)
+            got = engines[name](probe)
         except Exception as exc:  # an engine that cannot even run here is a failed check
-            return False, float("nan"), f"{type(exc).__name__}: {exc}"
+            return False, float("nan"), f"{type(exc).__name__}: {exc}", False
+        return (*compare(probe, got, lse_bound(name, probe), ref), True)
 
-    ok, worst, detail = check(preferred)
+    ok, worst, detail, ran = check(preferred)
     if ok:
         return SelfCheck(preferred, preferred, ok, worst, detail)
     if preferred != fallback:
@@ -148,18 +152,24 @@ def choose_engine(
             f"({detail}); using the {fallback!r} engine",
             stacklevel=2,
         )
-        fallback_ok, _, fallback_detail = check(fallback)
+        fallback_ok, _, fallback_detail, ran = check(fallback)
     else:
         fallback_ok, fallback_detail = ok, detail
-    if not fallback_ok and compiled_kernels_enabled():
-        disable_compiled_kernels()
-        fallback_ok, _, plain = check(fallback)
-        warnings.warn(
-            f"lens engine {fallback!r} disagrees with the float64 reference on this device "
-            f"({fallback_detail}); its compiled exact-value kernels are now off: with "
-            f"torch's ops it {'agrees' if fallback_ok else 'still disagrees (' + plain + ')'}",
-            stacklevel=2,
-        )
-        detail += f"; {fallback} with compiled kernels: {fallback_detail}"
-        detail += f"; {fallback} with torch's ops: {'agrees' if fallback_ok else plain}"
+    if fallback_ok:
+        return SelfCheck(fallback, preferred, False, worst, detail)
+    note = f"{fallback}: {fallback_detail}"
+    kernel = exact_values_kernel(probe.unembed.device)
+    if ran and kernel_enabled(kernel):
+        set_kernel_enabled(kernel, False)
+        plain_ok, _, plain, _ = check(fallback)
+        if plain_ok:
+            note = f"{fallback} with the {kernel}: {fallback_detail}; kernel off, torch's ops agree"
+        else:
+            set_kernel_enabled(kernel, True)  # not the cause
+            note += f" (on torch's ops too: {plain})"
+    warnings.warn(
+        f"lens engine {fallback!r} disagrees with the float64 reference on this device: {note}",
+        stacklevel=2,
+    )
+    detail = note if preferred == fallback else f"{detail}; {note}"
     return SelfCheck(fallback, preferred, False, worst, detail)
