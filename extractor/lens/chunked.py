@@ -766,7 +766,7 @@ def low_precision_gemm_pays(unembed: torch.Tensor) -> bool:
     return _GEMM_CHOICE[dtype, d]
 
 
-def _best_time(fn: Callable[[], None], repeats: int = 3) -> float:
+def _best_time(fn: Callable[[], None], repeats: int = 5) -> float:
     fn()
     best = math.inf
     for _ in range(repeats):
