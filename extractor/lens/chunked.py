@@ -748,25 +748,17 @@ def low_precision_gemm_pays(unembed: torch.Tensor) -> bool:
     if (dtype, d) not in _GEMM_CHOICE:
         gen = torch.Generator().manual_seed(0)
         h = torch.randn(512, d, generator=gen).to(dtype)
-        w = torch.randn(2048, d, generator=gen).to(dtype)
-        h32, out, part = h.float(), torch.empty(512, 2048), torch.empty(512, 2048)
-
-        def sliced() -> None:  # as chunk_logits: an fp32 copy of W, sliced GEMMs, adds
-            w32 = w.float()
-            torch.mm(h32[:, :K_BLOCK], w32[:, :K_BLOCK].T, out=out)
-            for k0 in range(K_BLOCK, d, K_BLOCK):
-                torch.mm(h32[:, k0 : k0 + K_BLOCK], w32[:, k0 : k0 + K_BLOCK].T, out=part)
-                out.add_(part)
-
-        def low() -> None:
-            torch.mm(h, w.T)
-
+        probe = LensInputs(hidden=h, unembed=torch.randn(2048, d, generator=gen).to(dtype), k=1)
+        scratch, h32 = Scratch(), h.float()
+        # Each path's own per-chunk code: the fp32 one copies W and adds its K-slices.
+        low = partial(low_precision_logits, h, 0, 2048, probe, scratch, need_max=False)
+        sliced = partial(chunk_logits, h32, 0, 2048, probe, scratch)
         with ieee_fp32_matmul():
             _GEMM_CHOICE[dtype, d] = _best_time(low) < _best_time(sliced)
     return _GEMM_CHOICE[dtype, d]
 
 
-def _best_time(fn: Callable[[], None], repeats: int = 5) -> float:
+def _best_time(fn: Callable[[], object], repeats: int = 5) -> float:
     fn()
     best = math.inf
     for _ in range(repeats):

@@ -254,7 +254,7 @@ def compiled_or(
 ) -> T:
     """``kernel()``, or ``fallback()`` (torch's ops: the same results, slower) once the
     kernel has failed to build with one of ``failures``: one warning a process."""
-    if name not in _FAILED_KERNELS:
+    if kernel_enabled(name):
         try:
             return kernel()
         except failures as exc:
