@@ -93,20 +93,23 @@ def _in_dtype(inputs: LensInputs, dtype: torch.dtype) -> LensInputs:
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(lens_cases(), st.sampled_from(DTYPES))
-def test_exact_in_every_dtype(case, dtype):
+@given(lens_cases(), st.sampled_from(DTYPES), st.data())
+def test_exact_in_every_dtype(case, dtype, data):
+    """Each GEMM the call can take, whichever this CPU would choose."""
     inputs, row_chunk, vocab_chunk = case
     inputs = _in_dtype(inputs, dtype)
-    got = chunked_lens(inputs, row_chunk=row_chunk, vocab_chunk=vocab_chunk)
+    gemm = data.draw(st.sampled_from(chunked.gemm_choices(inputs)), label="gemm")
+    got = chunked_lens(inputs, row_chunk=row_chunk, vocab_chunk=vocab_chunk, gemm=gemm)
     check_exact(inputs, got, vocab_chunk)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(lens_cases(), st.sampled_from(DTYPES), st.integers(0, 2**31 - 1))
-def test_exact_with_planted_ties_and_targets_at_rank_k(case, dtype, seed):
+@given(lens_cases(), st.sampled_from(DTYPES), st.integers(0, 2**31 - 1), st.data())
+def test_exact_with_planted_ties_and_targets_at_rank_k(case, dtype, seed, data):
     inputs, row_chunk, vocab_chunk = case
     inputs = plant_ties(_in_dtype(inputs, dtype), seed)
-    got = chunked_lens(inputs, row_chunk=row_chunk, vocab_chunk=vocab_chunk)
+    gemm = data.draw(st.sampled_from(chunked.gemm_choices(inputs)), label="gemm")
+    got = chunked_lens(inputs, row_chunk=row_chunk, vocab_chunk=vocab_chunk, gemm=gemm)
     check_exact(inputs, got, vocab_chunk)
 
 
@@ -137,19 +140,35 @@ def _wide_case(dtype: torch.dtype) -> LensInputs:
     return plant_ties(inputs, 3)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_exact_at_model_width(dtype):
+#: (dtype, GEMM) pairs with ranks: IEEE fp32 in every dtype, oneDNN's bf16 mode for bf16.
+RANKED_GEMMS = [(dtype, chunked.IEEE) for dtype in DTYPES] + [(torch.bfloat16, chunked.BF16_MATH)]
+needs_bf16_math = pytest.mark.skipif(
+    not chunked.bf16_math_available(torch.zeros(1, 1, dtype=torch.bfloat16)),
+    reason="this torch has no oneDNN bf16 mode for fp32 GEMMs",
+)
+
+
+def _gemm_params():
+    return [
+        pytest.param(dtype, gemm, marks=[needs_bf16_math] if gemm == chunked.BF16_MATH else [])
+        for dtype, gemm in RANKED_GEMMS
+    ]
+
+
+@pytest.mark.parametrize("dtype,gemm", _gemm_params())
+def test_exact_at_model_width(dtype, gemm):
     inputs = _wide_case(dtype)
-    got = chunked_lens(inputs, row_chunk=16, vocab_chunk=512)
+    got = chunked_lens(inputs, row_chunk=16, vocab_chunk=512, gemm=gemm)
     check_exact(inputs, got, 512)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,gemm", _gemm_params())
 @pytest.mark.parametrize("d", [64, 576, 896, 3584])
-def test_the_fast_gemm_stays_inside_its_band(d, dtype):
+def test_the_fast_gemm_stays_inside_its_band(d, dtype, gemm):
     """|fast - exact| <= band for every entry, on rows built to make fp32 accumulation err:
     a few massive activations (as real residual streams have) over many small terms, and
-    unembedding rows that cancel them."""
+    unembedding rows that cancel them. oneDNN's bf16 mode (AVX-512 BF16 or AMX, where the
+    CPU has them) keeps the IEEE band."""
     gen = torch.Generator().manual_seed(d)
     h = torch.randn(32, d, generator=gen)
     h[:, :3] *= 300
@@ -158,7 +177,7 @@ def test_the_fast_gemm_stays_inside_its_band(d, dtype):
     h, w = h.to(dtype), w.to(dtype)
     inputs = LensInputs(hidden=h, unembed=w, k=1)
     with chunked.ieee_fp32_matmul():
-        fast = chunked.chunk_logits(h.float(), 0, len(w), inputs)
+        fast = chunked.chunk_logits(h.float(), 0, len(w), inputs, bf16_math=gemm != chunked.IEEE)
     want = h.double() @ w.double().T
     norms = h.double().norm(dim=1)
     w_max = float(w.double().norm(dim=1).max())
@@ -339,46 +358,77 @@ def test_rank_free_calls_use_model_dtype_logits_and_stay_exact(dtype, monkeypatc
     inputs = LensInputs(
         **{**wide.__dict__, "targets": None, "pool_targets": None, "pool_groups": None}
     )
-    got = chunked_lens(inputs, row_chunk=16, vocab_chunk=512, low_precision=True)
+    got = chunked_lens(inputs, row_chunk=16, vocab_chunk=512, gemm=chunked.MODEL_DTYPE)
     assert calls, "the rank-free path did not run"
     check_exact(inputs, got, 512)
 
 
-@pytest.mark.parametrize("pays", [True, False])
-def test_rank_free_calls_take_the_gemm_this_cpu_runs_faster(pays, monkeypatch):
-    """Without AMX a bf16 GEMM can be slower than the fp32 one: left to itself
-    (``low_precision=None``) the engine takes the one measured faster, exact either way."""
-    import extractor.lens.chunked as chunked
-
+@pytest.mark.parametrize("ranked", [True, False], ids=["ranked", "rank-free"])
+@pytest.mark.parametrize(
+    "fastest",
+    [chunked.IEEE, pytest.param(chunked.BF16_MATH, marks=needs_bf16_math), chunked.MODEL_DTYPE],
+)
+def test_each_call_takes_the_fastest_gemm_it_can(fastest, ranked, monkeypatch):
+    """Which GEMM is fastest depends on the CPU's matrix units (a bf16 GEMM is 7x faster
+    than fp32 with AMX, 4.8x on AMD Zen 5, slower held to AVX-512 BF16 on an Intel CPU):
+    left to itself the engine takes the one measured fastest among those the call's
+    contract allows (ranks rule out the model-dtype GEMM), exact either way."""
     wide = _wide_case(torch.bfloat16)
-    inputs = LensInputs(
-        **{**wide.__dict__, "targets": None, "pool_targets": None, "pool_groups": None}
-    )
-    monkeypatch.setitem(chunked._GEMM_CHOICE, (torch.bfloat16, inputs.unembed.shape[1]), pays)
-    calls = []
-    real = chunked.low_precision_logits
-    monkeypatch.setattr(
-        chunked, "low_precision_logits", lambda *a, **kw: calls.append(1) or real(*a, **kw)
-    )
+    inputs = wide if ranked else replace(wide, targets=None, pool_targets=None)
+    d = inputs.unembed.shape[1]
+    seconds = {chunked.IEEE: 2.0, chunked.BF16_MATH: 3.0, chunked.MODEL_DTYPE: 4.0, fastest: 1.0}
+    for gemm, s in seconds.items():
+        monkeypatch.setitem(chunked._GEMM_SECONDS, (gemm, torch.bfloat16, d), s)
+    ran = []
+    real_fp32, real_low = chunked.chunk_logits, chunked.low_precision_logits
+
+    def fp32(*args, **kwargs):
+        bf16 = args[6] if len(args) > 6 else kwargs.get("bf16_math", False)
+        ran.append(chunked.BF16_MATH if bf16 else chunked.IEEE)
+        return real_fp32(*args, **kwargs)
+
+    def low(*args, **kwargs):
+        ran.append(chunked.MODEL_DTYPE)
+        return real_low(*args, **kwargs)
+
+    monkeypatch.setattr(chunked, "chunk_logits", fp32)
+    monkeypatch.setattr(chunked, "low_precision_logits", low)
     got = chunked_lens(inputs, row_chunk=16, vocab_chunk=512)
-    assert bool(calls) == pays
+    want = chunked.IEEE if ranked and fastest == chunked.MODEL_DTYPE else fastest
+    assert set(ran) == {want}
     check_exact(inputs, got, 512)
 
 
-def test_the_gemm_choice_is_measured_once_per_dtype_and_width(monkeypatch):
-    import extractor.lens.chunked as chunked
-
-    monkeypatch.setattr(chunked, "_GEMM_CHOICE", {})
+def test_the_gemm_choice_is_measured_once_per_gemm_dtype_and_width(monkeypatch):
+    monkeypatch.setattr(chunked, "_GEMM_SECONDS", {})
     w = torch.randn(100, 96).bfloat16()
-    first = chunked.low_precision_gemm_pays(w)
-    assert isinstance(first, bool) and {(torch.bfloat16, 96): first} == chunked._GEMM_CHOICE
+    rank_free = LensInputs(hidden=torch.randn(3, 96), unembed=w, k=2)
+    first = chunked.fastest_gemm(rank_free)
+    choices = chunked.gemm_choices(rank_free)
+    assert first in choices and chunked.MODEL_DTYPE in choices
+    assert set(chunked._GEMM_SECONDS) == {(g, torch.bfloat16, 96) for g in choices}
+    real = chunked._best_time
     monkeypatch.setattr(chunked, "_best_time", lambda fn: pytest.fail("measured twice"))
-    assert chunked.low_precision_gemm_pays(torch.randn(7, 96).bfloat16()) == first
-    assert chunked.low_precision_gemm_pays(w.float()) is False  # fp32 has no cheaper GEMM
-    monkeypatch.setattr(chunked, "_GEMM_CHOICE", {})
-    ranked = LensInputs(hidden=torch.randn(3, 96), unembed=w, k=2, targets=torch.tensor([[1]] * 3))
+    assert chunked.fastest_gemm(replace(rank_free, unembed=torch.randn(7, 96).bfloat16())) == first
+    fp32 = LensInputs(hidden=torch.randn(3, 96), unembed=w.float(), k=2)
+    assert chunked.fastest_gemm(fp32) == chunked.IEEE  # the only one: nothing timed
+    monkeypatch.setattr(chunked, "_best_time", real)
+    monkeypatch.setattr(chunked, "_GEMM_SECONDS", {})
+    ranked = replace(rank_free, targets=torch.tensor([[1]] * 3))
     chunked_lens(ranked)
-    assert chunked._GEMM_CHOICE == {}, "a call that asks ranks timed a GEMM it cannot take"
+    assert all(g != chunked.MODEL_DTYPE for g, _, _ in chunked._GEMM_SECONDS), (
+        "a call that asks ranks timed a GEMM it cannot take"
+    )
+
+
+def test_a_gemm_the_call_cannot_take_is_a_named_error():
+    ranked = _wide_case(torch.float32)
+    with pytest.raises(ValueError, match="model-dtype"):
+        chunked_lens(ranked, gemm=chunked.MODEL_DTYPE)
+    with pytest.raises(ValueError, match="bf16-math"):
+        chunked_lens(ranked, gemm=chunked.BF16_MATH)  # fp32 weights are not bf16 values
+    with pytest.raises(ValueError, match="cannot give"):
+        chunked_lens(ranked, gemm="tf32")
 
 
 # Found by an independent review (each failed before its fix).
@@ -417,7 +467,7 @@ def test_rank_free_fp16_never_certifies_an_overflowed_gemm(sign):
     w[0, 0] = 256.0 * sign  # a logit of about +-65536
     w[50, 0] = 252.0 * sign
     inputs = LensInputs(hidden=h.half(), unembed=w.half(), k=2)
-    check_exact(inputs, chunked_lens(inputs, low_precision=True))
+    check_exact(inputs, chunked_lens(inputs, gemm=chunked.MODEL_DTYPE))
 
 
 def test_norm_runs_on_the_model_dtype_and_once_for_all_rows():

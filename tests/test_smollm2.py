@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from extractor.cli import main
 from extractor.lens import LensInputs, VocabSegments, fused_logit_lens, reference_logits
-from extractor.lens.chunked import chunked_lens
+from extractor.lens.chunked import MODEL_DTYPE, chunked_lens, gemm_choices
 from extractor.models import capture_layers, load_causal_lm, model_parts
 
 from .lens_checks import check_exact
@@ -56,9 +58,13 @@ def test_low_precision_lens_is_exact_on_real_hidden_states(smollm2_path, dtype):
     model = load_causal_lm(smollm2_path, dtype=dtype)
     inputs = _inputs(model, AutoTokenizer.from_pretrained(smollm2_path), slice(-3, None))
     assert inputs.hidden.dtype == dtype
-    # The model-dtype GEMM path itself, whether or not this CPU would choose it.
-    got = chunked_lens(inputs, low_precision=True)
-    check_exact(inputs, got)
+    # Every GEMM each call can take, whether or not this CPU would choose it: with ranks,
+    # IEEE fp32 and (bf16) oneDNN's bf16 mode; without, the model-dtype GEMM too.
+    rank_free = replace(inputs, targets=None, pool_targets=None)
+    assert MODEL_DTYPE in gemm_choices(rank_free)
+    for call in (inputs, rank_free):
+        for gemm in gemm_choices(call):
+            check_exact(call, chunked_lens(call, gemm=gemm))
 
 
 @pytest.mark.slow

@@ -46,12 +46,14 @@ from .contract import (
     validate,
 )
 from .exact import (
+    BF16_GEMM,
     K_BLOCK,
     bias_abs_max,
     default_chunks,
     entry_logits,
     error_band,
     exact_order,
+    kernel_enabled,
     rank_free_low_precision,
     remembered,
     round_down_f32,
@@ -177,6 +179,42 @@ def ieee_fp32_matmul() -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
 
 
+#: The GEMMs that can give a call its fast logits (``chunked_lens(gemm=...)``), each with
+#: its own proven band: K-sliced fp32 in IEEE arithmetic or in oneDNN's bf16 mode
+#: (:func:`chunk_logits`), or one GEMM in the model's dtype (:func:`low_precision_logits`,
+#: rank-free bf16/fp16 calls only).
+IEEE = "ieee"
+BF16_MATH = "bf16-math"
+MODEL_DTYPE = "model-dtype"
+
+
+def bf16_math_available(unembed: torch.Tensor) -> bool:
+    """Whether a model's fp32 GEMM may run in oneDNN's bf16 mode here: bf16 weights on a
+    CPU, a torch with the per-backend precision switch, and not turned off by the
+    self-check (:data:`~.exact.BF16_GEMM`)."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    return (
+        unembed.device.type == "cpu"
+        and unembed.dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and hasattr(matmul, "fp32_precision")
+        and kernel_enabled(BF16_GEMM)
+    )
+
+
+@contextlib.contextmanager
+def onednn_bf16_math() -> Iterator[None]:
+    """CPU fp32 GEMMs in oneDNN's bf16 mode while it lasts (inputs converted to bf16,
+    products summed in fp32, fp32 output), then the previous setting again."""
+    matmul = torch.backends.mkldnn.matmul
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
+
+
 class Scratch:
     """Reusable [rows x vocab-chunk] buffers, one a slot, for a whole call: fresh 16 MB
     blocks per chunk cost page faults that rivalled the GEMM itself."""
@@ -202,6 +240,7 @@ def chunk_logits(
     inputs: LensInputs,
     scratch: Scratch | None = None,
     columns: ColumnOrder | None = None,
+    bf16_math: bool = False,
 ) -> torch.Tensor:
     """Fast logits [R, c1 - c0]: fp32 GEMM of exact fp32 copies, then bias and soft-cap in fp32.
 
@@ -210,18 +249,30 @@ def chunk_logits(
     narrower at d=576 and 23x at d=3584 (:func:`~.exact.gemm_error_factor`), so that
     many fewer entries need float64. The result lives in ``scratch`` (valid until the
     next call) when one is given. ``columns``: which entries columns ``[c0, c1)`` are.
+
+    ``bf16_math`` (bf16 models on a CPU, :func:`bf16_math_available`): each slice's GEMM
+    runs in oneDNN's bf16 mode, on AVX-512 BF16 or AMX: 2.4x faster on AMD EPYC (Zen 5),
+    with the same band. The fp32 copies hold bf16 values, so the conversion back to bf16
+    is exact; a product of two bf16 values is exact in fp32; and VDPBF16PS and TDPBF16PS
+    add each product to an fp32 accumulator rounding to nearest (Intel's SDM; measured
+    bit for bit on Zen 5, bench/README.md), with subnormals flushed, which
+    :func:`~.exact.underflow_error` already covers. Any order of such additions keeps the
+    slice inside ``gamma_block``.
     """
+    if bf16_math and not bf16_math_available(inputs.unembed):
+        raise ValueError("oneDNN's bf16 mode is exact only for bf16 weights on a CPU")
     scratch = scratch or Scratch()
     columns = columns or ColumnOrder()
     rows, width = len(h32), c1 - c0
     w = columns.rows(inputs.unembed, c0, c1).float()
     logits = scratch.get(0, rows, width, h32.device)
-    torch.mm(h32[:, :K_BLOCK], w[:, :K_BLOCK].T, out=logits)
-    if h32.shape[1] > K_BLOCK:
-        part = scratch.get(1, rows, width, h32.device)
-        for k0 in range(K_BLOCK, h32.shape[1], K_BLOCK):
-            torch.mm(h32[:, k0 : k0 + K_BLOCK], w[:, k0 : k0 + K_BLOCK].T, out=part)
-            logits += part
+    with onednn_bf16_math() if bf16_math else contextlib.nullcontext():
+        torch.mm(h32[:, :K_BLOCK], w[:, :K_BLOCK].T, out=logits)
+        if h32.shape[1] > K_BLOCK:
+            part = scratch.get(1, rows, width, h32.device)
+            for k0 in range(K_BLOCK, h32.shape[1], K_BLOCK):
+                torch.mm(h32[:, k0 : k0 + K_BLOCK], w[:, k0 : k0 + K_BLOCK].T, out=part)
+                logits += part
     if inputs.bias is not None:
         logits += columns.rows(inputs.bias, c0, c1).float()
     if inputs.softcap is not None:
@@ -412,6 +463,7 @@ class _Scope:
     first: int  # first row of the scope in the chunk
     singletons: bool
     columns: ColumnOrder = ColumnOrder()  # the vocabulary entry of each logit column
+    bf16_math: bool = False  # how chunk_logits computes a rescan's fast logits
     #: A pooled scope's ``lens`` on the host, read once: every chunk pools with it, and
     #: reading a GPU tensor is a host sync (three a chunk before). Unused for singletons.
     sizes: list[int] | None = None
@@ -628,10 +680,13 @@ def _rescan_topk(scope, groups, kth, band, seg_chunks, h32):
         first=0,
         singletons=scope.singletons,
         columns=scope.columns,
+        bf16_math=scope.bf16_math,
     )
     found_g, found_c, found_v = [], [], []
     for c0, c1, _ in seg_chunks:
-        logits = chunk_logits(h32[rows], c0, c1, scope.inputs, columns=scope.columns)
+        logits = chunk_logits(
+            h32[rows], c0, c1, scope.inputs, columns=scope.columns, bf16_math=scope.bf16_math
+        )
         g_e, c_e = (local.pool(logits) >= lo).nonzero(as_tuple=True)
         ids = scope.columns.vocab(c_e + c0)
         found_g.append(g_e)
@@ -653,7 +708,9 @@ def _rescan_topk(scope, groups, kth, band, seg_chunks, h32):
     return ids.gather(1, order), vals.gather(1, order)
 
 
-def _row_scope(inputs, h, t64, columns: ColumnOrder = ColumnOrder()) -> _Scope:
+def _row_scope(
+    inputs, h, t64, columns: ColumnOrder = ColumnOrder(), bf16_math: bool = False
+) -> _Scope:
     r = len(h)
     return _Scope(
         inputs=inputs,
@@ -664,11 +721,12 @@ def _row_scope(inputs, h, t64, columns: ColumnOrder = ColumnOrder()) -> _Scope:
         first=0,
         singletons=True,
         columns=columns,
+        bf16_math=bf16_math,
     )
 
 
 def _pooled_scope(
-    inputs, h, groups, pool_targets, columns: ColumnOrder = ColumnOrder()
+    inputs, h, groups, pool_targets, columns: ColumnOrder = ColumnOrder(), bf16_math: bool = False
 ) -> tuple[_Scope, torch.Tensor]:
     """The chunk's pooled rows (a contiguous suffix, see :func:`row_chunks`) as a scope."""
     r = len(h)
@@ -688,6 +746,7 @@ def _pooled_scope(
         singletons=False,
         sizes=sizes,
         columns=columns,
+        bf16_math=bf16_math,
     )
     return scope, g_ids
 
@@ -701,7 +760,7 @@ def chunked_lens(
     margin: int = 4,
     compile: bool = True,
     refine: bool = True,
-    low_precision: bool | None = None,
+    gemm: str | None = None,
 ) -> LensResult:
     """Fused final-norm + unembedding + exact ranks/top-k/masses, chunked (see module doc).
 
@@ -713,49 +772,80 @@ def chunked_lens(
     falls back to eager with a warning). ``refine=False`` skips the
     exact recomputation of in-band entries: ranks are then only as good as fp32
     (tests use it to show that the refinement is what makes them exact).
-    ``low_precision``: whether a rank-free bf16/fp16 call takes its fast logits from one
-    GEMM in the model's dtype (True) or the fp32 one (False); None, where that GEMM is the
-    faster on this device (:func:`low_precision_gemm_pays`). Exact either way.
+    ``gemm``: which GEMM gives the fast logits (:data:`IEEE`, :data:`BF16_MATH`,
+    :data:`MODEL_DTYPE`; :func:`gemm_choices` says which this call can take); None, the
+    fastest of those on this device (:func:`fastest_gemm`). Exact either way.
     """
     validate(inputs)
     rows_default, vocab_chunk = default_chunks(inputs.unembed.device, vocab_chunk)
     row_chunk = row_chunk or rows_default
-    if low_precision is None:  # timed only by calls that could take it
-        low_precision = rank_free_low_precision(inputs) and low_precision_gemm_pays(inputs.unembed)
+    if gemm is None:  # times only the GEMMs this call can take
+        gemm = fastest_gemm(inputs)
+    elif gemm not in gemm_choices(inputs):
+        raise ValueError(
+            f"gemm={gemm!r} cannot give this call's fast logits; it can take "
+            f"{gemm_choices(inputs)} ({MODEL_DTYPE!r}: rank-free bf16/fp16 calls; "
+            f"{BF16_MATH!r}: bf16 weights on a CPU with oneDNN)"
+        )
     with ieee_fp32_matmul():
-        return _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, low_precision)
+        return _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, gemm)
 
 
-#: What :func:`low_precision_gemm_pays` measured, by (dtype, width), on this machine's CPU.
-_GEMM_CHOICE: dict[tuple[torch.dtype, int], bool] = {}
+def gemm_choices(inputs: LensInputs) -> list[str]:
+    """The GEMMs whose band this call's contract allows: IEEE fp32 always, oneDNN's bf16
+    mode for bf16 weights on a CPU, one GEMM in the model's dtype for rank-free bf16/fp16
+    calls."""
+    choices = [IEEE]
+    if bf16_math_available(inputs.unembed):
+        choices.append(BF16_MATH)
+    if rank_free_low_precision(inputs):
+        choices.append(MODEL_DTYPE)
+    return choices
 
 
-def low_precision_gemm_pays(unembed: torch.Tensor) -> bool:
-    """Whether a GEMM in the model's dtype (bf16/fp16) beats the K-sliced fp32 GEMM here.
+def fastest_gemm(inputs: LensInputs) -> str:
+    """The fastest GEMM this call can take on its device.
 
-    On a GPU, and on CPUs with AMX, it is several times faster (7x on the development
-    machine). Without AMX it can be slower: with oneDNN held to AVX-512 + bf16
-    (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``) a bf16 block took 24 ms against 16 ms in
-    fp32, and the end-to-end bench got 13% faster on fp32 (bench/README.md). So a CPU times
-    both once per process, dtype and width, on a [512 x 2,048] block: each path's GEMM with
-    the copies and adds it makes per chunk (0.1 to 0.6 s in all on 2 cores). The pass
-    reads half the bytes of model-dtype logits, which the timing leaves out: a close call
-    goes to fp32.
+    A GPU takes the model-dtype GEMM where it can (several times faster there), else IEEE
+    fp32. A CPU's ranking depends on its matrix units: on the development machine (AMX)
+    the model-dtype GEMM is 7x faster than IEEE fp32; on AMD EPYC (Zen 5, AVX-512 BF16)
+    4.8x, and oneDNN's bf16 mode 2.4x (bench/README.md); held to AVX-512 BF16 without AMX
+    on an Intel CPU, the bf16 GEMM was slower than fp32. So a CPU times each candidate
+    once per process, dtype and width (:func:`gemm_seconds`) and takes the fastest.
     """
-    dtype, d = unembed.dtype, unembed.shape[1]
-    if unembed.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
-        return unembed.device.type != "cpu"
-    if (dtype, d) not in _GEMM_CHOICE:
+    choices = gemm_choices(inputs)
+    if len(choices) == 1:
+        return choices[0]
+    if inputs.unembed.device.type != "cpu":
+        return MODEL_DTYPE if MODEL_DTYPE in choices else IEEE
+    dtype, d = inputs.unembed.dtype, inputs.unembed.shape[1]
+    return min(choices, key=lambda gemm: gemm_seconds(gemm, dtype, d))
+
+
+#: What :func:`gemm_seconds` measured on this machine's CPU, by (GEMM, dtype, width).
+_GEMM_SECONDS: dict[tuple[str, torch.dtype, int], float] = {}
+
+
+def gemm_seconds(gemm: str, dtype: torch.dtype, d: int) -> float:
+    """Best of 5 of one GEMM's per-chunk code on a [512 x 2,048] block, with the copies and
+    adds it makes (the fp32 ones copy W and add their K-slices), measured once per process
+    (0.02 to 0.2 s each on 2 cores). The pass reads half the bytes of model-dtype logits,
+    which the timing leaves out."""
+    key = (gemm, dtype, d)
+    if key not in _GEMM_SECONDS:
         gen = torch.Generator().manual_seed(0)
         h = torch.randn(512, d, generator=gen).to(dtype)
         probe = LensInputs(hidden=h, unembed=torch.randn(2048, d, generator=gen).to(dtype), k=1)
-        scratch, h32 = Scratch(), h.float()
-        # Each path's own per-chunk code: the fp32 one copies W and adds its K-slices.
-        low = partial(low_precision_logits, h, 0, 2048, probe, scratch, need_max=False)
-        sliced = partial(chunk_logits, h32, 0, 2048, probe, scratch)
+        scratch = Scratch()
+        if gemm == MODEL_DTYPE:
+            run = partial(low_precision_logits, h, 0, 2048, probe, scratch, need_max=False)
+        else:
+            run = partial(
+                chunk_logits, h.float(), 0, 2048, probe, scratch, bf16_math=gemm == BF16_MATH
+            )
         with ieee_fp32_matmul():
-            _GEMM_CHOICE[dtype, d] = _best_time(low) < _best_time(sliced)
-    return _GEMM_CHOICE[dtype, d]
+            _GEMM_SECONDS[key] = _best_time(run)
+    return _GEMM_SECONDS[key]
 
 
 def _best_time(fn: Callable[[], object], repeats: int = 5) -> float:
@@ -783,7 +873,7 @@ def normed_rows(inputs: LensInputs) -> torch.Tensor:
     return h
 
 
-def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, low_precision) -> LensResult:
+def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, gemm) -> LensResult:
     device = inputs.unembed.device
     dtype = inputs.unembed.dtype
     n, k, v, d = inputs.n_rows, inputs.k, inputs.vocab_size, inputs.unembed.shape[1]
@@ -795,7 +885,9 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, low_precision)
     ]
     reach = _reach(normed, w_max)
     limit = {torch.float16: 2.0**14, torch.bfloat16: 2.0**120}.get(dtype, 0.0)
-    low = low_precision and rank_free_low_precision(inputs) and reach < limit
+    # Beyond the model dtype's range its GEMM could overflow: IEEE fp32 then.
+    low = gemm == MODEL_DTYPE and reach < limit
+    bf16_math = gemm == BF16_MATH
     # Low-precision logits have a wider band: more candidates keep rescans rare.
     kk = min(k + (2 * margin if low else margin), v)
     targets = inputs.resolved_targets().to(device).long()
@@ -824,10 +916,11 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, low_precision)
         h = normed[rows]
         h32 = h.float()
         norms = h.double().norm(dim=1)
-        scopes = [_row_scope(inputs, h, target_logits(h, targets[rows], inputs), columns)]
+        t64 = target_logits(h, targets[rows], inputs)
+        scopes = [_row_scope(inputs, h, t64, columns, bf16_math)]
         g_ids = None
         if bool((groups[rows] >= 0).any()):
-            pooled, g_ids = _pooled_scope(inputs, h, groups[rows], pool_targets, columns)
+            pooled, g_ids = _pooled_scope(inputs, h, groups[rows], pool_targets, columns, bf16_math)
             scopes.append(pooled)
         states = [[_new_state(sc, device) for _ in names] for sc in scopes]
         lse_max = torch.full((len(names), len(rows)), NEG_INF, dtype=torch.float32, device=device)
@@ -842,7 +935,7 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, low_precision)
                 if out_max is not None:
                     band = error_band(norms, w_max[i], d, b_max[i], inputs.softcap, dtype, out_max)
             else:
-                logits = chunk_logits(h32, c0, c1, inputs, scratch, columns)
+                logits = chunk_logits(h32, c0, c1, inputs, scratch, columns, bf16_math)
                 band = error_band(norms, w_max[i], d, b_max[i], inputs.softcap)
             for scope, st in zip(scopes, states, strict=True):
                 scope_band = band

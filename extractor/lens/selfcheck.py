@@ -17,7 +17,7 @@ import torch
 
 from .contract import LensInputs, LensResult
 from .exact import (
-    exact_values_kernel,
+    device_kernels,
     kernel_enabled,
     logsumexp_error_bound,
     mma_error_factor,
@@ -126,11 +126,13 @@ def choose_engine(
 ) -> SelfCheck:
     """Run ``preferred`` on a sample of ``inputs``; keep it if it agrees, else ``fallback``.
 
-    The fallback is checked too, on the same sample, and a disagreement warns. Its exact
-    values come from a compiled kernel (the C loop on a CPU, a Triton kernel on CUDA): if
-    it returned numbers that disagree, that kernel is turned off for the process and the
-    fallback checked again on torch's ops, which the reference shares; if those disagree
-    too, the kernel was not the cause and is turned back on. The result says what was kept.
+    The fallback is checked too, on the same sample, and a disagreement warns. It trusts
+    kernels beyond torch's IEEE ops (:func:`~.exact.device_kernels`: its exact values from
+    the C loop on a CPU or a Triton kernel on CUDA; on a CPU, oneDNN's bf16 GEMM): if it
+    returned numbers that disagree, they are all turned off for the process and the
+    fallback checked again on torch's ops, which the reference shares. If those agree, each
+    kernel is turned back on and kept only if the fallback still agrees with it; if they
+    disagree too, the kernels were not the cause and stay on. The result says what was kept.
     """
     probe = sample(inputs)
     ref = reference_lens(probe)
@@ -158,14 +160,27 @@ def choose_engine(
     if fallback_ok:
         return SelfCheck(fallback, preferred, False, worst, detail)
     note = f"{fallback}: {fallback_detail}"
-    kernel = exact_values_kernel(probe.unembed.device)
-    if ran and kernel_enabled(kernel):
-        set_kernel_enabled(kernel, False)
+    kernels = [k for k in device_kernels(probe.unembed.device) if kernel_enabled(k)]
+    if ran and kernels:
+        for kernel in kernels:
+            set_kernel_enabled(kernel, False)
         plain_ok, _, plain, _ = check(fallback)
         if plain_ok:
-            note = f"{fallback} with the {kernel}: {fallback_detail}; kernel off, torch's ops agree"
+            off = []
+            for kernel in kernels:  # put back each one the fallback still agrees with
+                set_kernel_enabled(kernel, True)
+                if not check(fallback)[0]:
+                    set_kernel_enabled(kernel, False)
+                    off.append(kernel)
+            if not off or not check(fallback)[0]:  # only wrong together: keep all off
+                off = kernels
+                for kernel in kernels:
+                    set_kernel_enabled(kernel, False)
+            names = " and the ".join(off)
+            note = f"{fallback} with the {names}: {fallback_detail}; kernel off, torch's ops agree"
         else:
-            set_kernel_enabled(kernel, True)  # not the cause
+            for kernel in kernels:  # not the cause
+                set_kernel_enabled(kernel, True)
             note += f" (on torch's ops too: {plain})"
     warnings.warn(
         f"lens engine {fallback!r} disagrees with the float64 reference on this device: {note}",
