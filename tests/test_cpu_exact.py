@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,6 +160,30 @@ def test_a_forked_child_gets_threads_of_its_own():
         child.kill()
     assert not alive, "the forked child hung on the parent's thread pool"
     assert child.exitcode == 0 and queue.get(timeout=5)
+
+
+@needs_compiler
+def test_splits_run_on_torchs_openmp_team_where_it_is_the_only_runtime():
+    """torch's OpenMP threads spin after each op and took the second core from the pool's
+    thread (0.65 against 0.38 us an entry inside the lens on AMD EPYC, bench/README.md):
+    where the loop is built with OpenMP and binds to torch's libgomp, a split runs on
+    torch's team, with the same values."""
+    gen = torch.Generator().manual_seed(6)
+    h = torch.randn(16, 96, generator=gen).bfloat16()
+    rows = torch.randint(0, 16, (8 * cpu_exact.SPLIT_ENTRIES,), generator=gen)
+    got = cpu_exact.entry_dots(h, h, rows, rows.flip(0))
+    assert torch.equal(got, exact.entry_dots_torch(h, h, rows, rows.flip(0)))
+    lib = cpu_exact.library()
+    if sys.platform == "linux" and lib.built_with_openmp():
+        assert cpu_exact._team_pid == os.getpid(), "torch's libgomp was not recognised"
+    lib_dir = Path("/venv/torch/lib")
+    torchs = "7f00-7f01 r-xp 0 08:01 1 /venv/torch/lib/libgomp.so.1"
+    vendored = "7f02-7f03 r-xp 0 08:01 2 /venv/sentencepiece.libs/libgomp-6a29c32d.so.1.0.0"
+    system = "7f04-7f05 r-xp 0 08:01 3 /usr/lib/x86_64-linux-gnu/libgomp.so.1"
+    assert cpu_exact._shares_torchs_team(f"{torchs}\n{torchs}\n{vendored}\n", lib_dir)
+    assert not cpu_exact._shares_torchs_team(f"{torchs}\n{system}\n", lib_dir), "two"
+    assert not cpu_exact._shares_torchs_team(f"{system}\n", lib_dir), "torch's is not gomp"
+    assert not cpu_exact._shares_torchs_team("", lib_dir)
 
 
 @needs_compiler

@@ -15,8 +15,11 @@ plus element ``2j + 1``, the odd one out plus ``0.0``) exactly as ``ordered_sum`
 and the loop turns off the thread's flush-to-zero modes while it runs, so a subnormal
 input is never read as zero. It is C, compiled once per machine with the system's C
 compiler (``$CC``, else ``cc``) and loaded through :mod:`ctypes`, which releases the GIL,
-so the entries are split over torch's CPU threads. Without a compiler the caller falls
-back to torch's ops (:func:`~.exact.entry_dots_torch`): the same values, slower.
+so the entries are split over as many threads as torch uses: torch's own OpenMP team
+where the loop is built with OpenMP and the process holds that one runtime (torch's
+threads spin after each op, and took a core from a thread of ours), else Python threads.
+Without a compiler the caller falls back to torch's ops
+(:func:`~.exact.entry_dots_torch`): the same values, slower.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 
 /* Subnormals stay subnormals whatever the calling thread's mode: a thread that flushes
@@ -150,10 +156,43 @@ int entry_dots(const void *h, int64_t h_stride, const void *w, int64_t w_stride,
     free(buf);
     return 0;
 }
+
+/* entry_dots split over `threads` threads of the process's OpenMP team: torch's own, whose
+   threads spin after each torch op and would otherwise take the core from a thread of
+   ours. Without OpenMP, one thread. */
+int entry_dots_team(const void *h, int64_t h_stride, const void *w, int64_t w_stride,
+                    int dtype, int64_t d, const int64_t *rows, const int64_t *cols, int64_t n,
+                    double *out, int threads) {
+    int status = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) reduction(| : status)
+    {
+        int64_t parts = omp_get_num_threads(), t = omp_get_thread_num();
+        int64_t step = (n + parts - 1) / parts, a = t * step, b = a + step < n ? a + step : n;
+        if (a < b)
+            status |= entry_dots(h, h_stride, w, w_stride, dtype, d, rows + a, cols + a, b - a,
+                                 out + a);
+    }
+#else
+    (void)threads;
+    status = entry_dots(h, h_stride, w, w_stride, dtype, d, rows, cols, n, out);
+#endif
+    return status;
+}
+
+int built_with_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
 """
 
 #: Flags that fix the arithmetic: no contraction into FMAs, no reassociation.
 CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math")
+#: Added where the compiler has OpenMP, so that a split can run on torch's thread team.
+OPENMP = ("-fopenmp",)
 DTYPES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 
 _lock = threading.Lock()
@@ -168,6 +207,10 @@ def _fresh_lock() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_fresh_lock)
 _library: ctypes.CDLL | None = None
+#: The process whose splits run on its OpenMP team (:func:`_shares_torchs_team`), or None.
+#: Not a forked child's: its first parallel region in the library hung (libgomp's team
+#: is not rebuilt after a fork), so a child splits over Python threads.
+_team_pid: int | None = None
 #: The worker threads and the process that made them: a forked child inherits the pool
 #: object but not its threads, and work sent to it would never run.
 _pool: tuple[int, ThreadPoolExecutor] | None = None
@@ -220,14 +263,16 @@ def _cache_dir() -> Path:
     return path
 
 
-def build(rebuild: bool = False) -> Path:
+def build(rebuild: bool = False, openmp: bool = True) -> Path:
     """Compile the loop into a shared library, once per source, flags, compiler (and its
     version) and machine: a cache shared over NFS by x86 and ARM nodes keeps one of each.
-    ``rebuild``: replace a cached library that would not load."""
+    ``rebuild``: replace a cached library that would not load; ``openmp``: with
+    :data:`OPENMP` (a compiler without it fails, and the caller builds without)."""
     command = compiler()
+    flags = (*CFLAGS, *OPENMP) if openmp else CFLAGS
     key = hashlib.sha256(
         "\0".join(
-            [SOURCE, *CFLAGS, *command, _version(command), platform.machine(), platform.system()]
+            [SOURCE, *flags, *command, _version(command), platform.machine(), platform.system()]
         ).encode()
     ).hexdigest()[:16]
     directory = _cache_dir()
@@ -240,7 +285,7 @@ def build(rebuild: bool = False) -> Path:
         out = Path(tmp) / target.name
         try:
             done = subprocess.run(
-                [*command, *CFLAGS, "-o", str(out), str(src)],
+                [*command, *flags, "-o", str(out), str(src)],
                 capture_output=True,
                 text=True,
                 check=False,
@@ -256,22 +301,56 @@ def build(rebuild: bool = False) -> Path:
     return target
 
 
+def _load(openmp: bool) -> ctypes.CDLL:
+    """Build (or find) and load one variant; a cached library that does not load
+    (truncated, or from an incompatible build) is rebuilt once."""
+    try:
+        return ctypes.CDLL(str(build(openmp=openmp)))
+    except OSError:
+        return ctypes.CDLL(str(build(rebuild=True, openmp=openmp)))
+
+
 def library() -> ctypes.CDLL:
-    """The compiled loop, built and loaded on first use (thread-safe). A cached library
-    that does not load (truncated, or from an incompatible build) is rebuilt once."""
-    global _library
+    """The compiled loop, built and loaded on first use (thread-safe): with OpenMP where
+    the compiler has it and the library loads, else without."""
+    global _library, _team_pid
     with _lock:
         if _library is None:
             try:
-                lib = ctypes.CDLL(str(build()))
-            except OSError:
-                lib = ctypes.CDLL(str(build(rebuild=True)))
-            fn = lib.entry_dots
-            fn.restype = ctypes.c_int
-            p, i64 = ctypes.c_void_p, ctypes.c_int64
-            fn.argtypes = [p, i64, p, i64, ctypes.c_int, i64, p, p, i64, p]
+                lib = _load(openmp=True)
+            except (KernelUnavailable, OSError):
+                lib = _load(openmp=False)
+            p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+            lib.entry_dots.restype = lib.entry_dots_team.restype = i32
+            lib.entry_dots.argtypes = [p, i64, p, i64, i32, i64, p, p, i64, p]
+            lib.entry_dots_team.argtypes = [*lib.entry_dots.argtypes, i32]
+            if lib.built_with_openmp() and _shares_torchs_team():
+                _team_pid = os.getpid()
             _library = lib
     return _library
+
+
+def _shares_torchs_team(maps: str | None = None, torch_lib: Path | None = None) -> bool:
+    """Whether the library's OpenMP runtime is torch's own (``maps``: /proc/self/maps).
+
+    The library asks for ``libgomp.so.1``, which the loader finds among the objects already
+    loaded: on torch's Linux wheels, ``torch/lib/libgomp.so.1``. Then its splits run on
+    torch's threads. Anything else (a torch built with Intel's or LLVM's runtime, beside
+    which the library would bring the compiler's libgomp, each with its own spinning
+    threads) keeps the Python threads. Other copies under other names (sentencepiece
+    vendors ``libgomp-<hash>.so``) are separate runtimes that neither uses."""
+    if maps is None:
+        try:
+            maps = Path("/proc/self/maps").read_text()
+        except OSError:
+            return False
+    torch_lib = torch_lib or Path(torch.__file__).resolve().parent / "lib"
+    loaded = {
+        Path(line.split()[-1])
+        for line in maps.splitlines()
+        if line.split() and line.split()[-1].endswith("/libgomp.so.1")
+    }
+    return loaded == {torch_lib / "libgomp.so.1"}
 
 
 def _threads() -> ThreadPoolExecutor:
@@ -338,24 +417,32 @@ def entry_dots(
             raise IndexError(f"{name} index {lo if lo < 0 else hi} out of range [0, {bound})")
     parts = max(1, min(torch.get_num_threads(), e // SPLIT_ENTRIES))
     step = -(-e // parts)
+    operands = (h.data_ptr(), h.stride(0), unembed.data_ptr(), unembed.stride(0))
 
     def run(a: int) -> int:
         b = min(e, a + step)
+        rows_at, cols_at, out_at = rows.data_ptr() + 8 * a, cols.data_ptr() + 8 * a, out.data_ptr()
         return lib.entry_dots(
-            h.data_ptr(),
-            h.stride(0),
-            unembed.data_ptr(),
-            unembed.stride(0),
-            DTYPES[h.dtype],
-            d,
-            rows.data_ptr() + 8 * a,
-            cols.data_ptr() + 8 * a,
-            b - a,
-            out.data_ptr() + 8 * a,
+            *operands, DTYPES[h.dtype], d, rows_at, cols_at, b - a, out_at + 8 * a
         )
 
-    starts = range(0, e, step)
-    codes = list(_threads().map(run, starts)) if parts > 1 else [run(0)]
+    if parts > 1 and _team_pid == os.getpid():  # torch's threads, which would spin beside ours
+        codes = [
+            lib.entry_dots_team(
+                *operands,
+                DTYPES[h.dtype],
+                d,
+                rows.data_ptr(),
+                cols.data_ptr(),
+                e,
+                out.data_ptr(),
+                parts,
+            )
+        ]
+    elif parts > 1:
+        codes = list(_threads().map(run, range(0, e, step)))
+    else:
+        codes = [run(0)]
     if any(codes):
         raise MemoryError("the exact-dots loop could not allocate its row buffers")
     return out
