@@ -140,18 +140,17 @@ def _wide_case(dtype: torch.dtype) -> LensInputs:
     return plant_ties(inputs, 3)
 
 
-#: (dtype, GEMM) pairs with ranks: IEEE fp32 in every dtype, oneDNN's bf16 mode for bf16.
-RANKED_GEMMS = [(dtype, chunked.IEEE) for dtype in DTYPES] + [(torch.bfloat16, chunked.BF16_MATH)]
-needs_bf16_math = pytest.mark.skipif(
-    not chunked.bf16_math_available(torch.zeros(1, 1, dtype=torch.bfloat16)),
-    reason="this torch has no oneDNN bf16 mode for fp32 GEMMs",
+#: Every dtype with each fp32-output GEMM: torch's BLAS and, where torch has it, oneDNN.
+needs_onednn = pytest.mark.skipif(
+    not chunked.onednn_available(torch.zeros(1, 1)), reason="this torch has no oneDNN"
 )
 
 
 def _gemm_params():
     return [
-        pytest.param(dtype, gemm, marks=[needs_bf16_math] if gemm == chunked.BF16_MATH else [])
-        for dtype, gemm in RANKED_GEMMS
+        pytest.param(dtype, gemm, marks=[needs_onednn] if gemm == chunked.ONEDNN else [])
+        for dtype in DTYPES
+        for gemm in (chunked.IEEE, chunked.ONEDNN)
     ]
 
 
@@ -167,8 +166,7 @@ def test_exact_at_model_width(dtype, gemm):
 def test_the_fast_gemm_stays_inside_its_band(d, dtype, gemm):
     """|fast - exact| <= band for every entry, on rows built to make fp32 accumulation err:
     a few massive activations (as real residual streams have) over many small terms, and
-    unembedding rows that cancel them. oneDNN's bf16 mode (AVX-512 BF16 or AMX, where the
-    CPU has them) keeps the IEEE band."""
+    unembedding rows that cancel them. oneDNN's fp32 GEMM keeps the same band."""
     gen = torch.Generator().manual_seed(d)
     h = torch.randn(32, d, generator=gen)
     h[:, :3] *= 300
@@ -177,7 +175,7 @@ def test_the_fast_gemm_stays_inside_its_band(d, dtype, gemm):
     h, w = h.to(dtype), w.to(dtype)
     inputs = LensInputs(hidden=h, unembed=w, k=1)
     with chunked.ieee_fp32_matmul():
-        fast = chunked.chunk_logits(h.float(), 0, len(w), inputs, bf16_math=gemm != chunked.IEEE)
+        fast = chunked.chunk_logits(h.float(), 0, len(w), inputs, onednn=gemm == chunked.ONEDNN)
     want = h.double() @ w.double().T
     norms = h.double().norm(dim=1)
     w_max = float(w.double().norm(dim=1).max())
@@ -366,7 +364,7 @@ def test_rank_free_calls_use_model_dtype_logits_and_stay_exact(dtype, monkeypatc
 @pytest.mark.parametrize("ranked", [True, False], ids=["ranked", "rank-free"])
 @pytest.mark.parametrize(
     "fastest",
-    [chunked.IEEE, pytest.param(chunked.BF16_MATH, marks=needs_bf16_math), chunked.MODEL_DTYPE],
+    [chunked.IEEE, pytest.param(chunked.ONEDNN, marks=needs_onednn), chunked.MODEL_DTYPE],
 )
 def test_each_call_takes_the_fastest_gemm_it_can(fastest, ranked, monkeypatch):
     """Which GEMM is fastest depends on the CPU's matrix units (a bf16 GEMM is 7x faster
@@ -376,15 +374,15 @@ def test_each_call_takes_the_fastest_gemm_it_can(fastest, ranked, monkeypatch):
     wide = _wide_case(torch.bfloat16)
     inputs = wide if ranked else replace(wide, targets=None, pool_targets=None)
     d = inputs.unembed.shape[1]
-    seconds = {chunked.IEEE: 2.0, chunked.BF16_MATH: 3.0, chunked.MODEL_DTYPE: 4.0, fastest: 1.0}
+    seconds = {chunked.IEEE: 2.0, chunked.ONEDNN: 3.0, chunked.MODEL_DTYPE: 4.0, fastest: 1.0}
     for gemm, s in seconds.items():
         monkeypatch.setitem(chunked._GEMM_SECONDS, (gemm, torch.bfloat16, d), s)
     ran = []
     real_fp32, real_low = chunked.chunk_logits, chunked.low_precision_logits
 
     def fp32(*args, **kwargs):
-        bf16 = args[6] if len(args) > 6 else kwargs.get("bf16_math", False)
-        ran.append(chunked.BF16_MATH if bf16 else chunked.IEEE)
+        onednn = args[6] if len(args) > 6 else kwargs.get("onednn", False)
+        ran.append(chunked.ONEDNN if onednn else chunked.IEEE)
         return real_fp32(*args, **kwargs)
 
     def low(*args, **kwargs):
@@ -411,7 +409,9 @@ def test_the_gemm_choice_is_measured_once_per_gemm_dtype_and_width(monkeypatch):
     monkeypatch.setattr(chunked, "_best_time", lambda fn: pytest.fail("measured twice"))
     assert chunked.fastest_gemm(replace(rank_free, unembed=torch.randn(7, 96).bfloat16())) == first
     fp32 = LensInputs(hidden=torch.randn(3, 96), unembed=w.float(), k=2)
-    assert chunked.fastest_gemm(fp32) == chunked.IEEE  # the only one: nothing timed
+    assert chunked.MODEL_DTYPE not in chunked.gemm_choices(fp32)  # no cheaper dtype
+    monkeypatch.setattr(exact, "_FAILED_KERNELS", {exact.ONEDNN_GEMM})
+    assert chunked.fastest_gemm(fp32) == chunked.IEEE  # the only one left: nothing timed
     monkeypatch.setattr(chunked, "_best_time", real)
     monkeypatch.setattr(chunked, "_GEMM_SECONDS", {})
     ranked = replace(rank_free, targets=torch.tensor([[1]] * 3))
@@ -425,8 +425,6 @@ def test_a_gemm_the_call_cannot_take_is_a_named_error():
     ranked = _wide_case(torch.float32)
     with pytest.raises(ValueError, match="model-dtype"):
         chunked_lens(ranked, gemm=chunked.MODEL_DTYPE)
-    with pytest.raises(ValueError, match="bf16-math"):
-        chunked_lens(ranked, gemm=chunked.BF16_MATH)  # fp32 weights are not bf16 values
     with pytest.raises(ValueError, match="cannot give"):
         chunked_lens(ranked, gemm="tf32")
 
@@ -455,6 +453,49 @@ def test_hidden_states_below_fp32s_normal_range_stay_exact(dtype, scale):
     wrong at 2^-70 and 2^-75)."""
     inputs = tiny_case(dtype, scale)
     check_exact(inputs, chunked_lens(inputs))
+
+
+def test_users_of_torchs_per_backend_precision_switches_keep_them(monkeypatch):
+    """A user who had set precision through ``torch.backends.*.matmul.fp32_precision``
+    made every lens call raise (torch's legacy getter refuses mixed settings; found by a
+    review). The call now runs its GEMMs in IEEE fp32 and gives the settings back."""
+    cuda, mkldnn = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    if not hasattr(mkldnn, "fp32_precision"):
+        pytest.skip("this torch has no per-backend precision switches")
+    seen = []
+    real = chunked.chunk_logits
+    monkeypatch.setattr(
+        chunked,
+        "chunk_logits",
+        lambda *a, **kw: (
+            seen.append((cuda.fp32_precision, mkldnn.fp32_precision)) or real(*a, **kw)
+        ),
+    )
+    before = (cuda.fp32_precision, mkldnn.fp32_precision)
+    try:
+        cuda.fp32_precision, mkldnn.fp32_precision = "tf32", "bf16"
+        inputs = _wide_case(torch.float32)
+        check_exact(inputs, chunked_lens(inputs, row_chunk=16, vocab_chunk=512), 512)
+        assert (cuda.fp32_precision, mkldnn.fp32_precision) == ("tf32", "bf16")
+    finally:
+        cuda.fp32_precision, mkldnn.fp32_precision = before
+    assert seen and set(seen) == {("ieee", "ieee")}
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("scale", [488.0, 100.0, 10.0])
+def test_a_chunk_with_no_finite_logit_after_very_negative_ones_adds_nothing(scale, compile):
+    """A row whose finite logits lie below -88 followed by a chunk masked by -inf bias: the
+    online log-sum-exp took 0 * exp(325) = NaN (found by a review)."""
+    inputs = LensInputs(
+        hidden=torch.tensor([[scale]]).bfloat16(),
+        unembed=torch.tensor([[-0.66796875], [0.921875]]).bfloat16(),
+        k=2,
+        bias=torch.tensor([0.625, float("-inf")]).bfloat16(),
+    )
+    got = chunked_lens(inputs, vocab_chunk=1, compile=compile)
+    assert torch.isfinite(got.logsumexp).all(), got.logsumexp
+    check_exact(inputs, got, 1)
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])

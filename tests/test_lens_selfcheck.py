@@ -80,21 +80,21 @@ def test_a_disagreeing_exact_values_kernel_is_turned_off(monkeypatch, preferred)
     assert torch.equal(got.topk_ids, want.topk_ids)
 
 
-def test_a_disagreeing_bf16_gemm_is_turned_off_and_the_c_loop_kept(monkeypatch):
-    """oneDNN's bf16 mode is trusted to round to nearest (Intel's SDM). A CPU where it
-    did not would give fast logits outside their band: made to err by far more than the
-    band, the self-check turns that GEMM off and keeps the C loop, which still agrees."""
+def test_a_disagreeing_onednn_gemm_is_turned_off_and_the_c_loop_kept(monkeypatch):
+    """oneDNN's fp32 GEMM is trusted to be IEEE fp32, like torch's BLAS. One that erred
+    far outside the band (made to here) is turned off by the self-check, which keeps the
+    C loop: it still agrees."""
     from extractor.lens import chunked, exact
     from extractor.lens.reference import reference_lens
 
-    if not chunked.bf16_math_available(torch.zeros(1, 1, dtype=torch.bfloat16)):
-        pytest.skip("this torch has no oneDNN bf16 mode for fp32 GEMMs")
+    if not chunked.onednn_available(torch.zeros(1, 1)):
+        pytest.skip("this torch has no oneDNN")
     monkeypatch.setattr(exact, "_FAILED_KERNELS", set())
     real = chunked.chunk_logits
 
-    def skewed(h32, c0, c1, inputs, scratch=None, columns=None, bf16_math=False):
-        logits = real(h32, c0, c1, inputs, scratch, columns, bf16_math)
-        if bf16_math:  # a rounding far outside the band: the top entries swap places
+    def skewed(h32, c0, c1, inputs, scratch=None, columns=None, onednn=False):
+        logits = real(h32, c0, c1, inputs, scratch, columns, onednn)
+        if onednn:  # an error far outside the band: the top entries swap places
             logits.copy_(torch.where(logits > logits.median(), -logits, logits))
         return logits
 
@@ -102,12 +102,12 @@ def test_a_disagreeing_bf16_gemm_is_turned_off_and_the_c_loop_kept(monkeypatch):
     inputs = _inputs()
     d = inputs.unembed.shape[1]
     monkeypatch.setitem(chunked._GEMM_SECONDS, (chunked.IEEE, torch.bfloat16, d), 1.0)
-    monkeypatch.setitem(chunked._GEMM_SECONDS, (chunked.BF16_MATH, torch.bfloat16, d), 0.5)
+    monkeypatch.setitem(chunked._GEMM_SECONDS, (chunked.ONEDNN, torch.bfloat16, d), 0.5)
     with pytest.warns(UserWarning, match="kernel off, torch's ops agree"):
         check = choose_engine(inputs, "torch", {"torch": _torch})
     assert check.engine == "torch" and not check.passed
-    assert exact.BF16_GEMM in check.detail and exact.C_DOTS not in check.detail
-    assert not exact.kernel_enabled(exact.BF16_GEMM) and exact.kernel_enabled(exact.C_DOTS)
+    assert exact.ONEDNN_GEMM in check.detail and exact.C_DOTS not in check.detail
+    assert not exact.kernel_enabled(exact.ONEDNN_GEMM) and exact.kernel_enabled(exact.C_DOTS)
     assert chunked.gemm_choices(inputs) == [chunked.IEEE]
     got, want = _torch(inputs), reference_lens(inputs)
     assert torch.equal(got.target_ranks, want.target_ranks)

@@ -46,8 +46,8 @@ from .contract import (
     validate,
 )
 from .exact import (
-    BF16_GEMM,
     K_BLOCK,
+    ONEDNN_GEMM,
     bias_abs_max,
     default_chunks,
     entry_logits,
@@ -170,49 +170,69 @@ def row_chunks(groups: torch.Tensor, row_chunk: int) -> tuple[torch.Tensor, list
 
 @contextlib.contextmanager
 def ieee_fp32_matmul() -> Iterator[None]:
-    """fp32 GEMMs in IEEE fp32 (no TF32 on CUDA, no bf16 fpmath in oneDNN): the band needs it."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    """fp32 GEMMs in IEEE fp32 (no TF32 on CUDA, no bf16 or TF32 fpmath in oneDNN) while it
+    lasts, then the previous settings again: the band needs it. Through torch's
+    per-backend switches where it has them: the legacy getter raised for a user who had set
+    precision through them (``torch.backends.cuda.matmul.fp32_precision = "tf32"``)."""
+    switches = [
+        getattr(backend, "matmul", None) for backend in (torch.backends.cuda, torch.backends.mkldnn)
+    ]
+    switches = [s for s in switches if hasattr(s, "fp32_precision")]
+    if not switches:  # an older torch: only the legacy setting exists
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(previous)
+        return
+    previous = [s.fp32_precision for s in switches]
+    for switch in switches:
+        switch.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(previous)
+        for switch, value in zip(switches, previous, strict=True):
+            switch.fp32_precision = value
 
 
 #: The GEMMs that can give a call its fast logits (``chunked_lens(gemm=...)``), each with
-#: its own proven band: K-sliced fp32 in IEEE arithmetic or in oneDNN's bf16 mode
-#: (:func:`chunk_logits`), or one GEMM in the model's dtype (:func:`low_precision_logits`,
-#: rank-free bf16/fp16 calls only).
+#: its own proven band: K-sliced IEEE fp32 through torch's BLAS (MKL on x86) or through
+#: oneDNN (:func:`chunk_logits`), or one GEMM in the model's dtype
+#: (:func:`low_precision_logits`, rank-free bf16/fp16 calls only).
 IEEE = "ieee"
-BF16_MATH = "bf16-math"
+ONEDNN = "onednn"
 MODEL_DTYPE = "model-dtype"
 
 
-def bf16_math_available(unembed: torch.Tensor) -> bool:
-    """Whether a model's fp32 GEMM may run in oneDNN's bf16 mode here: bf16 weights on a
-    CPU, a torch with the per-backend precision switch, and not turned off by the
-    self-check (:data:`~.exact.BF16_GEMM`)."""
-    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+def onednn_available(unembed: torch.Tensor) -> bool:
+    """Whether the fast logits may come from oneDNN's fp32 GEMM here: a CPU, a torch with
+    oneDNN's linear op, and not turned off by the self-check (:data:`~.exact.ONEDNN_GEMM`)."""
     return (
         unembed.device.type == "cpu"
-        and unembed.dtype == torch.bfloat16
         and torch.backends.mkldnn.is_available()
-        and hasattr(matmul, "fp32_precision")
-        and kernel_enabled(BF16_GEMM)
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and kernel_enabled(ONEDNN_GEMM)
     )
 
 
-@contextlib.contextmanager
-def onednn_bf16_math() -> Iterator[None]:
-    """CPU fp32 GEMMs in oneDNN's bf16 mode while it lasts (inputs converted to bf16,
-    products summed in fp32, fp32 output), then the previous setting again."""
-    matmul = torch.backends.mkldnn.matmul
-    previous = matmul.fp32_precision
-    matmul.fp32_precision = "bf16"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = previous
+def _onednn_slices(h32: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``h32 @ w.T`` in :data:`~.exact.K_BLOCK`-wide slices, each an IEEE fp32 GEMM in
+    oneDNN (fpmath strict under :func:`ieee_fp32_matmul`), added in order in fp32: what
+    :func:`chunk_logits`' BLAS path computes, up to each slice's summation order.
+    Contiguous operands: oneDNN took seconds for a strided weight."""
+    logits = None
+    for k0 in range(0, h32.shape[1], K_BLOCK):
+        part = torch.ops.mkldnn._linear_pointwise(
+            h32[:, k0 : k0 + K_BLOCK].contiguous(),
+            w[:, k0 : k0 + K_BLOCK].float().contiguous(),  # fp32 weights are a view
+            None,
+            "none",
+            [],
+            "",
+        )
+        logits = part if logits is None else logits.add_(part)
+    return logits
 
 
 class Scratch:
@@ -240,7 +260,7 @@ def chunk_logits(
     inputs: LensInputs,
     scratch: Scratch | None = None,
     columns: ColumnOrder | None = None,
-    bf16_math: bool = False,
+    onednn: bool = False,
 ) -> torch.Tensor:
     """Fast logits [R, c1 - c0]: fp32 GEMM of exact fp32 copies, then bias and soft-cap in fp32.
 
@@ -250,27 +270,25 @@ def chunk_logits(
     many fewer entries need float64. The result lives in ``scratch`` (valid until the
     next call) when one is given. ``columns``: which entries columns ``[c0, c1)`` are.
 
-    ``bf16_math`` (bf16 models on a CPU, :func:`bf16_math_available`): each slice's GEMM
-    runs in oneDNN's bf16 mode, on AVX-512 BF16 or AMX: 2.4x faster on AMD EPYC (Zen 5),
-    with the same band. The fp32 copies hold bf16 values, so the conversion back to bf16
-    is exact; a product of two bf16 values is exact in fp32; and VDPBF16PS and TDPBF16PS
-    add each product to an fp32 accumulator rounding to nearest (Intel's SDM; measured
-    bit for bit on Zen 5, bench/README.md), with subnormals flushed, which
-    :func:`~.exact.underflow_error` already covers. Any order of such additions keeps the
-    slice inside ``gamma_block``.
+    ``onednn`` (a CPU, :func:`onednn_available`): each slice is oneDNN's IEEE fp32 GEMM
+    instead of torch's BLAS, with the same band (any summation order keeps a slice inside
+    ``gamma_block``). On AMD EPYC (Zen 5) torch's BLAS, MKL, took 29.5 ms a 512 x 8,192
+    block and oneDNN 14 (bench/README.md); its output is a fresh tensor, not ``scratch``.
     """
-    if bf16_math and not bf16_math_available(inputs.unembed):
-        raise ValueError("oneDNN's bf16 mode is exact only for bf16 weights on a CPU")
     scratch = scratch or Scratch()
     columns = columns or ColumnOrder()
-    rows, width = len(h32), c1 - c0
-    w = columns.rows(inputs.unembed, c0, c1).float()
-    logits = scratch.get(0, rows, width, h32.device)
-    with onednn_bf16_math() if bf16_math else contextlib.nullcontext():
+    rows, width, d = len(h32), c1 - c0, h32.shape[1]
+    if onednn and rows and width and d:
+        if not onednn_available(inputs.unembed):
+            raise ValueError("oneDNN's fp32 GEMM is not available here (a CPU torch with oneDNN)")
+        logits = _onednn_slices(h32, columns.rows(inputs.unembed, c0, c1))
+    else:
+        w = columns.rows(inputs.unembed, c0, c1).float()
+        logits = scratch.get(0, rows, width, h32.device)
         torch.mm(h32[:, :K_BLOCK], w[:, :K_BLOCK].T, out=logits)
-        if h32.shape[1] > K_BLOCK:
+        if d > K_BLOCK:
             part = scratch.get(1, rows, width, h32.device)
-            for k0 in range(K_BLOCK, h32.shape[1], K_BLOCK):
+            for k0 in range(K_BLOCK, d, K_BLOCK):
                 torch.mm(h32[:, k0 : k0 + K_BLOCK], w[:, k0 : k0 + K_BLOCK].T, out=part)
                 logits += part
     if inputs.bias is not None:
@@ -463,7 +481,7 @@ class _Scope:
     first: int  # first row of the scope in the chunk
     singletons: bool
     columns: ColumnOrder = ColumnOrder()  # the vocabulary entry of each logit column
-    bf16_math: bool = False  # how chunk_logits computes a rescan's fast logits
+    onednn: bool = False  # how chunk_logits computes a rescan's fast logits
     #: A pooled scope's ``lens`` on the host, read once: every chunk pools with it, and
     #: reading a GPU tensor is a host sync (three a chunk before). Unused for singletons.
     sizes: list[int] | None = None
@@ -680,12 +698,12 @@ def _rescan_topk(scope, groups, kth, band, seg_chunks, h32):
         first=0,
         singletons=scope.singletons,
         columns=scope.columns,
-        bf16_math=scope.bf16_math,
+        onednn=scope.onednn,
     )
     found_g, found_c, found_v = [], [], []
     for c0, c1, _ in seg_chunks:
         logits = chunk_logits(
-            h32[rows], c0, c1, scope.inputs, columns=scope.columns, bf16_math=scope.bf16_math
+            h32[rows], c0, c1, scope.inputs, columns=scope.columns, onednn=scope.onednn
         )
         g_e, c_e = (local.pool(logits) >= lo).nonzero(as_tuple=True)
         ids = scope.columns.vocab(c_e + c0)
@@ -709,7 +727,7 @@ def _rescan_topk(scope, groups, kth, band, seg_chunks, h32):
 
 
 def _row_scope(
-    inputs, h, t64, columns: ColumnOrder = ColumnOrder(), bf16_math: bool = False
+    inputs, h, t64, columns: ColumnOrder = ColumnOrder(), onednn: bool = False
 ) -> _Scope:
     r = len(h)
     return _Scope(
@@ -721,12 +739,12 @@ def _row_scope(
         first=0,
         singletons=True,
         columns=columns,
-        bf16_math=bf16_math,
+        onednn=onednn,
     )
 
 
 def _pooled_scope(
-    inputs, h, groups, pool_targets, columns: ColumnOrder = ColumnOrder(), bf16_math: bool = False
+    inputs, h, groups, pool_targets, columns: ColumnOrder = ColumnOrder(), onednn: bool = False
 ) -> tuple[_Scope, torch.Tensor]:
     """The chunk's pooled rows (a contiguous suffix, see :func:`row_chunks`) as a scope."""
     r = len(h)
@@ -746,7 +764,7 @@ def _pooled_scope(
         singletons=False,
         sizes=sizes,
         columns=columns,
-        bf16_math=bf16_math,
+        onednn=onednn,
     )
     return scope, g_ids
 
@@ -772,7 +790,7 @@ def chunked_lens(
     falls back to eager with a warning). ``refine=False`` skips the
     exact recomputation of in-band entries: ranks are then only as good as fp32
     (tests use it to show that the refinement is what makes them exact).
-    ``gemm``: which GEMM gives the fast logits (:data:`IEEE`, :data:`BF16_MATH`,
+    ``gemm``: which GEMM gives the fast logits (:data:`IEEE`, :data:`ONEDNN`,
     :data:`MODEL_DTYPE`; :func:`gemm_choices` says which this call can take); None, the
     fastest of those on this device (:func:`fastest_gemm`). Exact either way.
     """
@@ -785,19 +803,18 @@ def chunked_lens(
         raise ValueError(
             f"gemm={gemm!r} cannot give this call's fast logits; it can take "
             f"{gemm_choices(inputs)} ({MODEL_DTYPE!r}: rank-free bf16/fp16 calls; "
-            f"{BF16_MATH!r}: bf16 weights on a CPU with oneDNN)"
+            f"{ONEDNN!r}: a CPU torch with oneDNN)"
         )
     with ieee_fp32_matmul():
         return _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, gemm)
 
 
 def gemm_choices(inputs: LensInputs) -> list[str]:
-    """The GEMMs whose band this call's contract allows: IEEE fp32 always, oneDNN's bf16
-    mode for bf16 weights on a CPU, one GEMM in the model's dtype for rank-free bf16/fp16
-    calls."""
+    """The GEMMs this call may take: IEEE fp32 through torch's BLAS always, through oneDNN
+    on a CPU that has it, one GEMM in the model's dtype for rank-free bf16/fp16 calls."""
     choices = [IEEE]
-    if bf16_math_available(inputs.unembed):
-        choices.append(BF16_MATH)
+    if onednn_available(inputs.unembed):
+        choices.append(ONEDNN)
     if rank_free_low_precision(inputs):
         choices.append(MODEL_DTYPE)
     return choices
@@ -807,11 +824,11 @@ def fastest_gemm(inputs: LensInputs) -> str:
     """The fastest GEMM this call can take on its device.
 
     A GPU takes the model-dtype GEMM where it can (several times faster there), else IEEE
-    fp32. A CPU's ranking depends on its matrix units: on the development machine (AMX)
-    the model-dtype GEMM is 7x faster than IEEE fp32; on AMD EPYC (Zen 5, AVX-512 BF16)
-    4.8x, and oneDNN's bf16 mode 2.4x (bench/README.md); held to AVX-512 BF16 without AMX
-    on an Intel CPU, the bf16 GEMM was slower than fp32. So a CPU times each candidate
-    once per process, dtype and width (:func:`gemm_seconds`) and takes the fastest.
+    fp32. A CPU's ranking depends on its matrix units and its BLAS: with AMX the model-dtype
+    GEMM is 7x faster than IEEE fp32; on AMD EPYC (Zen 5, AVX-512 BF16) 5.7x, and oneDNN's
+    fp32 GEMM 2.1x faster than MKL's (bench/README.md); held to AVX-512 BF16 without AMX on
+    an Intel CPU, the bf16 GEMM was slower than fp32. So a CPU times each candidate once per
+    process, dtype and width (:func:`gemm_seconds`) and takes the fastest.
     """
     choices = gemm_choices(inputs)
     if len(choices) == 1:
@@ -840,9 +857,7 @@ def gemm_seconds(gemm: str, dtype: torch.dtype, d: int) -> float:
         if gemm == MODEL_DTYPE:
             run = partial(low_precision_logits, h, 0, 2048, probe, scratch, need_max=False)
         else:
-            run = partial(
-                chunk_logits, h.float(), 0, 2048, probe, scratch, bf16_math=gemm == BF16_MATH
-            )
+            run = partial(chunk_logits, h.float(), 0, 2048, probe, scratch, onednn=gemm == ONEDNN)
         with ieee_fp32_matmul():
             _GEMM_SECONDS[key] = _best_time(run)
     return _GEMM_SECONDS[key]
@@ -887,7 +902,7 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, gemm) -> LensR
     limit = {torch.float16: 2.0**14, torch.bfloat16: 2.0**120}.get(dtype, 0.0)
     # Beyond the model dtype's range its GEMM could overflow: IEEE fp32 then.
     low = gemm == MODEL_DTYPE and reach < limit
-    bf16_math = gemm == BF16_MATH
+    onednn = gemm == ONEDNN
     # Low-precision logits have a wider band: more candidates keep rescans rare.
     kk = min(k + (2 * margin if low else margin), v)
     targets = inputs.resolved_targets().to(device).long()
@@ -917,10 +932,10 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, gemm) -> LensR
         h32 = h.float()
         norms = h.double().norm(dim=1)
         t64 = target_logits(h, targets[rows], inputs)
-        scopes = [_row_scope(inputs, h, t64, columns, bf16_math)]
+        scopes = [_row_scope(inputs, h, t64, columns, onednn)]
         g_ids = None
         if bool((groups[rows] >= 0).any()):
-            pooled, g_ids = _pooled_scope(inputs, h, groups[rows], pool_targets, columns, bf16_math)
+            pooled, g_ids = _pooled_scope(inputs, h, groups[rows], pool_targets, columns, onednn)
             scopes.append(pooled)
         states = [[_new_state(sc, device) for _ in names] for sc in scopes]
         lse_max = torch.full((len(names), len(rows)), NEG_INF, dtype=torch.float32, device=device)
@@ -935,7 +950,7 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, gemm) -> LensR
                 if out_max is not None:
                     band = error_band(norms, w_max[i], d, b_max[i], inputs.softcap, dtype, out_max)
             else:
-                logits = chunk_logits(h32, c0, c1, inputs, scratch, columns, bf16_math)
+                logits = chunk_logits(h32, c0, c1, inputs, scratch, columns, onednn)
                 band = error_band(norms, w_max[i], d, b_max[i], inputs.softcap)
             for scope, st in zip(scopes, states, strict=True):
                 scope_band = band
@@ -980,8 +995,10 @@ def _fold_logsumexp(lse_max, lse_sum, s: int, m: torch.Tensor, se: torch.Tensor)
     """Online log-sum-exp: fold a chunk's (max, sum of exp(x - max)) into segment ``s``."""
     new = torch.maximum(lse_max[s], m)
     safe_new = torch.where(torch.isfinite(new), new, 0)
-    safe_m = torch.where(torch.isfinite(m), m, 0)
-    lse_sum[s] = lse_sum[s] * torch.exp(lse_max[s] - safe_new) + se * torch.exp(safe_m - safe_new)
+    # A chunk with no finite logit adds nothing: 0 * exp(0 - new) was NaN once the running
+    # max fell below about -88 (exp overflowed).
+    added = torch.where(torch.isfinite(m), se * torch.exp(m - safe_new), 0)
+    lse_sum[s] = lse_sum[s] * torch.exp(lse_max[s] - safe_new) + added
     lse_max[s] = new
 
 

@@ -223,16 +223,16 @@ def entry_dots_torch(
 _FAILED_KERNELS: set[str] = set()
 TRITON_DOTS = "Triton kernel for exact lens values"
 C_DOTS = "C loop for exact lens values"
-#: oneDNN's bf16 mode for the fp32 GEMM of bf16 models' fast logits (``chunked.chunk_logits``).
-BF16_GEMM = "oneDNN bf16 GEMM for fast lens logits"
+#: oneDNN's IEEE fp32 GEMM for the fast logits, beside torch's own (``chunked.chunk_logits``).
+ONEDNN_GEMM = "oneDNN fp32 GEMM for fast lens logits"
 
 
 def device_kernels(device: torch.device | str) -> list[str]:
     """What the torch engine on ``device`` trusts beyond torch's IEEE ops: its exact-values
-    kernel and, on a CPU, the bf16 GEMM. The self-check can turn each off."""
+    kernel and, on a CPU, oneDNN's GEMM. The self-check can turn each off."""
     if torch.device(device).type == "cuda":
         return [TRITON_DOTS]
-    return [C_DOTS, BF16_GEMM]
+    return [C_DOTS, ONEDNN_GEMM]
 
 
 def kernel_enabled(name: str) -> bool:
