@@ -140,9 +140,12 @@ def _dots_in_a_forked_child(queue, h, rows, want) -> None:
 
 
 @needs_compiler
-def test_a_forked_child_gets_threads_of_its_own():
+@pytest.mark.parametrize("parent_loaded", [True, False], ids=["parent-loaded", "child-loads"])
+def test_a_forked_child_gets_threads_of_its_own(parent_loaded, monkeypatch):
     """A child forked after the parent split a call inherits the pool object but not its
-    threads: work sent there would never run. The child makes its own pool."""
+    threads: work sent there would never run. The child makes its own pool, and never
+    splits on an OpenMP team: a child that loaded the loop itself, after the parent had
+    used torch's team, hung on its first parallel region (found by a review)."""
     import multiprocessing
 
     gen = torch.Generator().manual_seed(4)
@@ -150,6 +153,10 @@ def test_a_forked_child_gets_threads_of_its_own():
     rows = torch.randint(0, 8, (4 * cpu_exact.SPLIT_ENTRIES,), generator=gen)
     want = cpu_exact.entry_dots(h, h, rows, rows)  # split: the parent's pool now exists
     assert torch.get_num_threads() > 1 or pytest.skip("one thread: no pool to inherit")
+    if not parent_loaded:  # torch's team has run in the parent; the child loads the loop
+        torch.randn(1 << 20).exp().sum()
+        monkeypatch.setattr(cpu_exact, "_library", None)
+        monkeypatch.setattr(cpu_exact, "_team_pid", None)
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_dots_in_a_forked_child, args=(queue, h, rows, want))
@@ -158,8 +165,29 @@ def test_a_forked_child_gets_threads_of_its_own():
     alive = child.is_alive()
     if alive:
         child.kill()
-    assert not alive, "the forked child hung on the parent's thread pool"
+    assert not alive, "the forked child hung on the parent's thread pool or OpenMP team"
     assert child.exitcode == 0 and queue.get(timeout=5)
+
+
+@needs_compiler
+def test_a_library_that_will_not_load_is_not_rebuilt_in_every_process(tmp_path, monkeypatch):
+    """A build that loads neither cached nor rebuilt is marked: the next process goes
+    straight to the other variant instead of compiling again (found by a review)."""
+    bad = tmp_path / "entry_dots-bad.so"
+    builds = []
+
+    def build(rebuild=False, openmp=True):
+        builds.append(rebuild)
+        bad.write_bytes(b"not a library")
+        return bad
+
+    monkeypatch.setattr(cpu_exact, "build", build)
+    with pytest.raises(OSError):
+        cpu_exact._load(openmp=True)
+    assert builds == [False, True]
+    with pytest.raises(cpu_exact.KernelUnavailable, match="would not load"):
+        cpu_exact._load(openmp=True)
+    assert builds == [False, True, False], "compiled again"
 
 
 @needs_compiler
@@ -179,9 +207,10 @@ def test_splits_run_on_torchs_openmp_team_where_it_is_the_only_runtime():
     lib_dir = Path("/venv/torch/lib")
     torchs = "7f00-7f01 r-xp 0 08:01 1 /venv/torch/lib/libgomp.so.1"
     vendored = "7f02-7f03 r-xp 0 08:01 2 /venv/sentencepiece.libs/libgomp-6a29c32d.so.1.0.0"
-    system = "7f04-7f05 r-xp 0 08:01 3 /usr/lib/x86_64-linux-gnu/libgomp.so.1"
+    system = "7f04-7f05 r-xp 0 08:01 3 /usr/lib/x86_64-linux-gnu/libgomp.so.1.0.0"
     assert cpu_exact._shares_torchs_team(f"{torchs}\n{torchs}\n{vendored}\n", lib_dir)
-    assert not cpu_exact._shares_torchs_team(f"{torchs}\n{system}\n", lib_dir), "two"
+    # A system copy opened after torch's does not change what the library binds to.
+    assert cpu_exact._shares_torchs_team(f"{torchs}\n{system}\n", lib_dir)
     assert not cpu_exact._shares_torchs_team(f"{system}\n", lib_dir), "torch's is not gomp"
     assert not cpu_exact._shares_torchs_team("", lib_dir)
 

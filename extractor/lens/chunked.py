@@ -27,11 +27,10 @@ row norm. Nothing larger than [row-chunk x vocab-chunk] logits exists.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -62,6 +61,7 @@ from .exact import (
     unembed_norm_max,
     unembed_row_norms,
 )
+from .precision import ieee_fp32_matmul
 
 NEG_INF = float("-inf")
 #: Width of the blocks whose maxima pre-select top-k candidates (see :func:`block_topk`).
@@ -166,34 +166,6 @@ def row_chunks(groups: torch.Tensor, row_chunk: int) -> tuple[torch.Tensor, list
         prev = cut
     spans.append((start, n))
     return order, spans
-
-
-@contextlib.contextmanager
-def ieee_fp32_matmul() -> Iterator[None]:
-    """fp32 GEMMs in IEEE fp32 (no TF32 on CUDA, no bf16 or TF32 fpmath in oneDNN) while it
-    lasts, then the previous settings again: the band needs it. Through torch's
-    per-backend switches where it has them: the legacy getter raised for a user who had set
-    precision through them (``torch.backends.cuda.matmul.fp32_precision = "tf32"``)."""
-    switches = [
-        getattr(backend, "matmul", None) for backend in (torch.backends.cuda, torch.backends.mkldnn)
-    ]
-    switches = [s for s in switches if hasattr(s, "fp32_precision")]
-    if not switches:  # an older torch: only the legacy setting exists
-        previous = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(previous)
-        return
-    previous = [s.fp32_precision for s in switches]
-    for switch in switches:
-        switch.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        for switch, value in zip(switches, previous, strict=True):
-            switch.fp32_precision = value
 
 
 #: The GEMMs that can give a call its fast logits (``chunked_lens(gemm=...)``), each with

@@ -24,6 +24,7 @@ Without a compiler the caller falls back to torch's ops
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -199,18 +200,22 @@ _lock = threading.Lock()
 
 
 def _fresh_lock() -> None:
-    """A forked child gets a free lock: the parent's may have been held by another thread."""
-    global _lock
+    """A forked child gets a free lock (the parent's may have been held by another thread)
+    and never splits on an OpenMP team: libgomp's is not rebuilt after a fork, and a
+    child's first parallel region in the library hung."""
+    global _lock, _forked
     _lock = threading.Lock()
+    _forked = True
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_fresh_lock)
 _library: ctypes.CDLL | None = None
 #: The process whose splits run on its OpenMP team (:func:`_shares_torchs_team`), or None.
-#: Not a forked child's: its first parallel region in the library hung (libgomp's team
-#: is not rebuilt after a fork), so a child splits over Python threads.
+#: Never a child forked after this module was imported (:func:`_fresh_lock`): it splits
+#: over Python threads.
 _team_pid: int | None = None
+_forked = False
 #: The worker threads and the process that made them: a forked child inherits the pool
 #: object but not its threads, and work sent to it would never run.
 _pool: tuple[int, ThreadPoolExecutor] | None = None
@@ -303,11 +308,22 @@ def build(rebuild: bool = False, openmp: bool = True) -> Path:
 
 def _load(openmp: bool) -> ctypes.CDLL:
     """Build (or find) and load one variant; a cached library that does not load
-    (truncated, or from an incompatible build) is rebuilt once."""
+    (truncated, or from an incompatible build) is rebuilt once. One whose rebuild will not
+    load either is marked, so that later processes skip it without compiling again."""
+    path = build(openmp=openmp)
+    marker = path.with_name(path.name + ".unloadable")
+    if marker.exists():
+        raise KernelUnavailable(f"{path.name} would not load here before ({marker})")
     try:
-        return ctypes.CDLL(str(build(openmp=openmp)))
+        return ctypes.CDLL(str(path))
     except OSError:
-        return ctypes.CDLL(str(build(rebuild=True, openmp=openmp)))
+        path = build(rebuild=True, openmp=openmp)
+        try:
+            return ctypes.CDLL(str(path))
+        except OSError:
+            with contextlib.suppress(OSError):
+                marker.touch()
+            raise
 
 
 def library() -> ctypes.CDLL:
@@ -324,7 +340,7 @@ def library() -> ctypes.CDLL:
             lib.entry_dots.restype = lib.entry_dots_team.restype = i32
             lib.entry_dots.argtypes = [p, i64, p, i64, i32, i64, p, p, i64, p]
             lib.entry_dots_team.argtypes = [*lib.entry_dots.argtypes, i32]
-            if lib.built_with_openmp() and _shares_torchs_team():
+            if lib.built_with_openmp() and not _forked and _shares_torchs_team():
                 _team_pid = os.getpid()
             _library = lib
     return _library
@@ -334,11 +350,13 @@ def _shares_torchs_team(maps: str | None = None, torch_lib: Path | None = None) 
     """Whether the library's OpenMP runtime is torch's own (``maps``: /proc/self/maps).
 
     The library asks for ``libgomp.so.1``, which the loader finds among the objects already
-    loaded: on torch's Linux wheels, ``torch/lib/libgomp.so.1``. Then its splits run on
-    torch's threads. Anything else (a torch built with Intel's or LLVM's runtime, beside
-    which the library would bring the compiler's libgomp, each with its own spinning
-    threads) keeps the Python threads. Other copies under other names (sentencepiece
-    vendors ``libgomp-<hash>.so``) are separate runtimes that neither uses."""
+    loaded by that name: on torch's Linux wheels, ``torch/lib/libgomp.so.1``, mapped under
+    that path. Then its splits run on torch's threads (a system copy opened later, mapped
+    as ``libgomp.so.1.0.0``, does not change what the library binds to). Without torch's
+    wheel copy (a torch built with Intel's or LLVM's runtime, beside which the library
+    would bring the compiler's libgomp, each with its own spinning threads) the splits
+    keep to Python threads. Copies under other names (sentencepiece vendors
+    ``libgomp-<hash>.so.1.0.0``) are separate runtimes that neither uses."""
     if maps is None:
         try:
             maps = Path("/proc/self/maps").read_text()
