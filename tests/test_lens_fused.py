@@ -405,14 +405,14 @@ def test_the_gemm_choice_is_measured_once_per_gemm_dtype_and_width(monkeypatch):
     choices = chunked.gemm_choices(rank_free)
     assert first in choices and chunked.MODEL_DTYPE in choices
     assert set(chunked._GEMM_SECONDS) == {(g, torch.bfloat16, 96) for g in choices}
-    real = chunked._best_time
-    monkeypatch.setattr(chunked, "_best_time", lambda fn: pytest.fail("measured twice"))
+    real = chunked._best_times
+    monkeypatch.setattr(chunked, "_best_times", lambda runs: pytest.fail("measured twice"))
     assert chunked.fastest_gemm(replace(rank_free, unembed=torch.randn(7, 96).bfloat16())) == first
     fp32 = LensInputs(hidden=torch.randn(3, 96), unembed=w.float(), k=2)
     assert chunked.MODEL_DTYPE not in chunked.gemm_choices(fp32)  # no cheaper dtype
     monkeypatch.setattr(exact, "_FAILED_KERNELS", {exact.ONEDNN_GEMM})
     assert chunked.fastest_gemm(fp32) == chunked.IEEE  # the only one left: nothing timed
-    monkeypatch.setattr(chunked, "_best_time", real)
+    monkeypatch.setattr(chunked, "_best_times", real)
     monkeypatch.setattr(chunked, "_GEMM_SECONDS", {})
     ranked = replace(rank_free, targets=torch.tensor([[1]] * 3))
     chunked_lens(ranked)

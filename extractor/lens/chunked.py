@@ -807,41 +807,51 @@ def fastest_gemm(inputs: LensInputs) -> str:
         return choices[0]
     if inputs.unembed.device.type != "cpu":
         return MODEL_DTYPE if MODEL_DTYPE in choices else IEEE
-    dtype, d = inputs.unembed.dtype, inputs.unembed.shape[1]
-    return min(choices, key=lambda gemm: gemm_seconds(gemm, dtype, d))
+    seconds = gemm_seconds(choices, inputs.unembed.dtype, inputs.unembed.shape[1])
+    return min(choices, key=seconds.__getitem__)
 
 
 #: What :func:`gemm_seconds` measured on this machine's CPU, by (GEMM, dtype, width).
 _GEMM_SECONDS: dict[tuple[str, torch.dtype, int], float] = {}
 
 
-def gemm_seconds(gemm: str, dtype: torch.dtype, d: int) -> float:
-    """Best of 5 of one GEMM's per-chunk code on a [512 x 2,048] block, with the copies and
-    adds it makes (the fp32 ones copy W and add their K-slices), measured once per process
-    (0.02 to 0.2 s each on 2 cores). The pass reads half the bytes of model-dtype logits,
-    which the timing leaves out."""
-    key = (gemm, dtype, d)
-    if key not in _GEMM_SECONDS:
+def gemm_seconds(gemms: list[str], dtype: torch.dtype, d: int) -> dict[str, float]:
+    """Seconds each GEMM's per-chunk code takes for a [512 x 4,096] block, with the copies
+    and adds it makes (the fp32 ones copy W and add their K-slices); measured once per
+    process, dtype and width. The GEMMs not measured yet run in turn, best of 7 each: timed
+    one after the other, a passing load once made oneDNN read as slow as MKL (6.4 against
+    6.1 ms, where it is 2x faster). 0.1 to 0.4 s in all on 2 cores. The pass reads half
+    the bytes of model-dtype logits, which the timing leaves out."""
+    todo = [gemm for gemm in gemms if (gemm, dtype, d) not in _GEMM_SECONDS]
+    if todo:
+        width = 4096
         gen = torch.Generator().manual_seed(0)
         h = torch.randn(512, d, generator=gen).to(dtype)
-        probe = LensInputs(hidden=h, unembed=torch.randn(2048, d, generator=gen).to(dtype), k=1)
+        probe = LensInputs(hidden=h, unembed=torch.randn(width, d, generator=gen).to(dtype), k=1)
         scratch = Scratch()
-        if gemm == MODEL_DTYPE:
-            run = partial(low_precision_logits, h, 0, 2048, probe, scratch, need_max=False)
-        else:
-            run = partial(chunk_logits, h.float(), 0, 2048, probe, scratch, onednn=gemm == ONEDNN)
+        runs = {}
+        for gemm in todo:
+            if gemm == MODEL_DTYPE:
+                runs[gemm] = partial(low_precision_logits, h, 0, width, probe, scratch, False)
+            else:
+                fp32 = partial(chunk_logits, h.float(), 0, width, probe, scratch)
+                runs[gemm] = partial(fp32, onednn=gemm == ONEDNN)
         with ieee_fp32_matmul():
-            _GEMM_SECONDS[key] = _best_time(run)
-    return _GEMM_SECONDS[key]
+            for gemm, seconds in _best_times(runs).items():
+                _GEMM_SECONDS[gemm, dtype, d] = seconds
+    return {gemm: _GEMM_SECONDS[gemm, dtype, d] for gemm in gemms}
 
 
-def _best_time(fn: Callable[[], object], repeats: int = 5) -> float:
-    fn()
-    best = math.inf
+def _best_times(runs: dict[str, Callable[[], object]], repeats: int = 7) -> dict[str, float]:
+    """Best time of each run, after one warm-up each, the runs taking turns."""
+    for run in runs.values():
+        run()
+    best = dict.fromkeys(runs, math.inf)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
