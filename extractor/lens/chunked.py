@@ -797,8 +797,8 @@ def fastest_gemm(inputs: LensInputs) -> str:
 
     A GPU takes the model-dtype GEMM where it can (several times faster there), else IEEE
     fp32. A CPU's ranking depends on its matrix units and its BLAS: with AMX the model-dtype
-    GEMM is 7x faster than IEEE fp32; on AMD EPYC (Zen 5, AVX-512 BF16) 5.7x, and oneDNN's
-    fp32 GEMM 2.1x faster than MKL's (bench/README.md); held to AVX-512 BF16 without AMX on
+    GEMM is 7x faster than IEEE fp32; on AMD EPYC (Zen 5, AVX-512 BF16) 5.8x, and oneDNN's
+    fp32 GEMM 2.0-2.2x faster than MKL's (bench/README.md); held to AVX-512 BF16 without AMX on
     an Intel CPU, the bf16 GEMM was slower than fp32. So a CPU times each candidate once per
     process, dtype and width (:func:`gemm_seconds`) and takes the fastest.
     """
