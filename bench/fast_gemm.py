@@ -15,25 +15,19 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
+import sys
 from functools import partial
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.harness import best_of
 from extractor.lens import chunked, exact
 from extractor.lens.contract import LensInputs
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def best_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
 
 
 def cpu_name() -> str:
@@ -81,7 +75,7 @@ def main() -> None:
                 )
                 diff = (runs[chunked.ONEDNN]().double() - runs[chunked.IEEE]().double()).abs()
                 assert bool((diff <= 2 * band[:, None]).all()), "oneDNN and BLAS disagree"
-            times = {gemm: best_ms(run, args.repeats) for gemm, run in runs.items()}
+            times = {gemm: best_of(run, args.repeats) * 1e3 for gemm, run in runs.items()}
         for gemm, ms in times.items():
             print(f"| {name} | {gemm} | {ms:.2f} | {times[chunked.IEEE] / ms:.2f} |")
 
