@@ -242,9 +242,9 @@ def kernel_enabled(name: str) -> bool:
 
 
 def set_kernel_enabled(name: str, enabled: bool) -> None:
-    """Turn a compiled kernel off (exact values from torch's ops from then on, in this
-    process) or back on: what the self-check does when the engine disagrees with the
-    reference on its device."""
+    """Turn a kernel off (torch's own ops instead, from then on, in this process) or back
+    on: what the self-check does when the engine disagrees with the reference on its
+    device."""
     if enabled:
         _FAILED_KERNELS.discard(name)
     else:

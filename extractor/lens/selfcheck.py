@@ -128,11 +128,9 @@ def choose_engine(
 
     The fallback is checked too, on the same sample, and a disagreement warns. It trusts
     kernels beyond torch's IEEE ops (:func:`~.exact.device_kernels`: its exact values from
-    the C loop on a CPU or a Triton kernel on CUDA; on a CPU, oneDNN's bf16 GEMM): if it
-    returned numbers that disagree, they are all turned off for the process and the
-    fallback checked again on torch's ops, which the reference shares. If those agree, each
-    kernel is turned back on and kept only if the fallback still agrees with it; if they
-    disagree too, the kernels were not the cause and stay on. The result says what was kept.
+    the C loop on a CPU or a Triton kernel on CUDA; on a CPU, oneDNN's fp32 GEMM): if it
+    returned numbers that disagree, :func:`_turn_off_culprits` finds which to turn off. The
+    result says what was kept.
     """
     probe = sample(inputs)
     ref = reference_lens(probe)
@@ -162,25 +160,11 @@ def choose_engine(
     note = f"{fallback}: {fallback_detail}"
     kernels = [k for k in device_kernels(probe.unembed.device) if kernel_enabled(k)]
     if ran and kernels:
-        for kernel in kernels:
-            set_kernel_enabled(kernel, False)
-        plain_ok, _, plain, _ = check(fallback)
-        if plain_ok:
-            off = []
-            for kernel in kernels:  # put back each one the fallback still agrees with
-                set_kernel_enabled(kernel, True)
-                if not check(fallback)[0]:
-                    set_kernel_enabled(kernel, False)
-                    off.append(kernel)
-            if not off or not check(fallback)[0]:  # only wrong together: keep all off
-                off = kernels
-                for kernel in kernels:
-                    set_kernel_enabled(kernel, False)
+        off, plain = _turn_off_culprits(kernels, lambda: check(fallback)[:3])
+        if off:
             names = " and the ".join(off)
             note = f"{fallback} with the {names}: {fallback_detail}; kernel off, torch's ops agree"
         else:
-            for kernel in kernels:  # not the cause
-                set_kernel_enabled(kernel, True)
             note += f" (on torch's ops too: {plain})"
     warnings.warn(
         f"lens engine {fallback!r} disagrees with the float64 reference on this device: {note}",
@@ -188,3 +172,36 @@ def choose_engine(
     )
     detail = note if preferred == fallback else f"{detail}; {note}"
     return SelfCheck(fallback, preferred, False, worst, detail)
+
+
+def _set_all(kernels: list[str], enabled: bool) -> None:
+    for kernel in kernels:
+        set_kernel_enabled(kernel, enabled)
+
+
+def _turn_off_culprits(
+    kernels: list[str], check: Callable[[], tuple[bool, float, str]]
+) -> tuple[list[str], str]:
+    """Which of the enabled ``kernels`` to keep off, and ``check``'s detail on torch's ops.
+
+    All are turned off and the engine checked on torch's ops, which the reference shares.
+    If it disagrees there too, the kernels were not the cause: all go back on (``[]``).
+    Otherwise each is put back alone and kept only if the engine still agrees with it; if
+    every one agrees alone but not all together (or the disagreement does not recur), all
+    stay off.
+    """
+    _set_all(kernels, False)
+    plain_ok, _, plain = check()
+    if not plain_ok:
+        _set_all(kernels, True)
+        return [], plain
+    off = []
+    for kernel in kernels:
+        set_kernel_enabled(kernel, True)
+        if not check()[0]:
+            set_kernel_enabled(kernel, False)
+            off.append(kernel)
+    if not off or not check()[0]:
+        _set_all(kernels, False)
+        off = list(kernels)
+    return off, plain
