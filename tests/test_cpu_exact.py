@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from extractor.lens import cpu_exact, exact
+from extractor.lens import cpu_exact, exact, native
 from extractor.lens.contract import LensInputs
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
@@ -208,11 +208,11 @@ def test_splits_run_on_torchs_openmp_team_where_it_is_the_only_runtime():
     torchs = "7f00-7f01 r-xp 0 08:01 1 /venv/torch/lib/libgomp.so.1"
     vendored = "7f02-7f03 r-xp 0 08:01 2 /venv/sentencepiece.libs/libgomp-6a29c32d.so.1.0.0"
     system = "7f04-7f05 r-xp 0 08:01 3 /usr/lib/x86_64-linux-gnu/libgomp.so.1.0.0"
-    assert cpu_exact._shares_torchs_team(f"{torchs}\n{torchs}\n{vendored}\n", lib_dir)
+    assert native.shares_torchs_team(f"{torchs}\n{torchs}\n{vendored}\n", lib_dir)
     # A system copy opened after torch's does not change what the library binds to.
-    assert cpu_exact._shares_torchs_team(f"{torchs}\n{system}\n", lib_dir)
-    assert not cpu_exact._shares_torchs_team(f"{system}\n", lib_dir), "torch's is not gomp"
-    assert not cpu_exact._shares_torchs_team("", lib_dir)
+    assert native.shares_torchs_team(f"{torchs}\n{system}\n", lib_dir)
+    assert not native.shares_torchs_team(f"{system}\n", lib_dir), "torch's is not gomp"
+    assert not native.shares_torchs_team("", lib_dir)
 
 
 @needs_compiler

@@ -24,20 +24,14 @@ Without a compiler the caller falls back to torch's ops
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import hashlib
 import os
-import platform
-import shlex
-import shutil
-import subprocess
-import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from . import native
+from .native import CFLAGS, OPENMP, KernelUnavailable, compiler
 
 SOURCE = r"""
 #include <stdint.h>
@@ -190,147 +184,32 @@ int built_with_openmp(void) {
 }
 """
 
-#: Flags that fix the arithmetic: no contraction into FMAs, no reassociation.
-CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math")
-#: Added where the compiler has OpenMP, so that a split can run on torch's thread team.
-OPENMP = ("-fopenmp",)
 DTYPES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+__all__ = ["KernelUnavailable", "build", "compiler", "entry_dots", "library", "supports"]
 
-_lock = threading.Lock()
-
-
-def _fresh_lock() -> None:
-    """A forked child gets a free lock (the parent's may have been held by another thread)
-    and never splits on an OpenMP team: libgomp's is not rebuilt after a fork, and a
-    child's first parallel region in the library hung."""
-    global _lock, _forked
-    _lock = threading.Lock()
-    _forked = True
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_fresh_lock)
 _library: ctypes.CDLL | None = None
-#: The process whose splits run on its OpenMP team (:func:`_shares_torchs_team`), or None.
-#: Never a child forked after this module was imported (:func:`_fresh_lock`): it splits
-#: over Python threads.
+#: The process whose splits run on its OpenMP team (:func:`native.shares_torchs_team`),
+#: or None. Never a child forked after import (:func:`native.forked`): it splits over
+#: Python threads.
 _team_pid: int | None = None
-_forked = False
-#: The worker threads and the process that made them: a forked child inherits the pool
-#: object but not its threads, and work sent to it would never run.
-_pool: tuple[int, ThreadPoolExecutor] | None = None
-
-
-class KernelUnavailable(RuntimeError):
-    """No C compiler, or the compile failed: the caller uses torch's ops instead."""
-
-
-def compiler() -> list[str]:
-    """The C compiler's command: ``$CC`` (split like a shell would: ``ccache gcc`` works),
-    else ``cc``, ``gcc`` or ``clang`` on the PATH."""
-    chosen = os.environ.get("CC", "").strip()
-    if chosen:
-        command = shlex.split(chosen)
-        if not shutil.which(command[0]):
-            raise KernelUnavailable(f"$CC is {chosen!r}, and {command[0]!r} is not found")
-        return command
-    for name in ("cc", "gcc", "clang"):
-        if shutil.which(name):
-            return [name]
-    raise KernelUnavailable("no C compiler found ($CC, cc, gcc or clang)")
-
-
-def _version(command: list[str]) -> str:
-    """The compiler's ``--version`` banner: an upgraded compiler builds afresh."""
-    try:
-        done = subprocess.run(
-            [*command, "--version"], capture_output=True, text=True, check=False, timeout=60
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise KernelUnavailable(f"{shlex.join(command)} --version failed: {exc}") from exc
-    return done.stdout
-
-
-def _cache_dir() -> Path:
-    """``$SLM_LENS_CACHE/kernels`` (or ~/.cache/slm-lens/kernels); where that cannot be
-    written, one private directory per user under the system's temporary directory."""
-    root = os.environ.get("SLM_LENS_CACHE", "").strip()
-    path = Path(root or Path.home() / ".cache" / "slm-lens") / "kernels"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        if os.access(path, os.W_OK):
-            return path
-    except OSError:
-        pass
-    uid = os.getuid() if hasattr(os, "getuid") else "user"
-    path = Path(tempfile.gettempdir()) / f"slm-lens-kernels-{uid}"
-    path.mkdir(mode=0o700, exist_ok=True)
-    return path
 
 
 def build(rebuild: bool = False, openmp: bool = True) -> Path:
-    """Compile the loop into a shared library, once per source, flags, compiler (and its
-    version) and machine: a cache shared over NFS by x86 and ARM nodes keeps one of each.
-    ``rebuild``: replace a cached library that would not load; ``openmp``: with
-    :data:`OPENMP` (a compiler without it fails, and the caller builds without)."""
-    command = compiler()
-    flags = (*CFLAGS, *OPENMP) if openmp else CFLAGS
-    key = hashlib.sha256(
-        "\0".join(
-            [SOURCE, *flags, *command, _version(command), platform.machine(), platform.system()]
-        ).encode()
-    ).hexdigest()[:16]
-    directory = _cache_dir()
-    target = directory / f"entry_dots-{key}.so"
-    if target.exists() and not rebuild:
-        return target
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        src = Path(tmp) / "entry_dots.c"
-        src.write_text(SOURCE)
-        out = Path(tmp) / target.name
-        try:
-            done = subprocess.run(
-                [*command, *flags, "-o", str(out), str(src)],
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=600,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise KernelUnavailable(f"{shlex.join(command)} could not run: {exc}") from exc
-        if done.returncode != 0 or not out.exists():
-            raise KernelUnavailable(
-                f"{shlex.join(command)} failed to compile the exact-dots loop: {done.stderr}"
-            )
-        os.replace(out, target)  # atomic: a concurrent process sees all of it or none
-    return target
+    """Compile the loop (:func:`native.build`); ``openmp``: with :data:`~.native.OPENMP`
+    (a compiler without it fails, and the caller builds without)."""
+    return native.build("entry_dots", SOURCE, (*CFLAGS, *OPENMP) if openmp else CFLAGS, rebuild)
 
 
 def _load(openmp: bool) -> ctypes.CDLL:
-    """Build (or find) and load one variant; a cached library that does not load
-    (truncated, or from an incompatible build) is rebuilt once. One whose rebuild will not
-    load either is marked, so that later processes skip it without compiling again."""
-    path = build(openmp=openmp)
-    marker = path.with_name(path.name + ".unloadable")
-    if marker.exists():
-        raise KernelUnavailable(f"{path.name} would not load here before ({marker})")
-    try:
-        return ctypes.CDLL(str(path))
-    except OSError:
-        path = build(rebuild=True, openmp=openmp)
-        try:
-            return ctypes.CDLL(str(path))
-        except OSError:
-            with contextlib.suppress(OSError):
-                marker.touch()
-            raise
+    """One variant, built or found and loaded (:func:`native.load`)."""
+    return native.load(lambda rebuild: build(rebuild=rebuild, openmp=openmp))
 
 
 def library() -> ctypes.CDLL:
     """The compiled loop, built and loaded on first use (thread-safe): with OpenMP where
     the compiler has it and the library loads, else without."""
     global _library, _team_pid
-    with _lock:
+    with native.lock():
         if _library is None:
             try:
                 lib = _load(openmp=True)
@@ -340,44 +219,10 @@ def library() -> ctypes.CDLL:
             lib.entry_dots.restype = lib.entry_dots_team.restype = i32
             lib.entry_dots.argtypes = [p, i64, p, i64, i32, i64, p, p, i64, p]
             lib.entry_dots_team.argtypes = [*lib.entry_dots.argtypes, i32]
-            if lib.built_with_openmp() and not _forked and _shares_torchs_team():
+            if lib.built_with_openmp() and not native.forked() and native.shares_torchs_team():
                 _team_pid = os.getpid()
             _library = lib
     return _library
-
-
-def _shares_torchs_team(maps: str | None = None, torch_lib: Path | None = None) -> bool:
-    """Whether the library's OpenMP runtime is torch's own (``maps``: /proc/self/maps).
-
-    The library asks for ``libgomp.so.1``, which the loader finds among the objects already
-    loaded by that name: on torch's Linux wheels, ``torch/lib/libgomp.so.1``, mapped under
-    that path. Then its splits run on torch's threads (a system copy opened later, mapped
-    as ``libgomp.so.1.0.0``, does not change what the library binds to). Without torch's
-    wheel copy (a torch built with Intel's or LLVM's runtime, beside which the library
-    would bring the compiler's libgomp, each with its own spinning threads) the splits
-    keep to Python threads. Copies under other names (sentencepiece vendors
-    ``libgomp-<hash>.so.1.0.0``) are separate runtimes that neither uses."""
-    if maps is None:
-        try:
-            maps = Path("/proc/self/maps").read_text()
-        except OSError:
-            return False
-    torch_lib = torch_lib or Path(torch.__file__).resolve().parent / "lib"
-    loaded = {
-        Path(line.split()[-1])
-        for line in maps.splitlines()
-        if line.split() and line.split()[-1].endswith("/libgomp.so.1")
-    }
-    return loaded == {torch_lib / "libgomp.so.1"}
-
-
-def _threads() -> ThreadPoolExecutor:
-    """This process's pool (a new one after a fork)."""
-    global _pool
-    with _lock:
-        if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)))
-    return _pool[1]
 
 
 #: Entries below which one thread does all the work (a split costs more than it saves).
@@ -458,7 +303,7 @@ def entry_dots(
             )
         ]
     elif parts > 1:
-        codes = list(_threads().map(run, range(0, e, step)))
+        codes = list(native.thread_pool().map(run, range(0, e, step)))
     else:
         codes = [run(0)]
     if any(codes):

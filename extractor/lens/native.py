@@ -1,0 +1,201 @@
+"""Compiling, caching and loading the lens's C kernels, and the threads that run them.
+
+Two kernels are C, compiled once per machine with the system's C compiler (``$CC``, else
+``cc``) and loaded through :mod:`ctypes`, which releases the GIL: the exact-values loop
+(:mod:`.cpu_exact`) and the AVX-512 BF16 GEMM (:mod:`.cpu_gemm`). This module holds what
+they share: the build cache (one library per source, flags, compiler version and machine,
+written atomically), the marker that keeps a library that will not load from being
+rebuilt in every process, and the choice between torch's own OpenMP team and Python
+threads for a split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+#: Flags that fix the arithmetic: no contraction into FMAs, no reassociation.
+CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math")
+#: Added where the compiler has OpenMP, so that a split can run on torch's thread team.
+OPENMP = ("-fopenmp",)
+
+
+class KernelUnavailable(RuntimeError):
+    """No C compiler, or the compile failed: the caller uses torch's ops instead."""
+
+
+_lock = threading.Lock()
+#: Set in a child forked after import: it never splits on an OpenMP team (libgomp's is
+#: not rebuilt after a fork, and a child's first parallel region in a kernel hung).
+_forked = False
+#: The worker threads and the process that made them: a forked child inherits the pool
+#: object but not its threads, and work sent to it would never run.
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _after_fork_in_child() -> None:
+    """A forked child gets a free lock (the parent's may have been held by another thread)."""
+    global _lock, _forked
+    _lock = threading.Lock()
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def lock() -> threading.Lock:
+    """The lock that guards loading the kernels (a fresh one in a forked child)."""
+    return _lock
+
+
+def forked() -> bool:
+    """Whether this process is a child forked after this module was imported."""
+    return _forked
+
+
+def compiler() -> list[str]:
+    """The C compiler's command: ``$CC`` (split like a shell would: ``ccache gcc`` works),
+    else ``cc``, ``gcc`` or ``clang`` on the PATH."""
+    chosen = os.environ.get("CC", "").strip()
+    if chosen:
+        command = shlex.split(chosen)
+        if not shutil.which(command[0]):
+            raise KernelUnavailable(f"$CC is {chosen!r}, and {command[0]!r} is not found")
+        return command
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return [name]
+    raise KernelUnavailable("no C compiler found ($CC, cc, gcc or clang)")
+
+
+def _version(command: list[str]) -> str:
+    """The compiler's ``--version`` banner: an upgraded compiler builds afresh."""
+    try:
+        done = subprocess.run(
+            [*command, "--version"], capture_output=True, text=True, check=False, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KernelUnavailable(f"{shlex.join(command)} --version failed: {exc}") from exc
+    return done.stdout
+
+
+def cache_dir() -> Path:
+    """``$SLM_LENS_CACHE/kernels`` (or ~/.cache/slm-lens/kernels); where that cannot be
+    written, one private directory per user under the system's temporary directory."""
+    root = os.environ.get("SLM_LENS_CACHE", "").strip()
+    path = Path(root or Path.home() / ".cache" / "slm-lens") / "kernels"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    path = Path(tempfile.gettempdir()) / f"slm-lens-kernels-{uid}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def build(name: str, source: str, flags: tuple[str, ...], rebuild: bool = False) -> Path:
+    """Compile ``source`` into a shared library ``<name>-<key>.so``, once per source, flags,
+    compiler (and its version) and machine: a cache shared over NFS by x86 and ARM nodes
+    keeps one of each. ``rebuild``: replace a cached library that would not load."""
+    command = compiler()
+    key = hashlib.sha256(
+        "\0".join(
+            [source, *flags, *command, _version(command), platform.machine(), platform.system()]
+        ).encode()
+    ).hexdigest()[:16]
+    directory = cache_dir()
+    target = directory / f"{name}-{key}.so"
+    if target.exists() and not rebuild:
+        return target
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        src = Path(tmp) / f"{name}.c"
+        src.write_text(source)
+        out = Path(tmp) / target.name
+        try:
+            done = subprocess.run(
+                [*command, *flags, "-o", str(out), str(src)],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=600,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise KernelUnavailable(f"{shlex.join(command)} could not run: {exc}") from exc
+        if done.returncode != 0 or not out.exists():
+            raise KernelUnavailable(
+                f"{shlex.join(command)} failed to compile the {name} kernel: {done.stderr}"
+            )
+        os.replace(out, target)  # atomic: a concurrent process sees all of it or none
+    return target
+
+
+def load(build_one: Callable[[bool], Path]) -> ctypes.CDLL:
+    """Load what ``build_one(rebuild)`` built; a cached library that does not load
+    (truncated, or from an incompatible build) is rebuilt once. One whose rebuild will not
+    load either is marked, so that later processes skip it without compiling again."""
+    path = build_one(False)
+    marker = path.with_name(path.name + ".unloadable")
+    if marker.exists():
+        raise KernelUnavailable(f"{path.name} would not load here before ({marker})")
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:
+        path = build_one(True)
+        try:
+            return ctypes.CDLL(str(path))
+        except OSError:
+            with contextlib.suppress(OSError):
+                marker.touch()
+            raise
+
+
+def shares_torchs_team(maps: str | None = None, torch_lib: Path | None = None) -> bool:
+    """Whether a library built with OpenMP binds to torch's runtime (``maps``:
+    /proc/self/maps).
+
+    The library asks for ``libgomp.so.1``, which the loader finds among the objects already
+    loaded by that name: on torch's Linux wheels, ``torch/lib/libgomp.so.1``, mapped under
+    that path. Then its splits run on torch's threads (a system copy opened later, mapped
+    as ``libgomp.so.1.0.0``, does not change what the library binds to). Without torch's
+    wheel copy (a torch built with Intel's or LLVM's runtime, beside which the library
+    would bring the compiler's libgomp, each with its own spinning threads) the splits
+    keep to Python threads. Copies under other names (sentencepiece vendors
+    ``libgomp-<hash>.so.1.0.0``) are separate runtimes that neither uses."""
+    if maps is None:
+        try:
+            maps = Path("/proc/self/maps").read_text()
+        except OSError:
+            return False
+    torch_lib = torch_lib or Path(torch.__file__).resolve().parent / "lib"
+    loaded = {
+        Path(line.split()[-1])
+        for line in maps.splitlines()
+        if line.split() and line.split()[-1].endswith("/libgomp.so.1")
+    }
+    return loaded == {torch_lib / "libgomp.so.1"}
+
+
+def thread_pool() -> ThreadPoolExecutor:
+    """This process's pool of Python threads, one a core (a new one after a fork)."""
+    global _pool
+    with lock():
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)))
+    return _pool[1]
