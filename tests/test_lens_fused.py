@@ -140,17 +140,24 @@ def _wide_case(dtype: torch.dtype) -> LensInputs:
     return plant_ties(inputs, 3)
 
 
-#: Every dtype with each fp32-output GEMM: torch's BLAS and, where torch has it, oneDNN.
+#: Every dtype with each fp32-output GEMM: torch's BLAS and, where torch has it, oneDNN;
+#: bf16 also with VDPBF16PS where the CPU has it.
 needs_onednn = pytest.mark.skipif(
     not chunked.onednn_available(torch.zeros(1, 1)), reason="this torch has no oneDNN"
 )
+needs_avx512_bf16 = pytest.mark.skipif(
+    not chunked.avx512_bf16_available(torch.zeros(1, 1, dtype=torch.bfloat16)),
+    reason="this CPU has no AVX-512 BF16",
+)
+NEEDS = {chunked.ONEDNN: [needs_onednn], chunked.AVX512_BF16: [needs_avx512_bf16]}
 
 
 def _gemm_params():
     return [
-        pytest.param(dtype, gemm, marks=[needs_onednn] if gemm == chunked.ONEDNN else [])
+        pytest.param(dtype, gemm, marks=NEEDS.get(gemm, []))
         for dtype in DTYPES
-        for gemm in (chunked.IEEE, chunked.ONEDNN)
+        for gemm in (chunked.IEEE, chunked.ONEDNN, chunked.AVX512_BF16)
+        if gemm != chunked.AVX512_BF16 or dtype == torch.bfloat16
     ]
 
 
@@ -166,7 +173,7 @@ def test_exact_at_model_width(dtype, gemm):
 def test_the_fast_gemm_stays_inside_its_band(d, dtype, gemm):
     """|fast - exact| <= band for every entry, on rows built to make fp32 accumulation err:
     a few massive activations (as real residual streams have) over many small terms, and
-    unembedding rows that cancel them. oneDNN's fp32 GEMM keeps the same band."""
+    unembedding rows that cancel them. oneDNN's fp32 GEMM and VDPBF16PS keep the same band."""
     gen = torch.Generator().manual_seed(d)
     h = torch.randn(32, d, generator=gen)
     h[:, :3] *= 300
@@ -175,7 +182,7 @@ def test_the_fast_gemm_stays_inside_its_band(d, dtype, gemm):
     h, w = h.to(dtype), w.to(dtype)
     inputs = LensInputs(hidden=h, unembed=w, k=1)
     with chunked.ieee_fp32_matmul():
-        fast = chunked.chunk_logits(h.float(), 0, len(w), inputs, onednn=gemm == chunked.ONEDNN)
+        fast = chunked.chunk_logits(h.float(), 0, len(w), inputs, gemm=gemm)
     want = h.double() @ w.double().T
     norms = h.double().norm(dim=1)
     w_max = float(w.double().norm(dim=1).max())
@@ -364,7 +371,12 @@ def test_rank_free_calls_use_model_dtype_logits_and_stay_exact(dtype, monkeypatc
 @pytest.mark.parametrize("ranked", [True, False], ids=["ranked", "rank-free"])
 @pytest.mark.parametrize(
     "fastest",
-    [chunked.IEEE, pytest.param(chunked.ONEDNN, marks=needs_onednn), chunked.MODEL_DTYPE],
+    [
+        chunked.IEEE,
+        pytest.param(chunked.ONEDNN, marks=needs_onednn),
+        pytest.param(chunked.AVX512_BF16, marks=needs_avx512_bf16),
+        chunked.MODEL_DTYPE,
+    ],
 )
 def test_each_call_takes_the_fastest_gemm_it_can(fastest, ranked, monkeypatch):
     """Which GEMM is fastest depends on the CPU's matrix units (a bf16 GEMM is 7x faster
@@ -374,15 +386,15 @@ def test_each_call_takes_the_fastest_gemm_it_can(fastest, ranked, monkeypatch):
     wide = _wide_case(torch.bfloat16)
     inputs = wide if ranked else replace(wide, targets=None, pool_targets=None)
     d = inputs.unembed.shape[1]
-    seconds = {chunked.IEEE: 2.0, chunked.ONEDNN: 3.0, chunked.MODEL_DTYPE: 4.0, fastest: 1.0}
+    seconds = {chunked.IEEE: 2.0, chunked.ONEDNN: 3.0, chunked.AVX512_BF16: 3.5}
+    seconds |= {chunked.MODEL_DTYPE: 4.0, fastest: 1.0}
     for gemm, s in seconds.items():
         monkeypatch.setitem(chunked._GEMM_SECONDS, (gemm, torch.bfloat16, d), s)
     ran = []
     real_fp32, real_low = chunked.chunk_logits, chunked.low_precision_logits
 
     def fp32(*args, **kwargs):
-        onednn = args[6] if len(args) > 6 else kwargs.get("onednn", False)
-        ran.append(chunked.ONEDNN if onednn else chunked.IEEE)
+        ran.append(args[6] if len(args) > 6 else kwargs.get("gemm", chunked.IEEE))
         return real_fp32(*args, **kwargs)
 
     def low(*args, **kwargs):

@@ -59,7 +59,8 @@ def test_low_precision_lens_is_exact_on_real_hidden_states(smollm2_path, dtype):
     inputs = _inputs(model, AutoTokenizer.from_pretrained(smollm2_path), slice(-3, None))
     assert inputs.hidden.dtype == dtype
     # Every GEMM each call can take, whether or not this CPU would choose it: with ranks,
-    # IEEE fp32 through torch's BLAS and through oneDNN; without, the model-dtype GEMM too.
+    # IEEE fp32 through torch's BLAS, oneDNN and (bf16, a CPU with AVX-512 BF16)
+    # VDPBF16PS; without, the model-dtype GEMM too.
     rank_free = replace(inputs, targets=None, pool_targets=None)
     assert MODEL_DTYPE in gemm_choices(rank_free)
     for call in (inputs, rank_free):

@@ -36,6 +36,7 @@ from functools import partial
 
 import torch
 
+from . import cpu_gemm
 from .contract import (
     LensInputs,
     LensRangeError,
@@ -45,6 +46,7 @@ from .contract import (
     validate,
 )
 from .exact import (
+    BF16_GEMM,
     K_BLOCK,
     ONEDNN_GEMM,
     bias_abs_max,
@@ -169,11 +171,13 @@ def row_chunks(groups: torch.Tensor, row_chunk: int) -> tuple[torch.Tensor, list
 
 
 #: The GEMMs that can give a call its fast logits (``chunked_lens(gemm=...)``), each with
-#: its own proven band: K-sliced IEEE fp32 through torch's BLAS (MKL on x86) or through
-#: oneDNN (:func:`chunk_logits`), or one GEMM in the model's dtype
-#: (:func:`low_precision_logits`, rank-free bf16/fp16 calls only).
+#: its own proven band: K-sliced IEEE fp32 through torch's BLAS (MKL on x86), through
+#: oneDNN, or through VDPBF16PS on bf16 operands (:func:`chunk_logits`, one band for the
+#: three), or one GEMM in the model's dtype (:func:`low_precision_logits`, rank-free
+#: bf16/fp16 calls only).
 IEEE = "ieee"
 ONEDNN = "onednn"
+AVX512_BF16 = "avx512-bf16"
 MODEL_DTYPE = "model-dtype"
 
 
@@ -185,6 +189,18 @@ def onednn_available(unembed: torch.Tensor) -> bool:
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
         and kernel_enabled(ONEDNN_GEMM)
+    )
+
+
+def avx512_bf16_available(unembed: torch.Tensor) -> bool:
+    """Whether the fast logits may come from :mod:`.cpu_gemm`'s kernel: a bf16 model on a
+    CPU whose VDPBF16PS passed the kernel's probe, and not turned off by the self-check
+    (:data:`~.exact.BF16_GEMM`)."""
+    return (
+        unembed.device.type == "cpu"
+        and unembed.dtype == torch.bfloat16
+        and kernel_enabled(BF16_GEMM)
+        and cpu_gemm.available()
     )
 
 
@@ -213,6 +229,15 @@ class Scratch:
 
     def __init__(self) -> None:
         self._flat: list[torch.Tensor] = []
+        self._packed: dict[tuple[int, int], cpu_gemm.PackedColumns] = {}
+
+    def packed(self, w: torch.Tensor, c0: int, c1: int, columns: ColumnOrder):
+        """Columns ``[c0, c1)`` of W packed for :mod:`.cpu_gemm`, once per call (the
+        call's column order is fixed): 1 ms of packing a chunk, not one per row chunk."""
+        key = (c0, c1)
+        if key not in self._packed:
+            self._packed[key] = cpu_gemm.pack(columns.rows(w, c0, c1))
+        return self._packed[key]
 
     def get(
         self, i: int, rows: int, cols: int, device, dtype: torch.dtype = torch.float32
@@ -232,7 +257,7 @@ def chunk_logits(
     inputs: LensInputs,
     scratch: Scratch | None = None,
     columns: ColumnOrder | None = None,
-    onednn: bool = False,
+    gemm: str = IEEE,
 ) -> torch.Tensor:
     """Fast logits [R, c1 - c0]: fp32 GEMM of exact fp32 copies, then bias and soft-cap in fp32.
 
@@ -242,18 +267,29 @@ def chunk_logits(
     many fewer entries need float64. The result lives in ``scratch`` (valid until the
     next call) when one is given. ``columns``: which entries columns ``[c0, c1)`` are.
 
-    ``onednn`` (a CPU, :func:`onednn_available`): each slice is oneDNN's IEEE fp32 GEMM
-    instead of torch's BLAS, with the same band (any summation order keeps a slice inside
-    ``gamma_block``). On AMD EPYC (Zen 5) torch's BLAS, MKL, took 29.5 ms a 512 x 8,192
-    block and oneDNN 14 (bench/README.md); its output is a fresh tensor, not ``scratch``.
+    ``gemm``: :data:`IEEE` (torch's BLAS), or on a CPU :data:`ONEDNN` (each slice is
+    oneDNN's IEEE fp32 GEMM: any summation order keeps a slice inside ``gamma_block``; its
+    output is a fresh tensor, not ``scratch``) or :data:`AVX512_BF16` (:mod:`.cpu_gemm`:
+    the bf16 rows and W, each slice one chain of fp32 accumulations). The same band for
+    the three. On AMD EPYC (Zen 5) a 512 x 8,192 block took 29.5 ms through MKL, 14
+    through oneDNN and 5.4 through VDPBF16PS (bench/README.md).
     """
     scratch = scratch or Scratch()
     columns = columns or ColumnOrder()
     rows, width, d = len(h32), c1 - c0, h32.shape[1]
-    if onednn and rows and width and d:
+    if gemm == ONEDNN and rows and width and d:
         if not onednn_available(inputs.unembed):
             raise ValueError("oneDNN's fp32 GEMM is not available here (a CPU torch with oneDNN)")
         logits = _onednn_slices(h32, columns.rows(inputs.unembed, c0, c1))
+    elif gemm == AVX512_BF16:
+        if not avx512_bf16_available(inputs.unembed):
+            raise ValueError(
+                "the AVX-512 BF16 GEMM is not available here (a bf16 model on a CPU with "
+                f"VDPBF16PS): {cpu_gemm.why_unavailable() or 'turned off'}"
+            )
+        logits = scratch.get(0, rows, width, h32.device)
+        packed = scratch.packed(inputs.unembed, c0, c1, columns)
+        cpu_gemm.logits(h32.to(torch.bfloat16), packed, logits)  # h32 holds bf16 values
     else:
         w = columns.rows(inputs.unembed, c0, c1).float()
         logits = scratch.get(0, rows, width, h32.device)
@@ -453,7 +489,7 @@ class _Scope:
     first: int  # first row of the scope in the chunk
     singletons: bool
     columns: ColumnOrder = ColumnOrder()  # the vocabulary entry of each logit column
-    onednn: bool = False  # how chunk_logits computes a rescan's fast logits
+    gemm: str = IEEE  # how chunk_logits computes a rescan's fast logits
     #: A pooled scope's ``lens`` on the host, read once: every chunk pools with it, and
     #: reading a GPU tensor is a host sync (three a chunk before). Unused for singletons.
     sizes: list[int] | None = None
@@ -670,12 +706,12 @@ def _rescan_topk(scope, groups, kth, band, seg_chunks, h32):
         first=0,
         singletons=scope.singletons,
         columns=scope.columns,
-        onednn=scope.onednn,
+        gemm=scope.gemm,
     )
     found_g, found_c, found_v = [], [], []
     for c0, c1, _ in seg_chunks:
         logits = chunk_logits(
-            h32[rows], c0, c1, scope.inputs, columns=scope.columns, onednn=scope.onednn
+            h32[rows], c0, c1, scope.inputs, columns=scope.columns, gemm=scope.gemm
         )
         g_e, c_e = (local.pool(logits) >= lo).nonzero(as_tuple=True)
         ids = scope.columns.vocab(c_e + c0)
@@ -698,9 +734,7 @@ def _rescan_topk(scope, groups, kth, band, seg_chunks, h32):
     return ids.gather(1, order), vals.gather(1, order)
 
 
-def _row_scope(
-    inputs, h, t64, columns: ColumnOrder = ColumnOrder(), onednn: bool = False
-) -> _Scope:
+def _row_scope(inputs, h, t64, columns: ColumnOrder = ColumnOrder(), gemm: str = IEEE) -> _Scope:
     r = len(h)
     return _Scope(
         inputs=inputs,
@@ -711,12 +745,12 @@ def _row_scope(
         first=0,
         singletons=True,
         columns=columns,
-        onednn=onednn,
+        gemm=gemm,
     )
 
 
 def _pooled_scope(
-    inputs, h, groups, pool_targets, columns: ColumnOrder = ColumnOrder(), onednn: bool = False
+    inputs, h, groups, pool_targets, columns: ColumnOrder = ColumnOrder(), gemm: str = IEEE
 ) -> tuple[_Scope, torch.Tensor]:
     """The chunk's pooled rows (a contiguous suffix, see :func:`row_chunks`) as a scope."""
     r = len(h)
@@ -736,7 +770,7 @@ def _pooled_scope(
         singletons=False,
         sizes=sizes,
         columns=columns,
-        onednn=onednn,
+        gemm=gemm,
     )
     return scope, g_ids
 
@@ -763,7 +797,8 @@ def chunked_lens(
     exact recomputation of in-band entries: ranks are then only as good as fp32
     (tests use it to show that the refinement is what makes them exact).
     ``gemm``: which GEMM gives the fast logits (:data:`IEEE`, :data:`ONEDNN`,
-    :data:`MODEL_DTYPE`; :func:`gemm_choices` says which this call can take); None, the
+    :data:`AVX512_BF16`, :data:`MODEL_DTYPE`; :func:`gemm_choices` says which this call
+    can take); None, the
     fastest of those on this device (:func:`fastest_gemm`). Exact either way.
     """
     validate(inputs)
@@ -775,7 +810,8 @@ def chunked_lens(
         raise ValueError(
             f"gemm={gemm!r} cannot give this call's fast logits; it can take "
             f"{gemm_choices(inputs)} ({MODEL_DTYPE!r}: rank-free bf16/fp16 calls; "
-            f"{ONEDNN!r}: a CPU torch with oneDNN)"
+            f"{ONEDNN!r}: a CPU torch with oneDNN; {AVX512_BF16!r}: a bf16 model on a CPU "
+            "with AVX-512 BF16)"
         )
     with ieee_fp32_matmul():
         return _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, gemm)
@@ -783,10 +819,13 @@ def chunked_lens(
 
 def gemm_choices(inputs: LensInputs) -> list[str]:
     """The GEMMs this call may take: IEEE fp32 through torch's BLAS always, through oneDNN
-    on a CPU that has it, one GEMM in the model's dtype for rank-free bf16/fp16 calls."""
+    on a CPU that has it, VDPBF16PS for a bf16 model on a CPU that has it, one GEMM in the
+    model's dtype for rank-free bf16/fp16 calls."""
     choices = [IEEE]
     if onednn_available(inputs.unembed):
         choices.append(ONEDNN)
+    if avx512_bf16_available(inputs.unembed):
+        choices.append(AVX512_BF16)
     if rank_free_low_precision(inputs):
         choices.append(MODEL_DTYPE)
     return choices
@@ -834,8 +873,7 @@ def gemm_seconds(gemms: list[str], dtype: torch.dtype, d: int) -> dict[str, floa
             if gemm == MODEL_DTYPE:
                 runs[gemm] = partial(low_precision_logits, h, 0, width, probe, scratch, False)
             else:
-                fp32 = partial(chunk_logits, h.float(), 0, width, probe, scratch)
-                runs[gemm] = partial(fp32, onednn=gemm == ONEDNN)
+                runs[gemm] = partial(chunk_logits, h.float(), 0, width, probe, scratch, gemm=gemm)
         with ieee_fp32_matmul():
             for gemm, seconds in _best_times(runs).items():
                 _GEMM_SECONDS[gemm, dtype, d] = seconds
@@ -884,7 +922,7 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, gemm) -> LensR
     limit = {torch.float16: 2.0**14, torch.bfloat16: 2.0**120}.get(dtype, 0.0)
     # Beyond the model dtype's range its GEMM could overflow: IEEE fp32 then.
     low = gemm == MODEL_DTYPE and reach < limit
-    onednn = gemm == ONEDNN
+    fp32_gemm = IEEE if gemm == MODEL_DTYPE else gemm  # beyond the reach: IEEE fp32
     # Low-precision logits have a wider band: more candidates keep rescans rare.
     kk = min(k + (2 * margin if low else margin), v)
     targets = inputs.resolved_targets().to(device).long()
@@ -914,10 +952,10 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, gemm) -> LensR
         h32 = h.float()
         norms = h.double().norm(dim=1)
         t64 = target_logits(h, targets[rows], inputs)
-        scopes = [_row_scope(inputs, h, t64, columns, onednn)]
+        scopes = [_row_scope(inputs, h, t64, columns, fp32_gemm)]
         g_ids = None
         if bool((groups[rows] >= 0).any()):
-            pooled, g_ids = _pooled_scope(inputs, h, groups[rows], pool_targets, columns, onednn)
+            pooled, g_ids = _pooled_scope(inputs, h, groups[rows], pool_targets, columns, fp32_gemm)
             scopes.append(pooled)
         states = [[_new_state(sc, device) for _ in names] for sc in scopes]
         lse_max = torch.full((len(names), len(rows)), NEG_INF, dtype=torch.float32, device=device)
@@ -932,7 +970,7 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, gemm) -> LensR
                 if out_max is not None:
                     band = error_band(norms, w_max[i], d, b_max[i], inputs.softcap, dtype, out_max)
             else:
-                logits = chunk_logits(h32, c0, c1, inputs, scratch, columns, onednn)
+                logits = chunk_logits(h32, c0, c1, inputs, scratch, columns, fp32_gemm)
                 band = error_band(norms, w_max[i], d, b_max[i], inputs.softcap)
             for scope, st in zip(scopes, states, strict=True):
                 scope_band = band

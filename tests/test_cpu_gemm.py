@@ -1,0 +1,144 @@
+"""The AVX-512 BF16 GEMM: the IEEE path's K-sliced fp32 sums bit for bit, or not used."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+import torch
+
+from extractor.lens import LensInputs, chunked, cpu_gemm, exact
+from extractor.lens.chunked import chunked_lens
+
+needs_kernel = pytest.mark.skipif(
+    not cpu_gemm.available(), reason=f"the kernel cannot run here: {cpu_gemm.why_unavailable()}"
+)
+
+
+def k_sliced_sums(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What the kernel must compute, in torch's fp32 ops: each K_BLOCK slice summed from
+    zero one product at a time (pairs: the odd element's product first, as Intel's manual
+    defines VDPBF16PS), slices added in order. Products of bf16 values are exact in fp32."""
+    hf, wf = h.float(), w.float()
+    d = h.shape[1]
+    total = None
+    for k0 in range(0, d, exact.K_BLOCK):
+        acc = torch.zeros(len(h), len(w))
+        for i in range(k0, min(d, k0 + exact.K_BLOCK), 2):
+            if i + 1 < d:
+                acc = acc + hf[:, i + 1, None] * wf[None, :, i + 1]
+            acc = acc + hf[:, i, None] * wf[None, :, i]
+        total = acc if total is None else total + acc
+    return total
+
+
+def _operands(r: int, c: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(r, d, generator=gen)
+    h[:, :2] *= 200  # massive activations: the order of the additions shows in the bits
+    return h.bfloat16(), torch.randn(c, d, generator=gen).bfloat16()
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "r,c,d",
+    [(13, 100, 300), (8, 48, 256), (1, 1, 1), (37, 33, 131), (64, 200, 576)],
+    ids=["remainders", "one-tile", "single", "odd-width", "model-width"],
+)
+def test_bit_for_bit_the_k_sliced_fp32_sums(r, c, d):
+    """Every tile shape (8, 4, 2, 1 rows x 1-3 blocks of 16, a masked last block), an odd
+    width (a zero pads the last pair), slices of 128 and a short last one."""
+    h, w = _operands(r, c, d, seed=r + c + d)
+    got = cpu_gemm.logits(h, cpu_gemm.pack(w), torch.empty(r, c))
+    assert torch.equal(got, k_sliced_sums(h, w))
+
+
+@needs_kernel
+def test_python_threads_and_torchs_team_split_alike(monkeypatch):
+    h, w = _operands(40, 700, 192, seed=1)
+    packed = cpu_gemm.pack(w)
+    team = cpu_gemm.logits(h, packed, torch.empty(40, 700))
+    monkeypatch.setattr(cpu_gemm, "_team_pid", None)
+    threads = cpu_gemm.logits(h, packed, torch.empty(40, 700))
+    assert torch.equal(team, threads) and torch.equal(team, k_sliced_sums(h, w))
+
+
+def _logits_in_a_forked_child(queue, h, packed, want) -> None:
+    got = cpu_gemm.logits(h, packed, torch.empty(want.shape))
+    queue.put(bool(torch.equal(got, want)))
+
+
+@needs_kernel
+def test_a_forked_child_splits_over_threads_of_its_own():
+    """A child forked after the parent split on torch's OpenMP team must not use that team
+    (libgomp's is not rebuilt after a fork): it gets Python threads, and the same bits."""
+    h, w = _operands(16, 400, 128, seed=2)
+    packed = cpu_gemm.pack(w)
+    want = cpu_gemm.logits(h, packed, torch.empty(16, 400))
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_logits_in_a_forked_child, args=(queue, h, packed, want))
+    child.start()
+    child.join(timeout=120)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive, "the forked child hung"
+    assert child.exitcode == 0 and queue.get(timeout=5)
+
+
+@needs_kernel
+def test_the_probe_tells_the_manuals_order_from_another():
+    """The probe finds this CPU's VDPBF16PS to be the manual's arithmetic, and would have
+    noticed the other order of the two products (on normal-range operands)."""
+    lib = cpu_gemm.library()
+    assert lib.probe_mismatches(cpu_gemm.PROBE_TRIALS, cpu_gemm.PROBE_SEED, 0) == 0
+    assert lib.probe_mismatches(cpu_gemm.PROBE_TRIALS, cpu_gemm.PROBE_SEED, 1) > 1000
+
+
+def test_a_cpu_whose_instruction_differs_never_runs_it(monkeypatch):
+    """A probe that finds any difference keeps the kernel off: the engine takes another
+    GEMM, and asking for this one says why."""
+    try:
+        lib = cpu_gemm.library()
+    except (cpu_gemm.KernelUnavailable, OSError):
+        pytest.skip("no C compiler")
+    if not lib.has_avx512_bf16():
+        assert not cpu_gemm._check()[0]
+        assert "no AVX-512 BF16" in cpu_gemm._check()[1]
+        return
+    monkeypatch.setattr(lib, "probe_mismatches", lambda *args: 7)
+    monkeypatch.setattr(cpu_gemm, "_available", None)
+    assert not cpu_gemm.available()
+    assert "on 7 of" in cpu_gemm.why_unavailable()
+    h, w = _operands(4, 50, 64, seed=3)
+    inputs = LensInputs(hidden=h, unembed=w, k=3, targets=torch.tensor([[1]] * 4))
+    assert chunked.AVX512_BF16 not in chunked.gemm_choices(inputs)
+    with pytest.raises(ValueError, match="avx512-bf16"):
+        chunked_lens(inputs, gemm=chunked.AVX512_BF16)
+    with pytest.raises(cpu_gemm.KernelUnavailable, match="on 7 of"):
+        cpu_gemm.logits(h, cpu_gemm.pack(w), torch.empty(4, 50))
+
+
+def test_only_bf16_models_on_a_cpu_are_offered_the_kernel():
+    w = torch.randn(30, 16)
+    for dtype in (torch.float32, torch.float16):
+        assert not chunked.avx512_bf16_available(w.to(dtype))
+    with pytest.raises(TypeError, match="bf16"):
+        cpu_gemm.pack(w)
+
+
+@needs_kernel
+def test_operands_of_the_wrong_shape_are_refused_before_the_kernel_reads_them():
+    h, w = _operands(4, 20, 32, seed=4)
+    packed = cpu_gemm.pack(w)
+    with pytest.raises(ValueError, match="bf16"):
+        cpu_gemm.logits(h[:, :31], packed, torch.empty(4, 20))
+    with pytest.raises(ValueError, match="fp32"):
+        cpu_gemm.logits(h, packed, torch.empty(4, 19))
+    with pytest.raises(ValueError, match="fp32"):
+        cpu_gemm.logits(h, packed, torch.empty(20, 4).T)
+    odd = torch.empty(4, 21).bfloat16()[:, 1:]  # strided, and at an odd offset: copied
+    odd.copy_(h[:, :20])
+    got = cpu_gemm.logits(odd, cpu_gemm.pack(w[:, :20]), torch.empty(4, 20))
+    assert torch.equal(got, k_sliced_sums(h[:, :20], w[:, :20]))
