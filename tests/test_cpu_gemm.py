@@ -7,7 +7,7 @@ import multiprocessing
 import pytest
 import torch
 
-from extractor.lens import LensInputs, chunked, cpu_gemm, exact
+from extractor.lens import LensInputs, chunked, cpu_gemm
 from extractor.lens.chunked import chunked_lens
 
 needs_kernel = pytest.mark.skipif(
@@ -16,15 +16,15 @@ needs_kernel = pytest.mark.skipif(
 
 
 def k_sliced_sums(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """What the kernel must compute, in torch's fp32 ops: each K_BLOCK slice summed from
+    """What the kernel must compute, in torch's fp32 ops: each SLICE-wide slice summed from
     zero one product at a time (pairs: the odd element's product first, as Intel's manual
     defines VDPBF16PS), slices added in order. Products of bf16 values are exact in fp32."""
     hf, wf = h.float(), w.float()
     d = h.shape[1]
     total = None
-    for k0 in range(0, d, exact.K_BLOCK):
+    for k0 in range(0, d, cpu_gemm.SLICE):
         acc = torch.zeros(len(h), len(w))
-        for i in range(k0, min(d, k0 + exact.K_BLOCK), 2):
+        for i in range(k0, min(d, k0 + cpu_gemm.SLICE), 2):
             if i + 1 < d:
                 acc = acc + hf[:, i + 1, None] * wf[None, :, i + 1]
             acc = acc + hf[:, i, None] * wf[None, :, i]

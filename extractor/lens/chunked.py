@@ -54,6 +54,7 @@ from .exact import (
     entry_logits,
     error_band,
     exact_order,
+    gemm_error_factor,
     kernel_enabled,
     rank_free_low_precision,
     remembered,
@@ -190,6 +191,13 @@ def onednn_available(unembed: torch.Tensor) -> bool:
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
         and kernel_enabled(ONEDNN_GEMM)
     )
+
+
+def fast_gemm_factor(gemm: str, d: int) -> float:
+    """``c`` with ``|fast - exact| <= c ||h|| ||w||`` for an fp32-output GEMM's logits:
+    K-slices of :data:`~.exact.K_BLOCK` (torch's BLAS and oneDNN) or of
+    :data:`.cpu_gemm.SLICE` (the VDPBF16PS kernel), each summed in fp32, added in order."""
+    return gemm_error_factor(d, cpu_gemm.SLICE if gemm == AVX512_BF16 else K_BLOCK)
 
 
 def avx512_bf16_available(unembed: torch.Tensor) -> bool:
@@ -923,6 +931,7 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, gemm) -> LensR
     # Beyond the model dtype's range its GEMM could overflow: IEEE fp32 then.
     low = gemm == MODEL_DTYPE and reach < limit
     fp32_gemm = IEEE if gemm == MODEL_DTYPE else gemm  # beyond the reach: IEEE fp32
+    factor = fast_gemm_factor(fp32_gemm, d)
     # Low-precision logits have a wider band: more candidates keep rescans rare.
     kk = min(k + (2 * margin if low else margin), v)
     targets = inputs.resolved_targets().to(device).long()
@@ -971,7 +980,7 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, gemm) -> LensR
                     band = error_band(norms, w_max[i], d, b_max[i], inputs.softcap, dtype, out_max)
             else:
                 logits = chunk_logits(h32, c0, c1, inputs, scratch, columns, fp32_gemm)
-                band = error_band(norms, w_max[i], d, b_max[i], inputs.softcap)
+                band = error_band(norms, w_max[i], d, b_max[i], inputs.softcap, factor=factor)
             for scope, st in zip(scopes, states, strict=True):
                 scope_band = band
                 if isinstance(band, torch.Tensor) and not scope.singletons:
