@@ -1,11 +1,11 @@
 """The lens' fast-logit GEMMs on this CPU, one block each, same run (docs/lens.md, "Which GEMM").
 
 Times each GEMM the torch engine can take for one [rows x d] @ [d x width] block, with
-the copies and adds it makes per chunk (``chunked.chunk_logits`` for ``ieee`` and
-``onednn``, ``chunked.low_precision_logits`` for ``model-dtype``), best of ``--repeats``
-after a warm-up, and prints each against ``ieee`` (torch's BLAS: MKL on x86). Random rows
-and weights in the model's dtype, seed 0; the oneDNN and BLAS outputs are checked against
-each other within the band.
+the copies, adds and packing it makes per chunk (``chunked.chunk_logits`` for ``ieee``,
+``onednn`` and ``avx512-bf16``, ``chunked.low_precision_logits`` for ``model-dtype``),
+best of ``--repeats`` after a warm-up, and prints each against ``ieee`` (torch's BLAS: MKL
+on x86). Random rows and weights in the model's dtype, seed 0; each fp32-output GEMM is
+checked against BLAS within the bands. The kernel's packing is timed once, beside.
 
     python bench/fast_gemm.py                          # SmolLM2's width, bf16/fp16/fp32
     python bench/fast_gemm.py --d 896 --width 8192 --dtypes bf16
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import best_of
-from extractor.lens import chunked, exact
+from extractor.lens import chunked, cpu_gemm, exact
 from extractor.lens.contract import LensInputs
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -62,22 +62,30 @@ def main() -> None:
         h32, scratch = h.float(), chunked.Scratch()
         block = partial(chunked.chunk_logits, h32, 0, args.width, inputs, scratch)
         runs = {chunked.IEEE: block}
-        if chunked.onednn_available(w):
-            runs[chunked.ONEDNN] = partial(block, onednn=True)
+        for gemm in chunked.gemm_choices(inputs):
+            if gemm not in (chunked.IEEE, chunked.MODEL_DTYPE):
+                runs[gemm] = partial(block, gemm=gemm)
+        with chunked.ieee_fp32_matmul():
+            # Each fp32-output GEMM within its band of the exact logits, so within the sum
+            # of the two bands (at most twice IEEE's) of torch's BLAS.
+            band = exact.error_band(
+                h.double().norm(dim=1), float(w.double().norm(dim=1).max()), args.d, 0, None
+            )
+            ieee = runs[chunked.IEEE]().double()
+            for gemm, run in runs.items():
+                diff = (run().double() - ieee).abs()
+                assert bool((diff <= 2 * band[:, None]).all()), f"{gemm} and BLAS disagree"
         if chunked.MODEL_DTYPE in chunked.gemm_choices(inputs):
             runs[chunked.MODEL_DTYPE] = partial(
                 chunked.low_precision_logits, h, 0, args.width, inputs, scratch, need_max=False
             )
         with chunked.ieee_fp32_matmul():
-            if chunked.ONEDNN in runs:
-                band = exact.error_band(
-                    h.double().norm(dim=1), float(w.double().norm(dim=1).max()), args.d, 0, None
-                )
-                diff = (runs[chunked.ONEDNN]().double() - runs[chunked.IEEE]().double()).abs()
-                assert bool((diff <= 2 * band[:, None]).all()), "oneDNN and BLAS disagree"
             times = {gemm: best_of(run, args.repeats) * 1e3 for gemm, run in runs.items()}
         for gemm, ms in times.items():
             print(f"| {name} | {gemm} | {ms:.2f} | {times[chunked.IEEE] / ms:.2f} |")
+        if chunked.AVX512_BF16 in runs:  # once a call per chunk, not per row chunk
+            pack_ms = best_of(partial(cpu_gemm.pack, w), args.repeats) * 1e3
+            print(f"| {name} | avx512-bf16 packing (once a call) | {pack_ms:.2f} | |")
 
 
 if __name__ == "__main__":
