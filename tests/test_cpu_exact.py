@@ -123,14 +123,28 @@ def test_without_a_compiler_the_lens_warns_once_and_uses_torch(monkeypatch, tmp_
 
 
 def test_a_failing_compiler_says_what_it_printed(monkeypatch, tmp_path):
+    """What the compiler printed is the error, and is remembered: the next process does
+    not compile again (each compile costs about half a second) until the marker ages out."""
     script = tmp_path / "broken-cc"
-    script.write_text("#!/bin/sh\necho 'cc1: out of disk' >&2\nexit 1\n")
+    runs = tmp_path / "runs"
+    script.write_text(
+        f'#!/bin/sh\ncase "$1" in --version) ;; *) echo x >> {runs};; esac\n'
+        "echo 'cc1: out of disk' >&2\nexit 1\n"
+    )
     script.chmod(0o755)
     monkeypatch.setenv("CC", str(script))
     monkeypatch.setenv("SLM_LENS_CACHE", str(tmp_path / "cache"))
     with pytest.raises(cpu_exact.KernelUnavailable, match="out of disk"):
         cpu_exact.build()
     assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-written is kept
+    with pytest.raises(cpu_exact.KernelUnavailable, match=r"out of disk(.|\n)*remembered"):
+        cpu_exact.build()
+    assert runs.read_text().count("x") == 1, "compiled again"
+    (marker,) = (tmp_path / "cache").rglob("*.failed")
+    os.utime(marker, (0, 0))  # a day old: tried again
+    with pytest.raises(cpu_exact.KernelUnavailable, match="out of disk"):
+        cpu_exact.build()
+    assert runs.read_text().count("x") == 2
 
 
 def _dots_in_a_forked_child(queue, h, rows, want) -> None:

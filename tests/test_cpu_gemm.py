@@ -142,3 +142,39 @@ def test_operands_of_the_wrong_shape_are_refused_before_the_kernel_reads_them():
     odd.copy_(h[:, :20])
     got = cpu_gemm.logits(odd, cpu_gemm.pack(w[:, :20]), torch.empty(4, 20))
     assert torch.equal(got, k_sliced_sums(h[:, :20], w[:, :20]))
+
+
+@needs_kernel
+def test_rows_that_are_not_bf16_values_are_refused():
+    """The band is for the rows the kernel multiplies: fp32 rows rounded to bf16 on the
+    way in would not be inside it."""
+    h, w = _operands(4, 20, 32, seed=5)
+    inputs = LensInputs(hidden=h, unembed=w, k=1)
+    h32 = h.float()
+    h32[0, 0] += h32[0, 0].abs() * 2**-12  # between two bf16 values
+    with pytest.raises(ValueError, match="bf16 values"):
+        chunked.chunk_logits(h32, 0, 20, inputs, gemm=chunked.AVX512_BF16)
+
+
+@needs_kernel
+def test_packed_chunks_are_kept_only_for_a_later_row_chunk(monkeypatch):
+    """A call's last row chunk (or its only one) frees each packed chunk after use; a W
+    above PACK_KEEP_BYTES is packed again for each row chunk, never held twice."""
+    _, w = _operands(1, 64, 32, seed=6)
+    scratch, columns = chunked.Scratch(), chunked.ColumnOrder()
+    scratch.keep_packed = True
+    first = scratch.packed(w, 0, 64, columns)
+    assert scratch.packed(w, 0, 64, columns) is first  # kept: packed once
+    scratch.keep_packed = False
+    assert scratch.packed(w, 0, 64, columns) is first and not scratch._packed  # freed
+    monkeypatch.setattr(chunked, "PACK_KEEP_BYTES", w.numel())  # half W's bytes
+    scratch.keep_packed = True
+    scratch.packed(w, 0, 64, columns)
+    assert not scratch._packed
+
+
+@needs_kernel
+def test_an_empty_width_gives_zero_sums():
+    out = torch.full((3, 5), 7.0)
+    cpu_gemm.logits(torch.empty(3, 0).bfloat16(), cpu_gemm.pack(torch.empty(5, 0).bfloat16()), out)
+    assert torch.equal(out, torch.zeros(3, 5))

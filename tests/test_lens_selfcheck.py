@@ -80,24 +80,24 @@ def test_a_disagreeing_exact_values_kernel_is_turned_off(monkeypatch, preferred)
     assert torch.equal(got.topk_ids, want.topk_ids)
 
 
-@pytest.mark.parametrize("gemm", ["onednn", "avx512-bf16"])
-def test_a_disagreeing_fast_gemm_is_turned_off_and_the_c_loop_kept(gemm, monkeypatch):
+@pytest.mark.parametrize("bad", ["onednn", "avx512-bf16"])
+def test_a_disagreeing_fast_gemm_is_turned_off_and_the_c_loop_kept(bad, monkeypatch):
     """oneDNN's fp32 GEMM and the VDPBF16PS kernel are trusted to be IEEE fp32, like
     torch's BLAS. One that erred far outside the band (made to here) is turned off by the
     self-check, which keeps the C loop and the other GEMM: they still agree."""
     from extractor.lens import chunked, exact
     from extractor.lens.reference import reference_lens
 
-    kernel = {chunked.ONEDNN: exact.ONEDNN_GEMM, chunked.AVX512_BF16: exact.BF16_GEMM}[gemm]
+    kernel = {chunked.ONEDNN: exact.ONEDNN_GEMM, chunked.AVX512_BF16: exact.BF16_GEMM}[bad]
     monkeypatch.setattr(exact, "_FAILED_KERNELS", set())
     inputs = _inputs()
-    if gemm not in chunked.gemm_choices(inputs):
-        pytest.skip(f"{gemm} cannot run here")
+    if bad not in chunked.gemm_choices(inputs):
+        pytest.skip(f"{bad} cannot run here")
     real = chunked.chunk_logits
 
-    def skewed(h32, c0, c1, inputs, scratch=None, columns=None, gemm_used=chunked.IEEE):
-        logits = real(h32, c0, c1, inputs, scratch, columns, gemm_used)
-        if gemm_used == gemm:  # an error far outside the band: the top entries swap places
+    def skewed(h32, c0, c1, inputs, scratch=None, columns=None, gemm=chunked.IEEE):
+        logits = real(h32, c0, c1, inputs, scratch, columns, gemm)
+        if gemm == bad:  # an error far outside the band: the top entries swap places
             logits.copy_(torch.where(logits > logits.median(), -logits, logits))
         return logits
 
@@ -105,14 +105,14 @@ def test_a_disagreeing_fast_gemm_is_turned_off_and_the_c_loop_kept(gemm, monkeyp
     d = inputs.unembed.shape[1]
     for other in (chunked.IEEE, chunked.ONEDNN, chunked.AVX512_BF16):
         monkeypatch.setitem(chunked._GEMM_SECONDS, (other, torch.bfloat16, d), 1.0)
-    monkeypatch.setitem(chunked._GEMM_SECONDS, (gemm, torch.bfloat16, d), 0.5)
+    monkeypatch.setitem(chunked._GEMM_SECONDS, (bad, torch.bfloat16, d), 0.5)
     with pytest.warns(UserWarning, match="kernel off, torch's ops agree"):
         check = choose_engine(inputs, "torch", {"torch": _torch})
     assert check.engine == "torch" and not check.passed
     others = [k for k in exact.device_kernels("cpu") if k != kernel]
     assert kernel in check.detail and not any(k in check.detail for k in others)
     assert not exact.kernel_enabled(kernel) and all(exact.kernel_enabled(k) for k in others)
-    assert gemm not in chunked.gemm_choices(inputs)
+    assert bad not in chunked.gemm_choices(inputs)
     got, want = _torch(inputs), reference_lens(inputs)
     assert torch.equal(got.target_ranks, want.target_ranks)
     assert torch.equal(got.topk_ids, want.topk_ids)

@@ -172,10 +172,10 @@ def row_chunks(groups: torch.Tensor, row_chunk: int) -> tuple[torch.Tensor, list
 
 
 #: The GEMMs that can give a call its fast logits (``chunked_lens(gemm=...)``), each with
-#: its own proven band: K-sliced IEEE fp32 through torch's BLAS (MKL on x86), through
-#: oneDNN, or through VDPBF16PS on bf16 operands (:func:`chunk_logits`, one band for the
-#: three), or one GEMM in the model's dtype (:func:`low_precision_logits`, rank-free
-#: bf16/fp16 calls only).
+#: its own proven band: K-sliced IEEE fp32 through torch's BLAS (MKL on x86) or oneDNN
+#: (128-wide slices), or through VDPBF16PS on bf16 operands (64-wide slices: a narrower
+#: band; :func:`chunk_logits`, :func:`fast_gemm_factor`), or one GEMM in the model's dtype
+#: (:func:`low_precision_logits`, rank-free bf16/fp16 calls only).
 IEEE = "ieee"
 ONEDNN = "onednn"
 AVX512_BF16 = "avx512-bf16"
@@ -231,6 +231,11 @@ def _onednn_slices(h32: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+#: The largest W (bytes) whose packed copy a call keeps between row chunks (a bigger one
+#: is packed again for each: 20% more GEMM time, no second copy of a multi-GB head).
+PACK_KEEP_BYTES = 1 << 30
+
+
 class Scratch:
     """Reusable [rows x vocab-chunk] buffers, one a slot, for a whole call: fresh 16 MB
     blocks per chunk cost page faults that rivalled the GEMM itself."""
@@ -238,14 +243,19 @@ class Scratch:
     def __init__(self) -> None:
         self._flat: list[torch.Tensor] = []
         self._packed: dict[tuple[int, int], cpu_gemm.PackedColumns] = {}
+        #: Whether packed chunks are kept for a later row chunk (:meth:`packed`).
+        self.keep_packed = False
 
     def packed(self, w: torch.Tensor, c0: int, c1: int, columns: ColumnOrder):
-        """Columns ``[c0, c1)`` of W packed for :mod:`.cpu_gemm`, once per call (the
-        call's column order is fixed): 1 ms of packing a chunk, not one per row chunk."""
+        """Columns ``[c0, c1)`` of W packed for :mod:`.cpu_gemm` (the call's column order
+        is fixed). Kept while ``keep_packed`` (more row chunks to come, and W no larger than
+        :data:`PACK_KEEP_BYTES`): 1 ms of packing a 8,192 x 576 chunk once a call, not once a
+        row chunk, for as many bytes as W held until the last row chunk frees them."""
         key = (c0, c1)
-        if key not in self._packed:
-            self._packed[key] = cpu_gemm.pack(columns.rows(w, c0, c1))
-        return self._packed[key]
+        packed = self._packed.pop(key, None) or cpu_gemm.pack(columns.rows(w, c0, c1))
+        if self.keep_packed and w.numel() * w.element_size() <= PACK_KEEP_BYTES:
+            self._packed[key] = packed
+        return packed
 
     def get(
         self, i: int, rows: int, cols: int, device, dtype: torch.dtype = torch.float32
@@ -278,9 +288,9 @@ def chunk_logits(
     ``gemm``: :data:`IEEE` (torch's BLAS), or on a CPU :data:`ONEDNN` (each slice is
     oneDNN's IEEE fp32 GEMM: any summation order keeps a slice inside ``gamma_block``; its
     output is a fresh tensor, not ``scratch``) or :data:`AVX512_BF16` (:mod:`.cpu_gemm`:
-    the bf16 rows and W, each slice one chain of fp32 accumulations). The same band for
-    the three. On AMD EPYC (Zen 5) a 512 x 8,192 block took 29.5 ms through MKL, 14
-    through oneDNN and 5.4 through VDPBF16PS (bench/README.md).
+    the bf16 rows and W, 64-wide slices each one chain of fp32 accumulations: a narrower
+    band, :func:`fast_gemm_factor`). On AMD EPYC (Zen 5) a 512 x 8,192 block took
+    29.5 ms through MKL, 14 through oneDNN and 5.4 through VDPBF16PS (bench/README.md).
     """
     scratch = scratch or Scratch()
     columns = columns or ColumnOrder()
@@ -295,9 +305,11 @@ def chunk_logits(
                 "the AVX-512 BF16 GEMM is not available here (a bf16 model on a CPU with "
                 f"VDPBF16PS): {cpu_gemm.why_unavailable() or 'turned off'}"
             )
+        h = h32.to(torch.bfloat16)
+        if not torch.equal(h.float(), h32):  # the band is for these very rows
+            raise ValueError("the AVX-512 BF16 GEMM takes rows that are bf16 values")
         logits = scratch.get(0, rows, width, h32.device)
-        packed = scratch.packed(inputs.unembed, c0, c1, columns)
-        cpu_gemm.logits(h32.to(torch.bfloat16), packed, logits)  # h32 holds bf16 values
+        cpu_gemm.logits(h, scratch.packed(inputs.unembed, c0, c1, columns), logits)
     else:
         w = columns.rows(inputs.unembed, c0, c1).float()
         logits = scratch.get(0, rows, width, h32.device)
@@ -956,6 +968,7 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, gemm) -> LensR
 
     scratch = Scratch()
     for a, b in spans:
+        scratch.keep_packed = b < len(order)  # a later row chunk reuses the packed W
         rows = order[a:b]
         h = normed[rows]
         h32 = h.float()

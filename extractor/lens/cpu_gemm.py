@@ -190,17 +190,16 @@ static float manual_lane(float acc, float a0, float a1, float b0, float b1, int 
     return acc + a0 * b0;
 }
 
-static uint64_t probe_state;
-static uint64_t next_random(void) {
-    probe_state ^= probe_state << 13;
-    probe_state ^= probe_state >> 7;
-    probe_state ^= probe_state << 17;
-    return probe_state;
+static uint64_t next_random(uint64_t *state) {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    return *state;
 }
 
-static float random_bf16(int spread, uint16_t *bits) {
-    uint32_t sign = next_random() & 1, mantissa = next_random() & 0x7f;
-    int e = 127 + (int)(next_random() % (uint64_t)(2 * spread + 1)) - spread;
+static float random_bf16(uint64_t *state, int spread, uint16_t *bits) {
+    uint32_t sign = next_random(state) & 1, mantissa = next_random(state) & 0x7f;
+    int e = 127 + (int)(next_random(state) % (uint64_t)(2 * spread + 1)) - spread;
     uint32_t u;
     float f;
     *bits = (uint16_t)((sign << 15) | ((uint32_t)e << 7) | mantissa);
@@ -228,19 +227,19 @@ int64_t probe_mismatches(int64_t trials, uint64_t seed, int swapped) {
     const float tiny = 0x1p-124f;
     unsigned int saved = _mm_getcsr();
     int64_t bad = 0, t;
+    uint64_t state = seed | 1;
     if (!has_avx512_bf16()) return -1;
     _mm_setcsr(0x1f80u);  /* round to nearest, no flushing, exceptions masked */
-    probe_state = seed | 1;
     for (t = 0; t < trials; t++) {
         uint16_t a[32], b[32], bits;
         float fa[32], fb[32], acc[16], got[16];
         int spread = spreads[t % 4], i;
         for (i = 0; i < 32; i++) {
-            fa[i] = random_bf16(spread, &a[i]);
-            fb[i] = random_bf16(spread, &b[i]);
+            fa[i] = random_bf16(&state, spread, &a[i]);
+            fb[i] = random_bf16(&state, spread, &b[i]);
         }
         for (i = 0; i < 16; i++)
-            acc[i] = t % 7 == 0 ? 0.0f : random_bf16(spread, &bits) * (1.0f + 0x1p-13f * i);
+            acc[i] = t % 7 == 0 ? 0.0f : random_bf16(&state, spread, &bits) * (1.0f + 0x1p-13f * i);
         dpbf16(acc, a, b, got);
         for (i = 0; i < 16; i++) {
             float p1 = fa[2 * i + 1] * fb[2 * i + 1], p0 = fa[2 * i] * fb[2 * i];
@@ -381,6 +380,8 @@ def logits(h: torch.Tensor, packed: PackedColumns, out: torch.Tensor) -> torch.T
         raise ValueError(f"out must be fp32 [{r}, {packed.cols}] with unit column stride")
     if r == 0 or packed.cols == 0:
         return out
+    if packed.d == 0:
+        return out.zero_()  # empty sums
     if packed.d % 2 or h.stride(1) != 1 or h.stride(0) % 2 or h.storage_offset() % 2:
         # The kernel reads h as bf16 pairs: an even, contiguous width (a zero pads an odd d).
         h = F.pad(h, (0, packed.d % 2)).contiguous()

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -113,7 +114,10 @@ def cache_dir() -> Path:
 def build(name: str, source: str, flags: tuple[str, ...], rebuild: bool = False) -> Path:
     """Compile ``source`` into a shared library ``<name>-<key>.so``, once per source, flags,
     compiler (and its version) and machine: a cache shared over NFS by x86 and ARM nodes
-    keeps one of each. ``rebuild``: replace a cached library that would not load."""
+    keeps one of each. ``rebuild``: replace a cached library that would not load. A compile
+    that failed is remembered beside (``.failed``, with what the compiler said) and not
+    tried again with the same compiler for :data:`FAILED_FOR` seconds (a full disk passes;
+    missing intrinsics do not)."""
     command = compiler()
     key = hashlib.sha256(
         "\0".join(
@@ -122,8 +126,11 @@ def build(name: str, source: str, flags: tuple[str, ...], rebuild: bool = False)
     ).hexdigest()[:16]
     directory = cache_dir()
     target = directory / f"{name}-{key}.so"
+    failed = target.with_suffix(".failed")  # this compiler could not build this source
     if target.exists() and not rebuild:
         return target
+    if _recent(failed):
+        raise KernelUnavailable(f"{failed.read_text(errors='replace')} (remembered in {failed})")
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         src = Path(tmp) / f"{name}.c"
         src.write_text(source)
@@ -139,11 +146,25 @@ def build(name: str, source: str, flags: tuple[str, ...], rebuild: bool = False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise KernelUnavailable(f"{shlex.join(command)} could not run: {exc}") from exc
         if done.returncode != 0 or not out.exists():
-            raise KernelUnavailable(
-                f"{shlex.join(command)} failed to compile the {name} kernel: {done.stderr}"
-            )
+            message = f"{shlex.join(command)} failed to compile the {name} kernel: {done.stderr}"
+            # Remembered, so that each process does not compile again (a compiler without
+            # AVX-512 BF16 intrinsics, or without OpenMP, fails the same way every time).
+            with contextlib.suppress(OSError):
+                failed.write_text(message)
+            raise KernelUnavailable(message)
         os.replace(out, target)  # atomic: a concurrent process sees all of it or none
     return target
+
+
+#: How long a failed compile is remembered.
+FAILED_FOR = 24 * 3600
+
+
+def _recent(marker: Path) -> bool:
+    try:
+        return time.time() - marker.stat().st_mtime < FAILED_FOR
+    except OSError:
+        return False
 
 
 def load(build_one: Callable[[bool], Path]) -> ctypes.CDLL:
