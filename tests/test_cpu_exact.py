@@ -102,7 +102,7 @@ def test_indices_out_of_range_are_refused_not_read():
 
 def test_without_a_compiler_the_lens_warns_once_and_uses_torch(monkeypatch, tmp_path):
     """No C compiler: the same values from torch's ops, one warning a process."""
-    monkeypatch.setattr(cpu_exact, "_library", None)
+    monkeypatch.setattr(cpu_exact.LIBRARY, "_lib", None)
     monkeypatch.setattr(exact, "_FAILED_KERNELS", set())
     monkeypatch.setenv("SLM_LENS_CACHE", str(tmp_path))
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing to find
@@ -169,8 +169,8 @@ def test_a_forked_child_gets_threads_of_its_own(parent_loaded, monkeypatch):
     assert torch.get_num_threads() > 1 or pytest.skip("one thread: no pool to inherit")
     if not parent_loaded:  # torch's team has run in the parent; the child loads the loop
         torch.randn(1 << 20).exp().sum()
-        monkeypatch.setattr(cpu_exact, "_library", None)
-        monkeypatch.setattr(cpu_exact, "_team_pid", None)
+        monkeypatch.setattr(cpu_exact.LIBRARY, "_lib", None)
+        monkeypatch.setattr(cpu_exact.LIBRARY, "_team_pid", None)
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_dots_in_a_forked_child, args=(queue, h, rows, want))
@@ -195,12 +195,12 @@ def test_a_library_that_will_not_load_is_not_rebuilt_in_every_process(tmp_path, 
         bad.write_bytes(b"not a library")
         return bad
 
-    monkeypatch.setattr(cpu_exact, "build", build)
+    monkeypatch.setattr(cpu_exact.LIBRARY, "build", build)
     with pytest.raises(OSError):
-        cpu_exact._load(openmp=True)
+        cpu_exact.LIBRARY.load_variant(openmp=True)
     assert builds == [False, True]
     with pytest.raises(cpu_exact.KernelUnavailable, match="would not load"):
-        cpu_exact._load(openmp=True)
+        cpu_exact.LIBRARY.load_variant(openmp=True)
     assert builds == [False, True, False], "compiled again"
 
 
@@ -217,7 +217,7 @@ def test_splits_run_on_torchs_openmp_team_where_it_is_the_only_runtime():
     assert torch.equal(got, exact.entry_dots_torch(h, h, rows, rows.flip(0)))
     lib = cpu_exact.library()
     if sys.platform == "linux" and lib.built_with_openmp():
-        assert cpu_exact._team_pid == os.getpid(), "torch's libgomp was not recognised"
+        assert cpu_exact.LIBRARY.on_team(), "torch's libgomp was not recognised"
     lib_dir = Path("/venv/torch/lib")
     torchs = "7f00-7f01 r-xp 0 08:01 1 /venv/torch/lib/libgomp.so.1"
     vendored = "7f02-7f03 r-xp 0 08:01 2 /venv/sentencepiece.libs/libgomp-6a29c32d.so.1.0.0"
@@ -275,7 +275,7 @@ def _has_compiler_on_path() -> bool:
 @needs_compiler
 def test_a_cached_library_that_does_not_load_is_rebuilt(monkeypatch, tmp_path):
     monkeypatch.setenv("SLM_LENS_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu_exact, "_library", None)
+    monkeypatch.setattr(cpu_exact.LIBRARY, "_lib", None)
     built = cpu_exact.build()
     built.write_bytes(b"\x7fELF truncated")
     h = torch.randn(2, 8).bfloat16()

@@ -58,7 +58,7 @@ def test_python_threads_and_torchs_team_split_alike(monkeypatch):
     h, w = _operands(40, 700, 192, seed=1)
     packed = cpu_gemm.pack(w)
     team = cpu_gemm.logits(h, packed, torch.empty(40, 700))
-    monkeypatch.setattr(cpu_gemm, "_team_pid", None)
+    monkeypatch.setattr(cpu_gemm.LIBRARY, "_team_pid", None)
     threads = cpu_gemm.logits(h, packed, torch.empty(40, 700))
     assert torch.equal(team, threads) and torch.equal(team, k_sliced_sums(h, w))
 

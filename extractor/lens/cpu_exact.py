@@ -25,13 +25,12 @@ Without a compiler the caller falls back to torch's ops
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import torch
 
 from . import native
-from .native import CFLAGS, OPENMP, KernelUnavailable, compiler
+from .native import KernelUnavailable, compiler
 
 SOURCE = r"""
 #include <stdint.h>
@@ -175,54 +174,30 @@ int entry_dots_team(const void *h, int64_t h_stride, const void *w, int64_t w_st
     return status;
 }
 
-int built_with_openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
 """
 
 DTYPES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 __all__ = ["KernelUnavailable", "build", "compiler", "entry_dots", "library", "supports"]
 
-_library: ctypes.CDLL | None = None
-#: The process whose splits run on its OpenMP team (:func:`native.shares_torchs_team`),
-#: or None. Never a child forked after import (:func:`native.forked`): it splits over
-#: Python threads.
-_team_pid: int | None = None
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.entry_dots.restype = lib.entry_dots_team.restype = i32
+    lib.entry_dots.argtypes = [p, i64, p, i64, i32, i64, p, p, i64, p]
+    lib.entry_dots_team.argtypes = [*lib.entry_dots.argtypes, i32]
+
+
+LIBRARY = native.Library("entry_dots", SOURCE, _declare)
 
 
 def build(rebuild: bool = False, openmp: bool = True) -> Path:
-    """Compile the loop (:func:`native.build`); ``openmp``: with :data:`~.native.OPENMP`
-    (a compiler without it fails, and the caller builds without)."""
-    return native.build("entry_dots", SOURCE, (*CFLAGS, *OPENMP) if openmp else CFLAGS, rebuild)
-
-
-def _load(openmp: bool) -> ctypes.CDLL:
-    """One variant, built or found and loaded (:func:`native.load`)."""
-    return native.load(lambda rebuild: build(rebuild=rebuild, openmp=openmp))
+    """Compile the loop (:meth:`.native.Library.build`)."""
+    return LIBRARY.build(rebuild, openmp)
 
 
 def library() -> ctypes.CDLL:
-    """The compiled loop, built and loaded on first use (thread-safe): with OpenMP where
-    the compiler has it and the library loads, else without."""
-    global _library, _team_pid
-    with native.lock():
-        if _library is None:
-            try:
-                lib = _load(openmp=True)
-            except (KernelUnavailable, OSError):
-                lib = _load(openmp=False)
-            p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-            lib.entry_dots.restype = lib.entry_dots_team.restype = i32
-            lib.entry_dots.argtypes = [p, i64, p, i64, i32, i64, p, p, i64, p]
-            lib.entry_dots_team.argtypes = [*lib.entry_dots.argtypes, i32]
-            if lib.built_with_openmp() and not native.forked() and native.shares_torchs_team():
-                _team_pid = os.getpid()
-            _library = lib
-    return _library
+    """The compiled loop (:meth:`.native.Library.get`)."""
+    return LIBRARY.get()
 
 
 #: Entries below which one thread does all the work (a split costs more than it saves).
@@ -284,28 +259,26 @@ def entry_dots(
 
     def run(a: int) -> int:
         b = min(e, a + step)
+        if a >= b:
+            return 0
         rows_at, cols_at, out_at = rows.data_ptr() + 8 * a, cols.data_ptr() + 8 * a, out.data_ptr()
         return lib.entry_dots(
             *operands, DTYPES[h.dtype], d, rows_at, cols_at, b - a, out_at + 8 * a
         )
 
-    if parts > 1 and _team_pid == os.getpid():  # torch's threads, which would spin beside ours
-        codes = [
-            lib.entry_dots_team(
-                *operands,
-                DTYPES[h.dtype],
-                d,
-                rows.data_ptr(),
-                cols.data_ptr(),
-                e,
-                out.data_ptr(),
-                parts,
-            )
-        ]
-    elif parts > 1:
-        codes = list(native.thread_pool().map(run, range(0, e, step)))
-    else:
-        codes = [run(0)]
+    def team(threads: int) -> int:
+        return lib.entry_dots_team(
+            *operands,
+            DTYPES[h.dtype],
+            d,
+            rows.data_ptr(),
+            cols.data_ptr(),
+            e,
+            out.data_ptr(),
+            threads,
+        )
+
+    codes = LIBRARY.split(parts, team, lambda i: run(i * step))
     if any(codes):
         raise MemoryError("the exact-dots loop could not allocate its row buffers")
     return out

@@ -31,16 +31,14 @@ where the library binds to it (:func:`.native.shares_torchs_team`), else Python 
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from . import native
-from .native import CFLAGS, OPENMP, KernelUnavailable
+from .native import KernelUnavailable
 
 SOURCE = r"""
 #include <stdint.h>
@@ -260,13 +258,6 @@ int64_t probe_mismatches(int64_t trials, uint64_t seed, int swapped) {
 #endif
 }
 
-int built_with_openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
 """
 
 #: Width of the slices each summed from zero (an even number of hidden dimensions): the
@@ -279,39 +270,30 @@ SLICE = 64
 PROBE_TRIALS = 20_000
 PROBE_SEED = 0x5EED
 
-_library: ctypes.CDLL | None = None
-_team_pid: int | None = None
 #: Whether this CPU runs the kernel (None: not asked yet), and why not.
 _available: bool | None = None
 _why_not = ""
 
 
-def build(rebuild: bool = False, openmp: bool = True) -> Path:
-    """Compile the kernel (:func:`.native.build`), with OpenMP where the compiler has it."""
-    return native.build("bf16_gemm", SOURCE, (*CFLAGS, *OPENMP) if openmp else CFLAGS, rebuild)
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.has_avx512_bf16.restype = i32
+    lib.has_avx512_bf16.argtypes = []
+    lib.pack.restype = None
+    lib.pack.argtypes = [p, i64, i64, i64, p]
+    lib.gemm_blocks.restype = lib.gemm_team.restype = i32
+    lib.gemm_blocks.argtypes = [p, i64, i64, i64, p, i64, p, i64, i64, i64, i64]
+    lib.gemm_team.argtypes = [p, i64, i64, i64, p, i64, p, i64, i64, i32]
+    lib.probe_mismatches.restype = i64
+    lib.probe_mismatches.argtypes = [i64, ctypes.c_uint64, i32]
+
+
+LIBRARY = native.Library("bf16_gemm", SOURCE, _declare)
 
 
 def library() -> ctypes.CDLL:
-    """The compiled kernel, built and loaded on first use: with OpenMP where it loads."""
-    global _library, _team_pid
-    with native.lock():
-        if _library is None:
-            try:
-                lib = native.load(lambda rebuild: build(rebuild=rebuild, openmp=True))
-            except (KernelUnavailable, OSError):
-                lib = native.load(lambda rebuild: build(rebuild=rebuild, openmp=False))
-            p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-            lib.pack.restype = None
-            lib.pack.argtypes = [p, i64, i64, i64, p]
-            lib.gemm_blocks.restype = lib.gemm_team.restype = i32
-            lib.gemm_blocks.argtypes = [p, i64, i64, i64, p, i64, p, i64, i64, i64, i64]
-            lib.gemm_team.argtypes = [p, i64, i64, i64, p, i64, p, i64, i64, i32]
-            lib.probe_mismatches.restype = i64
-            lib.probe_mismatches.argtypes = [i64, ctypes.c_uint64, i32]
-            if lib.built_with_openmp() and not native.forked() and native.shares_torchs_team():
-                _team_pid = os.getpid()
-            _library = lib
-    return _library
+    """The compiled kernel (:meth:`.native.Library.get`)."""
+    return LIBRARY.get()
 
 
 def available() -> bool:
@@ -391,17 +373,18 @@ def logits(h: torch.Tensor, packed: PackedColumns, out: torch.Tensor) -> torch.T
     operands = (h.data_ptr(), ldh, r, d2, packed.data.data_ptr(), packed.cols)
     blocks = -(-packed.cols // 16)
     parts = max(1, min(torch.get_num_threads(), -(-blocks // 3)))
-    if parts > 1 and _team_pid == os.getpid():
-        codes = [lib.gemm_team(*operands, out.data_ptr(), out.stride(0), slice_pairs, parts)]
-    else:
-        step = 3 * -(-blocks // (3 * parts))
+    step = 3 * -(-blocks // (3 * parts))  # whole tiles of 3 blocks a part
 
-        def run(jb0: int) -> int:
-            jb1 = min(blocks, jb0 + step)
-            return lib.gemm_blocks(*operands, out.data_ptr(), out.stride(0), slice_pairs, jb0, jb1)
+    def run(part: int) -> int:
+        jb0, jb1 = part * step, min(blocks, (part + 1) * step)
+        if jb0 >= jb1:
+            return 0
+        return lib.gemm_blocks(*operands, out.data_ptr(), out.stride(0), slice_pairs, jb0, jb1)
 
-        starts = range(0, blocks, step)
-        codes = list(native.thread_pool().map(run, starts)) if parts > 1 else [run(0)]
+    def team(threads: int) -> int:
+        return lib.gemm_team(*operands, out.data_ptr(), out.stride(0), slice_pairs, threads)
+
+    codes = LIBRARY.split(parts, team, run)
     if any(codes):
         raise KernelUnavailable("the AVX-512 BF16 GEMM was built without its kernel")
     return out

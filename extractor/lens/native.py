@@ -187,6 +187,78 @@ def load(build_one: Callable[[bool], Path]) -> ctypes.CDLL:
             raise
 
 
+#: Appended to every library's source: whether it was built with OpenMP.
+OPENMP_PROBE = r"""
+int built_with_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+"""
+
+
+class Library:
+    """One C library, built and loaded on first use (thread-safe): with OpenMP where the
+    compiler has it and it loads, else without. Its splits run on torch's OpenMP team where
+    it binds to that runtime (:func:`shares_torchs_team`), never in a child forked after
+    import (:func:`forked`), else on Python threads (:meth:`split`)."""
+
+    def __init__(self, name: str, source: str, declare: Callable[[ctypes.CDLL], None]) -> None:
+        self.name = name
+        self.source = source + OPENMP_PROBE
+        self._declare = declare  # sets each function's argtypes and restype
+        self._lib: ctypes.CDLL | None = None
+        #: The process whose splits run on its OpenMP team, or None.
+        self._team_pid: int | None = None
+
+    def build(self, rebuild: bool = False, openmp: bool = True) -> Path:
+        """Compile (:func:`build`); ``openmp``: with :data:`OPENMP` (a compiler without it
+        fails, and :meth:`get` builds without)."""
+        return build(self.name, self.source, (*CFLAGS, *OPENMP) if openmp else CFLAGS, rebuild)
+
+    def load_variant(self, openmp: bool) -> ctypes.CDLL:
+        """One variant, built or found, and loaded (:func:`load`)."""
+        return load(lambda rebuild: self.build(rebuild=rebuild, openmp=openmp))
+
+    def get(self) -> ctypes.CDLL:
+        """The loaded library. Raises :class:`KernelUnavailable` or OSError."""
+        with lock():
+            if self._lib is None:
+                try:
+                    lib = self.load_variant(openmp=True)
+                except (KernelUnavailable, OSError):
+                    lib = self.load_variant(openmp=False)
+                self._declare(lib)
+                lib.built_with_openmp.restype = ctypes.c_int
+                lib.built_with_openmp.argtypes = []
+                if lib.built_with_openmp() and not forked() and shares_torchs_team():
+                    self._team_pid = os.getpid()
+                self._lib = lib
+        return self._lib
+
+    def on_team(self) -> bool:
+        """Whether this process splits on torch's OpenMP team."""
+        return self._team_pid is not None and self._team_pid == os.getpid()
+
+    def forget(self) -> None:
+        """Load afresh on the next :meth:`get` (tests)."""
+        self._lib, self._team_pid = None, None
+
+    def split(
+        self, parts: int, team: Callable[[int], int], part: Callable[[int], int]
+    ) -> list[int]:
+        """Status codes of work cut in ``parts``: ``team(parts)`` on torch's OpenMP team
+        (whose threads spin after each torch op and would take a core from a thread of
+        ours), else ``part(i)`` for each ``i`` on Python threads (inline for one part)."""
+        if parts > 1 and self.on_team():
+            return [team(parts)]
+        if parts > 1:
+            return list(thread_pool().map(part, range(parts)))
+        return [part(0)]
+
+
 def shares_torchs_team(maps: str | None = None, torch_lib: Path | None = None) -> bool:
     """Whether a library built with OpenMP binds to torch's runtime (``maps``:
     /proc/self/maps).
