@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from extractor.lens import LensInputs, LensResult, reference_lens, reference_logits
+from extractor.lens import LensInputs, LensResult, VocabSegments, reference_lens, reference_logits
 from extractor.lens.exact import logsumexp_error_bound
 
 
@@ -271,3 +271,22 @@ def check_within_tolerance(
                 text,
                 rank_tol,
             )
+
+
+def wide_case(dtype: torch.dtype) -> LensInputs:
+    """Realistic widths (d=576): fp32 accumulation really rounds here."""
+    gen = torch.Generator().manual_seed(11)
+    n, d, v = 48, 576, 3000
+    hidden = torch.randn(n, d, generator=gen) * 3
+    unembed = torch.randn(v, d, generator=gen) / d**0.5 * 4
+    targets = torch.randint(0, v, (n, 6), generator=gen)
+    inputs = LensInputs(
+        hidden=hidden.to(dtype),
+        unembed=unembed.to(dtype),
+        k=10,
+        segments=VocabSegments.from_ranges(v, {"speech": [(2500, v)]}),
+        targets=targets,
+        pool_groups=torch.arange(n) // 4,
+        pool_targets=torch.randint(0, v, (n // 4, 3), generator=gen),
+    )
+    return plant_ties(inputs, 3)

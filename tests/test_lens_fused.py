@@ -30,7 +30,7 @@ from extractor.lens.exact import (
     round_up_f32,
 )
 
-from .lens_checks import check_exact, plant_ties, tiny_case
+from .lens_checks import check_exact, plant_ties, tiny_case, wide_case
 
 
 @st.composite
@@ -121,25 +121,6 @@ def test_exact_ties_everywhere(case):
     check_exact(inputs, got, vocab_chunk)
 
 
-def _wide_case(dtype: torch.dtype) -> LensInputs:
-    """Realistic widths (d=576): fp32 accumulation really rounds here."""
-    gen = torch.Generator().manual_seed(11)
-    n, d, v = 48, 576, 3000
-    hidden = torch.randn(n, d, generator=gen) * 3
-    unembed = torch.randn(v, d, generator=gen) / d**0.5 * 4
-    targets = torch.randint(0, v, (n, 6), generator=gen)
-    inputs = LensInputs(
-        hidden=hidden.to(dtype),
-        unembed=unembed.to(dtype),
-        k=10,
-        segments=VocabSegments.from_ranges(v, {"speech": [(2500, v)]}),
-        targets=targets,
-        pool_groups=torch.arange(n) // 4,
-        pool_targets=torch.randint(0, v, (n // 4, 3), generator=gen),
-    )
-    return plant_ties(inputs, 3)
-
-
 #: Every dtype with each fp32-output GEMM: torch's BLAS and, where torch has it, oneDNN;
 #: bf16 also with VDPBF16PS where the CPU has it.
 needs_onednn = pytest.mark.skipif(
@@ -163,7 +144,7 @@ def _gemm_params():
 
 @pytest.mark.parametrize("dtype,gemm", _gemm_params())
 def test_exact_at_model_width(dtype, gemm):
-    inputs = _wide_case(dtype)
+    inputs = wide_case(dtype)
     got = chunked_lens(inputs, row_chunk=16, vocab_chunk=512, gemm=gemm)
     check_exact(inputs, got, 512)
 
@@ -193,7 +174,7 @@ def test_the_fast_gemm_stays_inside_its_band(d, dtype, gemm):
 
 def test_without_refinement_ranks_are_wrong():
     """The refinement is what makes ranks exact: switched off, planted ties break them."""
-    inputs = _wide_case(torch.bfloat16)
+    inputs = wide_case(torch.bfloat16)
     got = chunked_lens(inputs, row_chunk=16, vocab_chunk=512, refine=False)
     with pytest.raises(AssertionError, match="differ"):
         check_exact(inputs, got, 512)
@@ -359,7 +340,7 @@ def test_rank_free_calls_use_model_dtype_logits_and_stay_exact(dtype, monkeypatc
     monkeypatch.setattr(
         chunked, "low_precision_logits", lambda *a, **kw: calls.append(1) or real(*a, **kw)
     )
-    wide = _wide_case(dtype)
+    wide = wide_case(dtype)
     inputs = LensInputs(
         **{**wide.__dict__, "targets": None, "pool_targets": None, "pool_groups": None}
     )
@@ -383,7 +364,7 @@ def test_each_call_takes_the_fastest_gemm_it_can(fastest, ranked, monkeypatch):
     than fp32 with AMX, 4.8x on AMD Zen 5, slower held to AVX-512 BF16 on an Intel CPU):
     left to itself the engine takes the one measured fastest among those the call's
     contract allows (ranks rule out the model-dtype GEMM), exact either way."""
-    wide = _wide_case(torch.bfloat16)
+    wide = wide_case(torch.bfloat16)
     inputs = wide if ranked else replace(wide, targets=None, pool_targets=None)
     d = inputs.unembed.shape[1]
     seconds = {chunked.IEEE: 2.0, chunked.ONEDNN: 3.0, chunked.AVX512_BF16: 3.5}
@@ -434,7 +415,7 @@ def test_the_gemm_choice_is_measured_once_per_gemm_dtype_and_width(monkeypatch):
 
 
 def test_a_gemm_the_call_cannot_take_is_a_named_error():
-    ranked = _wide_case(torch.float32)
+    ranked = wide_case(torch.float32)
     with pytest.raises(ValueError, match="model-dtype"):
         chunked_lens(ranked, gemm=chunked.MODEL_DTYPE)
     with pytest.raises(ValueError, match="cannot give"):
@@ -485,7 +466,7 @@ def test_users_of_torchs_per_backend_precision_switches_keep_them(monkeypatch):
     )
     try:
         cuda.fp32_precision, mkldnn.fp32_precision = "tf32", "bf16"
-        inputs = _wide_case(torch.float32)
+        inputs = wide_case(torch.float32)
         check_exact(inputs, chunked_lens(inputs, row_chunk=16, vocab_chunk=512), 512)
         assert (cuda.fp32_precision, mkldnn.fp32_precision) == ("tf32", "bf16")
     finally:

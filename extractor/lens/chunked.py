@@ -36,7 +36,7 @@ from functools import partial
 
 import torch
 
-from . import cpu_gemm
+from . import cpu_bands, cpu_gemm
 from .contract import (
     LensInputs,
     LensRangeError,
@@ -47,6 +47,7 @@ from .contract import (
 )
 from .exact import (
     BF16_GEMM,
+    C_BANDS,
     K_BLOCK,
     ONEDNN_GEMM,
     bias_abs_max,
@@ -59,11 +60,13 @@ from .exact import (
     rank_free_low_precision,
     remembered,
     round_down_f32,
+    set_kernel_enabled,
     target_logits,
     thresholds,
     unembed_norm_max,
     unembed_row_norms,
 )
+from .native import KernelUnavailable
 from .precision import ieee_fp32_matmul
 
 NEG_INF = float("-inf")
@@ -634,12 +637,32 @@ def _merge_topk(vals, ids, new_vals, new_ids, kk: int):
 BAND_BATCH = 1 << 20
 
 
-def _resolve_band(scope, st, near, values, logits, band, lo, hi, c0) -> None:
-    """Count, exactly, the in-band entries strictly above each target."""
-    if near.shape[1] == 0:
-        return
+def _classify(values, lo, hi, compile) -> tuple[torch.Tensor, ...]:
+    """The chunk's stats (:func:`chunk_stats`) with, for its targets, the entries certainly
+    above each (``> hi``) and the positions ``(g, c)`` of those inside some band: counted
+    and listed by the C loop (:mod:`.cpu_bands`) on a CPU, else by the pass and a scan of
+    its mask. The same classification either way (pure comparisons)."""
+    if lo.shape[1] and cpu_bands.supports(values) and kernel_enabled(C_BANDS):
+        try:
+            found = cpu_bands.classify(values, lo, hi)
+        except (KernelUnavailable, OSError) as exc:  # no compiler: the pass, one warning
+            set_kernel_enabled(C_BANDS, False)
+            warnings.warn(f"the {C_BANDS} failed ({exc}); using the compiled pass", stacklevel=3)
+        else:
+            row_max, row_min, sumexp, _, _, blocks = chunk_stats(
+                values, lo[:, :0], hi[:, :0], compile
+            )
+            return row_max, row_min, sumexp, blocks, *found
+    row_max, row_min, sumexp, above, near, blocks = chunk_stats(values, lo, hi, compile)
     # The pass's fp32 1/0 mask, scanned as bool: 1.6 + 0.5 against 2.8 ms a 512 x 8,192 block.
-    g_all, c_all = near.bool().nonzero(as_tuple=True)
+    g_all, c_all = near.bool().nonzero(as_tuple=True) if near.shape[1] else (None, None)
+    return row_max, row_min, sumexp, blocks, above, g_all, c_all
+
+
+def _resolve_band(scope, st, g_all, c_all, values, logits, band, lo, hi, c0) -> None:
+    """Count, exactly, the in-band entries ``(g_all, c_all)`` strictly above each target."""
+    if g_all is None or not len(g_all):
+        return
     fast_of = partial(_fast_of, logits, scope.columns, c0)
     for a in range(0, len(g_all), BAND_BATCH):
         g_e, c_e = g_all[a : a + BAND_BATCH], c_all[a : a + BAND_BATCH]
@@ -664,11 +687,11 @@ def _update(scope, st, logits, band, c0, kk, compile) -> tuple[torch.Tensor, tor
     rows = len(values)
     fixed = band if isinstance(band, torch.Tensor) else values.new_zeros(rows, dtype=torch.float64)
     lo, hi = thresholds(scope.t64, fixed)
-    row_max, row_min, sumexp, above, near, blocks = chunk_stats(values, lo, hi, compile)
+    row_max, row_min, sumexp, blocks, above, g_all, c_all = _classify(values, lo, hi, compile)
     if not isinstance(band, torch.Tensor):
         band = band(row_max, row_min)
     st.counts += above
-    _resolve_band(scope, st, near, values, logits, band, lo, hi, c0)
+    _resolve_band(scope, st, g_all, c_all, values, logits, band, lo, hi, c0)
     width = values.shape[1]
     top_v, top_i = block_topk(values, blocks, min(kk, width))
     st.cand_vals, st.cand_ids = _merge_topk(
