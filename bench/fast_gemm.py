@@ -60,6 +60,7 @@ def main() -> None:
         w = (torch.randn(args.width, args.d, generator=gen) / args.d**0.5).to(dtype)
         inputs = LensInputs(hidden=h, unembed=w, k=1)
         h32, scratch = h.float(), chunked.Scratch()
+        scratch.keep_packed = True  # as in a call's row chunks: W is packed once a call
         block = partial(chunked.chunk_logits, h32, 0, args.width, inputs, scratch)
         runs = {chunked.IEEE: block}
         for gemm in chunked.gemm_choices(inputs):

@@ -911,6 +911,7 @@ def gemm_seconds(gemms: list[str], dtype: torch.dtype, d: int) -> dict[str, floa
         h = torch.randn(512, d, generator=gen).to(dtype)
         probe = LensInputs(hidden=h, unembed=torch.randn(width, d, generator=gen).to(dtype), k=1)
         scratch = Scratch()
+        scratch.keep_packed = True  # as in a call's row chunks: W is packed once a call
         runs = {}
         for gemm in todo:
             if gemm == MODEL_DTYPE:
