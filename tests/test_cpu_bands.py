@@ -100,3 +100,22 @@ def test_only_fp32_cpu_logits_are_taken():
         cpu_bands.classify(torch.zeros(2, 2).double(), torch.zeros(2, 1), torch.zeros(2, 1))
     with pytest.raises(ValueError, match="lo and hi"):
         cpu_bands.classify(torch.zeros(2, 2), torch.zeros(3, 1), torch.zeros(3, 1))
+
+
+@needs_loop
+@pytest.mark.parametrize("team", [True, False], ids=["torchs-team", "python-threads"])
+def test_subnormals_are_compared_as_they_are_whatever_each_threads_mode(team, monkeypatch):
+    """A thread that flushes subnormals (``torch.set_flush_denormal``) saw 1e-40 as 0, and
+    a worker keeps the mode it was created with: the loop compares in IEEE mode on every
+    thread (found by a review)."""
+    values = torch.full((4, 64), 1e-40)
+    lo, hi = torch.full((4, 1), -1.0), torch.zeros(4, 1)
+    if not team:
+        monkeypatch.setattr(cpu_bands.LIBRARY, "_team_pid", None)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        above, rows, _ = cpu_bands.classify(values, lo, hi)
+    finally:
+        torch.set_flush_denormal(False)
+    assert bool((above == 64).all()) and len(rows) == 0

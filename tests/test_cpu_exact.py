@@ -147,6 +147,19 @@ def test_a_failing_compiler_says_what_it_printed(monkeypatch, tmp_path):
     assert runs.read_text().count("x") == 2
 
 
+def test_a_compiler_killed_by_a_signal_is_not_remembered(monkeypatch, tmp_path):
+    """An out-of-memory kill is not the compiler's verdict on the source: the next process
+    compiles again (found by a review)."""
+    script = tmp_path / "killed-cc"
+    script.write_text('#!/bin/sh\ncase "$1" in --version) exit 0;; esac\nkill -9 $$\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("CC", str(script))
+    monkeypatch.setenv("SLM_LENS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(cpu_exact.KernelUnavailable):
+        cpu_exact.build()
+    assert not list((tmp_path / "cache").rglob("*.failed"))
+
+
 def _dots_in_a_forked_child(queue, h, rows, want) -> None:
     # Only the loop runs here: torch's own OpenMP ops can hang in a child forked after the
     # parent used them (a libgomp limit, not this code's).

@@ -165,3 +165,25 @@ def test_auto_runs_triton_on_cuda_and_torch_elsewhere(monkeypatch):
     assert auto_engine(torch.device("cuda", 0)) == "triton"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert auto_engine("cuda") == "torch"
+
+
+def test_a_band_loop_that_loses_in_band_entries_is_caught(monkeypatch):
+    """A loop that listed no in-band entry passed a check whose targets all sat where no
+    entry was in band (found by a review): the probe now adds a target a row with another
+    entry just above it, and the loop is turned off."""
+    from extractor.lens import cpu_bands, exact
+
+    monkeypatch.setattr(exact, "_FAILED_KERNELS", set())
+    inputs = _inputs()
+    real = cpu_bands.classify
+
+    def lossy(values, lo, hi):
+        above, rows, cols = real(values, lo, hi)
+        return above, rows[:0], cols[:0]
+
+    monkeypatch.setattr(cpu_bands, "classify", lossy)
+    with pytest.warns(UserWarning, match="kernel off, torch's ops agree"):
+        check = choose_engine(inputs, "torch", {"torch": _torch})
+    assert not check.passed and exact.C_BANDS in check.detail
+    assert not exact.kernel_enabled(exact.C_BANDS)
+    assert all(exact.kernel_enabled(k) for k in exact.device_kernels("cpu") if k != exact.C_BANDS)

@@ -8,10 +8,11 @@ scanned, and targets padded to a power of two: for 12 targets on a 512 x 8,192 b
 ms of the pass and 1.7 of the scan on AMD EPYC (Zen 5), against 2.4 for this loop, which
 lists the few in-band entries as it finds them (bench/README.md, "Stop 21").
 
-Pure IEEE comparisons (no fast-math), so the classification is the pass's, entry for
-entry; the positions come in row-major order, as ``nonzero`` gives them. Built like the
+Pure IEEE comparisons (no fast-math, subnormals never flushed), so the classification is
+the pass's, entry for entry; the positions come in row-major order, as ``nonzero`` gives
+them. Built like the
 other C kernels (:mod:`.native`), with one clone for AVX-512, one for AVX2 and a plain one
-where the compiler and loader have function multiversioning.
+where the compiler and loader (glibc) have function multiversioning.
 """
 
 from __future__ import annotations
@@ -28,10 +29,30 @@ SOURCE = r"""
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+/* Clones need the loader's ifunc (glibc) and a compiler that has the attribute. */
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
+#endif
+#endif
+#ifndef CLONES
 #define CLONES
+#endif
+
+/* Comparisons see subnormals as they are, whatever the thread's mode: a worker thread
+   keeps the flush-to-zero mode it was created with, and would classify differently from
+   its neighbour (and from torch's own comparisons on the caller's thread). */
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+static unsigned int ieee_mode(void) {
+    unsigned int saved = _mm_getcsr();
+    _mm_setcsr(saved & ~(0x8040u));  /* FTZ (bit 15) and DAZ (bit 6) off */
+    return saved;
+}
+static void restore_mode(unsigned int saved) { _mm_setcsr(saved); }
+#else
+static unsigned int ieee_mode(void) { return 0; }
+static void restore_mode(unsigned int saved) { (void)saved; }
 #endif
 #define BLOCK 64
 
@@ -74,7 +95,9 @@ int classify_part(const float *x, int64_t ldx, int64_t r, int64_t c, const float
                   const float *hi, int64_t t, int32_t *above, int64_t *pos, int64_t *found,
                   int64_t parts, int64_t p) {
     int64_t step = (r + parts - 1) / parts, a = p * step, b = a + step < r ? a + step : r;
+    unsigned int saved = ieee_mode();
     found[p] = a < b ? classify_rows(x, ldx, c, lo, hi, t, a, b, above, pos + a * c) : 0;
+    restore_mode(saved);
     return 0;
 }
 

@@ -147,12 +147,16 @@ def build(name: str, source: str, flags: tuple[str, ...], rebuild: bool = False)
             raise KernelUnavailable(f"{shlex.join(command)} could not run: {exc}") from exc
         if done.returncode != 0 or not out.exists():
             message = f"{shlex.join(command)} failed to compile the {name} kernel: {done.stderr}"
-            # Remembered, so that each process does not compile again (a compiler without
-            # AVX-512 BF16 intrinsics, or without OpenMP, fails the same way every time).
-            with contextlib.suppress(OSError):
-                failed.write_text(message)
+            if done.returncode > 0 and done.stderr.strip():
+                # Remembered, so that each process does not compile again (a compiler without
+                # AVX-512 BF16 intrinsics, or without OpenMP, fails the same way every time);
+                # a compiler killed by a signal (out of memory) is not.
+                with contextlib.suppress(OSError):
+                    failed.write_text(message)
             raise KernelUnavailable(message)
         os.replace(out, target)  # atomic: a concurrent process sees all of it or none
+        with contextlib.suppress(OSError):
+            failed.unlink(missing_ok=True)
     return target
 
 
