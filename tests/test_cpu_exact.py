@@ -13,6 +13,8 @@ import torch
 from extractor.lens import cpu_exact, exact, native
 from extractor.lens.contract import LensInputs
 
+from .forked import in_a_forked_child
+
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 
 
@@ -173,8 +175,6 @@ def test_a_forked_child_gets_threads_of_its_own(parent_loaded, monkeypatch):
     threads: work sent there would never run. The child makes its own pool, and never
     splits on an OpenMP team: a child that loaded the loop itself, after the parent had
     used torch's team, hung on its first parallel region (found by a review)."""
-    import multiprocessing
-
     gen = torch.Generator().manual_seed(4)
     h = torch.randn(8, 32, generator=gen).bfloat16()
     rows = torch.randint(0, 8, (4 * cpu_exact.SPLIT_ENTRIES,), generator=gen)
@@ -184,16 +184,7 @@ def test_a_forked_child_gets_threads_of_its_own(parent_loaded, monkeypatch):
         torch.randn(1 << 20).exp().sum()
         monkeypatch.setattr(cpu_exact.LIBRARY, "_lib", None)
         monkeypatch.setattr(cpu_exact.LIBRARY, "_team_pid", None)
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_dots_in_a_forked_child, args=(queue, h, rows, want))
-    child.start()
-    child.join(timeout=120)
-    alive = child.is_alive()
-    if alive:
-        child.kill()
-    assert not alive, "the forked child hung on the parent's thread pool or OpenMP team"
-    assert child.exitcode == 0 and queue.get(timeout=5)
+    assert in_a_forked_child(_dots_in_a_forked_child, h, rows, want)
 
 
 @needs_compiler

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import multiprocessing
-
 import pytest
 import torch
 
 from extractor.lens import LensInputs, chunked, cpu_gemm
 from extractor.lens.chunked import chunked_lens
+
+from .forked import in_a_forked_child
 
 needs_kernel = pytest.mark.skipif(
     not cpu_gemm.available(), reason=f"the kernel cannot run here: {cpu_gemm.why_unavailable()}"
@@ -75,16 +75,7 @@ def test_a_forked_child_splits_over_threads_of_its_own():
     h, w = _operands(16, 400, 128, seed=2)
     packed = cpu_gemm.pack(w)
     want = cpu_gemm.logits(h, packed, torch.empty(16, 400))
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_logits_in_a_forked_child, args=(queue, h, packed, want))
-    child.start()
-    child.join(timeout=120)
-    alive = child.is_alive()
-    if alive:
-        child.kill()
-    assert not alive, "the forked child hung"
-    assert child.exitcode == 0 and queue.get(timeout=5)
+    assert in_a_forked_child(_logits_in_a_forked_child, h, packed, want)
 
 
 @needs_kernel
