@@ -51,6 +51,7 @@ from .exact import (
     K_BLOCK,
     ONEDNN_GEMM,
     bias_abs_max,
+    compiled_or,
     default_chunks,
     entry_logits,
     error_band,
@@ -60,7 +61,6 @@ from .exact import (
     rank_free_low_precision,
     remembered,
     round_down_f32,
-    set_kernel_enabled,
     target_logits,
     thresholds,
     unembed_norm_max,
@@ -280,7 +280,8 @@ def chunk_logits(
     columns: ColumnOrder | None = None,
     gemm: str = IEEE,
 ) -> torch.Tensor:
-    """Fast logits [R, c1 - c0]: fp32 GEMM of exact fp32 copies, then bias and soft-cap in fp32.
+    """Fast logits [R, c1 - c0]: an fp32-output GEMM of the rows' exact values, then bias and
+    soft-cap in fp32.
 
     The GEMM runs in :data:`~.exact.K_BLOCK`-wide slices of the hidden width whose
     products are added in fp32: ~10% more time than one GEMM, an error band 4.4x
@@ -641,22 +642,23 @@ def _classify(values, lo, hi, compile) -> tuple[torch.Tensor, ...]:
     """The chunk's stats (:func:`chunk_stats`) with, for its targets, the entries certainly
     above each (``> hi``) and the positions ``(g, c)`` of those inside some band: counted
     and listed by the C loop (:mod:`.cpu_bands`) on a CPU, else by the pass and a scan of
-    its mask. The same classification either way (pure comparisons)."""
-    if lo.shape[1] and cpu_bands.supports(values) and kernel_enabled(C_BANDS):
-        try:
-            found = cpu_bands.classify(values, lo, hi)
-        except (KernelUnavailable, OSError) as exc:  # no compiler: the pass, one warning
-            set_kernel_enabled(C_BANDS, False)
-            warnings.warn(f"the {C_BANDS} failed ({exc}); using the compiled pass", stacklevel=3)
-        else:
-            row_max, row_min, sumexp, _, _, blocks = chunk_stats(
-                values, lo[:, :0], hi[:, :0], compile
-            )
-            return row_max, row_min, sumexp, blocks, *found
-    row_max, row_min, sumexp, above, near, blocks = chunk_stats(values, lo, hi, compile)
-    # The pass's fp32 1/0 mask, scanned as bool: 1.6 + 0.5 against 2.8 ms a 512 x 8,192 block.
-    g_all, c_all = near.bool().nonzero(as_tuple=True) if near.shape[1] else (None, None)
-    return row_max, row_min, sumexp, blocks, above, g_all, c_all
+    its mask (also where the loop cannot be built: one warning). The same classification
+    either way (pure comparisons)."""
+
+    def by_pass():
+        row_max, row_min, sumexp, above, near, blocks = chunk_stats(values, lo, hi, compile)
+        # The pass's fp32 1/0 mask, scanned as bool: 1.6 + 0.5 against 2.8 ms a block.
+        g_all, c_all = near.bool().nonzero(as_tuple=True) if near.shape[1] else (None, None)
+        return row_max, row_min, sumexp, blocks, above, g_all, c_all
+
+    def by_loop():
+        found = cpu_bands.classify(values, lo, hi)
+        row_max, row_min, sumexp, _, _, blocks = chunk_stats(values, lo[:, :0], hi[:, :0], compile)
+        return row_max, row_min, sumexp, blocks, *found
+
+    if not (lo.shape[1] and cpu_bands.supports(values)):
+        return by_pass()
+    return compiled_or(C_BANDS, by_loop, by_pass, (KernelUnavailable, OSError))
 
 
 def _resolve_band(scope, st, g_all, c_all, values, logits, band, lo, hi, c0) -> None:

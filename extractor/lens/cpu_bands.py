@@ -23,7 +23,9 @@ import torch
 
 from . import native
 
-SOURCE = r"""
+SOURCE = (
+    native.IEEE_MODE_C
+    + r"""
 #include <stdint.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -39,21 +41,6 @@ SOURCE = r"""
 #define CLONES
 #endif
 
-/* Comparisons see subnormals as they are, whatever the thread's mode: a worker thread
-   keeps the flush-to-zero mode it was created with, and would classify differently from
-   its neighbour (and from torch's own comparisons on the caller's thread). */
-#if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h>
-static unsigned int ieee_mode(void) {
-    unsigned int saved = _mm_getcsr();
-    _mm_setcsr(saved & ~(0x8040u));  /* FTZ (bit 15) and DAZ (bit 6) off */
-    return saved;
-}
-static void restore_mode(unsigned int saved) { _mm_setcsr(saved); }
-#else
-static unsigned int ieee_mode(void) { return 0; }
-static void restore_mode(unsigned int saved) { (void)saved; }
-#endif
 #define BLOCK 64
 
 /* Rows [r0, r1) of x ([r][ldx] fp32, width c) against lo/hi ([r][t] fp32):
@@ -95,7 +82,7 @@ int classify_part(const float *x, int64_t ldx, int64_t r, int64_t c, const float
                   const float *hi, int64_t t, int32_t *above, int64_t *pos, int64_t *found,
                   int64_t parts, int64_t p) {
     int64_t step = (r + parts - 1) / parts, a = p * step, b = a + step < r ? a + step : r;
-    unsigned int saved = ieee_mode();
+    fp_mode saved = ieee_mode();  /* comparisons see subnormals as they are */
     found[p] = a < b ? classify_rows(x, ldx, c, lo, hi, t, a, b, above, pos + a * c) : 0;
     restore_mode(saved);
     return 0;
@@ -114,6 +101,7 @@ int classify_team(const float *x, int64_t ldx, int64_t r, int64_t c, const float
     return 0;
 }
 """
+)
 
 
 def _declare(lib: ctypes.CDLL) -> None:

@@ -32,7 +32,9 @@ import torch
 from . import native
 from .native import KernelUnavailable, compiler
 
-SOURCE = r"""
+SOURCE = (
+    native.IEEE_MODE_C
+    + r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,35 +43,6 @@ SOURCE = r"""
 #include <omp.h>
 #endif
 
-
-/* Subnormals stay subnormals whatever the calling thread's mode: a thread that flushes
-   them to zero (DAZ/FTZ: torch.set_flush_denormal, or any library built with -ffast-math)
-   would read an fp16 subnormal as 0 here, and the pool's threads (which copy the mode of
-   the thread that made them) could disagree with the caller. The loop clears the flags on
-   entry and restores them on exit. */
-#if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h>
-typedef unsigned int fp_mode;
-static fp_mode ieee_mode(void) {
-    fp_mode saved = _mm_getcsr();
-    _mm_setcsr(saved & ~(0x8040u));  /* FTZ (bit 15) and DAZ (bit 6) off */
-    return saved;
-}
-static void restore_mode(fp_mode saved) { _mm_setcsr(saved); }
-#elif defined(__aarch64__)
-typedef uint64_t fp_mode;
-static fp_mode ieee_mode(void) {
-    fp_mode saved;
-    __asm__ volatile("mrs %0, fpcr" : "=r"(saved));
-    __asm__ volatile("msr fpcr, %0" : : "r"(saved & ~(1ull << 24)));  /* FZ off */
-    return saved;
-}
-static void restore_mode(fp_mode saved) { __asm__ volatile("msr fpcr, %0" : : "r"(saved)); }
-#else
-typedef int fp_mode;
-static fp_mode ieee_mode(void) { return 0; }
-static void restore_mode(fp_mode saved) { (void)saved; }
-#endif
 
 /* Each conversion is exact: every bf16, fp16 and fp32 value is a float64 value. NaN
    payloads are not kept (the lens refuses non-finite rows and weights). */
@@ -186,6 +159,7 @@ int entry_dots_team(const void *h, int64_t h_stride, const void *w, int64_t w_st
 }
 
 """
+)
 
 DTYPES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 __all__ = ["KernelUnavailable", "build", "compiler", "entry_dots", "library", "supports"]

@@ -191,6 +191,39 @@ def load(build_one: Callable[[bool], Path]) -> ctypes.CDLL:
             raise
 
 
+#: C helpers for kernels whose arithmetic must see subnormals as they are, whatever the
+#: calling thread's mode: a thread that flushes them to zero (DAZ/FTZ:
+#: ``torch.set_flush_denormal``, or any library built with -ffast-math) would read them as
+#: 0, and worker threads (which keep the mode they were made with) could disagree with the
+#: caller. ``ieee_mode()`` clears the flags and returns the old mode for ``restore_mode``.
+IEEE_MODE_C = r"""
+#include <stdint.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+typedef unsigned int fp_mode;
+static fp_mode ieee_mode(void) {
+    fp_mode saved = _mm_getcsr();
+    _mm_setcsr(saved & ~(0x8040u));  /* FTZ (bit 15) and DAZ (bit 6) off */
+    return saved;
+}
+static void restore_mode(fp_mode saved) { _mm_setcsr(saved); }
+#elif defined(__aarch64__)
+typedef uint64_t fp_mode;
+static fp_mode ieee_mode(void) {
+    fp_mode saved;
+    __asm__ volatile("mrs %0, fpcr" : "=r"(saved));
+    __asm__ volatile("msr fpcr, %0" : : "r"(saved & ~(1ull << 24)));  /* FZ off */
+    return saved;
+}
+static void restore_mode(fp_mode saved) { __asm__ volatile("msr fpcr, %0" : : "r"(saved)); }
+#else
+typedef int fp_mode;
+static fp_mode ieee_mode(void) { return 0; }
+static void restore_mode(fp_mode saved) { (void)saved; }
+#endif
+"""
+
+
 #: Appended to every library's source: whether it was built with OpenMP.
 OPENMP_PROBE = r"""
 int built_with_openmp(void) {

@@ -205,9 +205,9 @@ def _turn_off_culprits(
 
     All are turned off and the engine checked on torch's ops, which the reference shares.
     If it disagrees there too, the kernels were not the cause: all go back on (``[]``).
-    Otherwise each is put back alone and kept only if the engine still agrees with it; if
-    every one agrees alone but not all together (or the disagreement does not recur), all
-    stay off.
+    Otherwise they are put back one at a time, each kept on only if the engine still
+    agrees; if none is caught that way but the kernels still disagree together (or the
+    disagreement does not recur), all stay off.
     """
     _set_all(kernels, False)
     plain_ok, _, plain = check()
