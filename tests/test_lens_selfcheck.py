@@ -171,19 +171,19 @@ def test_a_band_loop_that_loses_in_band_entries_is_caught(monkeypatch):
     """A loop that listed no in-band entry passed a check whose targets all sat where no
     entry was in band (found by a review): the probe now adds a target a row with another
     entry just above it, and the loop is turned off."""
-    from extractor.lens import cpu_bands, exact
+    from extractor.lens import cpu_pass, exact
 
     monkeypatch.setattr(exact, "_FAILED_KERNELS", set())
     inputs = _inputs()
-    real = cpu_bands.classify
+    real = cpu_pass.block_pass
 
     def lossy(values, lo, hi):
-        above, rows, cols = real(values, lo, hi)
-        return above, rows[:0], cols[:0]
+        *stats, rows, cols = real(values, lo, hi)
+        return *stats, rows[:0], cols[:0]
 
-    monkeypatch.setattr(cpu_bands, "classify", lossy)
+    monkeypatch.setattr(cpu_pass, "block_pass", lossy)
     with pytest.warns(UserWarning, match="kernel off, torch's ops agree"):
         check = choose_engine(inputs, "torch", {"torch": _torch})
-    assert not check.passed and exact.C_BANDS in check.detail
-    assert not exact.kernel_enabled(exact.C_BANDS)
-    assert all(exact.kernel_enabled(k) for k in exact.device_kernels("cpu") if k != exact.C_BANDS)
+    assert not check.passed and exact.C_PASS in check.detail
+    assert not exact.kernel_enabled(exact.C_PASS)
+    assert all(exact.kernel_enabled(k) for k in exact.device_kernels("cpu") if k != exact.C_PASS)

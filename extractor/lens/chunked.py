@@ -36,7 +36,7 @@ from functools import partial
 
 import torch
 
-from . import cpu_bands, cpu_gemm
+from . import cpu_gemm, cpu_pass
 from .contract import (
     LensInputs,
     LensRangeError,
@@ -47,7 +47,7 @@ from .contract import (
 )
 from .exact import (
     BF16_GEMM,
-    C_BANDS,
+    C_PASS,
     K_BLOCK,
     ONEDNN_GEMM,
     bias_abs_max,
@@ -640,10 +640,11 @@ BAND_BATCH = 1 << 20
 
 def _classify(values, lo, hi, compile) -> tuple[torch.Tensor, ...]:
     """The chunk's stats (:func:`chunk_stats`) with, for its targets, the entries certainly
-    above each (``> hi``) and the positions ``(g, c)`` of those inside some band: counted
-    and listed by the C loop (:mod:`.cpu_bands`) on a CPU, else by the pass and a scan of
-    its mask (also where the loop cannot be built: one warning). The same classification
-    either way (pure comparisons)."""
+    above each (``> hi``) and the positions ``(g, c)`` of those inside some band: from one C
+    loop (:mod:`.cpu_pass`) on a CPU, else from the compiled pass and a scan of its mask
+    (also where the loop cannot be built: one warning). The same classification, maxima
+    and block maxima either way (pure comparisons); the exp-sums agree within their
+    bound."""
 
     def by_pass():
         row_max, row_min, sumexp, above, near, blocks = chunk_stats(values, lo, hi, compile)
@@ -651,14 +652,10 @@ def _classify(values, lo, hi, compile) -> tuple[torch.Tensor, ...]:
         g_all, c_all = near.bool().nonzero(as_tuple=True) if near.shape[1] else (None, None)
         return row_max, row_min, sumexp, blocks, above, g_all, c_all
 
-    def by_loop():
-        found = cpu_bands.classify(values, lo, hi)
-        row_max, row_min, sumexp, _, _, blocks = chunk_stats(values, lo[:, :0], hi[:, :0], compile)
-        return row_max, row_min, sumexp, blocks, *found
-
-    if not (lo.shape[1] and cpu_bands.supports(values)):
+    if not cpu_pass.supports(values):
         return by_pass()
-    return compiled_or(C_BANDS, by_loop, by_pass, (KernelUnavailable, OSError))
+    loop = partial(cpu_pass.block_pass, values, lo, hi)
+    return compiled_or(C_PASS, loop, by_pass, (KernelUnavailable, OSError))
 
 
 def _resolve_band(scope, st, g_all, c_all, values, logits, band, lo, hi, c0) -> None:

@@ -227,17 +227,18 @@ C_DOTS = "C loop for exact lens values"
 ONEDNN_GEMM = "oneDNN fp32 GEMM for fast lens logits"
 #: The VDPBF16PS GEMM for the fast logits of bf16 models on a CPU (:mod:`.cpu_gemm`).
 BF16_GEMM = "AVX-512 BF16 GEMM for fast lens logits"
-#: The C loop that counts fast logits above each target's band and lists those inside it.
-C_BANDS = "C loop for lens band classification"
+#: The C loop over a block of fast logits (:mod:`.cpu_pass`): maxima, exp-sums, the counts
+#: above each target's band and the entries inside it.
+C_PASS = "C loop for the lens pass over fast logits"
 
 
 def device_kernels(device: torch.device | str) -> list[str]:
     """What the torch engine on ``device`` trusts beyond torch's IEEE ops: its exact-values
-    kernel and, on a CPU, oneDNN's GEMM, the AVX-512 BF16 one and the band loop. The
+    kernel and, on a CPU, oneDNN's GEMM, the AVX-512 BF16 one and the C pass. The
     self-check can turn each off."""
     if torch.device(device).type == "cuda":
         return [TRITON_DOTS]
-    return [C_DOTS, ONEDNN_GEMM, BF16_GEMM, C_BANDS]
+    return [C_DOTS, ONEDNN_GEMM, BF16_GEMM, C_PASS]
 
 
 def kernel_enabled(name: str) -> bool:

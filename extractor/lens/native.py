@@ -1,8 +1,9 @@
 """Compiling, caching and loading the lens's C kernels, and the threads that run them.
 
-Two kernels are C, compiled once per machine with the system's C compiler (``$CC``, else
+Three kernels are C, compiled once per machine with the system's C compiler (``$CC``, else
 ``cc``) and loaded through :mod:`ctypes`, which releases the GIL: the exact-values loop
-(:mod:`.cpu_exact`) and the AVX-512 BF16 GEMM (:mod:`.cpu_gemm`). This module holds what
+(:mod:`.cpu_exact`), the AVX-512 BF16 GEMM (:mod:`.cpu_gemm`) and the pass over a block
+of fast logits (:mod:`.cpu_pass`). This module holds what
 they share: the build cache (one library per source, flags, compiler version and machine,
 written atomically), the marker that keeps a library that will not load from being
 rebuilt in every process, and the choice between torch's own OpenMP team and Python
@@ -242,10 +243,17 @@ class Library:
     it binds to that runtime (:func:`shares_torchs_team`), never in a child forked after
     import (:func:`forked`), else on Python threads (:meth:`split`)."""
 
-    def __init__(self, name: str, source: str, declare: Callable[[ctypes.CDLL], None]) -> None:
+    def __init__(
+        self,
+        name: str,
+        source: str,
+        declare: Callable[[ctypes.CDLL], None],
+        flags: tuple[str, ...] = (),
+    ) -> None:
         self.name = name
         self.source = source + OPENMP_PROBE
         self._declare = declare  # sets each function's argtypes and restype
+        self.flags = flags  # beyond CFLAGS
         self._lib: ctypes.CDLL | None = None
         #: The process whose splits run on its OpenMP team, or None.
         self._team_pid: int | None = None
@@ -253,7 +261,8 @@ class Library:
     def build(self, rebuild: bool = False, openmp: bool = True) -> Path:
         """Compile (:func:`build`); ``openmp``: with :data:`OPENMP` (a compiler without it
         fails, and :meth:`get` builds without)."""
-        return build(self.name, self.source, (*CFLAGS, *OPENMP) if openmp else CFLAGS, rebuild)
+        flags = (*CFLAGS, *self.flags, *(OPENMP if openmp else ()))
+        return build(self.name, self.source, flags, rebuild)
 
     def load_variant(self, openmp: bool) -> ctypes.CDLL:
         """One variant, built or found, and loaded (:func:`load`)."""

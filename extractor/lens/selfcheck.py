@@ -148,7 +148,7 @@ def choose_engine(
     The fallback is checked too, on the same sample, and a disagreement warns. It trusts
     kernels beyond torch's IEEE ops (:func:`~.exact.device_kernels`: its exact values from
     the C loop on a CPU or a Triton kernel on CUDA; on a CPU, oneDNN's fp32 GEMM, the
-    AVX-512 BF16 GEMM and the band loop): if it returned numbers that disagree,
+    AVX-512 BF16 GEMM and the C pass): if it returned numbers that disagree,
     :func:`_turn_off_culprits` finds which to turn off. The result says what was kept.
     """
     probe = with_close_targets(sample(inputs))

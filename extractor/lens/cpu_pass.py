@@ -1,0 +1,357 @@
+"""The pass over a block of fast logits on the CPU: one C loop instead of a compiled graph.
+
+For every row of a block the torch engine needs its max and min, the sum of
+``exp(logit - max)`` (the online log-sum-exp), the maxima of its :data:`BLOCK`-wide column
+blocks (where top-k looks), and, for each target ``t``, the number of logits strictly
+above ``hi[t]`` (certainly above the target) and the positions of those inside some
+``[lo[t], hi[t]]`` (resolved exactly). Inductor compiled the first four into one loop and
+a C loop did the rest (stop 21). Two reads of a 16 MB block, and 0.5 ms of dynamo's
+wrappers around every call of the compiled graph: at the Qwen2.5 shape 0.36 s of a 3.4 s
+call, beside 0.34 s for the C band loop. This loop reads each row once into the cache and
+does all of it (bench/README.md, "Stop 22").
+
+What it promises, against the compiled pass (``chunked._chunk_stats_eager``):
+
+- maxima, minima, block maxima, counts and in-band positions: **equal**, entry for entry
+  (pure IEEE comparisons, no fast-math, subnormals never flushed whatever the calling
+  thread's mode; positions in row-major order, as ``nonzero`` gives them);
+- the exp-sum: the same sum in a different order, of terms from its own ``exp``
+  (:data:`EXP_MAX_ULPS`). The log-sum-exp bound (``exact.logsumexp_error_bound``) allows
+  ``4u`` a term where summation needs ``u``; this loop's terms are within ``3u`` of
+  ``exp`` and it sums them over 64 lanes (about ``C / 64`` roundings, not ``C``).
+
+Written with GCC's vector extensions (16 fp32 lanes: one AVX-512 register, two AVX2 ones,
+four SSE ones), so the same source makes every clone, and each clone does the same
+elementwise IEEE operations: the same bits on any x86-64 CPU. Built like the other C
+kernels (:mod:`.native`), with clones for AVX-512 and AVX2 where the compiler and the
+loader (glibc) have function multiversioning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from . import native
+
+#: Columns a block maximum covers (``chunked.TOPK_BLOCK`` is this).
+BLOCK = 64
+#: The loop's ``exp`` is within this many units in the last place of the true value on
+#: [-87, 88] (checked against float64 ``exp`` over every fp32 value of a dense sweep:
+#: tests/test_cpu_pass.py). Below -87 it gives 0 (the true value is under 1.7e-38, and a
+#: row's sum is at least 1), above 88 infinity.
+EXP_MAX_ULPS = 3
+
+SOURCE = (
+    native.IEEE_MODE_C
+    + r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Clones need the loader's ifunc (glibc) and a compiler that has the attribute. */
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+#endif
+#ifndef CLONES
+#define CLONES
+#endif
+
+#define BLOCK 64
+/* Lanes of the running maxima, minima and sums: one AVX-512 register of fp32. */
+#define LANES 16
+
+/* Plain loops over fixed-size arrays, which the compiler vectorises for each clone (its
+   generic vectors of 16 floats were scalarised for AVX2: 50 ms a block). Maxima and minima
+   as `a > b ? a : b`; sums lane by lane, then folded by halving (lanes i and i + w). */
+static inline float max_s(float a, float b) { return a > b ? a : b; }
+static inline float min_s(float a, float b) { return a < b ? a : b; }
+
+static inline float fold_max(float *x) {
+    int i, w;
+    for (w = LANES / 2; w >= 1; w /= 2)
+        for (i = 0; i < w; i++) x[i] = max_s(x[i], x[i + w]);
+    return x[0];
+}
+
+static inline float fold_min(float *x) {
+    int i, w;
+    for (w = LANES / 2; w >= 1; w /= 2)
+        for (i = 0; i < w; i++) x[i] = min_s(x[i], x[i + w]);
+    return x[0];
+}
+
+static inline float fold_sum(float *x, int n) {
+    int i, w;
+    for (w = n / 2; w >= 1; w /= 2)
+        for (i = 0; i < w; i++) x[i] += x[i + w];
+    return x[0];
+}
+
+/* exp(x): x = n ln2 + r, |r| <= ln2 / 2 (ln2 in two parts, n ln2_hi exact), exp(r) by its
+   Taylor series to r^7 (truncation under 0.12 ulp), times 2^n built in the exponent bits.
+   Each * and + its own IEEE operation (-ffp-contract=off). 0 below -87 (the true value is
+   under 1.7e-38), infinity above 88, NaN stays NaN. */
+static inline float exp_s(float x) {
+    int ok = (x >= -87.0f) & (x <= 88.0f);
+    float c = ok ? x : 0.0f;
+    float n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round to nearest */
+    float r = c - n * 0.693145751953125f;
+    r = r - n * 1.428606765330187e-06f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    /* Every operation unconditional, then selected: a multiply under a condition is not
+       vectorised for AVX2 (the compiler may not speculate one that could trap). */
+    float e = p * scale;
+    float out = x < -87.0f ? 0.0f : (x > 88.0f ? INFINITY : x);
+    return ok ? e : out;
+}
+
+/* Rows [r0, r1) of x ([r][ldx] fp32, width c); lo/hi [r][t] fp32. Per row: row_max,
+   row_min, sumexp = sum exp(x - m) (m: the max if finite, else 0), blocks[r][c / BLOCK]
+   the block maxima (when c % BLOCK == 0 and blocks is not NULL), above[r][j] = #{x > hi[j]},
+   and each column with some lo[j] <= x <= hi[j] listed in pos as r * c + col, in order.
+   acc: scratch of t * BLOCK counters. Returns how many were listed. */
+CLONES static int64_t scan_rows(const float *x, int64_t ldx, int64_t c, const float *lo,
+                                const float *hi, int64_t t, int64_t r0, int64_t r1,
+                                float *row_max, float *row_min, float *sumexp, float *blocks,
+                                int32_t *above, int32_t *acc, int64_t *pos) {
+    int64_t n = 0, r, c0, j, nb = c / BLOCK;
+    int i, q;
+    float tail[BLOCK];
+    for (r = r0; r < r1; r++) {
+        const float *row = x + r * ldx, *l = lo + r * t, *h = hi + r * t;
+        float mx = -INFINITY, mn[LANES], sum[BLOCK];
+        for (i = 0; i < LANES; i++) mn[i] = INFINITY;
+        /* First read: maxima and the minimum (the row then sits in the cache). A last,
+           partial block is read from `tail`, padded with -inf for its maximum. Lanes in the
+           outer loop: the compiler then vectorises over them (it had unrolled the other
+           order into scalar maxima). */
+        for (c0 = 0; c0 < c; c0 += BLOCK) {
+            int64_t w = c - c0 < BLOCK ? c - c0 : BLOCK;
+            const float *v = row + c0;
+            float bm[LANES];
+            if (w < BLOCK) {
+                for (i = 0; i < BLOCK; i++) tail[i] = i < w ? v[i] : -INFINITY;
+                for (i = 0; i < w; i++) mn[i % LANES] = min_s(mn[i % LANES], v[i]);
+                v = tail;
+                for (i = 0; i < LANES; i++) {
+                    float m = v[i];
+                    for (q = 1; q < BLOCK / LANES; q++) m = max_s(m, v[q * LANES + i]);
+                    bm[i] = m;
+                }
+            } else {
+                for (i = 0; i < LANES; i++) {
+                    float m = v[i], least = mn[i];
+                    for (q = 0; q < BLOCK / LANES; q++) {
+                        float y = v[q * LANES + i];
+                        m = max_s(m, y);
+                        least = min_s(least, y);
+                    }
+                    bm[i] = m;
+                    mn[i] = least;
+                }
+            }
+            float b = fold_max(bm);
+            if (blocks && w == BLOCK) blocks[r * nb + c0 / BLOCK] = b;
+            mx = max_s(mx, b);
+        }
+        row_max[r] = mx;
+        row_min[r] = fold_min(mn);
+        float safe = isfinite(mx) ? mx : 0.0f;
+        for (i = 0; i < BLOCK; i++) sum[i] = 0.0f;
+        for (j = 0; j < t * LANES; j++) acc[j] = 0;
+        /* Second read: exp-sum and bands. A partial block is padded with NaN: neither
+           above nor inside any band, and its exp is left out of the sum. */
+        for (c0 = 0; c0 < c; c0 += BLOCK) {
+            int64_t w = c - c0 < BLOCK ? c - c0 : BLOCK;
+            const float *v = row + c0;
+            int32_t inside[BLOCK], any = 0;
+            if (w < BLOCK) {
+                for (i = 0; i < BLOCK; i++) tail[i] = i < w ? v[i] : NAN;
+                v = tail;
+            }
+            for (i = 0; i < BLOCK; i++) {
+                float e = exp_s(v[i] - safe);
+                sum[i] += i < w ? e : 0.0f;
+                inside[i] = 0;
+            }
+            /* inside[i]: the bands holding entry i, #{j: x >= lo[j]} - #{j: x > hi[j]}
+               (every lo[j] <= hi[j], checked by the caller): cheaper than and-ing two
+               comparisons, 2.8 -> 2.4 ms a 512 x 8,192 block with 12 targets. */
+            for (j = 0; j < t; j++) {
+                float hj = h[j], lj = l[j];
+                int32_t *a = acc + j * LANES;
+                for (i = 0; i < LANES; i++) {
+                    int32_t count = 0;
+                    for (q = 0; q < BLOCK / LANES; q++) {
+                        float x = v[q * LANES + i];
+                        int32_t above_hj = x > hj;
+                        count += above_hj;
+                        inside[q * LANES + i] += (x >= lj) - above_hj;
+                    }
+                    a[i] += count;
+                }
+            }
+            for (i = 0; i < BLOCK; i++) any |= inside[i];
+            if (any)
+                for (i = 0; i < BLOCK; i++)
+                    if (inside[i]) pos[n++] = r * c + c0 + i;
+        }
+        for (j = 0; j < t; j++) {
+            int32_t total = 0, *a = acc + j * LANES;
+            for (i = 0; i < LANES; i++) total += a[i];
+            above[r * t + j] = total;
+        }
+        sumexp[r] = fold_sum(sum, BLOCK);
+    }
+    return n;
+}
+
+/* exp_s of each of x[0, n) (the tests hold it to EXP_MAX_ULPS). */
+CLONES void exp_many(const float *x, int64_t n, float *out) {
+    int64_t i;
+    fp_mode saved = ieee_mode();
+    for (i = 0; i < n; i++) out[i] = exp_s(x[i]);
+    restore_mode(saved);
+}
+
+/* Part p of `parts` (rows cut evenly): its entries from pos + first_row * c; found[p]. */
+int scan_part(const float *x, int64_t ldx, int64_t r, int64_t c, const float *lo,
+              const float *hi, int64_t t, float *row_max, float *row_min, float *sumexp,
+              float *blocks, int32_t *above, int64_t *pos, int64_t *found, int64_t parts,
+              int64_t p) {
+    int64_t step = (r + parts - 1) / parts, a = p * step, b = a + step < r ? a + step : r;
+    int32_t *acc = NULL;
+    found[p] = 0;
+    if (a >= b) return 0;
+    if (t > 0 && !(acc = aligned_alloc(64, (size_t)t * LANES * sizeof(int32_t)))) return -1;
+    fp_mode saved = ieee_mode();  /* comparisons see subnormals as they are */
+    found[p] = scan_rows(x, ldx, c, lo, hi, t, a, b, row_max, row_min, sumexp, blocks, above,
+                         acc, pos + a * c);
+    restore_mode(saved);
+    free(acc);
+    return 0;
+}
+
+/* Every part, on the process's OpenMP team (torch's own); -1 if any part failed. */
+int scan_team(const float *x, int64_t ldx, int64_t r, int64_t c, const float *lo,
+              const float *hi, int64_t t, float *row_max, float *row_min, float *sumexp,
+              float *blocks, int32_t *above, int64_t *pos, int64_t *found, int64_t parts,
+              int threads) {
+    int64_t p;
+    int status = 0;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(min : status)
+#endif
+    for (p = 0; p < parts; p++) {
+        int s = scan_part(x, ldx, r, c, lo, hi, t, row_max, row_min, sumexp, blocks, above,
+                          pos, found, parts, p);
+        status = s < status ? s : status;
+    }
+    (void)threads;
+    return status;
+}
+"""
+)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    part = [p, i64, i64, i64, p, p, i64, p, p, p, p, p, p, p, i64]
+    lib.scan_part.restype = lib.scan_team.restype = i32
+    lib.scan_part.argtypes = [*part, i64]
+    lib.scan_team.argtypes = [*part, i32]
+    lib.exp_many.restype = None
+    lib.exp_many.argtypes = [p, i64, p]
+
+
+#: The loop never reads the FP exception flags: without ``-fno-trapping-math`` the compiler
+#: may not compute both sides of a select, and left the AVX2 clone's exp-sum scalar (7.8
+#: against 2.0 ms a block). Values are unchanged: no contraction, no reassociation.
+LIBRARY = native.Library("lens_pass", SOURCE, _declare, flags=("-fno-trapping-math",))
+
+
+def supports(values: torch.Tensor) -> bool:
+    """Whether the loop takes these logits: fp32 on the CPU."""
+    return values.device.type == "cpu" and values.dtype == torch.float32
+
+
+def block_pass(
+    values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """``(row_max, row_min, sumexp, blocks, above, rows, cols)`` of ``values`` [R, C]:
+    ``blocks`` [R, C / BLOCK] the block maxima (``[R, 0]`` unless C is a multiple),
+    ``above[r, t]`` (int32) the entries strictly above ``hi[r, t]``, ``(rows, cols)``
+    every entry inside some ``[lo[r, t], hi[r, t]]``, row-major. ``lo``/``hi``: [R, T]
+    (T may be 0). Raises :class:`~.native.KernelUnavailable` when the loop cannot be built.
+    """
+    if not supports(values) or values.dim() != 2:
+        raise TypeError(
+            f"block_pass takes fp32 CPU logits [R, C], not {values.dtype} {values.shape}"
+        )
+    r, c = values.shape
+    if lo.dim() != 2 or lo.shape[0] != r or hi.shape != lo.shape:
+        raise ValueError(f"lo and hi must be [{r}, T], not {list(lo.shape)} and {list(hi.shape)}")
+    t = lo.shape[1]
+    values = values if values.stride(1) == 1 else values.contiguous()
+    lo, hi = lo.float().contiguous(), hi.float().contiguous()
+    if not bool((lo <= hi).all()):  # the loop counts the bands holding an entry
+        raise ValueError("every band needs lo <= hi (and neither NaN)")
+    row_max, row_min, sumexp = (torch.empty(r) for _ in range(3))
+    n_blocks = c // BLOCK if c % BLOCK == 0 else 0
+    blocks = torch.empty(r, n_blocks)
+    above = torch.zeros(r, t, dtype=torch.int32)
+    none = torch.empty(0, dtype=torch.long)
+    if r == 0:
+        return row_max, row_min, sumexp, blocks, above, none, none
+    lib = LIBRARY.get()
+    parts = max(1, min(torch.get_num_threads(), r))
+    pos = torch.empty(r * c, dtype=torch.int64)  # untouched pages are never faulted in
+    found = torch.zeros(parts, dtype=torch.int64)
+    operands = (values.data_ptr(), values.stride(0), r, c, lo.data_ptr(), hi.data_ptr(), t)
+    outputs = (row_max, row_min, sumexp)
+    buffers = (
+        *(o.data_ptr() for o in outputs),
+        blocks.data_ptr() if n_blocks else None,
+        above.data_ptr(),
+        pos.data_ptr(),
+        found.data_ptr(),
+        parts,
+    )
+    codes = LIBRARY.split(
+        parts,
+        lambda threads: lib.scan_team(*operands, *buffers, threads),
+        lambda p: lib.scan_part(*operands, *buffers, p),
+    )
+    if any(codes):
+        raise MemoryError("the lens pass could not allocate its counters")
+    step = -(-r // parts)
+    listed = torch.cat(
+        [pos[p * step * c : p * step * c + int(n)] for p, n in enumerate(found.tolist())]
+    )
+    return row_max, row_min, sumexp, blocks, above, listed // c, listed % c
+
+
+def exp(x: torch.Tensor) -> torch.Tensor:
+    """The loop's own ``exp`` of fp32 ``x`` (what its exp-sums add up)."""
+    x = x.float().contiguous().cpu()
+    out = torch.empty_like(x)
+    LIBRARY.get().exp_many(x.data_ptr(), x.numel(), out.data_ptr())
+    return out

@@ -1,0 +1,189 @@
+"""The C pass over a block of fast logits: the compiled pass's results, entry for entry
+(the exp-sum within its derived bound)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from extractor.lens import chunked, cpu_pass, exact
+from extractor.lens.chunked import chunked_lens
+
+from .lens_checks import check_exact, plant_ties, wide_case
+
+U = 2.0**-24  # fp32 unit roundoff
+
+
+def _has_loop() -> bool:
+    try:
+        cpu_pass.LIBRARY.get()
+    except (cpu_pass.native.KernelUnavailable, OSError):
+        return False
+    return True
+
+
+needs_loop = pytest.mark.skipif(not _has_loop(), reason="no C compiler on this machine")
+
+
+def _pass(values, lo, hi):
+    """What the compiled pass and a scan of its mask find (eager: the same comparisons), in
+    :func:`cpu_pass.block_pass`'s order."""
+    row_max, row_min, sumexp, above, near, blocks = chunked._chunk_stats_eager(values, lo, hi)
+    none = torch.empty(0, dtype=torch.long)
+    rows, cols = near.bool().nonzero(as_tuple=True) if near.shape[1] else (none, none)
+    return row_max, row_min, sumexp, blocks, above, rows, cols
+
+
+def _case(r: int, c: int, t: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    values = (torch.randn(r, c, generator=gen) * 3).round(decimals=1)  # many exact ties
+    centre = values[torch.arange(r)[:, None], torch.randint(0, c, (r, t), generator=gen)]
+    width = torch.rand(r, t, generator=gen) * 0.3
+    lo, hi = centre - width, centre + width
+    lo[:, :1] = hi[:, :1] = centre[:, :1]  # a zero-width band: equality counts as inside
+    if t > 2:
+        lo[0, 2] = hi[0, 2] = float("inf")  # a pad: nothing above or inside
+        lo[-1, 1] = hi[-1, 1] = float("-inf")  # a target of -inf: every finite entry above
+    if c > 3:
+        values[0, :3] = float("-inf")  # entries masked by a -inf bias
+    return values, lo, hi
+
+
+def _sumexp_bound(values: torch.Tensor) -> float:
+    """Largest relative error of the loop's exp-sum against float64 sums of exp of the same
+    fp32 differences: each term within ``EXP_MAX_ULPS`` ulps (2u each), then at most
+    ``ceil(C / 64)`` additions in its lane and 6 in the fold of 64 lanes (one rounding each,
+    first order, all terms positive)."""
+    c = values.shape[1]
+    return (4 * cpu_pass.EXP_MAX_ULPS + math.ceil(c / 64) + 6) * U * 1.001
+
+
+def _assert_same(got, want, values):
+    names = ["row_max", "row_min", "sumexp", "blocks", "above", "rows", "cols"]
+    for name, g, w in zip(names, got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        if name != "sumexp":
+            assert torch.equal(g, w), name
+    safe = torch.where(torch.isfinite(got[0]), got[0], 0)
+    terms = (values - safe[:, None]).double().exp()  # the same fp32 differences
+    want_sum = terms.sum(1)
+    err = (got[2].double() - want_sum).abs()
+    assert bool((err <= _sumexp_bound(values) * want_sum).all()), float(err.max())
+
+
+@needs_loop
+@pytest.mark.parametrize(
+    "r,c,t",
+    [(7, 200, 12), (1, 64, 1), (33, 65, 3), (5, 8192, 16), (3, 1, 20), (40, 300, 0), (4, 128, 0)],
+)
+def test_the_loop_finds_what_the_pass_finds(r, c, t):
+    values, lo, hi = _case(r, c, t, seed=r * c + t)
+    _assert_same(cpu_pass.block_pass(values, lo, hi), _pass(values, lo, hi), values)
+
+
+@needs_loop
+def test_rows_of_minus_infinity_and_an_infinite_logit():
+    values = torch.randn(3, 128)
+    values[0] = float("-inf")  # every entry masked: max -inf, sum 0
+    values[1, 5] = float("inf")
+    lo = hi = torch.zeros(3, 1)
+    got = cpu_pass.block_pass(values, lo, hi)
+    want = _pass(values, lo, hi)
+    for i in (0, 1, 3, 4, 5, 6):  # all but the exp-sums
+        assert torch.equal(got[i], want[i])
+    assert got[2][:2].tolist() == want[2][:2].tolist() == [0.0, float("inf")]
+    terms = (values[2] - got[0][2]).double().exp()
+    assert abs(float(got[2][2]) - float(terms.sum())) <= _sumexp_bound(values) * terms.sum()
+
+
+@needs_loop
+def test_strided_rows_and_python_threads_find_alike(monkeypatch):
+    values, lo, hi = _case(40, 300, 5, seed=9)
+    view = torch.cat([values, values], 1)[:, :300]  # a row stride of 600
+    team = cpu_pass.block_pass(view, lo, hi)
+    monkeypatch.setattr(cpu_pass.LIBRARY, "_team_pid", None)
+    threads = cpu_pass.block_pass(view, lo, hi)
+    _assert_same(team, _pass(values, lo, hi), values)
+    assert all(torch.equal(a, b) for a, b in zip(team, threads, strict=True))
+
+
+@needs_loop
+def test_its_exp_is_within_its_stated_ulps():
+    """Over 6.3 million fp32 values of [-87, 88] (1.21 ulps at most on AMD EPYC), and the
+    ends: 0 below -87, infinity above 88, NaN kept."""
+    x = torch.cat(
+        [
+            torch.linspace(-87, 88, 1 << 22),
+            torch.rand(1 << 21, generator=torch.Generator().manual_seed(0)) * 175 - 87,
+        ]
+    )
+    got = cpu_pass.exp(x).double()
+    true = x.double().exp()
+    ulp = torch.exp2(torch.floor(torch.log2(true)) - 23)
+    assert float(((got - true).abs() / ulp).max()) <= cpu_pass.EXP_MAX_ULPS
+    edges = torch.tensor([-87.5, 88.5, float("-inf"), float("inf"), 0.0, -0.0, 1e-40])
+    assert cpu_pass.exp(edges).tolist() == [0.0, float("inf"), 0.0, float("inf"), 1.0, 1.0, 1.0]
+    assert math.isnan(cpu_pass.exp(torch.tensor([float("nan")])).item())
+
+
+@needs_loop
+def test_the_lens_is_exact_with_and_without_the_loop(monkeypatch):
+    """Ranks and top-k with planted ties, the loop on and turned off (the self-check's
+    remedy: the compiled pass and its mask take over)."""
+    inputs = plant_ties(wide_case(torch.bfloat16), 5)
+    with_loop = chunked_lens(inputs, row_chunk=16, vocab_chunk=512)
+    check_exact(inputs, with_loop, 512)
+    monkeypatch.setattr(exact, "_FAILED_KERNELS", {exact.C_PASS})
+    without = chunked_lens(inputs, row_chunk=16, vocab_chunk=512)
+    check_exact(inputs, without, 512)
+    assert torch.equal(with_loop.target_ranks, without.target_ranks)
+    assert torch.equal(with_loop.topk_ids, without.topk_ids)
+
+
+def test_without_a_compiler_the_pass_runs_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_pass.LIBRARY, "_lib", None)
+    monkeypatch.setattr(exact, "_FAILED_KERNELS", set())
+    monkeypatch.setenv("SLM_LENS_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    values, lo, hi = _case(6, 100, 4, seed=3)
+    with pytest.warns(UserWarning, match="lens pass over fast logits failed.*no C compiler"):
+        got = chunked._classify(values, lo, hi, compile=False)
+    assert not exact.kernel_enabled(exact.C_PASS)
+    want = _pass(values, lo, hi)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+def test_only_fp32_cpu_logits_and_ordered_bands_are_taken():
+    assert not cpu_pass.supports(torch.zeros(2, 2, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="fp32 CPU logits"):
+        cpu_pass.block_pass(torch.zeros(2, 2).double(), torch.zeros(2, 1), torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="lo and hi"):
+        cpu_pass.block_pass(torch.zeros(2, 2), torch.zeros(3, 1), torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="lo <= hi"):
+        cpu_pass.block_pass(torch.zeros(2, 2), torch.ones(2, 1), torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="lo <= hi"):
+        cpu_pass.block_pass(torch.zeros(2, 2), torch.full((2, 1), float("nan")), torch.ones(2, 1))
+
+
+@needs_loop
+@pytest.mark.parametrize("team", [True, False], ids=["torchs-team", "python-threads"])
+def test_subnormals_are_compared_as_they_are_whatever_each_threads_mode(team, monkeypatch):
+    """A thread that flushes subnormals (``torch.set_flush_denormal``) saw 1e-40 as 0, and
+    a worker keeps the mode it was created with: the loop compares in IEEE mode on every
+    thread (found by a review)."""
+    values = torch.full((4, 64), 1e-40)
+    lo, hi = torch.full((4, 1), -1.0), torch.zeros(4, 1)
+    if not team:
+        monkeypatch.setattr(cpu_pass.LIBRARY, "_team_pid", None)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        got = cpu_pass.block_pass(values, lo, hi)
+    finally:
+        torch.set_flush_denormal(False)
+    above, rows = got[4], got[5]
+    assert bool((above == 64).all()) and len(rows) == 0
+    assert bool((got[0] == 1e-40).all()) and bool((got[1] == 1e-40).all())
