@@ -15,6 +15,18 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
+def _builds() -> bool:
+    try:
+        cpu_gemm.library()
+    except (cpu_gemm.KernelUnavailable, OSError):
+        return False
+    return True
+
+
+#: Packing is plain C: it runs wherever the library builds, VDPBF16PS or not.
+needs_library = pytest.mark.skipif(not _builds(), reason="no C compiler on this machine")
+
+
 def k_sliced_sums(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """What the kernel must compute, in torch's fp32 ops: each SLICE-wide slice summed from
     zero one product at a time (pairs: the odd element's product first, as Intel's manual
@@ -133,6 +145,24 @@ def test_operands_of_the_wrong_shape_are_refused_before_the_kernel_reads_them():
     odd.copy_(h[:, :20])
     got = cpu_gemm.logits(odd, cpu_gemm.pack(w[:, :20]), torch.empty(4, 20))
     assert torch.equal(got, k_sliced_sums(h[:, :20], w[:, :20]))
+
+
+@needs_library
+def test_packing_chosen_rows_is_packing_their_gather(monkeypatch):
+    """``pack(w, ids)`` packs the gather ``w[ids]`` without making it: odd and even widths,
+    a last block of fewer than 16 columns, torch's team and Python threads alike."""
+    for c, d in ((37, 5), (64, 32), (100, 577)):
+        w = torch.randn(300, d).bfloat16()
+        ids = torch.randperm(300, generator=torch.Generator().manual_seed(c))[:c]
+        want = cpu_gemm.pack(w[ids])
+        assert torch.equal(cpu_gemm.pack(w, ids).data, want.data)
+        monkeypatch.setattr(cpu_gemm.LIBRARY, "_team_pid", None)
+        assert torch.equal(cpu_gemm.pack(w, ids).data, want.data)
+        monkeypatch.undo()
+    with pytest.raises(ValueError, match="1-D index"):
+        cpu_gemm.pack(w, torch.tensor([0, 300]))
+    with pytest.raises(ValueError, match="1-D index"):
+        cpu_gemm.pack(w, torch.tensor([-1]))
 
 
 @needs_kernel

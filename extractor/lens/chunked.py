@@ -255,7 +255,10 @@ class Scratch:
         :data:`PACK_KEEP_BYTES`): 1 ms of packing a 8,192 x 576 chunk once a call, not once a
         row chunk, for as many bytes as W held until the last row chunk frees them."""
         key = (c0, c1)
-        packed = self._packed.pop(key, None) or cpu_gemm.pack(columns.rows(w, c0, c1))
+        packed = self._packed.pop(key, None)
+        if packed is None:
+            ids = None if columns.ids is None else columns.ids[c0:c1]
+            packed = cpu_gemm.pack(w if ids is not None else w[c0:c1], ids)
         if self.keep_packed and w.numel() * w.element_size() <= PACK_KEEP_BYTES:
             self._packed[key] = packed
         return packed
