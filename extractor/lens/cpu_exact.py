@@ -34,6 +34,7 @@ from .native import KernelUnavailable, compiler
 
 SOURCE = (
     native.IEEE_MODE_C
+    + native.CLONES_C
     + r"""
 #include <stdint.h>
 #include <stdlib.h>
@@ -86,9 +87,9 @@ static void load(const void *base, int dtype, int64_t row, int64_t stride, int64
 /* How many entries ahead W's rows are prefetched. */
 #define PREFETCH_AHEAD 2
 
-int entry_dots(const void *h, int64_t h_stride, const void *w, int64_t w_stride,
-               int dtype, int64_t d, const int64_t *rows, const int64_t *cols, int64_t n,
-               double *out) {
+CLONES int entry_dots(const void *h, int64_t h_stride, const void *w, int64_t w_stride,
+                      int dtype, int64_t d, const int64_t *rows, const int64_t *cols,
+                      int64_t n, double *out) {
     double *buf = malloc((size_t)(3 * d + 2) * sizeof(double));
     if (!buf) return -1;
     fp_mode saved = ieee_mode();

@@ -45,6 +45,7 @@ EXP_MAX_ULPS = 3
 
 SOURCE = (
     native.IEEE_MODE_C
+    + native.CLONES_C
     + r"""
 #include <stdint.h>
 #include <stdlib.h>
@@ -52,16 +53,6 @@ SOURCE = (
 #include <math.h>
 #ifdef _OPENMP
 #include <omp.h>
-#endif
-
-/* Clones need the loader's ifunc (glibc) and a compiler that has the attribute. */
-#if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-#endif
-#ifndef CLONES
-#define CLONES
 #endif
 
 #define BLOCK 64

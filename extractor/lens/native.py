@@ -225,6 +225,23 @@ static void restore_mode(fp_mode saved) { (void)saved; }
 """
 
 
+#: C prelude: ``CLONES`` before a function makes the compiler emit it for AVX-512, AVX2 and
+#: the baseline, the loader picking one per CPU (glibc's ifunc; elsewhere it is one plain
+#: function). The libraries are built without ``-march``, so that one cache serves any
+#: x86-64 CPU: without clones a loop is vectorised for SSE2 alone. Each clone does the same
+#: IEEE operations (no contraction into FMAs: ``-ffp-contract=off``).
+CLONES_C = r"""
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+#endif
+#ifndef CLONES
+#define CLONES
+#endif
+"""
+
+
 #: Appended to every library's source: whether it was built with OpenMP.
 OPENMP_PROBE = r"""
 int built_with_openmp(void) {
