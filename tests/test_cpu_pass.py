@@ -27,13 +27,14 @@ def _has_loop() -> bool:
 needs_loop = pytest.mark.skipif(not _has_loop(), reason="no C compiler on this machine")
 
 
-def _pass(values, lo, hi):
-    """What the compiled pass and a scan of its mask find (eager: the same comparisons), in
-    :func:`cpu_pass.block_pass`'s order."""
+def _pass(values, lo, hi, kk: int = 0):
+    """What the compiled pass, a scan of its mask and ``block_topk`` find (eager: the same
+    comparisons), in :func:`cpu_pass.block_pass`'s order."""
     row_max, row_min, sumexp, above, near, blocks = chunked._chunk_stats_eager(values, lo, hi)
     none = torch.empty(0, dtype=torch.long)
     rows, cols = near.bool().nonzero(as_tuple=True) if near.shape[1] else (none, none)
-    return row_max, row_min, sumexp, blocks, above, rows, cols
+    top_v, top_c = chunked.block_topk(values, blocks, kk)
+    return row_max, row_min, sumexp, blocks, above, rows, cols, top_v, top_c
 
 
 def _case(r: int, c: int, t: int, seed: int):
@@ -61,11 +62,17 @@ def _sumexp_bound(values: torch.Tensor) -> float:
 
 
 def _assert_same(got, want, values):
-    names = ["row_max", "row_min", "sumexp", "blocks", "above", "rows", "cols"]
+    """Equal, but the exp-sums (within their bound) and the top entries (the same values,
+    at columns that hold them: ties may pick other columns)."""
+    names = ["row_max", "row_min", "sumexp", "blocks", "above", "rows", "cols", "top_v", "top_c"]
     for name, g, w in zip(names, got, want, strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype, name
-        if name != "sumexp":
+        if name not in ("sumexp", "top_v", "top_c"):
             assert torch.equal(g, w), name
+    top_v, top_c = got[7], got[8]
+    assert torch.equal(top_v.sort(1).values, want[7].sort(1).values)
+    assert torch.equal(values.gather(1, top_c), top_v)
+    assert all(len(set(row)) == len(row) for row in top_c.tolist())
     safe = torch.where(torch.isfinite(got[0]), got[0], 0)
     terms = (values - safe[:, None]).double().exp()  # the same fp32 differences
     want_sum = terms.sum(1)
@@ -80,7 +87,27 @@ def _assert_same(got, want, values):
 )
 def test_the_loop_finds_what_the_pass_finds(r, c, t):
     values, lo, hi = _case(r, c, t, seed=r * c + t)
-    _assert_same(cpu_pass.block_pass(values, lo, hi), _pass(values, lo, hi), values)
+    kk = min(14, c)
+    _assert_same(cpu_pass.block_pass(values, lo, hi, kk), _pass(values, lo, hi, kk), values)
+
+
+@needs_loop
+@pytest.mark.parametrize("kk", [0, 1, 14, 64, 200, 300])
+def test_the_top_entries_are_the_largest_whatever_the_ties(kk):
+    """Rows of one repeated value, of -inf, of ties across the k-th place, and kk up to the
+    whole width: the values kept are the kk largest, at distinct columns holding them."""
+    gen = torch.Generator().manual_seed(kk)
+    values = (torch.randn(6, 300, generator=gen) * 2).round()  # few distinct values
+    values[0] = 3.0
+    values[1] = float("-inf")
+    values[2, 100:] = float("-inf")
+    values[3, ::7] = 9.0  # 43 ties at the top
+    lo = hi = torch.zeros(6, 0)
+    got = cpu_pass.block_pass(values, lo, hi, kk)
+    assert got[7].shape == got[8].shape == (6, kk)
+    _assert_same(got, _pass(values, lo, hi, kk), values)
+    with pytest.raises(ValueError, match="kk"):
+        cpu_pass.block_pass(values, lo, hi, 301)
 
 
 @needs_loop
@@ -91,7 +118,7 @@ def test_rows_of_minus_infinity_and_an_infinite_logit():
     lo = hi = torch.zeros(3, 1)
     got = cpu_pass.block_pass(values, lo, hi)
     want = _pass(values, lo, hi)
-    for i in (0, 1, 3, 4, 5, 6):  # all but the exp-sums
+    for i in (0, 1, 3, 4, 5, 6):  # all but the exp-sums (and the top entries: none asked)
         assert torch.equal(got[i], want[i])
     assert got[2][:2].tolist() == want[2][:2].tolist() == [0.0, float("inf")]
     terms = (values[2] - got[0][2]).double().exp()
@@ -150,9 +177,9 @@ def test_without_a_compiler_the_pass_runs_with_one_warning(monkeypatch, tmp_path
     monkeypatch.delenv("CC", raising=False)
     values, lo, hi = _case(6, 100, 4, seed=3)
     with pytest.warns(UserWarning, match="lens pass over fast logits failed.*no C compiler"):
-        got = chunked._classify(values, lo, hi, compile=False)
+        got = chunked._classify(values, lo, hi, compile=False, kk=5)
     assert not exact.kernel_enabled(exact.C_PASS)
-    want = _pass(values, lo, hi)
+    want = _pass(values, lo, hi, kk=5)
     assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 

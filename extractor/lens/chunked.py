@@ -641,23 +641,24 @@ def _merge_topk(vals, ids, new_vals, new_ids, kk: int):
 BAND_BATCH = 1 << 20
 
 
-def _classify(values, lo, hi, compile) -> tuple[torch.Tensor, ...]:
+def _classify(values, lo, hi, compile, kk: int) -> tuple[torch.Tensor | None, ...]:
     """The chunk's stats (:func:`chunk_stats`) with, for its targets, the entries certainly
-    above each (``> hi``) and the positions ``(g, c)`` of those inside some band: from one C
-    loop (:mod:`.cpu_pass`) on a CPU, else from the compiled pass and a scan of its mask
-    (also where the loop cannot be built: one warning). The same classification, maxima
-    and block maxima either way (pure comparisons); the exp-sums agree within their
-    bound."""
+    above each (``> hi``) and the positions ``(g, c)`` of those inside some band, and ``kk``
+    largest entries of each row: from one C loop (:mod:`.cpu_pass`) on a CPU, else from the
+    compiled pass, a scan of its mask and :func:`block_topk` (also where the loop cannot be
+    built: one warning). The same classification, maxima and block maxima either way (pure
+    comparisons); the exp-sums agree within their bound, the top entries in value."""
 
     def by_pass():
         row_max, row_min, sumexp, above, near, blocks = chunk_stats(values, lo, hi, compile)
         # The pass's fp32 1/0 mask, scanned as bool: 1.6 + 0.5 against 2.8 ms a block.
         g_all, c_all = near.bool().nonzero(as_tuple=True) if near.shape[1] else (None, None)
-        return row_max, row_min, sumexp, blocks, above, g_all, c_all
+        top_v, top_i = block_topk(values, blocks, kk)
+        return row_max, row_min, sumexp, blocks, above, g_all, c_all, top_v, top_i
 
     if not cpu_pass.supports(values):
         return by_pass()
-    loop = partial(cpu_pass.block_pass, values, lo, hi)
+    loop = partial(cpu_pass.block_pass, values, lo, hi, kk)
     return compiled_or(C_PASS, loop, by_pass, (KernelUnavailable, OSError))
 
 
@@ -689,13 +690,13 @@ def _update(scope, st, logits, band, c0, kk, compile) -> tuple[torch.Tensor, tor
     rows = len(values)
     fixed = band if isinstance(band, torch.Tensor) else values.new_zeros(rows, dtype=torch.float64)
     lo, hi = thresholds(scope.t64, fixed)
-    row_max, row_min, sumexp, blocks, above, g_all, c_all = _classify(values, lo, hi, compile)
+    width = values.shape[1]
+    found = _classify(values, lo, hi, compile, min(kk, width))
+    row_max, row_min, sumexp, _, above, g_all, c_all, top_v, top_i = found
     if not isinstance(band, torch.Tensor):
         band = band(row_max, row_min)
     st.counts += above
     _resolve_band(scope, st, g_all, c_all, values, logits, band, lo, hi, c0)
-    width = values.shape[1]
-    top_v, top_i = block_topk(values, blocks, min(kk, width))
     st.cand_vals, st.cand_ids = _merge_topk(
         st.cand_vals, st.cand_ids, top_v, scope.columns.vocab(top_i + c0), kk
     )

@@ -114,15 +114,80 @@ static inline float exp_s(float x) {
     return ok ? e : out;
 }
 
-/* Rows [r0, r1) of x ([r][ldx] fp32, width c); lo/hi [r][t] fp32. Per row: row_max,
-   row_min, sumexp = sum exp(x - m) (m: the max if finite, else 0), blocks[r][c / BLOCK]
-   the block maxima (when c % BLOCK == 0 and blocks is not NULL), above[r][j] = #{x > hi[j]},
-   and each column with some lo[j] <= x <= hi[j] listed in pos as r * c + col, in order.
-   acc: scratch of t * BLOCK counters. Returns how many were listed. */
-CLONES static int64_t scan_rows(const float *x, int64_t ldx, int64_t c, const float *lo,
-                                const float *hi, int64_t t, int64_t r0, int64_t r1,
-                                float *row_max, float *row_min, float *sumexp, float *blocks,
-                                int32_t *above, int32_t *acc, int64_t *pos) {
+/* What one call of the pass reads and writes (Python fills it: PassArgs). */
+typedef struct {
+    const float *x;      /* [r][ldx] fp32 logits, width c */
+    int64_t ldx, r, c;
+    const float *lo, *hi; /* [r][t] bands, lo <= hi */
+    int64_t t;
+    int64_t kk;           /* top entries a row (0: none) */
+    float *row_max, *row_min, *sumexp; /* [r] */
+    float *blocks;        /* [r][c / BLOCK] block maxima, or NULL */
+    int32_t *above;       /* [r][t] */
+    int64_t *pos;         /* [r * c] room for in-band positions */
+    int64_t *found;       /* [parts] positions listed by each part */
+    float *top_v;         /* [r][kk] the kk largest of each row, descending */
+    int64_t *top_c;       /* [r][kk] their columns */
+    int64_t parts;
+} pass_args;
+
+/* A row's scratch: its block maxima (all blocks, a last partial one too) and the kk
+   largest of them. */
+typedef struct {
+    int32_t *acc;       /* [t][LANES] counts above each band */
+    float *bmax, *bsel; /* [ceil(c / BLOCK)] */
+} row_scratch;
+
+/* Keep the k largest values offered, descending in v[0, *n) (ids alike, unless NULL):
+   after a few dozen offers almost every one is refused by one predictable comparison (a
+   quickselect's unpredictable ones cost as much as torch's top-k). */
+static inline void keep_largest(float *v, int64_t *id, int64_t *n, int64_t k, float x,
+                                int64_t xid) {
+    int64_t i;
+    if (*n == k) {
+        if (!(x > v[k - 1])) return;
+        i = k - 1;
+    } else {
+        i = (*n)++;
+    }
+    for (; i > 0 && v[i - 1] < x; i--) {
+        v[i] = v[i - 1];
+        if (id) id[i] = id[i - 1];
+    }
+    v[i] = x;
+    if (id) id[i] = xid;
+}
+
+/* The kk largest entries of a row (0 < kk <= c), descending: every entry left out is <=
+   each one kept. Only blocks whose maximum reaches tau, the kk-th largest block maximum,
+   can hold one (kk blocks reach it, each with an entry >= tau), and only their entries
+   >= tau. */
+static void row_topk(const float *row, int64_t c, int64_t kk, row_scratch *s, float *top_v,
+                     int64_t *top_c) {
+    int64_t nbl = (c + BLOCK - 1) / BLOCK, n = 0, b, i;
+    float tau = -INFINITY;
+    for (b = 0; b < nbl; b++) keep_largest(s->bsel, NULL, &n, kk, s->bmax[b], 0);
+    if (n == kk) tau = s->bsel[kk - 1];
+    n = 0;
+    for (b = 0; b < nbl; b++) {
+        int64_t c0 = b * BLOCK, c1 = c0 + BLOCK < c ? c0 + BLOCK : c;
+        if (!(s->bmax[b] >= tau)) continue;
+        for (i = c0; i < c1; i++)
+            if (row[i] >= tau) keep_largest(top_v, top_c, &n, kk, row[i], i);
+    }
+}
+
+/* Rows [r0, r1) of a->x. Per row: row_max, row_min, sumexp = sum exp(x - m) (m: the max
+   if finite, else 0), the block maxima (into a->blocks when c % BLOCK == 0), above[r][j] =
+   #{x > hi[j]}, each column with some lo[j] <= x <= hi[j] listed in pos as r * c + col,
+   in order, and the kk largest entries. Returns how many positions were listed. */
+CLONES static int64_t scan_rows(const pass_args *a, int64_t r0, int64_t r1, row_scratch *s,
+                                int64_t *pos) {
+    const float *x = a->x, *lo = a->lo, *hi = a->hi;
+    int64_t ldx = a->ldx, c = a->c, t = a->t;
+    float *row_max = a->row_max, *row_min = a->row_min, *sumexp = a->sumexp;
+    float *blocks = a->blocks;
+    int32_t *above = a->above, *acc = s->acc;
     int64_t n = 0, r, c0, j, nb = c / BLOCK;
     int i, q;
     float tail[BLOCK];
@@ -160,6 +225,7 @@ CLONES static int64_t scan_rows(const float *x, int64_t ldx, int64_t c, const fl
                 }
             }
             float b = fold_max(bm);
+            s->bmax[c0 / BLOCK] = b;
             if (blocks && w == BLOCK) blocks[r * nb + c0 / BLOCK] = b;
             mx = max_s(mx, b);
         }
@@ -188,7 +254,7 @@ CLONES static int64_t scan_rows(const float *x, int64_t ldx, int64_t c, const fl
                comparisons, 2.8 -> 2.4 ms a 512 x 8,192 block with 12 targets. */
             for (j = 0; j < t; j++) {
                 float hj = h[j], lj = l[j];
-                int32_t *a = acc + j * LANES;
+                int32_t *count_j = acc + j * LANES;
                 for (i = 0; i < LANES; i++) {
                     int32_t count = 0;
                     for (q = 0; q < BLOCK / LANES; q++) {
@@ -197,7 +263,7 @@ CLONES static int64_t scan_rows(const float *x, int64_t ldx, int64_t c, const fl
                         count += above_hj;
                         inside[q * LANES + i] += (x >= lj) - above_hj;
                     }
-                    a[i] += count;
+                    count_j[i] += count;
                 }
             }
             for (i = 0; i < BLOCK; i++) any |= inside[i];
@@ -206,11 +272,12 @@ CLONES static int64_t scan_rows(const float *x, int64_t ldx, int64_t c, const fl
                     if (inside[i]) pos[n++] = r * c + c0 + i;
         }
         for (j = 0; j < t; j++) {
-            int32_t total = 0, *a = acc + j * LANES;
-            for (i = 0; i < LANES; i++) total += a[i];
+            int32_t total = 0, *count_j = acc + j * LANES;
+            for (i = 0; i < LANES; i++) total += count_j[i];
             above[r * t + j] = total;
         }
         sumexp[r] = fold_sum(sum, BLOCK);
+        if (a->kk > 0) row_topk(row, c, a->kk, s, a->top_v + r * a->kk, a->top_c + r * a->kk);
     }
     return n;
 }
@@ -223,38 +290,40 @@ CLONES void exp_many(const float *x, int64_t n, float *out) {
     restore_mode(saved);
 }
 
-/* Part p of `parts` (rows cut evenly): its entries from pos + first_row * c; found[p]. */
-int scan_part(const float *x, int64_t ldx, int64_t r, int64_t c, const float *lo,
-              const float *hi, int64_t t, float *row_max, float *row_min, float *sumexp,
-              float *blocks, int32_t *above, int64_t *pos, int64_t *found, int64_t parts,
-              int64_t p) {
-    int64_t step = (r + parts - 1) / parts, a = p * step, b = a + step < r ? a + step : r;
-    int32_t *acc = NULL;
-    found[p] = 0;
-    if (a >= b) return 0;
-    if (t > 0 && !(acc = aligned_alloc(64, (size_t)t * LANES * sizeof(int32_t)))) return -1;
-    fp_mode saved = ieee_mode();  /* comparisons see subnormals as they are */
-    found[p] = scan_rows(x, ldx, c, lo, hi, t, a, b, row_max, row_min, sumexp, blocks, above,
-                         acc, pos + a * c);
-    restore_mode(saved);
-    free(acc);
-    return 0;
+/* Part p of `parts` (rows cut evenly): its entries from pos + first_row * c; found[p].
+   Returns 0, or -1 when its scratch could not be allocated. */
+int scan_part(const pass_args *a, int64_t p) {
+    int64_t step = (a->r + a->parts - 1) / a->parts, r0 = p * step;
+    int64_t r1 = r0 + step < a->r ? r0 + step : a->r, nbl = (a->c + BLOCK - 1) / BLOCK;
+    row_scratch s;
+    int status = 0;
+    a->found[p] = 0;
+    if (r0 >= r1) return 0;
+    s.acc = aligned_alloc(64, (size_t)(a->t + 1) * LANES * sizeof(int32_t));
+    s.bmax = malloc((size_t)(nbl + a->kk + 1) * sizeof(float));
+    if (s.acc && s.bmax) {
+        s.bsel = s.bmax + nbl;
+        fp_mode saved = ieee_mode();  /* comparisons see subnormals as they are */
+        a->found[p] = scan_rows(a, r0, r1, &s, a->pos + r0 * a->c);
+        restore_mode(saved);
+    } else {
+        status = -1;
+    }
+    free(s.acc);
+    free(s.bmax);
+    return status;
 }
 
 /* Every part, on the process's OpenMP team (torch's own); -1 if any part failed. */
-int scan_team(const float *x, int64_t ldx, int64_t r, int64_t c, const float *lo,
-              const float *hi, int64_t t, float *row_max, float *row_min, float *sumexp,
-              float *blocks, int32_t *above, int64_t *pos, int64_t *found, int64_t parts,
-              int threads) {
+int scan_team(const pass_args *a, int threads) {
     int64_t p;
     int status = 0;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(min : status)
 #endif
-    for (p = 0; p < parts; p++) {
-        int s = scan_part(x, ldx, r, c, lo, hi, t, row_max, row_min, sumexp, blocks, above,
-                          pos, found, parts, p);
-        status = s < status ? s : status;
+    for (p = 0; p < a->parts; p++) {
+        int part = scan_part(a, p);
+        status = part < status ? part : status;
     }
     (void)threads;
     return status;
@@ -263,12 +332,37 @@ int scan_team(const float *x, int64_t ldx, int64_t r, int64_t c, const float *lo
 )
 
 
+class PassArgs(ctypes.Structure):
+    """``pass_args`` in the C source, field for field."""
+
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        ("ldx", ctypes.c_int64),
+        ("r", ctypes.c_int64),
+        ("c", ctypes.c_int64),
+        ("lo", ctypes.c_void_p),
+        ("hi", ctypes.c_void_p),
+        ("t", ctypes.c_int64),
+        ("kk", ctypes.c_int64),
+        ("row_max", ctypes.c_void_p),
+        ("row_min", ctypes.c_void_p),
+        ("sumexp", ctypes.c_void_p),
+        ("blocks", ctypes.c_void_p),
+        ("above", ctypes.c_void_p),
+        ("pos", ctypes.c_void_p),
+        ("found", ctypes.c_void_p),
+        ("top_v", ctypes.c_void_p),
+        ("top_c", ctypes.c_void_p),
+        ("parts", ctypes.c_int64),
+    ]
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    part = [p, i64, i64, i64, p, p, i64, p, p, p, p, p, p, p, i64]
+    args = ctypes.POINTER(PassArgs)
     lib.scan_part.restype = lib.scan_team.restype = i32
-    lib.scan_part.argtypes = [*part, i64]
-    lib.scan_team.argtypes = [*part, i32]
+    lib.scan_part.argtypes = [args, i64]
+    lib.scan_team.argtypes = [args, i32]
     lib.exp_many.restype = None
     lib.exp_many.argtypes = [p, i64, p]
 
@@ -285,13 +379,17 @@ def supports(values: torch.Tensor) -> bool:
 
 
 def block_pass(
-    values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+    values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, kk: int = 0
 ) -> tuple[torch.Tensor, ...]:
-    """``(row_max, row_min, sumexp, blocks, above, rows, cols)`` of ``values`` [R, C]:
-    ``blocks`` [R, C / BLOCK] the block maxima (``[R, 0]`` unless C is a multiple),
-    ``above[r, t]`` (int32) the entries strictly above ``hi[r, t]``, ``(rows, cols)``
-    every entry inside some ``[lo[r, t], hi[r, t]]``, row-major. ``lo``/``hi``: [R, T]
-    (T may be 0). Raises :class:`~.native.KernelUnavailable` when the loop cannot be built.
+    """``(row_max, row_min, sumexp, blocks, above, rows, cols, top_v, top_c)`` of ``values``
+    [R, C]: ``blocks`` [R, C / BLOCK] the block maxima (``[R, 0]`` unless C is a
+    multiple), ``above[r, t]`` (int32) the entries strictly above ``hi[r, t]``, ``(rows,
+    cols)`` every entry inside some ``[lo[r, t], hi[r, t]]``, row-major, and ``top_v`` /
+    ``top_c`` [R, kk] the values and columns of ``kk`` largest entries of each row
+    (descending; every entry left out is <= each one kept, as ``chunked.block_topk``
+    promises).
+    ``lo``/``hi``: [R, T] (T may be 0). Raises :class:`~.native.KernelUnavailable` when the
+    loop cannot be built.
     """
     if not supports(values) or values.dim() != 2:
         raise TypeError(
@@ -300,6 +398,8 @@ def block_pass(
     r, c = values.shape
     if lo.dim() != 2 or lo.shape[0] != r or hi.shape != lo.shape:
         raise ValueError(f"lo and hi must be [{r}, T], not {list(lo.shape)} and {list(hi.shape)}")
+    if not 0 <= kk <= c:
+        raise ValueError(f"kk must be within [0, {c}], not {kk}")
     t = lo.shape[1]
     values = values if values.stride(1) == 1 else values.contiguous()
     lo, hi = lo.float().contiguous(), hi.float().contiguous()
@@ -309,35 +409,31 @@ def block_pass(
     n_blocks = c // BLOCK if c % BLOCK == 0 else 0
     blocks = torch.empty(r, n_blocks)
     above = torch.zeros(r, t, dtype=torch.int32)
+    top_v, top_c = torch.empty(r, kk), torch.empty(r, kk, dtype=torch.int64)
     none = torch.empty(0, dtype=torch.long)
     if r == 0:
-        return row_max, row_min, sumexp, blocks, above, none, none
+        return row_max, row_min, sumexp, blocks, above, none, none, top_v, top_c
     lib = LIBRARY.get()
     parts = max(1, min(torch.get_num_threads(), r))
     pos = torch.empty(r * c, dtype=torch.int64)  # untouched pages are never faulted in
     found = torch.zeros(parts, dtype=torch.int64)
-    operands = (values.data_ptr(), values.stride(0), r, c, lo.data_ptr(), hi.data_ptr(), t)
-    outputs = (row_max, row_min, sumexp)
-    buffers = (
-        *(o.data_ptr() for o in outputs),
-        blocks.data_ptr() if n_blocks else None,
-        above.data_ptr(),
-        pos.data_ptr(),
-        found.data_ptr(),
-        parts,
-    )
+    args = PassArgs(
+        values.data_ptr(), values.stride(0), r, c, lo.data_ptr(), hi.data_ptr(), t, kk,
+        row_max.data_ptr(), row_min.data_ptr(), sumexp.data_ptr(),
+        blocks.data_ptr() if n_blocks else None, above.data_ptr(), pos.data_ptr(),
+        found.data_ptr(), top_v.data_ptr(), top_c.data_ptr(), parts,
+    )  # fmt: skip
+    ref = ctypes.byref(args)
     codes = LIBRARY.split(
-        parts,
-        lambda threads: lib.scan_team(*operands, *buffers, threads),
-        lambda p: lib.scan_part(*operands, *buffers, p),
+        parts, lambda threads: lib.scan_team(ref, threads), lambda p: lib.scan_part(ref, p)
     )
     if any(codes):
-        raise MemoryError("the lens pass could not allocate its counters")
+        raise MemoryError("the lens pass could not allocate its scratch")
     step = -(-r // parts)
     listed = torch.cat(
         [pos[p * step * c : p * step * c + int(n)] for p, n in enumerate(found.tolist())]
     )
-    return row_max, row_min, sumexp, blocks, above, listed // c, listed % c
+    return row_max, row_min, sumexp, blocks, above, listed // c, listed % c, top_v, top_c
 
 
 def exp(x: torch.Tensor) -> torch.Tensor:
