@@ -13,6 +13,7 @@ import torch
 from extractor.lens import cpu_exact, exact, native
 from extractor.lens.contract import LensInputs
 
+from .clone_variants import variant
 from .forked import in_a_forked_child
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
@@ -61,6 +62,23 @@ def test_the_loop_equals_torchs_ordered_sum_bit_for_bit(dtype, d):
     got = cpu_exact.entry_dots(h, w, rows, cols)
     # Bit for bit, signs of zero included.
     assert torch.equal(got.view(torch.int64), want.view(torch.int64))
+
+
+@needs_compiler
+@pytest.mark.parametrize("target", ["avx2", "default"])
+def test_every_clone_equals_torchs_ordered_sum(target, monkeypatch):
+    """The loader picks a clone per CPU: the AVX2 and baseline ones are held to torch's
+    bits too, not only the one this CPU runs."""
+    monkeypatch.setattr(cpu_exact.LIBRARY, "_lib", variant(cpu_exact, target))
+    monkeypatch.setattr(cpu_exact.LIBRARY, "_team_pid", None)
+    for dtype in DTYPES:
+        gen = torch.Generator().manual_seed(7)
+        h, w = _operands(dtype, 577, gen)
+        rows = torch.randint(0, len(h), (999,), generator=gen)
+        cols = torch.randint(0, len(w), (999,), generator=gen)
+        want = exact.entry_dots_torch(h, w, rows, cols)
+        got = cpu_exact.entry_dots(h, w, rows, cols)
+        assert torch.equal(got.view(torch.int64), want.view(torch.int64))
 
 
 @needs_compiler

@@ -11,6 +11,7 @@ import torch
 from extractor.lens import chunked, cpu_pass, exact
 from extractor.lens.chunked import chunked_lens
 
+from .clone_variants import variant
 from .lens_checks import check_exact, plant_ties, wide_case
 
 U = 2.0**-24  # fp32 unit roundoff
@@ -214,3 +215,19 @@ def test_subnormals_are_compared_as_they_are_whatever_each_threads_mode(team, mo
     above, rows = got[4], got[5]
     assert bool((above == 64).all()) and len(rows) == 0
     assert bool((got[0] == 1e-40).all()) and bool((got[1] == 1e-40).all())
+
+
+@needs_loop
+@pytest.mark.parametrize("target", ["avx2", "default"])
+def test_every_clone_gives_the_same_bits(target, monkeypatch):
+    """The loader picks a clone per CPU: the AVX2 and baseline ones compute what this CPU's
+    does, bit for bit, exp-sums included (their lanes are the source's)."""
+    values, lo, hi = _case(37, 1000, 12, seed=5)
+    x = torch.linspace(-90, 90, 100_001)
+    here = cpu_pass.block_pass(values, lo, hi, 14), cpu_pass.exp(x)
+    lib = variant(cpu_pass, target, cpu_pass.LIBRARY.flags)
+    monkeypatch.setattr(cpu_pass.LIBRARY, "_lib", lib)
+    monkeypatch.setattr(cpu_pass.LIBRARY, "_team_pid", None)
+    there = cpu_pass.block_pass(values, lo, hi, 14), cpu_pass.exp(x)
+    assert all(torch.equal(a, b) for a, b in zip(here[0], there[0], strict=True))
+    assert torch.equal(here[1], there[1])

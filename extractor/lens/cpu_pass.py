@@ -1,30 +1,32 @@
-"""The pass over a block of fast logits on the CPU: one C loop instead of a compiled graph.
+"""The pass over a block of fast logits on the CPU: one C loop where there were three.
 
 For every row of a block the torch engine needs its max and min, the sum of
-``exp(logit - max)`` (the online log-sum-exp), the maxima of its :data:`BLOCK`-wide column
-blocks (where top-k looks), and, for each target ``t``, the number of logits strictly
-above ``hi[t]`` (certainly above the target) and the positions of those inside some
-``[lo[t], hi[t]]`` (resolved exactly). Inductor compiled the first four into one loop and
-a C loop did the rest (stop 21). Two reads of a 16 MB block, and 0.5 ms of dynamo's
-wrappers around every call of the compiled graph: at the Qwen2.5 shape 0.36 s of a 3.4 s
-call, beside 0.34 s for the C band loop. This loop reads each row once into the cache and
-does all of it (bench/README.md, "Stop 22").
+``exp(logit - max)`` (the online log-sum-exp), for each target ``t`` the number of logits
+strictly above ``hi[t]`` (certainly above the target) and the positions of those inside
+some ``[lo[t], hi[t]]`` (resolved exactly), and ``kk`` candidates for its top-k. Until
+stop 22 Inductor compiled the first part, a C loop counted the bands and torch's top-k
+searched the blocks with the largest maxima: three reads of a 16 MB block, and 0.5 ms of
+dynamo's wrappers around each call of the compiled graph (at the Qwen2.5 shape, 0.36 +
+0.34 + 0.23 s of a 3.4 s call). This loop reads each row once into the cache and does all
+of it (bench/README.md, "Stop 22").
 
-What it promises, against the compiled pass (``chunked._chunk_stats_eager``):
+What it promises, against the compiled pass (``chunked._chunk_stats_eager``) and
+``chunked.block_topk``:
 
 - maxima, minima, block maxima, counts and in-band positions: **equal**, entry for entry
   (pure IEEE comparisons, no fast-math, subnormals never flushed whatever the calling
   thread's mode; positions in row-major order, as ``nonzero`` gives them);
-- the exp-sum: the same sum in a different order, of terms from its own ``exp``
-  (:data:`EXP_MAX_ULPS`). The log-sum-exp bound (``exact.logsumexp_error_bound``) allows
-  ``4u`` a term where summation needs ``u``; this loop's terms are within ``3u`` of
-  ``exp`` and it sums them over 64 lanes (about ``C / 64`` roundings, not ``C``).
+- the top entries: ``kk`` largest values of the row, at columns that hold them (ties may
+  pick other columns): every entry left out is ``<=`` each one kept, all that the engine's
+  certification needs;
+- the exp-sum: the same terms in another order, each from the loop's own ``exp`` (within
+  :data:`EXP_MAX_ULPS` ulps), added in 64 lanes and then folded (``C / 64 + 6``
+  roundings, not ``C``). ``exact.logsumexp_error_bound`` allows ``4u`` a term.
 
-Written with GCC's vector extensions (16 fp32 lanes: one AVX-512 register, two AVX2 ones,
-four SSE ones), so the same source makes every clone, and each clone does the same
-elementwise IEEE operations: the same bits on any x86-64 CPU. Built like the other C
-kernels (:mod:`.native`), with clones for AVX-512 and AVX2 where the compiler and the
-loader (glibc) have function multiversioning.
+Plain C loops over fixed-size arrays, which the compiler vectorises for each clone
+(AVX-512, AVX2, the baseline: :data:`.native.CLONES_C`). Every clone does the same IEEE
+operations in the same order (the sums' lanes are the source's, not the vector width's),
+so the results are the same bits on any x86-64 CPU.
 """
 
 from __future__ import annotations
