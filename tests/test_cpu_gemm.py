@@ -159,10 +159,16 @@ def test_packing_chosen_rows_is_packing_their_gather(monkeypatch):
         monkeypatch.setattr(cpu_gemm.LIBRARY, "_team_pid", None)
         assert torch.equal(cpu_gemm.pack(w, ids).data, want.data)
         monkeypatch.undo()
-    with pytest.raises(ValueError, match="1-D index"):
+    with pytest.raises(ValueError, match="index the 300 rows"):
         cpu_gemm.pack(w, torch.tensor([0, 300]))
-    with pytest.raises(ValueError, match="1-D index"):
+    with pytest.raises(ValueError, match="index the 300 rows"):
         cpu_gemm.pack(w, torch.tensor([-1]))
+    with pytest.raises(TypeError, match="integer index"):
+        cpu_gemm.pack(w, torch.tensor([True, False, True]))
+    with pytest.raises(TypeError, match="integer index"):
+        cpu_gemm.pack(w, torch.tensor([1.5]))
+    columns_major = w.T.contiguous().T  # rows 2 bytes apart: the chosen ones are copied
+    assert torch.equal(cpu_gemm.pack(columns_major, ids).data, cpu_gemm.pack(w, ids).data)
 
 
 @needs_kernel

@@ -68,10 +68,9 @@ from .exact import (
 )
 from .native import KernelUnavailable
 from .precision import ieee_fp32_matmul
+from .topk import TOPK_BLOCK, block_topk
 
 NEG_INF = float("-inf")
-#: Width of the blocks whose maxima pre-select top-k candidates (see :func:`block_topk`).
-TOPK_BLOCK = 64
 
 
 def vocab_chunks(inputs: LensInputs, vocab_chunk: int) -> list[tuple[int, int, int]]:
@@ -455,30 +454,6 @@ def chunk_stats(logits: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, compil
         return _chunk_stats_eager(logits, lo, hi)
 
 
-def block_topk(
-    logits: torch.Tensor, block_max: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of each row, searching only the k blocks with the largest maxima.
-
-    Every entry left out is <= the k-th value returned (each of a row's k best
-    entries sits in a block whose maximum is at least that entry), which is all
-    the certification in :func:`chunked_lens` relies on. ``block_max`` [R, n] holds the
-    maxima of ``n`` whole blocks covering the row (``logits.shape[1] == n * TOPK_BLOCK``,
-    as :func:`chunk_stats` returns them), or n = 0 for a plain top-k.
-    """
-    rows, n_blocks = block_max.shape
-    if n_blocks == 0 or k * TOPK_BLOCK >= logits.shape[1]:
-        return logits.topk(k, dim=1, sorted=False)
-    best_blocks = block_max.topk(k, dim=1, sorted=False).indices  # [R, k]
-    # Whole blocks by index_select: 1.7 against 2.5 ms for a 512 x 8,192 chunk when each
-    # entry was gathered by its own column index.
-    flat = best_blocks + torch.arange(rows, device=logits.device)[:, None] * n_blocks
-    blocks = logits.reshape(rows * n_blocks, TOPK_BLOCK).index_select(0, flat.view(-1))
-    top, where = blocks.view(rows, -1).topk(k, dim=1, sorted=False)
-    cols = best_blocks.gather(1, where // TOPK_BLOCK) * TOPK_BLOCK + where % TOPK_BLOCK
-    return top, cols
-
-
 def _segment_max(data: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Max over consecutive row groups of the given sizes: [sum(sizes), C] -> [G, C].
 
@@ -656,10 +631,15 @@ def _classify(values, lo, hi, compile, kk: int) -> tuple[torch.Tensor | None, ..
         top_v, top_i = block_topk(values, blocks, kk)
         return row_max, row_min, sumexp, blocks, above, g_all, c_all, top_v, top_i
 
+    def by_loop():
+        found = cpu_pass.block_pass(values, lo, hi, kk if kk <= cpu_pass.MAX_KK else 0)
+        if kk <= cpu_pass.MAX_KK:
+            return found
+        return *found[:7], *block_topk(values, found[3], kk)  # torch's top-k: faster there
+
     if not cpu_pass.supports(values):
         return by_pass()
-    loop = partial(cpu_pass.block_pass, values, lo, hi, kk)
-    return compiled_or(C_PASS, loop, by_pass, (KernelUnavailable, OSError))
+    return compiled_or(C_PASS, by_loop, by_pass, (KernelUnavailable, OSError))
 
 
 def _resolve_band(scope, st, g_all, c_all, values, logits, band, lo, hi, c0) -> None:

@@ -367,11 +367,15 @@ def pack(w: torch.Tensor, ids: torch.Tensor | None = None) -> PackedColumns:
     :func:`logits`: the gather and the packing in one pass."""
     if w.dtype != torch.bfloat16 or w.device.type != "cpu" or w.dim() != 2:
         raise TypeError(f"pack takes a 2-D bf16 CPU tensor, not {w.dtype} {list(w.shape)}")
-    w = w if w.stride(1) == 1 else w.contiguous()
     if ids is not None:
+        if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 1:
+            raise TypeError(f"ids must be a 1-D integer index, not {ids.dtype} {list(ids.shape)}")
         ids = ids.to(torch.int64).contiguous()
-        if ids.dim() != 1 or (len(ids) and not (0 <= int(ids.min()) <= int(ids.max()) < len(w))):
-            raise ValueError(f"ids must be a 1-D index into the {len(w)} rows of w")
+        if len(ids) and not (0 <= int(ids.min()) <= int(ids.max()) < len(w)):
+            raise ValueError(f"ids must index the {len(w)} rows of w")
+        if w.stride(1) != 1:  # copy the chosen rows, not the whole of W
+            w, ids = w.index_select(0, ids).contiguous(), None
+    w = w if w.stride(1) == 1 else w.contiguous()
     c, d = (len(w) if ids is None else len(ids)), w.shape[1]
     data = torch.empty(-(-c // 16) * -(-d // 2) * 16, dtype=torch.int32)
     lib, blocks = library(), -(-c // 16)

@@ -11,7 +11,7 @@ dynamo's wrappers around each call of the compiled graph (at the Qwen2.5 shape, 
 of it (bench/README.md, "Stop 22").
 
 What it promises, against the compiled pass (``chunked._chunk_stats_eager``) and
-``chunked.block_topk``:
+``topk.block_topk``:
 
 - maxima, minima, block maxima, counts and in-band positions: **equal**, entry for entry
   (pure IEEE comparisons, no fast-math, subnormals never flushed whatever the calling
@@ -36,9 +36,13 @@ import ctypes
 import torch
 
 from . import native
+from .topk import TOPK_BLOCK, block_topk
 
-#: Columns a block maximum covers (``chunked.TOPK_BLOCK`` is this).
-BLOCK = 64
+#: Columns a block maximum covers (the C source's BLOCK).
+BLOCK = TOPK_BLOCK
+#: The most top entries a row the loop keeps (the engine asks ``k + 4``; beyond this torch's
+#: top-k is faster than the loop's small sorted lists).
+MAX_KK = 64
 #: The loop's ``exp`` is within this many units in the last place of the true value on
 #: [-87, 88] (checked against float64 ``exp`` over every fp32 value of a dense sweep:
 #: tests/test_cpu_pass.py). Below -87 it gives 0 (the true value is under 1.7e-38, and a
@@ -128,16 +132,19 @@ typedef struct {
     int32_t *above;       /* [r][t] */
     int64_t *pos;         /* [r * c] room for in-band positions */
     int64_t *found;       /* [parts] positions listed by each part */
-    float *top_v;         /* [r][kk] the kk largest of each row, descending */
+    float *top_v;         /* [r][kk] the kk largest of each row, in any order */
     int64_t *top_c;       /* [r][kk] their columns */
+    int8_t *deferred;     /* [r] 1 where the row's top entries are left to the caller */
     int64_t parts;
 } pass_args;
 
-/* A row's scratch: its block maxima (all blocks, a last partial one too) and the kk
-   largest of them. */
+/* A row's scratch: its block maxima (all blocks, a last partial one too), the kk largest
+   of them, and the entries that may be among the row's kk largest. */
 typedef struct {
     int32_t *acc;       /* [t][LANES] counts above each band */
-    float *bmax, *bsel; /* [ceil(c / BLOCK)] */
+    float *bmax, *bsel; /* [ceil(c / BLOCK)], [kk] */
+    float *cand_v;      /* [4 kk] */
+    int64_t *cand_c;    /* [4 kk] */
 } row_scratch;
 
 /* Keep the k largest values offered, descending in v[0, *n) (ids alike, unless NULL):
@@ -160,23 +167,33 @@ static inline void keep_largest(float *v, int64_t *id, int64_t *n, int64_t k, fl
     if (id) id[i] = xid;
 }
 
-/* The kk largest entries of a row (0 < kk <= c), descending: every entry left out is <=
-   each one kept. Only blocks whose maximum reaches tau, the kk-th largest block maximum,
-   can hold one (kk blocks reach it, each with an entry >= tau), and only their entries
-   >= tau. */
-static void row_topk(const float *row, int64_t c, int64_t kk, row_scratch *s, float *top_v,
-                     int64_t *top_c) {
-    int64_t nbl = (c + BLOCK - 1) / BLOCK, n = 0, b, i;
+/* The kk largest entries of a row (0 < kk <= c, no NaN), in any order: every entry left
+   out is <= each one kept. Only blocks whose maximum reaches tau, the kk-th largest block
+   maximum, can hold one (kk blocks reach it, each with an entry >= tau), and only their
+   entries >= tau: usually a few more than kk, kept by insertion. Returns 0, or 1 without
+   writing the row when more than 4 kk entries reach tau (rows that rise or fall along the
+   columns: insertion would shift kk entries for each): the caller's torch top-k takes
+   those rows. */
+static int row_topk(const float *row, int64_t c, int64_t kk, row_scratch *s, float *top_v,
+                    int64_t *top_c) {
+    int64_t nbl = (c + BLOCK - 1) / BLOCK, n = 0, m = 0, b, i;
     float tau = -INFINITY;
-    for (b = 0; b < nbl; b++) keep_largest(s->bsel, NULL, &n, kk, s->bmax[b], 0);
+    /* From the last block back: columns sorted by ||W[j]|| put the largest |logits| last,
+       and offers that fall are refused at once. */
+    for (b = nbl - 1; b >= 0; b--) keep_largest(s->bsel, NULL, &n, kk, s->bmax[b], 0);
     if (n == kk) tau = s->bsel[kk - 1];
-    n = 0;
-    for (b = 0; b < nbl; b++) {
+    for (b = nbl - 1; b >= 0; b--) {
         int64_t c0 = b * BLOCK, c1 = c0 + BLOCK < c ? c0 + BLOCK : c;
         if (!(s->bmax[b] >= tau)) continue;
-        for (i = c0; i < c1; i++)
-            if (row[i] >= tau) keep_largest(top_v, top_c, &n, kk, row[i], i);
+        for (i = c1 - 1; i >= c0; i--)
+            if (row[i] >= tau) {
+                if (m == 4 * kk) return 1;
+                s->cand_v[m] = row[i];
+                s->cand_c[m++] = i;
+            }
     }
+    for (n = 0, i = 0; i < m; i++) keep_largest(top_v, top_c, &n, kk, s->cand_v[i], s->cand_c[i]);
+    return 0;
 }
 
 /* Rows [r0, r1) of a->x. Per row: row_max, row_min, sumexp = sum exp(x - m) (m: the max
@@ -279,7 +296,8 @@ CLONES static int64_t scan_rows(const pass_args *a, int64_t r0, int64_t r1, row_
             above[r * t + j] = total;
         }
         sumexp[r] = fold_sum(sum, BLOCK);
-        if (a->kk > 0) row_topk(row, c, a->kk, s, a->top_v + r * a->kk, a->top_c + r * a->kk);
+        if (a->kk > 0)
+            a->deferred[r] = row_topk(row, c, a->kk, s, a->top_v + r * a->kk, a->top_c + r * a->kk);
     }
     return n;
 }
@@ -302,9 +320,11 @@ int scan_part(const pass_args *a, int64_t p) {
     a->found[p] = 0;
     if (r0 >= r1) return 0;
     s.acc = aligned_alloc(64, (size_t)(a->t + 1) * LANES * sizeof(int32_t));
-    s.bmax = malloc((size_t)(nbl + a->kk + 1) * sizeof(float));
-    if (s.acc && s.bmax) {
+    s.bmax = malloc((size_t)(nbl + 5 * a->kk + 1) * sizeof(float));
+    s.cand_c = malloc((size_t)(4 * a->kk + 1) * sizeof(int64_t));
+    if (s.acc && s.bmax && s.cand_c) {
         s.bsel = s.bmax + nbl;
+        s.cand_v = s.bsel + a->kk;
         fp_mode saved = ieee_mode();  /* comparisons see subnormals as they are */
         a->found[p] = scan_rows(a, r0, r1, &s, a->pos + r0 * a->c);
         restore_mode(saved);
@@ -313,6 +333,7 @@ int scan_part(const pass_args *a, int64_t p) {
     }
     free(s.acc);
     free(s.bmax);
+    free(s.cand_c);
     return status;
 }
 
@@ -355,6 +376,7 @@ class PassArgs(ctypes.Structure):
         ("found", ctypes.c_void_p),
         ("top_v", ctypes.c_void_p),
         ("top_c", ctypes.c_void_p),
+        ("deferred", ctypes.c_void_p),
         ("parts", ctypes.c_int64),
     ]
 
@@ -387,11 +409,11 @@ def block_pass(
     [R, C]: ``blocks`` [R, C / BLOCK] the block maxima (``[R, 0]`` unless C is a
     multiple), ``above[r, t]`` (int32) the entries strictly above ``hi[r, t]``, ``(rows,
     cols)`` every entry inside some ``[lo[r, t], hi[r, t]]``, row-major, and ``top_v`` /
-    ``top_c`` [R, kk] the values and columns of ``kk`` largest entries of each row
-    (descending; every entry left out is <= each one kept, as ``chunked.block_topk``
-    promises).
-    ``lo``/``hi``: [R, T] (T may be 0). Raises :class:`~.native.KernelUnavailable` when the
-    loop cannot be built.
+    ``top_c`` [R, kk] the values and columns of ``kk`` (at most :data:`MAX_KK`) largest
+    entries of each row (in any order; every entry left out is <= each one kept, as
+    ``topk.block_topk`` promises). ``lo``/``hi``: fp32 [R, T] (T may be 0). Logits
+    holding NaN are refused (the lens's never do: its rows and W are finite). Raises
+    :class:`~.native.KernelUnavailable` when the loop cannot be built.
     """
     if not supports(values) or values.dim() != 2:
         raise TypeError(
@@ -400,11 +422,13 @@ def block_pass(
     r, c = values.shape
     if lo.dim() != 2 or lo.shape[0] != r or hi.shape != lo.shape:
         raise ValueError(f"lo and hi must be [{r}, T], not {list(lo.shape)} and {list(hi.shape)}")
-    if not 0 <= kk <= c:
-        raise ValueError(f"kk must be within [0, {c}], not {kk}")
+    if not 0 <= kk <= min(c, MAX_KK):
+        raise ValueError(f"kk must be within [0, {min(c, MAX_KK)}], not {kk}")
+    if lo.dtype != torch.float32 or hi.dtype != torch.float32:
+        raise TypeError(f"lo and hi must be fp32 (the logits' type), not {lo.dtype} and {hi.dtype}")
     t = lo.shape[1]
     values = values if values.stride(1) == 1 else values.contiguous()
-    lo, hi = lo.float().contiguous(), hi.float().contiguous()
+    lo, hi = lo.contiguous(), hi.contiguous()
     if not bool((lo <= hi).all()):  # the loop counts the bands holding an entry
         raise ValueError("every band needs lo <= hi (and neither NaN)")
     row_max, row_min, sumexp = (torch.empty(r) for _ in range(3))
@@ -412,6 +436,7 @@ def block_pass(
     blocks = torch.empty(r, n_blocks)
     above = torch.zeros(r, t, dtype=torch.int32)
     top_v, top_c = torch.empty(r, kk), torch.empty(r, kk, dtype=torch.int64)
+    deferred = torch.zeros(r, dtype=torch.int8)
     none = torch.empty(0, dtype=torch.long)
     if r == 0:
         return row_max, row_min, sumexp, blocks, above, none, none, top_v, top_c
@@ -423,7 +448,7 @@ def block_pass(
         values.data_ptr(), values.stride(0), r, c, lo.data_ptr(), hi.data_ptr(), t, kk,
         row_max.data_ptr(), row_min.data_ptr(), sumexp.data_ptr(),
         blocks.data_ptr() if n_blocks else None, above.data_ptr(), pos.data_ptr(),
-        found.data_ptr(), top_v.data_ptr(), top_c.data_ptr(), parts,
+        found.data_ptr(), top_v.data_ptr(), top_c.data_ptr(), deferred.data_ptr(), parts,
     )  # fmt: skip
     ref = ctypes.byref(args)
     codes = LIBRARY.split(
@@ -431,6 +456,14 @@ def block_pass(
     )
     if any(codes):
         raise MemoryError("the lens pass could not allocate its scratch")
+    bad = torch.isnan(sumexp).nonzero()  # a NaN logit makes its row's exp-sum NaN
+    if len(bad):
+        raise ValueError(
+            f"the logits hold NaN (row {int(bad[0])} of {r}): no maxima, ranks or top-k"
+        )
+    late = deferred.nonzero()[:, 0]
+    if len(late):  # rows with many entries at the top: torch's top-k of their best blocks
+        top_v[late], top_c[late] = block_topk(values[late], blocks[late], kk)
     step = -(-r // parts)
     listed = torch.cat(
         [pos[p * step * c : p * step * c + int(n)] for p, n in enumerate(found.tolist())]
