@@ -74,8 +74,8 @@ def _assert_same(got, want, values):
     assert torch.equal(top_v.sort(1).values, want[7].sort(1).values)
     assert torch.equal(values.gather(1, top_c), top_v)
     assert all(len(set(row)) == len(row) for row in top_c.tolist())
-    safe = torch.where(torch.isfinite(got[0]), got[0], 0)
-    terms = (values - safe[:, None]).double().exp()  # the same fp32 differences
+    safe = torch.where(torch.isfinite(got[0]), got[0], 0).float()
+    terms = (values.float() - safe[:, None]).double().exp()  # the same fp32 differences
     want_sum = terms.sum(1)
     err = (got[2].double() - want_sum).abs()
     assert bool((err <= _sumexp_bound(values) * want_sum).all()), float(err.max())
@@ -86,8 +86,12 @@ def _assert_same(got, want, values):
     "r,c,t",
     [(7, 200, 12), (1, 64, 1), (33, 65, 3), (5, 8192, 16), (3, 1, 20), (40, 300, 0), (4, 128, 0)],
 )
-def test_the_loop_finds_what_the_pass_finds(r, c, t):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_the_loop_finds_what_the_pass_finds(r, c, t, dtype):
+    """fp32 logits (ranks), and the bf16 or fp16 ones of rank-free calls (widened exactly;
+    maxima come back in their own type, as the pass gives them)."""
     values, lo, hi = _case(r, c, t, seed=r * c + t)
+    values = values.to(dtype)
     kk = min(14, c)
     _assert_same(cpu_pass.block_pass(values, lo, hi, kk), _pass(values, lo, hi, kk), values)
 
@@ -202,6 +206,22 @@ def test_without_a_compiler_the_pass_runs_with_one_warning(monkeypatch, tmp_path
 
 
 @needs_loop
+def test_fp16_and_bf16_logits_are_widened_exactly():
+    """Every fp16 value (subnormals, infinities) and a sweep of bf16 ones read as the same
+    fp32 values torch's cast gives: the maxima of one-entry blocks are the values."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    for dtype, values in [
+        (torch.float16, bits.view(torch.float16)),
+        (torch.bfloat16, bits.view(torch.bfloat16)),
+    ]:
+        values = values[~torch.isnan(values.float())].reshape(-1, 1)  # NaN is refused
+        none = torch.zeros(len(values), 0)
+        got = cpu_pass.block_pass(values, none, none, 1)
+        assert torch.equal(got[0].float(), values.float()[:, 0])
+        assert got[0].dtype == dtype
+
+
+@needs_loop
 def test_logits_holding_nan_are_refused_with_their_row():
     """Maxima and top-k are not defined with NaN (a review found unfilled top-k columns):
     the lens never sends them, and the loop refuses them."""
@@ -211,9 +231,9 @@ def test_logits_holding_nan_are_refused_with_their_row():
         cpu_pass.block_pass(values, torch.zeros(3, 1), torch.zeros(3, 1), 4)
 
 
-def test_only_fp32_cpu_logits_and_ordered_bands_are_taken():
-    assert not cpu_pass.supports(torch.zeros(2, 2, dtype=torch.bfloat16))
-    with pytest.raises(TypeError, match="fp32 CPU logits"):
+def test_only_cpu_logits_it_reads_and_ordered_bands_are_taken():
+    assert not cpu_pass.supports(torch.zeros(2, 2, dtype=torch.float64))
+    with pytest.raises(TypeError, match="fp32, bf16 or fp16 CPU logits"):
         cpu_pass.block_pass(torch.zeros(2, 2).double(), torch.zeros(2, 1), torch.zeros(2, 1))
     with pytest.raises(ValueError, match="lo and hi"):
         cpu_pass.block_pass(torch.zeros(2, 2), torch.zeros(3, 1), torch.zeros(3, 1))
@@ -252,11 +272,21 @@ def test_every_clone_gives_the_same_bits(target, monkeypatch):
     """The loader picks a clone per CPU: the AVX2 and baseline ones compute what this CPU's
     does, bit for bit, exp-sums included (their lanes are the source's)."""
     values, lo, hi = _case(37, 1000, 12, seed=5)
+    half = values.half()  # the widening of rank-free calls' logits too
     x = torch.linspace(-90, 90, 100_001)
-    here = cpu_pass.block_pass(values, lo, hi, 14), cpu_pass.exp(x)
+    here = (
+        cpu_pass.block_pass(values, lo, hi, 14),
+        cpu_pass.exp(x),
+        cpu_pass.block_pass(half, lo, hi, 14),
+    )
     lib = variant(cpu_pass, target, cpu_pass.LIBRARY.flags)
     monkeypatch.setattr(cpu_pass.LIBRARY, "_lib", lib)
     monkeypatch.setattr(cpu_pass.LIBRARY, "_team_pid", None)
-    there = cpu_pass.block_pass(values, lo, hi, 14), cpu_pass.exp(x)
+    there = (
+        cpu_pass.block_pass(values, lo, hi, 14),
+        cpu_pass.exp(x),
+        cpu_pass.block_pass(half, lo, hi, 14),
+    )
     assert all(torch.equal(a, b) for a, b in zip(here[0], there[0], strict=True))
     assert torch.equal(here[1], there[1])
+    assert all(torch.equal(a, b) for a, b in zip(here[2], there[2], strict=True))

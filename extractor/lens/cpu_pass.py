@@ -23,6 +23,9 @@ What it promises, against the compiled pass (``chunked._chunk_stats_eager``) and
   :data:`EXP_MAX_ULPS` ulps), added in 64 lanes and then folded (``C / 64 + 6``
   roundings, not ``C``). ``exact.logsumexp_error_bound`` allows ``4u`` a term.
 
+It reads fp32 logits (calls that ask ranks) and the bf16 or fp16 ones of rank-free calls,
+widened exactly to fp32 as the compiled pass widens them.
+
 Plain C loops over fixed-size arrays, which the compiler vectorises for each clone
 (AVX-512, AVX2, the baseline: :data:`.native.CLONES_C`). Every clone does the same IEEE
 operations in the same order (the sums' lanes are the source's, not the vector width's),
@@ -122,7 +125,8 @@ static inline float exp_s(float x) {
 
 /* What one call of the pass reads and writes (Python fills it: PassArgs). */
 typedef struct {
-    const float *x;      /* [r][ldx] fp32 logits, width c */
+    const void *x;        /* [r][ldx] logits, width c, of type dtype */
+    int64_t dtype;        /* 0 fp32, 1 bf16, 2 fp16 */
     int64_t ldx, r, c;
     const float *lo, *hi; /* [r][t] bands, lo <= hi */
     int64_t t;
@@ -145,7 +149,34 @@ typedef struct {
     float *bmax, *bsel; /* [ceil(c / BLOCK)], [kk] */
     float *cand_v;      /* [4 kk] */
     int64_t *cand_c;    /* [4 kk] */
+    float *widened;     /* [c] a bf16 or fp16 row as fp32 */
 } row_scratch;
+
+/* Row r of a->x as fp32: the row itself, or each value widened (exactly) into `out`. */
+static const float *fp32_row(const pass_args *a, int64_t r, float *out) {
+    int64_t i, c = a->c;
+    if (a->dtype == 0) return (const float *)a->x + r * a->ldx;
+    const uint16_t *p = (const uint16_t *)a->x + r * a->ldx;
+    if (a->dtype == 1) {
+        for (i = 0; i < c; i++) {
+            uint32_t u = (uint32_t)p[i] << 16;
+            memcpy(out + i, &u, sizeof u);
+        }
+        return out;
+    }
+    for (i = 0; i < c; i++) {
+        /* fp16's fields moved into fp32's, then scaled by 2^112: exact for normal and
+           subnormal halves; infinities and NaN set apart. */
+        uint32_t x = p[i], u = ((x & 0x8000u) << 16) | ((x & 0x7fffu) << 13), special;
+        float f, g;
+        memcpy(&f, &u, sizeof f);
+        f *= 0x1p112f;
+        special = ((x & 0x8000u) << 16) | 0x7f800000u | ((x & 0x3ffu) << 13);
+        memcpy(&g, &special, sizeof g);
+        out[i] = (x & 0x7c00u) == 0x7c00u ? g : f;
+    }
+    return out;
+}
 
 /* Keep the k largest values offered, descending in v[0, *n) (ids alike, unless NULL):
    after a few dozen offers almost every one is refused by one predictable comparison (a
@@ -202,8 +233,8 @@ static int row_topk(const float *row, int64_t c, int64_t kk, row_scratch *s, flo
    in order, and the kk largest entries. Returns how many positions were listed. */
 CLONES static int64_t scan_rows(const pass_args *a, int64_t r0, int64_t r1, row_scratch *s,
                                 int64_t *pos) {
-    const float *x = a->x, *lo = a->lo, *hi = a->hi;
-    int64_t ldx = a->ldx, c = a->c, t = a->t;
+    const float *lo = a->lo, *hi = a->hi;
+    int64_t c = a->c, t = a->t;
     float *row_max = a->row_max, *row_min = a->row_min, *sumexp = a->sumexp;
     float *blocks = a->blocks;
     int32_t *above = a->above, *acc = s->acc;
@@ -211,7 +242,7 @@ CLONES static int64_t scan_rows(const pass_args *a, int64_t r0, int64_t r1, row_
     int i, q;
     float tail[BLOCK];
     for (r = r0; r < r1; r++) {
-        const float *row = x + r * ldx, *l = lo + r * t, *h = hi + r * t;
+        const float *row = fp32_row(a, r, s->widened), *l = lo + r * t, *h = hi + r * t;
         float mx = -INFINITY, mn[LANES], sum[BLOCK];
         for (i = 0; i < LANES; i++) mn[i] = INFINITY;
         /* First read: maxima and the minimum (the row then sits in the cache). A last,
@@ -322,7 +353,8 @@ int scan_part(const pass_args *a, int64_t p) {
     s.acc = aligned_alloc(64, (size_t)(a->t + 1) * LANES * sizeof(int32_t));
     s.bmax = malloc((size_t)(nbl + 5 * a->kk + 1) * sizeof(float));
     s.cand_c = malloc((size_t)(4 * a->kk + 1) * sizeof(int64_t));
-    if (s.acc && s.bmax && s.cand_c) {
+    s.widened = a->dtype ? malloc((size_t)(a->c + 1) * sizeof(float)) : NULL;
+    if (s.acc && s.bmax && s.cand_c && (s.widened || !a->dtype)) {
         s.bsel = s.bmax + nbl;
         s.cand_v = s.bsel + a->kk;
         fp_mode saved = ieee_mode();  /* comparisons see subnormals as they are */
@@ -334,6 +366,7 @@ int scan_part(const pass_args *a, int64_t p) {
     free(s.acc);
     free(s.bmax);
     free(s.cand_c);
+    free(s.widened);
     return status;
 }
 
@@ -360,6 +393,7 @@ class PassArgs(ctypes.Structure):
 
     _fields_ = [
         ("x", ctypes.c_void_p),
+        ("dtype", ctypes.c_int64),
         ("ldx", ctypes.c_int64),
         ("r", ctypes.c_int64),
         ("c", ctypes.c_int64),
@@ -397,9 +431,14 @@ def _declare(lib: ctypes.CDLL) -> None:
 LIBRARY = native.Library("lens_pass", SOURCE, _declare, flags=("-fno-trapping-math",))
 
 
+#: The logits' types the loop reads (bf16 and fp16 ones, from rank-free calls' GEMMs, are
+#: widened to fp32 exactly, as the compiled pass's comparisons and exp-sums do).
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
 def supports(values: torch.Tensor) -> bool:
-    """Whether the loop takes these logits: fp32 on the CPU."""
-    return values.device.type == "cpu" and values.dtype == torch.float32
+    """Whether the loop takes these logits: fp32, bf16 or fp16 on the CPU."""
+    return values.device.type == "cpu" and values.dtype in DTYPES
 
 
 def block_pass(
@@ -417,7 +456,8 @@ def block_pass(
     """
     if not supports(values) or values.dim() != 2:
         raise TypeError(
-            f"block_pass takes fp32 CPU logits [R, C], not {values.dtype} {values.shape}"
+            f"block_pass takes fp32, bf16 or fp16 CPU logits [R, C], not {values.dtype} "
+            f"{list(values.shape)}"
         )
     r, c = values.shape
     if lo.dim() != 2 or lo.shape[0] != r or hi.shape != lo.shape:
@@ -445,7 +485,8 @@ def block_pass(
     pos = torch.empty(r * c, dtype=torch.int64)  # untouched pages are never faulted in
     found = torch.zeros(parts, dtype=torch.int64)
     args = PassArgs(
-        values.data_ptr(), values.stride(0), r, c, lo.data_ptr(), hi.data_ptr(), t, kk,
+        values.data_ptr(), DTYPES[values.dtype], values.stride(0), r, c,
+        lo.data_ptr(), hi.data_ptr(), t, kk,
         row_max.data_ptr(), row_min.data_ptr(), sumexp.data_ptr(),
         blocks.data_ptr() if n_blocks else None, above.data_ptr(), pos.data_ptr(),
         found.data_ptr(), top_v.data_ptr(), top_c.data_ptr(), deferred.data_ptr(), parts,
@@ -463,11 +504,16 @@ def block_pass(
         )
     late = deferred.nonzero()[:, 0]
     if len(late):  # rows with many entries at the top: torch's top-k of their best blocks
-        top_v[late], top_c[late] = block_topk(values[late], blocks[late], kk)
+        late_v, top_c[late] = block_topk(values[late], blocks[late], kk)
+        top_v[late] = late_v.float()
     step = -(-r // parts)
     listed = torch.cat(
         [pos[p * step * c : p * step * c + int(n)] for p, n in enumerate(found.tolist())]
     )
+    if values.dtype != torch.float32:  # the pass's types: maxima in the logits' own (exact)
+        row_max, row_min, blocks, top_v = (
+            x.to(values.dtype) for x in (row_max, row_min, blocks, top_v)
+        )
     return row_max, row_min, sumexp, blocks, above, listed // c, listed % c, top_v, top_c
 
 
