@@ -251,8 +251,9 @@ class Scratch:
     def packed(self, w: torch.Tensor, c0: int, c1: int, columns: ColumnOrder):
         """Columns ``[c0, c1)`` of W packed for :mod:`.cpu_gemm` (the call's column order
         is fixed). Kept while ``keep_packed`` (more row chunks to come, and W no larger than
-        :data:`PACK_KEEP_BYTES`): 1 ms of packing a 8,192 x 576 chunk once a call, not once a
-        row chunk, for as many bytes as W held until the last row chunk frees them."""
+        :data:`PACK_KEEP_BYTES`): packing a 8,192 x 576 chunk (0.65 ms on one thread) once a
+        call, not once a row chunk, for as many bytes as W held until the last row chunk
+        frees them."""
         key = (c0, c1)
         packed = self._packed.pop(key, None)
         if packed is None:
