@@ -222,6 +222,17 @@ def test_fp16_and_bf16_logits_are_widened_exactly():
 
 
 @needs_loop
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_no_rows_come_back_in_the_passs_types(dtype):
+    """Zero rows: the fallback's types too (found by a review)."""
+    values, none = torch.empty(0, 128, dtype=dtype), torch.empty(0, 0)
+    got = cpu_pass.block_pass(values, none, none, 5)
+    want = _pass(values, none, none, 5)
+    assert [g.dtype for g in got] == [w.dtype for w in want]
+    assert [g.shape for g in got] == [w.shape for w in want]
+
+
+@needs_loop
 def test_logits_holding_nan_are_refused_with_their_row():
     """Maxima and top-k are not defined with NaN (a review found unfilled top-k columns):
     the lens never sends them, and the loop refuses them."""

@@ -188,3 +188,26 @@ def test_a_band_loop_that_loses_in_band_entries_is_caught(monkeypatch):
     assert not check.passed and exact.C_PASS in check.detail
     assert not exact.kernel_enabled(exact.C_PASS)
     assert all(exact.kernel_enabled(k) for k in exact.device_kernels("cpu") if k != exact.C_PASS)
+
+
+def test_a_pass_wrong_only_on_a_bf16_models_rank_free_logits_is_caught(monkeypatch):
+    """Calls that ask no ranks take the GEMM in the model's dtype and the pass over its bf16
+    logits, a path the ranked probe never reaches (found by a review): the check runs the
+    same rows without targets too, and turns the pass off."""
+    from extractor.lens import cpu_pass, exact
+
+    monkeypatch.setattr(exact, "_FAILED_KERNELS", set())
+    real = cpu_pass.block_pass
+
+    def wrong_on_bf16(values, lo, hi, kk):
+        found = list(real(values, lo, hi, kk))
+        if values.dtype == torch.bfloat16 and kk:  # each candidate's neighbour, consistently
+            found[8] = (found[8] + 1) % values.shape[1]
+            found[7] = values.gather(1, found[8])
+        return tuple(found)
+
+    monkeypatch.setattr(cpu_pass, "block_pass", wrong_on_bf16)
+    with pytest.warns(UserWarning, match="kernel off, torch's ops agree"):
+        check = choose_engine(_inputs(), "torch", {"torch": _torch})
+    assert not check.passed and "without targets" in check.detail
+    assert not exact.kernel_enabled(exact.C_PASS)

@@ -368,8 +368,10 @@ def pack(w: torch.Tensor, ids: torch.Tensor | None = None) -> PackedColumns:
     if w.dtype != torch.bfloat16 or w.device.type != "cpu" or w.dim() != 2:
         raise TypeError(f"pack takes a 2-D bf16 CPU tensor, not {w.dtype} {list(w.shape)}")
     if ids is not None:
-        if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 1:
-            raise TypeError(f"ids must be a 1-D integer index, not {ids.dtype} {list(ids.shape)}")
+        if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 1 or ids.is_cuda:
+            raise TypeError(
+                f"ids must be a 1-D integer index on the CPU, not {ids.dtype} {list(ids.shape)}"
+            )
         ids = ids.to(torch.int64).contiguous()
         if len(ids) and not (0 <= int(ids.min()) <= int(ids.max()) < len(w)):
             raise ValueError(f"ids must index the {len(w)} rows of w")

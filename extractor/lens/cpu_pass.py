@@ -14,14 +14,17 @@ What it promises, against the compiled pass (``chunked._chunk_stats_eager``) and
 ``topk.block_topk``:
 
 - maxima, minima, block maxima, counts and in-band positions: **equal**, entry for entry
-  (pure IEEE comparisons, no fast-math, subnormals never flushed whatever the calling
-  thread's mode; positions in row-major order, as ``nonzero`` gives them);
+  (a zero's sign in a maximum aside: +0 and -0 compare equal). Pure IEEE comparisons, no
+  fast-math, subnormals never flushed whatever the calling thread's mode; positions in
+  row-major order, as ``nonzero`` gives them;
 - the top entries: ``kk`` largest values of the row, at columns that hold them (ties may
   pick other columns): every entry left out is ``<=`` each one kept, all that the engine's
   certification needs;
 - the exp-sum: the same terms in another order, each from the loop's own ``exp`` (within
-  :data:`EXP_MAX_ULPS` ulps), added in 64 lanes and then folded (``C / 64 + 6``
-  roundings, not ``C``). ``exact.logsumexp_error_bound`` allows ``4u`` a term.
+  :data:`EXP_MAX_ULPS` ulps: ``6u`` relative), added in 64 lanes and then folded. Its
+  relative error is then at most ``(6 + C / 64 + 6) u``, within the ``4u`` a term of a
+  ``C``-term sum that ``exact.logsumexp_error_bound`` allows (``C >= 4``; ``C`` itself is
+  at least the vocabulary chunk there).
 
 It reads fp32 logits (calls that ask ranks) and the bf16 or fp16 ones of rank-free calls,
 widened exactly to fp32 as the compiled pass widens them.
@@ -482,6 +485,8 @@ def block_pass(
     deferred = torch.zeros(r, dtype=torch.int8)
     none = torch.empty(0, dtype=torch.long)
     if r == 0:
+        out = (row_max, row_min, blocks, top_v)
+        row_max, row_min, blocks, top_v = (x.to(values.dtype) for x in out)
         return row_max, row_min, sumexp, blocks, above, none, none, top_v, top_c
     lib = LIBRARY.get()
     parts = max(1, min(torch.get_num_threads(), r))

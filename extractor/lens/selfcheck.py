@@ -21,6 +21,7 @@ from .exact import (
     kernel_enabled,
     logsumexp_error_bound,
     mma_error_factor,
+    rank_free_low_precision,
     set_kernel_enabled,
 )
 from .reference import reference_lens
@@ -153,14 +154,26 @@ def choose_engine(
     """
     probe = with_close_targets(sample(inputs))
     ref = reference_lens(probe)
+    probes = [(probe, ref, "")]
+    rank_free = replace(probe, targets=None, pool_groups=None, pool_targets=None)
+    if rank_free_low_precision(rank_free):
+        # In a bf16 or fp16 model a call that asks no ranks takes another path (the GEMM
+        # in the model's dtype, the pass over its logits): checked too, on the same rows.
+        probes.append((rank_free, _without_targets(ref), " (a call without targets)"))
 
     def check(name: str) -> tuple[bool, float, str, bool]:
         """(agrees, worst lse error, detail, whether the engine returned numbers)."""
-        try:
-            got = engines[name](probe)
-        except Exception as exc:  # an engine that cannot even run here is a failed check
-            return False, float("nan"), f"{type(exc).__name__}: {exc}", False
-        return (*compare(probe, got, lse_bound(name, probe), ref), True)
+        worst, detail = 0.0, ""
+        for inputs_, ref_, call in probes:
+            try:
+                got = engines[name](inputs_)
+            except Exception as exc:  # an engine that cannot even run here is a failed check
+                return False, float("nan"), f"{type(exc).__name__}: {exc}{call}", False
+            ok, error, detail = compare(inputs_, got, lse_bound(name, inputs_), ref_)
+            worst = max(worst, error)
+            if not ok:
+                return False, worst, detail + call, True
+        return True, worst, detail, True
 
     ok, worst, detail, ran = check(preferred)
     if ok:
@@ -191,6 +204,17 @@ def choose_engine(
     )
     detail = note if preferred == fallback else f"{detail}; {note}"
     return SelfCheck(fallback, preferred, False, worst, detail)
+
+
+def _without_targets(ref: LensResult) -> LensResult:
+    """The reference of the same rows asked no ranks: its top-k and log-sum-exp do not
+    depend on the targets (one float64 pass serves both probes)."""
+    return replace(
+        ref,
+        target_logprobs=ref.target_logprobs[:, :0],
+        target_ranks=ref.target_ranks[:, :0],
+        target_segment_ranks={name: r[:, :0] for name, r in ref.target_segment_ranks.items()},
+    )
 
 
 def _set_all(kernels: list[str], enabled: bool) -> None:
