@@ -64,6 +64,22 @@ def test_the_loop_equals_torchs_ordered_sum_bit_for_bit(dtype, d):
     assert torch.equal(got.view(torch.int64), want.view(torch.int64))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [0, 1, 2, 3, 5, 576, 577])
+def test_the_references_dense_logits_are_ordered_sums_bit_for_bit(dtype, d):
+    """The float64 reference makes ordered_sum's first halving as it multiplies (odd
+    widths: the last product plus 0.0): the same bits as the sum of the products,
+    signs of zero included."""
+    from extractor.lens.exact import dense_logits, ordered_sum
+
+    gen = torch.Generator().manual_seed(d)
+    h, w = _operands(dtype, max(d, 1), gen)
+    h, w = h[:, :d], w[:, :d]
+    got = dense_logits(h, LensInputs(hidden=h, unembed=w, k=1))
+    want = ordered_sum(h.double()[:, None, :] * w.double()[None])
+    assert torch.equal(got.view(torch.int64), want.view(torch.int64))
+
+
 @needs_compiler
 @pytest.mark.parametrize("target", ["avx2", "default"])
 def test_every_clone_equals_torchs_ordered_sum(target, monkeypatch):

@@ -321,11 +321,25 @@ def dense_logits(h_rows: torch.Tensor, inputs: LensInputs) -> torch.Tensor:
     same way everywhere.
     """
     h = h_rows.double()
-    r, v = len(h), inputs.vocab_size
+    r, v, d = len(h), inputs.vocab_size, h.shape[1]
     out = torch.empty((r, v), dtype=torch.float64, device=h.device)
-    step = max(1, (1 << 23) // max(1, r * h.shape[1]))  # ~64 MB of products at a time
+    step = max(1, (1 << 23) // max(1, r * d))  # ~64 MB of products at a time
+    if d < 2:  # ordered_sum of one product is the product; of none, zero
+        for c0 in range(0, v, step):
+            out[:, c0 : c0 + step] = ordered_sum(
+                h[:, None, :] * inputs.unembed[None, c0 : c0 + step]
+            )
+        return finish(out, torch.arange(v, device=h.device)[None, :], inputs)
+    # ordered_sum's first halving, (h0 w0) + (h1 w1), done on the products as they are made
+    # (an odd d's last product plus 0.0, as its padding adds): half the float64 temporaries,
+    # 1.8x faster for the self-check's reference, the same bits.
+    pad = d % 2
+    h_even = h[:, None, 0::2]
+    h_odd = torch.nn.functional.pad(h[:, 1::2], (0, pad))[:, None, :]
     for c0 in range(0, v, step):
-        out[:, c0 : c0 + step] = ordered_sum(h[:, None, :] * inputs.unembed[None, c0 : c0 + step])
+        w = inputs.unembed[None, c0 : c0 + step].double()
+        w_odd = torch.nn.functional.pad(w[..., 1::2], (0, pad))
+        out[:, c0 : c0 + step] = ordered_sum(h_even * w[..., 0::2] + h_odd * w_odd)
     cols = torch.arange(v, device=h.device)
     return finish(out, cols[None, :], inputs)
 
