@@ -81,12 +81,12 @@ static void load(const void *base, int dtype, int64_t row, int64_t stride, int64
     }
 }
 
-/* out[e] = sum_i h[rows[e], i] * w[cols[e], i] in ordered_sum's order. A row is converted
-   once for each run of entries on it (the lens asks entries mostly sorted by row). Returns 0,
-   or -1 when out of memory. */
 /* How many entries ahead W's rows are prefetched. */
 #define PREFETCH_AHEAD 2
 
+/* out[e] = sum_i h[rows[e], i] * w[cols[e], i] in ordered_sum's order. A row is converted
+   once for each run of entries on it (the lens asks entries mostly sorted by row). Returns 0,
+   or -1 when out of memory. */
 CLONES int entry_dots(const void *h, int64_t h_stride, const void *w, int64_t w_stride,
                       int dtype, int64_t d, const int64_t *rows, const int64_t *cols,
                       int64_t n, double *out) {

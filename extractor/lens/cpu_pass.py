@@ -485,8 +485,7 @@ def block_pass(
     deferred = torch.zeros(r, dtype=torch.int8)
     none = torch.empty(0, dtype=torch.long)
     if r == 0:
-        out = (row_max, row_min, blocks, top_v)
-        row_max, row_min, blocks, top_v = (x.to(values.dtype) for x in out)
+        row_max, row_min, blocks, top_v = _in_type(values.dtype, row_max, row_min, blocks, top_v)
         return row_max, row_min, sumexp, blocks, above, none, none, top_v, top_c
     lib = LIBRARY.get()
     parts = max(1, min(torch.get_num_threads(), r))
@@ -518,11 +517,14 @@ def block_pass(
     listed = torch.cat(
         [pos[p * step * c : p * step * c + int(n)] for p, n in enumerate(found.tolist())]
     )
-    if values.dtype != torch.float32:  # the pass's types: maxima in the logits' own (exact)
-        row_max, row_min, blocks, top_v = (
-            x.to(values.dtype) for x in (row_max, row_min, blocks, top_v)
-        )
+    row_max, row_min, blocks, top_v = _in_type(values.dtype, row_max, row_min, blocks, top_v)
     return row_max, row_min, sumexp, blocks, above, listed // c, listed % c, top_v, top_c
+
+
+def _in_type(dtype: torch.dtype, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The fp32 maxima and top values in the logits' own type, as the compiled pass gives
+    them (exact: each is one of the logits)."""
+    return tuple(v.to(dtype) for v in values)
 
 
 def exp(x: torch.Tensor) -> torch.Tensor:
