@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ from analysis.storage import resolve
 from analysis.store import open_store
 from extractor.config import parse_config
 from extractor.service.driver import run_extraction
-from extractor.store.faults import CRASH_ENV
+from extractor.store.faults import CRASH_ENV, CRASH_EXIT_CODE
 
 from .ray_helpers import ray_env, ray_head
 from .service_helpers import FlakyProxy, assert_same_store, small_config, snapshot
@@ -115,6 +116,10 @@ def test_multi_node_with_a_node_removed_mid_run(clean, data_dir, tmp_path):
 
 
 def test_driver_killed_and_resubmitted(clean, data_dir, tmp_path):
+    """The driver dies mid-run, as a killed process does (no cleanup, no ``finally``), then
+    the same command is resubmitted. It dies at a step, inside its fourth shard: killing
+    it from outside once three commits showed raced the driver, which finished all six
+    shards first once the lens got faster (found by a fresh-clone run)."""
     run_id, reference, _ = clean
     store = str(tmp_path / "store")
     config = tmp_path / "run.yaml"
@@ -128,10 +133,10 @@ def test_driver_killed_and_resubmitted(clean, data_dir, tmp_path):
         "--in-process",
         "--no-progress",
     ]
-    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_commits(store, 3)
-    driver.kill()
-    driver.wait()
+    flag = tmp_path / "killed"
+    env = {**os.environ, CRASH_ENV: f"mid_shard:3:{flag}"}
+    driver = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert driver.returncode == CRASH_EXIT_CODE and flag.exists(), driver.stderr[-3000:]
     done = len(read_commits(*resolve(store)))
     assert done < 6, "the driver was killed before finishing"
     assert subprocess.run(cmd, capture_output=True).returncode == 0
