@@ -7,8 +7,9 @@ self-check: torch's compiled pass (``chunked.chunk_stats``), a ``nonzero`` scan 
 in-band mask and ``block_topk``. Both give the same classification, maxima and top-k
 values (tests/test_cpu_pass.py). Cases: the row scope of a whole-contract call (512 x
 8,192 fp32 fast logits, 12 targets a row, 14 candidates), the pooled scope (64 rows, 4
-targets), a rank-free call's bf16 block (no targets), and rows that rise along the columns
-(the pass leaves their top-k to torch). Prints milliseconds and fallback / C.
+targets), a rank-free call's bf16 block (no targets), and rows that rise or fall along the
+columns (whose top-k candidates overflow the pass's buffer again and again). Prints
+milliseconds and fallback / C.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from extractor.lens import chunked, cpu_pass, exact
 KK = 14  # k = 10 and the engine's margin of 4
 
 
-def _case(rows: int, targets: int, dtype: torch.dtype, rising: bool = False):
+def _case(rows: int, targets: int, dtype: torch.dtype, slope: float = 0.0):
     gen = torch.Generator().manual_seed(0)
-    if rising:
-        values = torch.arange(8192.0).repeat(rows, 1)
+    if slope:
+        values = (slope * torch.arange(8192.0)).repeat(rows, 1)
     else:
         values = torch.randn(rows, 8192, generator=gen) * 4
     centre = values[torch.arange(rows)[:, None], torch.randint(0, 8192, (rows, targets))]
@@ -42,7 +43,8 @@ def main() -> None:
         "row scope, 512 x 8,192, 12 targets": _case(512, 12, torch.float32),
         "pooled scope, 64 x 8,192, 4 targets": _case(64, 4, torch.float32),
         "rank-free bf16, 512 x 8,192": _case(512, 0, torch.bfloat16),
-        "rising rows, 512 x 8,192": _case(512, 0, torch.float32, rising=True),
+        "rising rows, 512 x 8,192": _case(512, 0, torch.float32, slope=1.0),
+        "falling rows, 512 x 8,192": _case(512, 0, torch.float32, slope=-1.0),
     }
     print(f"the lens pass on a block, {torch.get_num_threads()} threads, best of 30")
     print("| case | C pass ms | torch fallback ms | fallback / C |")

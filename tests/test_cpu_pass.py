@@ -119,6 +119,42 @@ def test_the_top_entries_are_the_largest_whatever_the_ties(kk):
     _assert_same(got, _pass(values, lo, hi, kk), values)
 
 
+def _shaped_rows(c: int) -> torch.Tensor:
+    """Rows whose candidates overflow their buffer many times, each another way: rising,
+    falling, sawtooth, a few repeated values, infinities among ties, a shuffled ramp."""
+    gen = torch.Generator().manual_seed(c)
+    ramp = torch.arange(c, dtype=torch.float32)
+    rows = [
+        ramp,
+        -ramp,
+        ramp % 97,
+        -(ramp % 64),
+        torch.randint(0, 3, (c,), generator=gen).float(),
+        torch.where(ramp % 5 == 0, float("inf"), 1.0),
+        torch.where(ramp < c // 2, float("-inf"), ramp % 7),
+        ramp[torch.randperm(c, generator=gen)],
+        torch.full((c,), -0.0).index_fill(0, torch.tensor([c - 1]), 0.0),
+    ]
+    return torch.stack(rows)
+
+
+@needs_loop
+@pytest.mark.parametrize("c", [1000, 4096])
+@pytest.mark.parametrize("kk", [1, 2, 7, 64])
+def test_rows_of_every_shape_keep_their_largest(c, kk):
+    """Whenever 4 kk candidates have come, the loop keeps the kk largest and raises its bar
+    above the least of them: what it returns are still the row's kk largest values, at
+    distinct columns holding them."""
+    values = _shaped_rows(c)
+    got_v, got_c = cpu_pass.block_pass(
+        values, torch.zeros(len(values), 0), torch.zeros(len(values), 0), kk
+    )[7:]
+    want = values.topk(kk, dim=1).values
+    assert torch.equal(got_v.sort(1, descending=True).values, want)
+    assert torch.equal(values.gather(1, got_c), got_v)
+    assert all(len(set(row)) == kk for row in got_c.tolist())
+
+
 @needs_loop
 @pytest.mark.parametrize("kk", [65, 200, 300])
 def test_beyond_max_kk_torch_keeps_the_top_entries(kk):

@@ -42,7 +42,7 @@ import ctypes
 import torch
 
 from . import native
-from .topk import TOPK_BLOCK, block_topk
+from .topk import TOPK_BLOCK
 
 #: Columns a block maximum covers (the C source's BLOCK).
 BLOCK = TOPK_BLOCK
@@ -144,7 +144,6 @@ typedef struct {
     int64_t *found;       /* [parts] positions listed by each part */
     float *top_v;         /* [r][kk] the kk largest of each row, in any order */
     int64_t *top_c;       /* [r][kk] their columns */
-    int8_t *deferred;     /* [r] 1 where the row's top entries are left to the caller */
     int64_t parts;
 } pass_args;
 
@@ -204,33 +203,81 @@ static inline void keep_largest(float *v, int64_t *id, int64_t *n, int64_t k, fl
     if (id) id[i] = xid;
 }
 
+/* The least float above x (x not NaN; +inf stays +inf), so that `y >= next_up(x)` is
+   `y > x`. Bits, not nextafterf: the library links no libm. */
+static inline float next_up(float x) {
+    uint32_t u;
+    if (x == INFINITY) return x;
+    if (x == 0.0f) return 0x1p-149f; /* -0 too */
+    memcpy(&u, &x, sizeof u);
+    u = x > 0.0f ? u + 1 : u - 1;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+/* Move the k largest of v[0, m) (ids alike) into v[0, k), v[k - 1] the smallest of them:
+   Wirth's selection, linear on average. It runs only when a row's candidates fill their
+   buffer, once for each 3 kk candidates at most. */
+static void select_largest(float *v, int64_t *id, int64_t m, int64_t k) {
+    int64_t l = 0, h = m - 1, i, j, want = k - 1;
+    while (l < h) {
+        float x = v[want], tv;
+        int64_t ti;
+        i = l;
+        j = h;
+        do {
+            while (v[i] > x) i++;
+            while (x > v[j]) j--;
+            if (i <= j) {
+                tv = v[i], v[i] = v[j], v[j] = tv;
+                ti = id[i], id[i] = id[j], id[j] = ti;
+                i++;
+                j--;
+            }
+        } while (i <= j);
+        if (j < want) l = i;
+        if (want < i) h = j;
+    }
+}
+
+/* A full buffer of 4 kk candidates cut to its kk largest; returns the new bar: kk are
+   kept, all >= the least of them, so an entry equal to that is not needed. Out of line,
+   so that the scan's loop stays as small as when it had no such branch. */
+static __attribute__((noinline)) float keep_best(row_scratch *s, int64_t kk) {
+    select_largest(s->cand_v, s->cand_c, 4 * kk, kk);
+    return next_up(s->cand_v[kk - 1]);
+}
+
 /* The kk largest entries of a row (0 < kk <= c, no NaN), in any order: every entry left
    out is <= each one kept. Only blocks whose maximum reaches tau, the kk-th largest block
    maximum, can hold one (kk blocks reach it, each with an entry >= tau), and only their
-   entries >= tau: usually a few more than kk, kept by insertion. Returns 0, or 1 without
-   writing the row when more than 4 kk entries reach tau (rows that rise or fall along the
-   columns: insertion would shift kk entries for each): the caller's torch top-k takes
-   those rows. */
-static int row_topk(const float *row, int64_t c, int64_t kk, row_scratch *s, float *top_v,
-                    int64_t *top_c) {
+   entries >= tau: usually a few more than kk. When 4 kk have come (rows that rise or fall
+   along the columns), the kk largest of them are selected and the bar rises to exceed
+   the least of those, so each entry costs O(1) on average whatever the row's shape. */
+static void row_topk(const float *row, int64_t c, int64_t kk, row_scratch *s, float *top_v,
+                     int64_t *top_c) {
     int64_t nbl = (c + BLOCK - 1) / BLOCK, n = 0, m = 0, b, i;
-    float tau = -INFINITY;
+    float tau = -INFINITY, bar;
     /* From the last block back: columns sorted by ||W[j]|| put the largest |logits| last,
        and offers that fall are refused at once. */
     for (b = nbl - 1; b >= 0; b--) keep_largest(s->bsel, NULL, &n, kk, s->bmax[b], 0);
     if (n == kk) tau = s->bsel[kk - 1];
+    bar = tau;  /* an entry is a candidate when >= bar */
     for (b = nbl - 1; b >= 0; b--) {
         int64_t c0 = b * BLOCK, c1 = c0 + BLOCK < c ? c0 + BLOCK : c;
-        if (!(s->bmax[b] >= tau)) continue;
+        if (!(s->bmax[b] >= bar)) continue;
         for (i = c1 - 1; i >= c0; i--)
-            if (row[i] >= tau) {
-                if (m == 4 * kk) return 1;
+            if (row[i] >= bar) {
+                if (m == 4 * kk) {
+                    bar = keep_best(s, kk);
+                    m = kk;
+                    if (!(row[i] >= bar)) continue;
+                }
                 s->cand_v[m] = row[i];
                 s->cand_c[m++] = i;
             }
     }
     for (n = 0, i = 0; i < m; i++) keep_largest(top_v, top_c, &n, kk, s->cand_v[i], s->cand_c[i]);
-    return 0;
 }
 
 /* Rows [r0, r1) of a->x. Per row: row_max, row_min, sumexp = sum exp(x - m) (m: the max
@@ -333,8 +380,7 @@ CLONES static int64_t scan_rows(const pass_args *a, int64_t r0, int64_t r1, row_
             above[r * t + j] = total;
         }
         sumexp[r] = fold_sum(sum, BLOCK);
-        if (a->kk > 0)
-            a->deferred[r] = row_topk(row, c, a->kk, s, a->top_v + r * a->kk, a->top_c + r * a->kk);
+        if (a->kk > 0) row_topk(row, c, a->kk, s, a->top_v + r * a->kk, a->top_c + r * a->kk);
     }
     return n;
 }
@@ -416,7 +462,6 @@ class PassArgs(ctypes.Structure):
         ("found", ctypes.c_void_p),
         ("top_v", ctypes.c_void_p),
         ("top_c", ctypes.c_void_p),
-        ("deferred", ctypes.c_void_p),
         ("parts", ctypes.c_int64),
     ]
 
@@ -482,7 +527,6 @@ def block_pass(
     blocks = torch.empty(r, n_blocks)
     above = torch.zeros(r, t, dtype=torch.int32)
     top_v, top_c = torch.empty(r, kk), torch.empty(r, kk, dtype=torch.int64)
-    deferred = torch.zeros(r, dtype=torch.int8)
     none = torch.empty(0, dtype=torch.long)
     if r == 0:
         row_max, row_min, blocks, top_v = _in_type(values.dtype, row_max, row_min, blocks, top_v)
@@ -496,7 +540,7 @@ def block_pass(
         lo.data_ptr(), hi.data_ptr(), t, kk,
         row_max.data_ptr(), row_min.data_ptr(), sumexp.data_ptr(),
         blocks.data_ptr() if n_blocks else None, above.data_ptr(), pos.data_ptr(),
-        found.data_ptr(), top_v.data_ptr(), top_c.data_ptr(), deferred.data_ptr(), parts,
+        found.data_ptr(), top_v.data_ptr(), top_c.data_ptr(), parts,
     )  # fmt: skip
     ref = ctypes.byref(args)
     codes = LIBRARY.split(
@@ -509,10 +553,6 @@ def block_pass(
         raise ValueError(
             f"the logits hold NaN (row {int(bad[0])} of {r}): no maxima, ranks or top-k"
         )
-    late = deferred.nonzero()[:, 0]
-    if len(late):  # rows with many entries at the top: torch's top-k of their best blocks
-        late_v, top_c[late] = block_topk(values[late], blocks[late], kk)
-        top_v[late] = late_v.float()
     step = -(-r // parts)
     listed = torch.cat(
         [pos[p * step * c : p * step * c + int(n)] for p, n in enumerate(found.tolist())]
