@@ -119,11 +119,29 @@ def test_the_top_entries_are_the_largest_whatever_the_ties(kk):
     _assert_same(got, _pass(values, lo, hi, kk), values)
 
 
-def _shaped_rows(c: int) -> torch.Tensor:
+def _runs_against_a_fixed_pivot(c: int, kk: int) -> torch.Tensor:
+    """A review's row: kk - 1 huge values in the last columns, then (scanned from the last
+    column back) runs of 3 kk + 1 values, each run above the one scanned before it and
+    falling within itself. Every refill of the buffer then beats the kept values and comes
+    in falling order, so a selection pivoting on a fixed slot met the least value each
+    time: quadratic, 27x a random row's time at kk = 64."""
+    row = torch.full((c,), -1e9)
+    row[c - (kk - 1) :] = 1e9
+    run, low = 3 * kk + 1, min(c - (kk - 1), (kk - 1) * 64)
+    for n, stop in enumerate(range(low, 0, -run)):
+        start = max(0, stop - run)
+        row[start:stop] = n * 2 * run + torch.arange(stop - start, dtype=torch.float32)
+    return row
+
+
+def _shaped_rows(c: int, kk: int) -> torch.Tensor:
     """Rows whose candidates overflow their buffer many times, each another way: rising,
-    falling, sawtooth, a few repeated values, infinities among ties, a shuffled ramp."""
+    falling, sawtooth, a few repeated values, infinities among ties, a shuffled ramp, runs
+    built against a fixed pivot, and bars one ulp apart (the least subnormal just above
+    zeros, zeros just above its negative: scanned last, at the lowest columns)."""
     gen = torch.Generator().manual_seed(c)
     ramp = torch.arange(c, dtype=torch.float32)
+    tiny = torch.finfo(torch.float32).smallest_normal * 2.0**-23  # the least subnormal
     rows = [
         ramp,
         -ramp,
@@ -131,24 +149,27 @@ def _shaped_rows(c: int) -> torch.Tensor:
         -(ramp % 64),
         torch.randint(0, 3, (c,), generator=gen).float(),
         torch.where(ramp % 5 == 0, float("inf"), 1.0),
+        torch.full((c,), float("inf")),
         torch.where(ramp < c // 2, float("-inf"), ramp % 7),
         ramp[torch.randperm(c, generator=gen)],
         torch.full((c,), -0.0).index_fill(0, torch.tensor([c - 1]), 0.0),
+        torch.zeros(c).index_fill(0, torch.arange(3), tiny),
+        torch.full((c,), -tiny).index_fill(0, torch.arange(3), 0.0),
+        _runs_against_a_fixed_pivot(c, kk),
     ]
     return torch.stack(rows)
 
 
 @needs_loop
 @pytest.mark.parametrize("c", [1000, 4096])
-@pytest.mark.parametrize("kk", [1, 2, 7, 64])
+@pytest.mark.parametrize("kk", [1, 2, 8, 64])
 def test_rows_of_every_shape_keep_their_largest(c, kk):
     """Whenever 4 kk candidates have come, the loop keeps the kk largest and raises its bar
     above the least of them: what it returns are still the row's kk largest values, at
     distinct columns holding them."""
-    values = _shaped_rows(c)
-    got_v, got_c = cpu_pass.block_pass(
-        values, torch.zeros(len(values), 0), torch.zeros(len(values), 0), kk
-    )[7:]
+    values = _shaped_rows(c, kk)
+    none = torch.zeros(len(values), 0)
+    got_v, got_c = cpu_pass.block_pass(values, none, none, kk)[7:]
     want = values.topk(kk, dim=1).values
     assert torch.equal(got_v.sort(1, descending=True).values, want)
     assert torch.equal(values.gather(1, got_c), got_v)

@@ -203,11 +203,12 @@ static inline void keep_largest(float *v, int64_t *id, int64_t *n, int64_t k, fl
     if (id) id[i] = xid;
 }
 
-/* The least float above x (x not NaN; +inf stays +inf), so that `y >= next_up(x)` is
-   `y > x`. Bits, not nextafterf: the library links no libm. */
+/* The least float above x, or NaN above +inf, where there is none: `y >= next_up(x)` is
+   then `y > x` for any y (every comparison with NaN is false). x is not NaN. Bits, not
+   nextafterf: the library links no libm. */
 static inline float next_up(float x) {
     uint32_t u;
-    if (x == INFINITY) return x;
+    if (x == INFINITY) return NAN;
     if (x == 0.0f) return 0x1p-149f; /* -0 too */
     memcpy(&u, &x, sizeof u);
     u = x > 0.0f ? u + 1 : u - 1;
@@ -215,13 +216,14 @@ static inline float next_up(float x) {
     return x;
 }
 
-/* Move the k largest of v[0, m) (ids alike) into v[0, k), v[k - 1] the smallest of them:
-   Wirth's selection, linear on average. It runs only when a row's candidates fill their
-   buffer, once for each 3 kk candidates at most. */
+/* Move the k largest of v[0, m) (ids alike) into v[0, k), v[k - 1] the least of them:
+   Hoare's selection, pivoting on the middle of the range left (linear on average; a
+   pivot at a fixed place met the least value each time in rows built for it, and took
+   quadratic time). */
 static void select_largest(float *v, int64_t *id, int64_t m, int64_t k) {
     int64_t l = 0, h = m - 1, i, j, want = k - 1;
     while (l < h) {
-        float x = v[want], tv;
+        float x = v[l + (h - l) / 2], tv;
         int64_t ti;
         i = l;
         j = h;
@@ -240,9 +242,9 @@ static void select_largest(float *v, int64_t *id, int64_t m, int64_t k) {
     }
 }
 
-/* A full buffer of 4 kk candidates cut to its kk largest; returns the new bar: kk are
-   kept, all >= the least of them, so an entry equal to that is not needed. Out of line,
-   so that the scan's loop stays as small as when it had no such branch. */
+/* A full buffer of 4 kk candidates cut to its kk largest; returns the new bar, above the
+   least kept (kk are kept, all >= it, so an entry equal to it is not needed; past +inf,
+   NaN: none). Out of line, so that the scan's loop stays as small as before. */
 static __attribute__((noinline)) float keep_best(row_scratch *s, int64_t kk) {
     select_largest(s->cand_v, s->cand_c, 4 * kk, kk);
     return next_up(s->cand_v[kk - 1]);
@@ -251,9 +253,10 @@ static __attribute__((noinline)) float keep_best(row_scratch *s, int64_t kk) {
 /* The kk largest entries of a row (0 < kk <= c, no NaN), in any order: every entry left
    out is <= each one kept. Only blocks whose maximum reaches tau, the kk-th largest block
    maximum, can hold one (kk blocks reach it, each with an entry >= tau), and only their
-   entries >= tau: usually a few more than kk. When 4 kk have come (rows that rise or fall
-   along the columns), the kk largest of them are selected and the bar rises to exceed
-   the least of those, so each entry costs O(1) on average whatever the row's shape. */
+   entries >= tau: usually a few more than kk, collected unsorted. When 4 kk have come
+   (rows that rise or fall along the columns), the kk largest of them are selected and the
+   bar rises above the least of those: each entry costs O(1) on average, whatever the
+   row's shape. A last selection leaves the kk largest. */
 static void row_topk(const float *row, int64_t c, int64_t kk, row_scratch *s, float *top_v,
                      int64_t *top_c) {
     int64_t nbl = (c + BLOCK - 1) / BLOCK, n = 0, m = 0, b, i;
@@ -262,7 +265,7 @@ static void row_topk(const float *row, int64_t c, int64_t kk, row_scratch *s, fl
        and offers that fall are refused at once. */
     for (b = nbl - 1; b >= 0; b--) keep_largest(s->bsel, NULL, &n, kk, s->bmax[b], 0);
     if (n == kk) tau = s->bsel[kk - 1];
-    bar = tau;  /* an entry is a candidate when >= bar */
+    bar = tau; /* an entry is a candidate when >= bar */
     for (b = nbl - 1; b >= 0; b--) {
         int64_t c0 = b * BLOCK, c1 = c0 + BLOCK < c ? c0 + BLOCK : c;
         if (!(s->bmax[b] >= bar)) continue;
@@ -277,7 +280,12 @@ static void row_topk(const float *row, int64_t c, int64_t kk, row_scratch *s, fl
                 s->cand_c[m++] = i;
             }
     }
-    for (n = 0, i = 0; i < m; i++) keep_largest(top_v, top_c, &n, kk, s->cand_v[i], s->cand_c[i]);
+    /* m >= kk: kk blocks reach tau (fewer only where a NaN hid them: that row is refused) */
+    if (m > kk) select_largest(s->cand_v, s->cand_c, m, kk);
+    for (i = 0; i < kk && i < m; i++) {
+        top_v[i] = s->cand_v[i];
+        top_c[i] = s->cand_c[i];
+    }
 }
 
 /* Rows [r0, r1) of a->x. Per row: row_max, row_min, sumexp = sum exp(x - m) (m: the max
