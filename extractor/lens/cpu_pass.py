@@ -183,11 +183,10 @@ static const float *fp32_row(const pass_args *a, int64_t r, float *out) {
     return out;
 }
 
-/* Keep the k largest values offered, descending in v[0, *n) (ids alike, unless NULL):
-   after a few dozen offers almost every one is refused by one predictable comparison (a
-   quickselect's unpredictable ones cost as much as torch's top-k). */
-static inline void keep_largest(float *v, int64_t *id, int64_t *n, int64_t k, float x,
-                                int64_t xid) {
+/* Keep the k largest values offered, descending in v[0, *n): for a row's block maxima,
+   where after a few dozen offers almost every one is refused by one predictable
+   comparison (a selection over all of them would cost as much as torch's top-k). */
+static inline void keep_largest(float *v, int64_t *n, int64_t k, float x) {
     int64_t i;
     if (*n == k) {
         if (!(x > v[k - 1])) return;
@@ -195,12 +194,8 @@ static inline void keep_largest(float *v, int64_t *id, int64_t *n, int64_t k, fl
     } else {
         i = (*n)++;
     }
-    for (; i > 0 && v[i - 1] < x; i--) {
-        v[i] = v[i - 1];
-        if (id) id[i] = id[i - 1];
-    }
+    for (; i > 0 && v[i - 1] < x; i--) v[i] = v[i - 1];
     v[i] = x;
-    if (id) id[i] = xid;
 }
 
 /* The least float above x, or NaN above +inf, where there is none: `y >= next_up(x)` is
@@ -263,7 +258,7 @@ static void row_topk(const float *row, int64_t c, int64_t kk, row_scratch *s, fl
     float tau = -INFINITY, bar;
     /* From the last block back: columns sorted by ||W[j]|| put the largest |logits| last,
        and offers that fall are refused at once. */
-    for (b = nbl - 1; b >= 0; b--) keep_largest(s->bsel, NULL, &n, kk, s->bmax[b], 0);
+    for (b = nbl - 1; b >= 0; b--) keep_largest(s->bsel, &n, kk, s->bmax[b]);
     if (n == kk) tau = s->bsel[kk - 1];
     bar = tau; /* an entry is a candidate when >= bar */
     for (b = nbl - 1; b >= 0; b--) {
