@@ -34,16 +34,28 @@ def test_the_exact_engine_passes_on_this_device():
     assert check.telemetry()["self_check"] == "passed"
 
 
-@pytest.mark.parametrize("fault", ["rank", "topk", "crash"])
+@pytest.mark.parametrize(
+    "fault", ["rank", "topk", "pooled segment rank", "pooled segment topk", "crash"]
+)
 def test_a_disagreeing_engine_falls_back_with_a_warning(fault):
+    """Any field the contract makes exact is compared: the pooled words' text ranks and
+    text top-k too (``*_word_text_rank``, ``pooled_text_topk_ids``; a review found them
+    unchecked)."""
+
     def broken(inputs):
         if fault == "crash":
             raise RuntimeError("no kernel for this device")
         res = _torch(inputs)
         if fault == "rank":
             res.pooled_target_ranks = res.pooled_target_ranks + 1
-        else:
+        elif fault == "topk":
             res.topk_ids = res.topk_ids.flip(1)
+        elif fault == "pooled segment rank":
+            ranks = res.pooled_target_segment_ranks
+            ranks["text"] = ranks["text"] + 1
+        else:
+            ids = res.pooled_segment_topk_ids
+            ids["text"] = ids["text"].flip(1)
         return res
 
     with pytest.warns(UserWarning, match="using the 'torch' engine"):
@@ -145,13 +157,42 @@ def test_the_sample_keeps_only_the_pool_groups_its_rows_touch():
     from extractor.lens.selfcheck import sample
 
     full = _inputs()  # 40 rows in 10 groups of 4
-    probe = sample(full, rows=10)  # groups 0, 1 whole and group 2 cut after 2 rows
+    probe = sample(full, rows=10, runs=1)  # groups 0, 1 whole and group 2 cut after 2 rows
     assert probe.n_rows == 10 and probe.n_groups == 3
     assert probe.pool_groups.tolist() == [0] * 4 + [1] * 4 + [2] * 2
     assert torch.equal(probe.pool_targets, full.pool_targets[:3])
     whole, cut = reference_lens(full), reference_lens(probe)
     assert torch.equal(cut.pooled_target_ranks[:2], whole.pooled_target_ranks[:2])
     assert torch.equal(cut.pooled_topk_ids[:2], whole.pooled_topk_ids[:2])
+
+
+def test_the_sample_spans_the_call_from_its_first_row_to_its_last():
+    """A worker's call stacks its rows layer by layer: the sample's runs reach from the
+    first layer's rows to the last's, and its groups keep their order."""
+    from extractor.lens.selfcheck import SAMPLE_ROWS, SAMPLE_RUNS, sample
+
+    full = _inputs()
+    n = 31 * 16  # 31 layers of 16 positions, 4 words of 4 positions a layer
+    full = LensInputs(
+        **{
+            **full.__dict__,
+            "hidden": full.hidden.repeat(13, 1)[:n],
+            "targets": full.targets.repeat(13, 1)[:n],
+            "pool_groups": torch.arange(n) // 4,
+            "pool_targets": full.pool_targets.repeat(13, 1)[: n // 4],
+        }
+    )
+    probe = sample(full)
+    numbered = torch.arange(n).float()[:, None].expand(n, 32)  # each row holds its index
+    picked = sample(LensInputs(**{**full.__dict__, "hidden": numbered})).hidden[:, 0]
+    picked = picked.long().tolist()
+    length = SAMPLE_ROWS // SAMPLE_RUNS
+    assert probe.n_rows == len(picked) == SAMPLE_ROWS
+    assert picked[0] == 0 and picked[-1] == n - 1
+    runs = [picked[i : i + length] for i in range(0, SAMPLE_ROWS, length)]
+    assert all(run == list(range(run[0], run[0] + length)) for run in runs)
+    assert probe.pool_groups.tolist() == sorted(probe.pool_groups.tolist())
+    assert probe.n_groups == len(set(probe.pool_groups.tolist()))
 
 
 def test_auto_runs_triton_on_cuda_and_torch_elsewhere(monkeypatch):

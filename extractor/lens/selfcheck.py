@@ -1,9 +1,10 @@
 """Check a lens engine against the float64 definition on the device that runs it.
 
 An engine is only trusted on a device after it has reproduced the reference on
-real rows there: before its first shard, an actor runs its preferred engine on
-a sample of that shard's rows and compares ranks and top-k ids for equality
-(log-sum-exp within its proven bound). On any mismatch it falls back to the
+real rows there: at its first lens call, before any result is stored, an actor runs
+its preferred engine on a sample of that call's rows (spread over its layers) and
+compares every rank and top-k id for equality, pooled and per segment too (log-sum-exp
+within its proven bound). On any mismatch it falls back to the
 exact torch engine and says so in the shard telemetry.
 """
 
@@ -26,8 +27,12 @@ from .exact import (
 )
 from .reference import reference_lens
 
-#: Rows of the first shard that the self-check runs (the reference materialises [rows x V]).
+#: Rows of the first lens call that the self-check runs (the reference materialises
+#: [rows x V]).
 SAMPLE_ROWS = 48
+#: Runs of consecutive rows they come in, spread evenly over the call: a worker's call
+#: stacks its rows layer by layer, and its first 48 rows were all layer 0's (a review).
+SAMPLE_RUNS = 4
 Engine = Callable[[LensInputs], LensResult]
 
 
@@ -51,14 +56,26 @@ class SelfCheck:
         }
 
 
-def sample(inputs: LensInputs, rows: int = SAMPLE_ROWS) -> LensInputs:
-    """The first ``rows`` rows of a lens problem, with only the pool groups they touch.
+def sample(inputs: LensInputs, rows: int = SAMPLE_ROWS, runs: int = SAMPLE_RUNS) -> LensInputs:
+    """At most ``rows`` rows of a lens problem, in ``runs`` runs of consecutive rows spread
+    evenly over it (its first and last rows among them: a worker's first and last layers),
+    with only the pool groups they touch.
 
-    The groups are renumbered ``0..G'-1`` and their targets cut with them: the
+    The groups are renumbered ``0..G'-1`` in order and their targets cut with them: the
     reference materialises [groups x V], and a batch's other groups (1,271 in a demo
-    shard, against a handful in the sample) made the check cost more than the shard.
+    shard, against a handful in the sample) made the check cost more than the shard. A
+    group a run cuts is pooled over the rows sampled, by the engine and the reference
+    alike.
     """
-    cut = inputs.rows(slice(0, min(rows, inputs.n_rows)))
+    n = inputs.n_rows
+    if n <= rows:
+        keep = slice(0, n)
+    else:
+        runs = max(1, min(runs, rows))
+        length = rows // runs
+        starts = torch.linspace(0, n - length, runs).round().long()
+        keep = (starts[:, None] + torch.arange(length)).flatten().unique()
+    cut = inputs.rows(keep)
     groups = cut.pool_groups
     if groups is None:
         return cut
@@ -129,6 +146,14 @@ def compare(
         exact_fields += [
             ("pooled ranks", got.pooled_target_ranks[present], ref.pooled_target_ranks[present]),
             ("pooled topk_ids", got.pooled_topk_ids[present], ref.pooled_topk_ids[present]),
+            *[
+                (f"pooled {name} ranks", got.pooled_target_segment_ranks[name][present], r[present])
+                for name, r in ref.pooled_target_segment_ranks.items()
+            ],
+            *[
+                (f"pooled {name} topk_ids", got.pooled_segment_topk_ids[name][present], i[present])
+                for name, i in ref.pooled_segment_topk_ids.items()
+            ],
         ]
     worst = float((got.logsumexp.double() - ref.logsumexp).abs().max()) if inputs.n_rows else 0.0
     for name, have, want in exact_fields:
