@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from extractor.lens import LensInputs, VocabSegments, fused_logit_lens
+from extractor.lens.contract import LensRangeError
 from extractor.lens.selfcheck import lse_bound
 from extractor.lens.triton_lens import KERNEL_MODES as MODES
 from extractor.lens.triton_lens import triton_lens
@@ -204,6 +205,20 @@ def test_triton_stays_exact_below_fp32s_normal_range(scale):
     """Products under 2^-126: absolute rounding (or flushing) is inside the band."""
     inputs = tiny_case(torch.float32, scale, DEVICE)
     _check(inputs, fused_logit_lens(**inputs.__dict__, backend="triton"))
+
+
+@pytest.mark.parametrize("bad", ["beyond fp32", "nan unembedding"])
+def test_logits_fp32_cannot_hold_are_a_named_error_here_too(bad):
+    """The kernel accumulates in fp32, like the torch engine's GEMM: rows or W whose
+    logits may pass 2^120, or a W holding NaN, are refused by name, not turned into NaN
+    ranks (a review found only the torch engine checked)."""
+    h = torch.full((2, 4), 1e30 if bad == "beyond fp32" else 1.0)
+    w = torch.full((3, 4), 1e10 if bad == "beyond fp32" else 1.0)
+    if bad == "nan unembedding":
+        w[1, 2] = float("nan")
+    inputs = LensInputs(hidden=h.to(DEVICE), unembed=w.to(DEVICE), k=1)
+    with pytest.raises(LensRangeError, match="fp32" if bad == "beyond fp32" else "NaN or inf"):
+        triton_lens(inputs)
 
 
 _GPU_ONLY = pytest.mark.skipif(not CUDA, reason="the interpreter garbles bf16")

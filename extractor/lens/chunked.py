@@ -946,7 +946,7 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, gemm) -> LensR
     w_max = [
         unembed_norm_max(inputs.unembed, c0, c1) for c0, c1, _ in vocab_chunks(inputs, vocab_chunk)
     ]
-    reach = _reach(normed, w_max)
+    reach = logit_reach(normed, w_max)
     limit = {torch.float16: 2.0**14, torch.bfloat16: 2.0**120}.get(dtype, 0.0)
     # Beyond the model dtype's range its GEMM could overflow: IEEE fp32 then.
     low = gemm == MODEL_DTYPE and reach < limit
@@ -1022,11 +1022,11 @@ def _run(inputs, row_chunk, vocab_chunk, margin, compile, refine, gemm) -> LensR
     return out.result(targets, pool_targets)
 
 
-def _reach(normed: torch.Tensor, w_max: list[float]) -> float:
+def logit_reach(normed: torch.Tensor, w_max: list[float]) -> float:
     """The largest |logit| possible, ``max ||h|| * max ||w||`` (every partial sum too).
 
     Beyond it a fast GEMM could overflow, so the low-precision path is not taken; beyond
-    2^120 not even fp32 accumulation holds, and the lens refuses.
+    2^120 not even fp32 accumulation holds, and the lens refuses (either engine).
     """
     if not len(normed):
         return 0.0

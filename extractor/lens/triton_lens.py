@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked import best_of_segments, chunked_lens, normed_rows
+from .chunked import best_of_segments, chunked_lens, logit_reach, normed_rows
 from .contract import LensError, LensInputs, LensResult, validate
 from .exact import (
     MMA_BLOCK_K,
@@ -332,6 +332,9 @@ def triton_lens(
         group=group,
     )
     h = normed_rows(inputs).contiguous()
+    # The kernel accumulates in fp32: rows or W of extreme magnitude are refused, as by
+    # the torch engine, rather than overflow into NaN ranks.
+    logit_reach(h, [unembed_norm_max(inputs.unembed, 0, inputs.vocab_size)])
     t64 = target_logits(h, targets, inputs)
     band = (
         _band(inputs, h, block_k) if refine else torch.zeros(n, dtype=torch.float64, device=device)
