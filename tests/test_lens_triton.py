@@ -221,6 +221,28 @@ def test_logits_fp32_cannot_hold_are_a_named_error_here_too(bad):
         triton_lens(inputs)
 
 
+class _BatchDependentNorm(torch.nn.Module):
+    """A final "norm" whose output depends on how many rows it sees, as a projecting norm's
+    GEMM may in its last bits (exaggerated here, so that ranks move)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.direction = torch.randn(d, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + 0.05 * h.shape[0] * self.direction.to(h)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_pooled_rows_are_normed_with_all_the_others(mode):
+    """The reference norms every row in one batch, and so must the engine for its pooled
+    rows: the Triton engine once normed them apart (found by a review)."""
+    inputs = _case(**CASES["odd-vocab-segments"])
+    inputs = replace(inputs, final_norm=_BatchDependentNorm(inputs.unembed.shape[1]))
+    assert 0 < int((inputs.pool_groups >= 0).sum()) < inputs.n_rows  # two batch sizes
+    _check(inputs, triton_lens(inputs, **MODES[mode]))
+
+
 _GPU_ONLY = pytest.mark.skipif(not CUDA, reason="the interpreter garbles bf16")
 
 

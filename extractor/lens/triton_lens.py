@@ -351,7 +351,7 @@ def triton_lens(
     )
     if refine:
         _redo_rows(fields, inputs, h, torch.nonzero(~certified).flatten(), compile)
-    return LensResult(**fields, **_pooled(inputs, row_chunk, vocab_chunk, compile))
+    return LensResult(**fields, **_pooled(inputs, h, row_chunk, vocab_chunk, compile))
 
 
 #: Candidate slots per segment and split beyond k: the host certifies top-k from them.
@@ -709,9 +709,15 @@ def _redo_rows(fields: dict, inputs: LensInputs, h, redo: torch.Tensor, compile:
 
 
 def _pooled(
-    inputs: LensInputs, row_chunk: int | None, vocab_chunk: int | None, compile: bool
+    inputs: LensInputs,
+    h: torch.Tensor,
+    row_chunk: int | None,
+    vocab_chunk: int | None,
+    compile: bool,
 ) -> dict:
-    """Max-pooled statistics, from the chunked engine on the pooled rows only."""
+    """Max-pooled statistics, from the chunked engine on the pooled rows only, as normed
+    with all the others (``h``): a norm with a projection, like OPT's ``project_out``,
+    is a GEMM whose last bits may depend on how many rows it sees."""
     fields = (
         "pooled_topk_ids",
         "pooled_topk_logits",
@@ -726,7 +732,9 @@ def _pooled(
         if groups is not None
         else torch.empty(0, dtype=torch.long)
     )
-    sub = inputs.rows(keep, with_targets=False)
+    sub = replace(
+        inputs.rows(keep, with_targets=False), hidden=h[keep.to(h.device)], final_norm=None
+    )
     if sub.pool_targets is None:
         sub = replace(sub, pool_targets=inputs.resolved_pool_targets())
     res = chunked_lens(sub, row_chunk=row_chunk, vocab_chunk=vocab_chunk, compile=compile)
