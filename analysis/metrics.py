@@ -257,7 +257,8 @@ def word_final_runs(con: duckdb.DuckDBPyConnection) -> list[str]:
     """Runs that lensed only each word's last position (``lens.positions: word_final``).
 
     A word then has one lensed row, so its max-pooled ranks equal its last row's:
-    ``pooled`` and ``last`` recall coincide for these runs, by construction.
+    ``pooled`` and ``last`` recall coincide for these runs, by construction, but for the
+    words of a spoken-knowledge continuation, whose every position is lensed.
     """
     rows = con.sql(
         "SELECT DISTINCT run_id FROM runs "

@@ -148,7 +148,8 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
     if args.agg in ("pooled", "last") and (same := metrics.word_final_runs(con)):
         print(
             f"note: {', '.join(same)} lensed only each word's last position "
-            "(lens.positions: word_final), so pooled equals last there",
+            "(lens.positions: word_final), so pooled equals last there "
+            "(but for spoken-knowledge continuations, whose every position is lensed)",
             file=sys.stderr,
         )
     if args.format == "table" and not args.out:

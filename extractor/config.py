@@ -69,10 +69,10 @@ class PromptSection:
 class LensSection:
     positions: str = "spoken_words"
     k: int = 10
-    #: auto (Triton on CUDA, torch elsewhere: lens.auto_engine), torch, or triton (CUDA;
-    #: exact too); whichever is asked is
-    #: self-checked against float64 on each actor's device before its first shard,
-    #: falling back to torch on any disagreement.
+    #: auto (Triton on CUDA, torch elsewhere: extractor.lens.auto_engine), torch, or
+    #: triton (CUDA; exact too); whichever is asked is self-checked against float64 on
+    #: each actor's device at its first lens call, before anything is stored, falling
+    #: back to torch on any disagreement.
     engine: str = "auto"
     #: Another checkpoint whose final norm and unembedding decode the hidden states
     #: (the text LM a speech-only model started from); ranks are then over its vocabulary.

@@ -89,7 +89,8 @@ def fused_logit_lens(
     ``backend``: ``"torch"`` (chunked, exact in every dtype, any device),
     ``"triton"`` (CUDA, or the Triton interpreter when ``TRITON_INTERPRET=1``; exact
     through the same band refinement, decided on the host),
-    ``"reference"`` (float64, materialises everything: tests only) or ``"auto"``
+    ``"reference"`` (float64, materialises everything: for tests and the self-check's
+    sample) or ``"auto"``
     (:func:`auto_engine`: Triton on CUDA, torch elsewhere; see docs/lens.md).
     ``compile``: fuse the torch engine's per-chunk reduction with torch.compile.
     """

@@ -20,9 +20,9 @@ How it stays exact without [N x V] logits (definitions in docs/lens.md):
   their error is at most the band plus the fp32 summation error.
 
 Vocabulary chunks never straddle a segment boundary, so each block updates one
-segment's state. Calls that ask ranks walk each segment run in order of the
-unembedding-row norm (:class:`ColumnOrder`): a chunk's band scales with its largest
-row norm. Nothing larger than [row-chunk x vocab-chunk] logits exists.
+segment's state. Every call but a rank-free one on the GEMM in the model's dtype walks
+each segment run in order of the unembedding-row norm (:class:`ColumnOrder`): a chunk's
+band scales with its largest row norm. Nothing larger than [row-chunk x vocab-chunk] logits exists.
 """
 
 from __future__ import annotations
