@@ -59,6 +59,13 @@ FOREIGN_HEAD_NOTE = (
 )
 
 
+#: Why a run with failed utterances may score some items without a member.
+FAILED_NOTE = (
+    "utterances failed extraction (failures view): an item that lost a counterfactual is "
+    "scored against the rest"
+)
+
+
 def _runs_cte(filters: Filters) -> str:
     where = ["TRUE"]
     if filters.runs is not None:
@@ -335,8 +342,8 @@ def recall_over_seeds(
     the same dataset and decoded by the same head, form a family; a run whose name has
     no seed is its own family, never merged with seeded ones. Per family and layer: the
     number of seeds, their mean recall, its sample standard deviation, min and max, and
-    the mean control recall. A seed with several runs in one family (checkpoints) is
-    refused, naming them.
+    the mean control recall. A seed with several runs in one family (checkpoints), or an
+    unseeded model with several, is refused, naming them.
     """
     columns = [
         "family",
@@ -363,15 +370,17 @@ def recall_over_seeds(
         for m, s in zip(runs["model"], runs["seed"], strict=True)
     ]
     keys = ["family", "dataset", "head"]
-    seeded = runs[runs["seed"].notna()]
-    repeated = seeded[seeded.duplicated([*keys, "seed"], keep=False)]
-    if not repeated.empty:
-        raise MetricError(
-            "several runs share a model, dataset, head and seed, so which one stands for the "
-            f"seed is unclear: {sorted(repeated['run_id'])}; choose runs with --run"
-        )
     # An unseeded model keeps its own family even where its name equals a seeded family's.
     runs.loc[runs["seed"].isna(), "family"] = runs["model"] + " (no seed)"
+    # Several checkpoints of one seed (or of one unseeded model) would be averaged as if
+    # they were seeds: refused, as pandas counts NaN seeds alike.
+    repeated = runs[runs.duplicated([*keys, "seed"], keep=False)]
+    if not repeated.empty:
+        raise MetricError(
+            "several runs share a model, dataset, head and seed (or the lack of one), so "
+            f"which one stands for it is unclear: {sorted(repeated['run_id'])}; choose runs "
+            "with --run"
+        )
     table = recall.merge(runs[["run_id", *keys, "seed"]], on="run_id")
     out = (
         table.groupby([*keys, "layer"], dropna=False)
@@ -445,9 +454,15 @@ def knowledge_accuracy_sql(filters: Filters = ALL_RUNS) -> str:
     each actual next token over it: positions continuation_start - 1 to n_tokens - 2.
     An item (``pair_id``) counts when it has exactly one ``correct`` utterance, at
     least one ``counterfactual``, and every continuation fully scored;
-    ``n_pairs_dropped`` counts the items that do not (a member failed, a role is
-    missing or repeated, or the run decodes with a foreign head, which has no log-prob
-    of the model's own next token: ``note`` says so).
+    ``n_pairs_dropped`` counts the items that do not (a role is missing or repeated, a
+    continuation was cut short, or the run decodes with a foreign head, which has no
+    log-prob of the model's own next token: ``note`` says so).
+
+    An utterance that failed extraction has no ``utterances`` row, and its failure row no
+    ``pair_id``: an item that lost its correct member or its only counterfactual is
+    dropped unseen, and one that lost one of several counterfactuals is scored against
+    the rest. ``n_failed_utterances`` counts the run's failures (of any utterance), and
+    ``note`` warns when there are some.
     """
     return f"""WITH {_runs_cte(filters)},
 cont AS (
@@ -471,13 +486,27 @@ items AS (
          max(loglik) FILTER (WHERE pair_role = 'counterfactual') AS best_counterfactual
   FROM cont
   GROUP BY run_id, pair_id
+),
+failed AS (
+  SELECT f.run_id, count(DISTINCT f.utterance_id) AS n
+  FROM failures f JOIN sel_runs s USING (run_id)
+  GROUP BY f.run_id
+),
+scored AS (
+  SELECT i.run_id, count_if(usable)::BIGINT AS n_pairs,
+         count_if(NOT usable)::BIGINT AS n_pairs_dropped,
+         avg((correct_loglik > best_counterfactual)::DOUBLE) FILTER (WHERE usable) AS accuracy,
+         any_value(s.head) <> '' AS foreign_head
+  FROM items i JOIN sel_runs s USING (run_id)
+  GROUP BY i.run_id
 )
-SELECT i.run_id, count_if(usable)::BIGINT AS n_pairs,
-       count_if(NOT usable)::BIGINT AS n_pairs_dropped,
-       avg((correct_loglik > best_counterfactual)::DOUBLE) FILTER (WHERE usable) AS accuracy,
-       CASE WHEN any_value(s.head) <> '' THEN '{FOREIGN_HEAD_NOTE}' ELSE '' END AS note
-FROM items i JOIN sel_runs s USING (run_id)
-GROUP BY i.run_id ORDER BY i.run_id"""
+SELECT c.run_id, c.n_pairs, c.n_pairs_dropped, c.accuracy,
+       coalesce(f.n, 0)::BIGINT AS n_failed_utterances,
+       concat_ws('; ',
+         CASE WHEN c.foreign_head THEN '{FOREIGN_HEAD_NOTE}' END,
+         CASE WHEN f.n > 0 THEN f.n || ' {FAILED_NOTE}' END) AS note
+FROM scored c LEFT JOIN failed f USING (run_id)
+ORDER BY c.run_id"""
 
 
 def knowledge_accuracy(con: duckdb.DuckDBPyConnection, filters: Filters = ALL_RUNS) -> pd.DataFrame:

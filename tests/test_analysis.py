@@ -463,9 +463,15 @@ def _checkpoints_split_across_runs(store) -> duckdb.DuckDBPyConnection:
         ("lens", new_lens),
         ("utterances", new_utts),
         ("vocab", new_vocab),
+        ("failures", _no_failures()),
     ):
         con.register(name, df)
     return con
+
+
+def _no_failures() -> pd.DataFrame:
+    """The ``failures`` view's columns that the metrics read, without a row."""
+    return pd.DataFrame({"run_id": pd.Series(dtype=str), "utterance_id": pd.Series(dtype=str)})
 
 
 def test_knowledge_meets_transcription_by_checkpoint_across_runs(store, con):
@@ -545,9 +551,18 @@ def test_an_item_with_several_counterfactuals_needs_to_beat_them_all():
             ]
         ),
     )
+    con.register("failures", _no_failures())
     got = metrics.knowledge_accuracy(con).iloc[0]
     assert (got.n_pairs, got.n_pairs_dropped, got.accuracy, got.note) == (2, 2, 0.5, "")
+    assert got.n_failed_utterances == 0
     assert str(metrics.knowledge_accuracy(con).n_pairs.dtype) == "int64"
+    # A failed member leaves no utterances row and no pair_id: the run says how many
+    # failed, and that an item may then be scored without one of its counterfactuals.
+    failed = [{"run_id": "r", "utterance_id": u} for u in ("u9", "u9", "u10")]
+    con.register("failures", pd.DataFrame(failed))
+    got = metrics.knowledge_accuracy(con).iloc[0]
+    assert (got.n_pairs, got.accuracy, got.n_failed_utterances) == (2, 0.5, 2)
+    assert got.note == f"2 {metrics.FAILED_NOTE}"
     # A run decoded by a foreign head says why its items are not scored.
     foreign = {
         "run_id": "r",
@@ -558,6 +573,9 @@ def test_an_item_with_several_counterfactuals_needs_to_beat_them_all():
         "config": '{"lens": {"head": "qwen", "head_revision": "abc123"}}',
     }
     con.register("runs", pd.DataFrame([foreign]))
+    want = f"{metrics.FOREIGN_HEAD_NOTE}; 2 {metrics.FAILED_NOTE}"
+    assert metrics.knowledge_accuracy(con).iloc[0].note == want
+    con.register("failures", _no_failures())
     assert metrics.knowledge_accuracy(con).iloc[0].note == metrics.FOREIGN_HEAD_NOTE
 
 
@@ -610,6 +628,8 @@ def test_recall_over_seeds_is_the_mean_and_spread_of_each_seeds_curve(tmp_path, 
 
     assert main(["metrics", "--store", uri, "--k", "3", "--over-seeds", "--format", "csv"]) == 0
     assert "toy" in capsys.readouterr().out
-    build_store(str(tmp_path / "twice"), n_runs=2, models=["toy-s0", "toy-s0"])
-    assert main(["metrics", "--store", str(tmp_path / "twice"), "--over-seeds"]) == 2
-    assert "several runs share a model, dataset, head and seed" in capsys.readouterr().err
+    for twice in (["toy-s0", "toy-s0"], ["toy", "toy"]):  # two checkpoints: not two seeds
+        store = str(tmp_path / "-".join(twice))
+        build_store(store, n_runs=2, models=twice)
+        assert main(["metrics", "--store", store, "--over-seeds"]) == 2
+        assert "several runs share a model, dataset, head and seed" in capsys.readouterr().err
