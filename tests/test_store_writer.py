@@ -123,6 +123,32 @@ def test_an_untrustworthy_marker_means_not_committed(tmp_path, damage):
     assert open_store(str(tmp_path)).sql("SELECT count(*) FROM tokens").fetchone()[0] == 10
 
 
+def test_a_winner_set_aside_after_beating_this_attempt_is_still_yielded_to(tmp_path):
+    """An attempt whose marker loses the exclusive create yields to the commit it found
+    there, even if a third attempt sets that marker aside before this one looks again:
+    it once looked twice and, finding nothing the second time, reported a commit that
+    no marker held (a review)."""
+    writer = StoreWriter(str(tmp_path))
+    first = _commit(writer, "r", 1)
+    with writer.shard("r", 1) as late:
+        late.write("tokens", _tokens("u1", 5))
+        looks = []
+        real_winner = late._winner
+
+        def winner_then_gone():
+            looks.append(1)
+            # Before publishing, no winner yet; at the failed create, the first commit;
+            # any later look finds it set aside by a third attempt.
+            if len(looks) == 1:
+                return None
+            return real_winner() if len(looks) == 2 else None
+
+        late._winner = winner_then_gone
+        outcome = late.commit()
+    assert outcome.get("superseded") and outcome["attempt"] == first["attempt"]
+    assert not late.committed
+
+
 def test_a_marker_write_cut_short_by_a_size_limit_leaves_the_shard_uncommitted(tmp_path):
     """The issue's reproduction: the process may write only 40 bytes per file at commit."""
     import subprocess

@@ -330,17 +330,18 @@ class ShardWriter:
             )
         )
         payload = json.dumps(marker, sort_keys=True).encode()
-        if not self._publish_marker(payload):
-            winner = self._winner()
-            if winner is not None:
-                return self._yield_to(winner)
+        winner = self._publish_marker(payload)
+        if winner is not None:
+            return self._yield_to(winner)
         self.committed = True
         crash_point("after_marker", self.shard)
         self._clean_up_after_commit()
         return marker
 
-    def _publish_marker(self, payload: bytes) -> bool:
-        """Create the marker if none is there; False if another attempt's trusted one is.
+    def _publish_marker(self, payload: bytes) -> Commit | None:
+        """Create the marker if none is there (None); else the other attempt's trusted
+        commit that holds the place, as found then: looked up once, since a second look
+        could find it set aside meanwhile and let this attempt believe it committed.
 
         A marker that cannot be trusted (truncated, lists lost files) is moved aside,
         never overwritten, and the exclusive create is tried again: two attempts
@@ -351,9 +352,10 @@ class ShardWriter:
         crash_point("mid_marker", self.shard, lambda: self._tear(rel, payload))
         for _ in range(3):
             if with_retries(lambda: self.store._put(rel, payload, exclusive=True), what):
-                return True
-            if self._winner() is not None:
-                return False
+                return None
+            winner = self._winner()
+            if winner is not None:
+                return winner
             self._set_aside(rel)
         raise StoreContractError(f"{what}: the marker kept changing under this writer")
 
