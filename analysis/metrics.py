@@ -80,6 +80,12 @@ def _runs_cte(filters: Filters) -> str:
     )
 
 
+def selected_runs(con: duckdb.DuckDBPyConnection, filters: Filters) -> list[str]:
+    """The run ids ``filters`` choose, in order."""
+    sql = f"WITH {_runs_cte(filters)} SELECT run_id FROM sel_runs ORDER BY run_id"
+    return [run for (run,) in con.sql(sql).fetchall()]
+
+
 def _check(k: int, agg: str, target: str, rank: str) -> None:
     if not isinstance(k, int) or k < 1:
         raise MetricError(f"k must be a positive integer, got {k!r}")

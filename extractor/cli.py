@@ -96,9 +96,19 @@ def _emit(df, fmt: str, out: str | None) -> None:
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
+    from analysis.metrics import Filters, selected_runs
     from analysis.store import open_store, query
 
-    con = open_store(args.store, runs=args.run or None)
+    runs = args.run or None
+    if args.model_name or args.revision:
+        # The views hold every run's rows: --model-name and --revision choose the runs,
+        # as for the metrics, and the SQL then sees only theirs.
+        chosen = Filters(runs=runs, models=args.model_name, revisions=args.revision)
+        runs = selected_runs(open_store(args.store, runs=runs), chosen)
+        if not runs:
+            print("no run matches --run, --model-name and --revision", file=sys.stderr)
+            return 2
+    con = open_store(args.store, runs=runs)
     _emit(query(con, args.sql).df(), args.format, args.out)
     return 0
 
@@ -374,12 +384,15 @@ def _cmd_organism(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_store_args(parser: argparse.ArgumentParser, filters: bool = True) -> None:
+def _add_store_args(
+    parser: argparse.ArgumentParser, filters: bool = True, modality: bool = True
+) -> None:
     parser.add_argument("--store", required=True, help="store URI: a folder or s3://bucket/prefix")
     if filters:
         parser.add_argument("--run", action="append", help="only this run id (repeatable)")
         parser.add_argument("--model-name", action="append", help="only runs of this model")
         parser.add_argument("--revision", action="append", help="only this checkpoint revision")
+    if filters and modality:
         parser.add_argument("--modality", default="speech", help="positions read (default speech)")
 
 
@@ -410,7 +423,7 @@ def _add_reading_commands(sub) -> None:
 
     q = sub.add_parser("query", help="run read-only SQL over a store's views")
     q.add_argument("sql")
-    _add_store_args(q)
+    _add_store_args(q, modality=False)  # the SQL says which positions it reads
     q.add_argument("--format", choices=FORMATS, default="table")
     q.add_argument("--out", help="write to this file instead of stdout")
     q.set_defaults(func=_cmd_query)

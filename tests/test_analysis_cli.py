@@ -32,6 +32,25 @@ def test_query_formats(store_uri, tmp_path, capsys):
     assert pq.read_table(out).num_rows == 5
 
 
+def test_query_reads_only_the_runs_its_filters_choose(store_uri, capsys):
+    """--model-name and --revision choose runs for query as for the metrics (they were
+    accepted and ignored: a review); --modality, which raw SQL decides, is refused."""
+    sql = "SELECT DISTINCT run_id FROM lens ORDER BY run_id"
+    assert main(["query", "--store", store_uri, sql, "--format", "csv"]) == 0
+    every = capsys.readouterr().out.split()[1:]
+    assert len(every) > 1
+    revision = main(["query", "--store", store_uri, "SELECT revision FROM runs", "--format", "csv"])
+    assert revision == 0
+    first = capsys.readouterr().out.split()[1]
+    assert main(["query", "--store", store_uri, sql, "--revision", first, "--format", "csv"]) == 0
+    chosen = capsys.readouterr().out.split()[1:]
+    assert len(chosen) == 1 and chosen[0] in every
+    assert main(["query", "--store", store_uri, sql, "--model-name", "no-such-model"]) == 2
+    assert "no run matches" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["query", "--store", store_uri, sql, "--modality", "text"])
+
+
 def test_query_refuses_writes(store_uri, capsys):
     assert main(["query", "--store", store_uri, "DROP VIEW lens"]) == 2
     assert "read-only" in capsys.readouterr().err
