@@ -277,7 +277,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     if args.compact and summary.ok:  # a finished run's shards into target-size files
         from .store.compact import compact_store
 
-        for report in compact_store(cfg.store, [summary.run_id]):
+        size = cfg.target_file_mb << 20  # the run's own file size, as its shards wrote
+        for report in compact_store(cfg.store, [summary.run_id], target_file_bytes=size):
             print(report.describe())
     return 0 if summary.ok else 1
 

