@@ -375,6 +375,7 @@ def recall_over_seeds(
         seed_family(m)[0] if s is not None else m
         for m, s in zip(runs["model"], runs["seed"], strict=True)
     ]
+    runs = runs[runs["run_id"].isin(recall["run_id"])]  # a run with no recall weighs nothing
     keys = ["family", "dataset", "head"]
     # An unseeded model keeps its own family even where its name equals a seeded family's.
     runs.loc[runs["seed"].isna(), "family"] = runs["model"] + " (no seed)"
@@ -493,8 +494,9 @@ items AS (
   FROM cont
   GROUP BY run_id, pair_id
 ),
-failed AS (
-  SELECT f.run_id, count(DISTINCT f.utterance_id) AS n
+failed AS (  -- a shard's record that named no utterance still counts, once
+  SELECT f.run_id,
+         count(DISTINCT f.utterance_id) + count(*) FILTER (WHERE f.utterance_id IS NULL) AS n
   FROM failures f JOIN sel_runs s USING (run_id)
   GROUP BY f.run_id
 ),

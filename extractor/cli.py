@@ -104,7 +104,9 @@ def _cmd_query(args: argparse.Namespace) -> int:
         # The views hold every run's rows: --model-name and --revision choose the runs,
         # as for the metrics, and the SQL then sees only theirs.
         chosen = Filters(runs=runs, models=args.model_name, revisions=args.revision)
-        runs = selected_runs(open_store(args.store, runs=runs), chosen)
+        every = open_store(args.store, runs=runs)
+        runs = selected_runs(every, chosen)
+        every.close()
         if not runs:
             print("no run matches --run, --model-name and --revision", file=sys.stderr)
             return 2
@@ -277,7 +279,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     if args.compact and summary.ok:  # a finished run's shards into target-size files
         from .store.compact import compact_store
 
-        size = cfg.target_file_mb << 20  # the run's own file size, as its shards wrote
+        size = cfg.target_file_mb << 20  # this invocation's target_file_mb
         for report in compact_store(cfg.store, [summary.run_id], target_file_bytes=size):
             print(report.describe())
     return 0 if summary.ok else 1

@@ -558,11 +558,11 @@ def test_an_item_with_several_counterfactuals_needs_to_beat_them_all():
     assert str(metrics.knowledge_accuracy(con).n_pairs.dtype) == "int64"
     # A failed member leaves no utterances row and no pair_id: the run says how many
     # failed, and that an item may then be scored without one of its counterfactuals.
-    failed = [{"run_id": "r", "utterance_id": u} for u in ("u9", "u9", "u10")]
-    con.register("failures", pd.DataFrame(failed))
+    failed = [{"run_id": "r", "utterance_id": u} for u in ("u9", "u9", "u10", None)]
+    con.register("failures", pd.DataFrame(failed))  # None: a shard's record naming no id
     got = metrics.knowledge_accuracy(con).iloc[0]
-    assert (got.n_pairs, got.accuracy, got.n_failed_utterances) == (2, 0.5, 2)
-    assert got.note == f"2 {metrics.FAILED_NOTE}"
+    assert (got.n_pairs, got.accuracy, got.n_failed_utterances) == (2, 0.5, 3)
+    assert got.note == f"3 {metrics.FAILED_NOTE}"
     # A run decoded by a foreign head says why its items are not scored.
     foreign = {
         "run_id": "r",
@@ -573,7 +573,7 @@ def test_an_item_with_several_counterfactuals_needs_to_beat_them_all():
         "config": '{"lens": {"head": "qwen", "head_revision": "abc123"}}',
     }
     con.register("runs", pd.DataFrame([foreign]))
-    want = f"{metrics.FOREIGN_HEAD_NOTE}; 2 {metrics.FAILED_NOTE}"
+    want = f"{metrics.FOREIGN_HEAD_NOTE}; 3 {metrics.FAILED_NOTE}"
     assert metrics.knowledge_accuracy(con).iloc[0].note == want
     con.register("failures", _no_failures())
     assert metrics.knowledge_accuracy(con).iloc[0].note == metrics.FOREIGN_HEAD_NOTE

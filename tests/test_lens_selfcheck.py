@@ -35,7 +35,8 @@ def test_the_exact_engine_passes_on_this_device():
 
 
 @pytest.mark.parametrize(
-    "fault", ["rank", "topk", "pooled segment rank", "pooled segment topk", "crash"]
+    "fault",
+    ["rank", "topk", "pooled segment rank", "pooled segment topk", "missing field", "crash"],
 )
 def test_a_disagreeing_engine_falls_back_with_a_warning(fault):
     """Any field the contract makes exact is compared: the pooled words' text ranks and
@@ -53,6 +54,8 @@ def test_a_disagreeing_engine_falls_back_with_a_warning(fault):
         elif fault == "pooled segment rank":
             ranks = res.pooled_target_segment_ranks
             ranks["text"] = ranks["text"] + 1
+        elif fault == "missing field":  # a malformed result fails the check, not the actor
+            del res.pooled_target_segment_ranks["text"]
         else:
             ids = res.pooled_segment_topk_ids
             ids["text"] = ids["text"].flip(1)

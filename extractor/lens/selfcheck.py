@@ -73,7 +73,7 @@ def sample(inputs: LensInputs, rows: int = SAMPLE_ROWS, runs: int = SAMPLE_RUNS)
     else:
         runs = max(1, min(runs, rows))
         length = rows // runs
-        starts = torch.linspace(0, n - length, runs).round().long()
+        starts = torch.arange(runs) * (n - length) // max(runs - 1, 1)  # exact integers
         keep = (starts[:, None] + torch.arange(length)).flatten().unique()
     cut = inputs.rows(keep)
     groups = cut.pool_groups
@@ -194,7 +194,11 @@ def choose_engine(
                 got = engines[name](inputs_)
             except Exception as exc:  # an engine that cannot even run here is a failed check
                 return False, float("nan"), f"{type(exc).__name__}: {exc}{call}", False
-            ok, error, detail = compare(inputs_, got, lse_bound(name, inputs_), ref_)
+            try:
+                ok, error, detail = compare(inputs_, got, lse_bound(name, inputs_), ref_)
+            except (KeyError, IndexError, RuntimeError, TypeError) as exc:
+                # A result missing a field or shaped otherwise: a failed check, not a crash.
+                return False, float("nan"), f"malformed result: {exc!r}{call}", True
             worst = max(worst, error)
             if not ok:
                 return False, worst, detail + call, True

@@ -732,9 +732,7 @@ def _pooled(
         if groups is not None
         else torch.empty(0, dtype=torch.long)
     )
-    sub = replace(
-        inputs.rows(keep, with_targets=False), hidden=h[keep.to(h.device)], final_norm=None
-    )
+    sub = replace(inputs, hidden=h, final_norm=None).rows(keep, with_targets=False)
     if sub.pool_targets is None:
         sub = replace(sub, pool_targets=inputs.resolved_pool_targets())
     res = chunked_lens(sub, row_chunk=row_chunk, vocab_chunk=vocab_chunk, compile=compile)
