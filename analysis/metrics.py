@@ -375,7 +375,7 @@ def recall_over_seeds(
         seed_family(m)[0] if s is not None else m
         for m, s in zip(runs["model"], runs["seed"], strict=True)
     ]
-    runs = runs[runs["run_id"].isin(recall["run_id"])]  # a run with no recall weighs nothing
+    runs = runs[runs["run_id"].isin(recall["run_id"])].copy()  # a run without recall: no weight
     keys = ["family", "dataset", "head"]
     # An unseeded model keeps its own family even where its name equals a seeded family's.
     runs.loc[runs["seed"].isna(), "family"] = runs["model"] + " (no seed)"
