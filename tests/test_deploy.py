@@ -70,6 +70,52 @@ def test_raycluster_has_gpu_workers_and_a_cpu_head():
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
 
+def test_the_watchers_jobs_find_its_config_on_the_head():
+    """The watcher passes its --config path on to every job, whose entrypoint runs on the
+    head: the CronJob's ConfigMap path must be mounted there too (it was not: a review)."""
+    (cron,) = _docs(DEPLOY / "kuberay" / "watcher-cronjob.yaml")
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    command = pod["containers"][0]["command"]
+    config = command[command.index("--config") + 1]
+    (cluster,) = _docs(DEPLOY / "kuberay" / "raycluster.yaml")
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+
+    def mounted_config_maps(spec):
+        maps = {v["name"]: v["configMap"]["name"] for v in spec["volumes"] if "configMap" in v}
+        return {
+            m["mountPath"]: maps[m["name"]]
+            for c in spec["containers"]
+            for m in c.get("volumeMounts", [])
+            if m["name"] in maps
+        }
+
+    folder = config.rsplit("/", 1)[0]
+    assert mounted_config_maps(head)[folder] == mounted_config_maps(pod)[folder]
+
+
+def test_the_autoscaler_sidecar_has_the_ray_token():
+    """KubeRay builds the autoscaler container with its own env: without the token it
+    cannot reach an authenticated GCS, and the GPU group never scales (a review)."""
+    (cluster,) = _docs(DEPLOY / "kuberay" / "raycluster.yaml")
+    assert cluster["spec"]["enableInTreeAutoscaling"]
+    env = {e["name"]: e for e in cluster["spec"]["autoscalerOptions"]["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
+
+
+def test_the_image_can_run_the_aws_launchers_head():
+    """deploy/cluster.yaml runs its head in this image, whose autoscaler starts the GPU
+    workers: the AWS node provider needs boto3, and worker setup ssh and rsync."""
+    (launcher,) = _docs(DEPLOY / "cluster.yaml")
+    assert launcher["docker"]["image"] == IMAGE and launcher["provider"]["type"] == "aws"
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    installs = " ".join(
+        line for line in dockerfile.splitlines() if not line.lstrip().startswith("#")
+    )
+    for needed in ("boto3", "openssh-client", "rsync"):
+        assert needed in installs, needed
+
+
 def test_cluster_launcher_config():
     (launcher,) = _docs(DEPLOY / "cluster.yaml")
     types = launcher["available_node_types"]
