@@ -116,6 +116,21 @@ def test_the_image_can_run_the_aws_launchers_head():
         assert needed in installs, needed
 
 
+@pytest.mark.parametrize("name", ["raycluster", "rayjob"])
+def test_gpu_workers_tolerate_gpu_taints_and_have_shared_memory(name):
+    """Both KubeRay manifests schedule their GPU workers alike (rayjob.yaml lacked both:
+    a review)."""
+    (doc,) = _docs(DEPLOY / "kuberay" / f"{name}.yaml")
+    spec = doc["spec"]["rayClusterSpec"] if name == "rayjob" else doc["spec"]
+    pod = spec["workerGroupSpecs"][0]["template"]["spec"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+
+
 def test_cluster_launcher_config():
     (launcher,) = _docs(DEPLOY / "cluster.yaml")
     types = launcher["available_node_types"]
