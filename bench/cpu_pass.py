@@ -10,7 +10,7 @@ values (tests/test_cpu_pass.py). Cases: the row scope of a whole-contract call (
 targets), a rank-free call's bf16 block (no targets), rows that rise or fall along the
 columns (whose top-k candidates overflow the pass's buffer again and again), and, at 64
 candidates, a review's row built against a selection with a fixed pivot
-(``tests/test_cpu_pass._runs_against_a_fixed_pivot``). Prints milliseconds and
+(``tests/lens_checks.runs_against_a_fixed_pivot``). Prints milliseconds and
 fallback / C.
 """
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import best_of
 from extractor.lens import chunked, cpu_pass, exact
-from tests.test_cpu_pass import _runs_against_a_fixed_pivot
+from tests.lens_checks import runs_against_a_fixed_pivot
 
 KK = 14  # k = 10 and the engine's margin of 4
 
@@ -41,7 +41,7 @@ def _case(rows: int, targets: int, dtype: torch.dtype, slope: float = 0.0):
 
 
 def _pivot_case(rows: int, kk: int = 64):
-    values = _runs_against_a_fixed_pivot(8192, kk).repeat(rows, 1)
+    values = runs_against_a_fixed_pivot(8192, kk).repeat(rows, 1)
     return values, torch.zeros(rows, 0), torch.zeros(rows, 0), kk
 
 

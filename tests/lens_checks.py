@@ -290,3 +290,18 @@ def wide_case(dtype: torch.dtype) -> LensInputs:
         pool_targets=torch.randint(0, v, (n // 4, 3), generator=gen),
     )
     return plant_ties(inputs, 3)
+
+
+def runs_against_a_fixed_pivot(c: int, kk: int) -> torch.Tensor:
+    """A review's row: kk - 1 huge values in the last columns, then (scanned from the last
+    column back) runs of 3 kk + 1 values, each run above the one scanned before it and
+    falling within itself. Every refill of the buffer then beats the kept values and comes
+    in falling order, so a selection pivoting on a fixed slot met the least value each
+    time: quadratic, 27x a random row's time at kk = 64."""
+    row = torch.full((c,), -1e9)
+    row[c - (kk - 1) :] = 1e9
+    run, low = 3 * kk + 1, min(c - (kk - 1), (kk - 1) * 64)
+    for n, stop in enumerate(range(low, 0, -run)):
+        start = max(0, stop - run)
+        row[start:stop] = n * 2 * run + torch.arange(stop - start, dtype=torch.float32)
+    return row

@@ -12,7 +12,7 @@ from extractor.lens import chunked, cpu_pass, exact
 from extractor.lens.chunked import chunked_lens
 
 from .clone_variants import variant
-from .lens_checks import check_exact, plant_ties, wide_case
+from .lens_checks import check_exact, plant_ties, runs_against_a_fixed_pivot, wide_case
 
 U = 2.0**-24  # fp32 unit roundoff
 
@@ -119,21 +119,6 @@ def test_the_top_entries_are_the_largest_whatever_the_ties(kk):
     _assert_same(got, _pass(values, lo, hi, kk), values)
 
 
-def _runs_against_a_fixed_pivot(c: int, kk: int) -> torch.Tensor:
-    """A review's row: kk - 1 huge values in the last columns, then (scanned from the last
-    column back) runs of 3 kk + 1 values, each run above the one scanned before it and
-    falling within itself. Every refill of the buffer then beats the kept values and comes
-    in falling order, so a selection pivoting on a fixed slot met the least value each
-    time: quadratic, 27x a random row's time at kk = 64."""
-    row = torch.full((c,), -1e9)
-    row[c - (kk - 1) :] = 1e9
-    run, low = 3 * kk + 1, min(c - (kk - 1), (kk - 1) * 64)
-    for n, stop in enumerate(range(low, 0, -run)):
-        start = max(0, stop - run)
-        row[start:stop] = n * 2 * run + torch.arange(stop - start, dtype=torch.float32)
-    return row
-
-
 def _shaped_rows(c: int, kk: int) -> torch.Tensor:
     """Rows whose candidates overflow their buffer many times, each another way: rising,
     falling, sawtooth, a few repeated values, infinities among ties, a shuffled ramp, runs
@@ -155,7 +140,7 @@ def _shaped_rows(c: int, kk: int) -> torch.Tensor:
         torch.full((c,), -0.0).index_fill(0, torch.tensor([c - 1]), 0.0),
         torch.zeros(c).index_fill(0, torch.arange(3), tiny),
         torch.full((c,), -tiny).index_fill(0, torch.arange(3), 0.0),
-        _runs_against_a_fixed_pivot(c, kk),
+        runs_against_a_fixed_pivot(c, kk),
     ]
     return torch.stack(rows)
 
